@@ -1,0 +1,41 @@
+# z3 — two commands: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+TORCH  ?= torch==2.13.0
+
+.PHONY: venv test test-all test-gpu bench clean
+
+# The environment is built from nothing: torch first (a pinned CPU-capable wheel;
+# an unpinned `torch` would pull a multi-GB CUDA build), then the project with its test extra.
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet "$(TORCH)"
+	$(PIP) install --quiet -e ".[test]"
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		echo "NVIDIA GPU found: installing the gpu extra"; $(PIP) install --quiet -e ".[gpu]"; fi
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+## Run the test suite (slow and GPU tests are deselected; see pyproject.toml).
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+## Everything, slow tests included.
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m "not gpu"
+
+## GPU tests only (on a machine with a usable CUDA device).
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q -m gpu
+
+## Benchmarks (JSON lines on stdout).
+bench: $(STAMP)
+	$(PY) benchmarks/bench_projection.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache
