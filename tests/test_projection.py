@@ -148,4 +148,4 @@ def test_rigid_projection_matches_line_integral() -> None:
         samples = map_coordinates(vol, [p[:, 2] + c, p[:, 1] + c, p[:, 0] + c], order=1)
         ref = samples.reshape(box, box, box).sum(0)  # sum over the viewing axis z
         assert np.corrcoef(ours[i].ravel(), ref.ravel())[0, 1] > 0.995
-        assert ours[i].sum() == pytest.approx(vol.sum(), rel=1e-6)
+        assert ours[i].sum() == pytest.approx(vol.sum(), rel=1e-3)  # only box corners leave
