@@ -34,7 +34,12 @@ __all__ = [
 
 
 def bilinear_weights(positions: torch.Tensor, box: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat pixel indices and weights of the four bilinear neighbours of each position.
+    """Flat indices and weights of the four bilinear neighbours of each position.
+
+    Indices address a batch of images padded by one pixel on every side, ``(B, box+2, box+2)``
+    flattened, so that every neighbour of a point within one pixel of the image has a valid
+    slot; cropping the border afterwards drops what fell outside. Points further out get
+    weight 0.
 
     Parameters
     ----------
@@ -45,21 +50,21 @@ def bilinear_weights(positions: torch.Tensor, box: int) -> tuple[torch.Tensor, t
 
     Returns
     -------
-    ``index`` ``(B, N, 4)`` int64 into the flattened ``(B·N·N)`` batch of images and ``weight``
-    ``(B, N, 4)``; neighbours outside the image get weight 0 (and a harmless in-range index).
+    ``index`` ``(B, N, 4)`` int64 into the flattened padded batch and ``weight`` ``(B, N, 4)``.
     """
+    width = box + 2
     u, v = positions[..., 0], positions[..., 1]
     u0 = torch.floor(u)
     v0 = torch.floor(v)
     fu, fv = u - u0, v - v0
-    u0i, v0i = u0.long(), v0.long()
-    batch = torch.arange(positions.shape[0], device=positions.device).view(-1, 1, 1) * (box * box)
-    cols = torch.stack([u0i, u0i + 1, u0i, u0i + 1], dim=-1)
-    rows = torch.stack([v0i, v0i, v0i + 1, v0i + 1], dim=-1)
-    weight = torch.stack([(1 - fu) * (1 - fv), fu * (1 - fv), (1 - fu) * fv, fu * fv], dim=-1)
-    valid = (cols >= 0) & (cols < box) & (rows >= 0) & (rows < box)
-    weight = weight * valid
-    index = batch + rows.clamp(0, box - 1) * box + cols.clamp(0, box - 1)
+    valid = ((u0 >= -1) & (u0 <= box - 1) & (v0 >= -1) & (v0 <= box - 1)).to(positions.dtype)
+    fu = fu * valid
+    gu = valid - fu
+    base = (v0.clamp(-1, box - 1).long() + 1) * width + (u0.clamp(-1, box - 1).long() + 1)
+    base = base + torch.arange(positions.shape[0], device=positions.device).view(-1, 1) * (width * width)
+    offsets = torch.tensor([0, 1, width, width + 1], device=positions.device)
+    index = base.unsqueeze(-1) + offsets
+    weight = torch.stack([gu * (1 - fv), fu * (1 - fv), gu * fv, fu * fv], dim=-1)
     return index, weight
 
 
@@ -80,13 +85,14 @@ def splat_bilinear(positions: torch.Tensor, values: torch.Tensor, box: int) -> t
     ``(B, box, box)`` images ``[row, column]``, dtype and device of ``positions``.
     """
     b = positions.shape[0]
+    width = box + 2
     index, weight = bilinear_weights(positions, box)
     vals = values.to(positions.dtype)
     if vals.dim() == 1:
         vals = vals.unsqueeze(0)
     source = (weight * vals.unsqueeze(-1)).reshape(-1)
-    flat = positions.new_zeros(b * box * box).index_add(0, index.reshape(-1), source)
-    return flat.view(b, box, box)
+    flat = positions.new_zeros(b * width * width).index_add(0, index.reshape(-1), source)
+    return flat.view(b, width, width)[:, 1:-1, 1:-1]
 
 
 def gather_bilinear(images: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -105,7 +111,7 @@ def gather_bilinear(images: torch.Tensor, positions: torch.Tensor) -> torch.Tens
     """
     box = images.shape[-1]
     index, weight = bilinear_weights(positions, box)
-    flat = images.reshape(-1)
+    flat = torch.nn.functional.pad(images, (1, 1, 1, 1)).reshape(-1)
     return (flat[index] * weight).sum(-1)
 
 
