@@ -29,6 +29,14 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+# Coefficient files and the Flexutils column live in z3lib.io (all file I/O does); re-exported here.
+from z3lib.io import (  # noqa: F401
+    format_coefficient_column,
+    parse_coefficient_column,
+    read_zernike_file,
+    write_zernike_file,
+)
+
 Basis = Literal["xmipp", "orthonormal"]
 BASES: tuple[str, ...] = ("xmipp", "orthonormal")
 
