@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 
-.PHONY: venv test test-all test-gpu bench clean
+.PHONY: venv test test-all test-gpu bench lint clean
 
 # The environment is built from nothing: torch first (a pinned CPU-capable wheel;
 # an unpinned `torch` would pull a multi-GB CUDA build), then the project with its test extra.
@@ -36,6 +36,12 @@ test-gpu: $(STAMP)
 ## Benchmarks (JSON lines on stdout).
 bench: $(STAMP)
 	$(PY) benchmarks/bench_projection.py
+
+## Static checks (ruff, mypy --strict on z3lib).
+lint: $(STAMP)
+	$(PIP) install --quiet -e ".[dev]"
+	$(VENV)/bin/ruff check z3lib tests benchmarks
+	$(VENV)/bin/mypy z3lib
 
 clean:
 	rm -rf $(VENV) .pytest_cache

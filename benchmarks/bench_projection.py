@@ -21,9 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from z3lib import zernike as zk  # noqa: E402
-from z3lib.geometry import points_from_mask, random_rotations, sphere_mask  # noqa: E402
-from z3lib.projection import project_points  # noqa: E402
+from z3lib import zernike as zk
+from z3lib.geometry import points_from_mask, random_rotations, sphere_mask
+from z3lib.projection import project_points
 
 
 def _sync(device: str) -> None:
@@ -48,18 +48,19 @@ def bench(box: int, degrees: tuple[int, int], basis: str, device: str, batch: in
     for _ in range(2):  # warm-up
         forward().mul(target).sum().backward()
     _sync(device)
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        for _ in range(repeats):
-            forward()
-    _sync(device)
-    t_fwd = (time.perf_counter() - t0) / repeats
-    t0 = time.perf_counter()
+    # best of `repeats` timings: the least disturbed by other load on the machine
+    t_fwd = t_fb = float("inf")
     for _ in range(repeats):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            forward()
+        _sync(device)
+        t_fwd = min(t_fwd, time.perf_counter() - t0)
+        t0 = time.perf_counter()
         coeffs.grad = None
         forward().mul(target).sum().backward()
-    _sync(device)
-    t_fb = (time.perf_counter() - t0) / repeats
+        _sync(device)
+        t_fb = min(t_fb, time.perf_counter() - t0)
     name = torch.cuda.get_device_name() if device == "cuda" else f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
     return {
         "benchmark": "projection",
@@ -70,7 +71,7 @@ def bench(box: int, degrees: tuple[int, int], basis: str, device: str, batch: in
         "L2": degrees[1],
         "basis": basis,
         "K": int(z.shape[1]),
-        "points": int(len(pts)),
+        "points": len(pts),
         "batch": batch,
         "forward_images_per_s": round(batch / t_fwd, 1),
         "forward_backward_images_per_s": round(batch / t_fb, 1),
@@ -80,7 +81,7 @@ def bench(box: int, degrees: tuple[int, int], basis: str, device: str, batch: in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--out", type=Path, default=None, help="append the JSON lines to this file")
     args = parser.parse_args()

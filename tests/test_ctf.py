@@ -73,7 +73,7 @@ def test_zeros_with_cs_q0_and_astigmatism_axis(angle: float) -> None:
 
 
 def test_grid_matches_independent_numpy_model(device: str) -> None:
-    args = dict(du=21000.0, dv=17000.0, ang=-40.0, kv=300.0, cs=2.7, w=0.1, phase=20.0, bfac=50.0)
+    args = {"du": 21000.0, "dv": 17000.0, "ang": -40.0, "kv": 300.0, "cs": 2.7, "w": 0.1, "phase": 20.0, "bfac": 50.0}
     p = CtfParams.create(args["du"], args["dv"], args["ang"], args["kv"], args["cs"], args["w"],
                          args["phase"], args["bfac"], device=device, dtype=torch.float64)
     ours = compute_ctf(48, 1.7, p)[0].cpu().numpy()
@@ -86,7 +86,7 @@ def test_grid_matches_independent_numpy_model(device: str) -> None:
 def test_apply_ctf_equals_fourier_product(device: str) -> None:
     rng = np.random.default_rng(0)
     img = rng.normal(size=(2, 40, 40))
-    params = dict(du=12000.0, dv=10000.0, ang=25.0, kv=300.0, cs=2.7, w=0.1)
+    params = {"du": 12000.0, "dv": 10000.0, "ang": 25.0, "kv": 300.0, "cs": 2.7, "w": 0.1}
     p = CtfParams.create(params["du"], params["dv"], params["ang"], params["kv"], params["cs"], params["w"],
                          device=device, dtype=torch.float64)
     out = apply_ctf(torch.tensor(img, device=device), 2.0, p, pad=1).cpu().numpy()

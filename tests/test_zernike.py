@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from z3lib import zernike as zk
-from z3lib.geometry import sphere_mask, points_from_mask
+from z3lib.geometry import points_from_mask, sphere_mask
 
 PI = math.pi
 S = math.sqrt

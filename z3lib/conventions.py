@@ -19,7 +19,8 @@ Summary of the law
 
 from __future__ import annotations
 
-from typing import Any, Mapping, TypeVar
+from collections.abc import Mapping
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -68,7 +69,9 @@ def euler_to_matrix(rot: Any, tilt: Any, psi: Any) -> Any:
         ref = next(a for a in (rot, tilt, psi) if isinstance(a, torch.Tensor))
         dtype = ref.dtype if ref.is_floating_point() else torch.float64
         r, t, p = (torch.as_tensor(a, dtype=dtype, device=ref.device) for a in (rot, tilt, psi))
-        r, t, p = torch.broadcast_tensors(torch.deg2rad(r), torch.deg2rad(t), torch.deg2rad(p))
+        r, t, p = torch.broadcast_tensors(  # type: ignore[no-untyped-call]
+            torch.deg2rad(r), torch.deg2rad(t), torch.deg2rad(p)
+        )
         ca, sa, cb, sb, cg, sg = (
             torch.cos(r), torch.sin(r), torch.cos(t), torch.sin(t), torch.cos(p), torch.sin(p)
         )
@@ -78,11 +81,11 @@ def euler_to_matrix(rot: Any, tilt: Any, psi: Any) -> Any:
             torch.stack([sb * ca, sb * sa, cb], dim=-1),
         ]
         return torch.stack(rows, dim=-2)
-    r, t, p = np.broadcast_arrays(
+    rn, tn, pn = np.broadcast_arrays(
         *(np.deg2rad(np.asarray(a, dtype=np.float64)) for a in (rot, tilt, psi))
     )
-    ca, sa, cb, sb, cg, sg = np.cos(r), np.sin(r), np.cos(t), np.sin(t), np.cos(p), np.sin(p)
-    out = np.empty(r.shape + (3, 3), dtype=np.float64)
+    ca, sa, cb, sb, cg, sg = np.cos(rn), np.sin(rn), np.cos(tn), np.sin(tn), np.cos(pn), np.sin(pn)
+    out = np.empty(rn.shape + (3, 3), dtype=np.float64)
     out[..., 0, 0] = cg * cb * ca - sg * sa
     out[..., 0, 1] = cg * cb * sa + sg * ca
     out[..., 0, 2] = -cg * sb

@@ -58,12 +58,12 @@ class CtfParams:
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
-    ) -> "CtfParams":
+    ) -> CtfParams:
         """Build from numbers, arrays or tensors, broadcast to a common ``(B,)`` shape."""
         values = [defocus_u, defocus_v, defocus_angle, voltage, cs, amplitude_contrast,
                   phase_shift, bfactor, scale]
         tensors = [torch.as_tensor(v, dtype=dtype, device=device).reshape(-1) for v in values]
-        tensors = list(torch.broadcast_tensors(*tensors))
+        tensors = list(torch.broadcast_tensors(*tensors))  # type: ignore[no-untyped-call]
         return cls(*tensors)
 
     @classmethod
@@ -73,7 +73,7 @@ class CtfParams:
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
-    ) -> "CtfParams":
+    ) -> CtfParams:
         """From a particle table with z3's canonical columns (see :func:`z3lib.io.read_particles`)."""
         def col(name: str, default: float) -> Any:
             return np.asarray(table[name], dtype=np.float64) if name in table else default
@@ -88,10 +88,10 @@ class CtfParams:
     def __len__(self) -> int:
         return int(self.defocus_u.shape[0])
 
-    def __getitem__(self, index: Any) -> "CtfParams":
+    def __getitem__(self, index: Any) -> CtfParams:
         return CtfParams(*(getattr(self, f.name)[index].reshape(-1) for f in fields(self)))
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "CtfParams":
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> CtfParams:
         return CtfParams(*(getattr(self, f.name).to(device=device, dtype=dtype) for f in fields(self)))
 
 
@@ -148,7 +148,8 @@ def evaluate_ctf(
     w = p["amplitude_contrast"]
     ctf = -(torch.sqrt(1.0 - w * w) * torch.sin(gamma) - w * torch.cos(gamma))
     envelope = torch.exp(-p["bfactor"] * s2 / 4.0)
-    return ctf * envelope * p["scale"]
+    out: torch.Tensor = ctf * envelope * p["scale"]
+    return out
 
 
 def compute_ctf(
@@ -195,10 +196,10 @@ def filter_images(images: torch.Tensor, transfer: torch.Tensor, *, pad: int = 1)
     ``(B, N, N)`` filtered images.
     """
     n = images.shape[-1]
-    size = int(round(pad * n))
+    size = round(pad * n)
     padded, start = _pad_center(images, size) if size != n else (images, 0)
     spectrum = torch.fft.rfft2(padded)
-    out = torch.fft.irfft2(spectrum * transfer, s=(size, size))
+    out: torch.Tensor = torch.fft.irfft2(spectrum * transfer, s=(size, size))
     return out[..., start : start + n, start : start + n]
 
 
@@ -215,7 +216,7 @@ def apply_ctf(
     This is the forward model of a particle image: ``image = CTF ∗ projection``. For data that
     were phase-flipped (``rlnCtfDataArePhaseFlipped``) the model is ``|CTF| ∗ projection``.
     """
-    size = int(round(pad * images.shape[-1]))
+    size = round(pad * images.shape[-1])
     ctf = compute_ctf(size, pixel_size, params.to(images.device, images.dtype))
     if phase_flipped:
         ctf = ctf.abs()
@@ -224,7 +225,7 @@ def apply_ctf(
 
 def phase_flip(images: torch.Tensor, pixel_size: float, params: CtfParams, *, pad: int = 1) -> torch.Tensor:
     """Phase-flip ``(B, N, N)`` images: multiply their spectra by ``sign(CTF)``."""
-    size = int(round(pad * images.shape[-1]))
+    size = round(pad * images.shape[-1])
     ctf = compute_ctf(size, pixel_size, params.to(images.device, images.dtype))
     return filter_images(images, torch.sign(ctf), pad=pad)
 
@@ -242,7 +243,7 @@ def wiener_filter(
     ``ε`` defaults to ``0.1 · mean(CTF²)`` over the batch (Zernike3Deep's choice); pass a number
     (e.g. 1/SNR) to fix it.
     """
-    size = int(round(pad * images.shape[-1]))
+    size = round(pad * images.shape[-1])
     ctf = compute_ctf(size, pixel_size, params.to(images.device, images.dtype))
     eps = 0.1 * float((ctf * ctf).mean()) if epsilon is None else float(epsilon)
     return filter_images(images, ctf / (ctf * ctf + eps), pad=pad)

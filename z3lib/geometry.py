@@ -17,11 +17,11 @@ from z3lib.conventions import box_center, euler_to_matrix, matrix_to_euler
 __all__ = [
     "euler_to_matrix",
     "matrix_to_euler",
-    "voxel_coordinates",
     "points_from_mask",
     "points_from_volume",
-    "sphere_mask",
     "random_rotations",
+    "sphere_mask",
+    "voxel_coordinates",
 ]
 
 

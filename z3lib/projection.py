@@ -23,13 +23,13 @@ from z3lib.conventions import box_center, euler_to_matrix
 from z3lib.zernike import deformation_field
 
 __all__ = [
+    "backproject_points",
     "bilinear_weights",
-    "splat_bilinear",
     "gather_bilinear",
     "image_positions",
     "project_points",
-    "backproject_points",
     "project_volume",
+    "splat_bilinear",
 ]
 
 

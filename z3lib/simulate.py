@@ -100,7 +100,7 @@ def density_from_atoms(
     gx = norm * np.exp(-0.5 * ((axis[None, :] - xyz[:, :1]) / sigma) ** 2)  # (N, box)
     gy = norm * np.exp(-0.5 * ((axis[None, :] - xyz[:, 1:2]) / sigma) ** 2)
     gz = norm * np.exp(-0.5 * ((axis[None, :] - xyz[:, 2:3]) / sigma) ** 2)
-    vol = np.einsum("az,ay,ax,a->zyx", gz, gy, gx, w, optimize=True)
+    vol: np.ndarray = np.einsum("az,ay,ax,a->zyx", gz, gy, gx, w, optimize=True)
     return vol.astype(np.float32)
 
 
@@ -154,7 +154,8 @@ class Motion:
     def at(self, t: npt.ArrayLike) -> np.ndarray:
         """Atom positions (Å) at motion coordinates ``t``: ``(N, 3)`` for a scalar, else ``(B, N, 3)``."""
         tt = np.asarray(t, dtype=np.float64)
-        return self.start + tt[..., None, None] * (self.end - self.start)
+        out: np.ndarray = self.start + tt[..., None, None] * (self.end - self.start)
+        return out
 
 
 def build_motion(
