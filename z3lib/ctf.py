@@ -76,7 +76,7 @@ class CtfParams:
     ) -> CtfParams:
         """From a particle table with z3's canonical columns (see :func:`z3lib.io.read_particles`)."""
         def col(name: str, default: float) -> Any:
-            return np.asarray(table[name], dtype=np.float64) if name in table else default
+            return np.array(table[name], dtype=np.float64) if name in table else default
 
         return cls.create(
             col("defocus_u", np.nan), col("defocus_v", np.nan), col("defocus_angle", 0.0),

@@ -1630,6 +1630,83 @@ def write_stack(path: PathLike, stack: npt.ArrayLike, pixel_size: float) -> None
         mrc.voxel_size = voxel
 
 
+@contextlib.contextmanager
+def open_stack_writer(
+    path: PathLike, n: int, box: int, pixel_size: float
+) -> Iterator[npt.NDArray[np.float32]]:
+    """Create an ``(n, box, box)`` float32 MRCS stack and yield its memory-mapped data.
+
+    The caller fills the array chunk by chunk (memory stays bounded: nothing is held in RAM
+    beyond the chunk being written). The file appears at ``path`` only when the block exits
+    without an error (atomic rename); a failure leaves no partial stack behind.
+    """
+    if n < 1 or box < 1:
+        raise Z3InputError(f"open_stack_writer({path}): need n >= 1 images of box >= 1, got {n}, {box}")
+    with atomic_path(path) as tmp:
+        mrc = mrcfile.new_mmap(tmp, shape=(int(n), int(box), int(box)), mrc_mode=2, overwrite=True)
+        try:
+            mrc.set_image_stack()
+            mrc.voxel_size = _voxel_tuple(pixel_size)
+            yield mrc.data
+            mrc.update_header_stats()
+            mrc.flush()
+        finally:
+            mrc.close()
+
+
+def write_star(
+    path: PathLike, blocks: Mapping[str, pd.DataFrame | Mapping[str, Any]], *,
+    relion_version: str | None = _DEFAULT_RELION_VERSION,
+) -> None:
+    """Write STAR blocks (``name → DataFrame`` loops or ``name → dict`` single values), atomically.
+
+    Floats are written in their shortest exact form. With ``relion_version``, a
+    ``# version`` line precedes the ``optics`` and ``particles`` blocks, as RELION ≥ 3.1 writes.
+    """
+    text = starfile.writer.StarWriter(dict(blocks), float_format=_format_float).to_string()
+    if relion_version:
+        text = re.sub(r"^(data_(optics|particles))$", f"# version {relion_version}\n\n\\1", text,
+                      flags=re.MULTILINE)
+    text = text.replace("# Created by the starfile Python package",
+                        "# Written by z3lib with the starfile Python package", 1)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_npz(path: PathLike, **arrays: Any) -> None:
+    """Write plain numeric arrays to an ``.npz`` file, atomically (never object arrays)."""
+    clean = {k: np.asarray(v) for k, v in arrays.items()}
+    for k, v in clean.items():
+        if v.dtype == object:
+            raise Z3InputError(f"write_npz({path}): array {k!r} has dtype object; only numeric arrays are written")
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **clean)
+
+
+def read_npz(path: PathLike) -> dict[str, npt.NDArray[Any]]:
+    """Read every array of an ``.npz`` file (``allow_pickle=False``: object arrays are refused)."""
+    p = Path(path)
+    _check_readable_file(p, "NPZ archive")
+    try:
+        with np.load(p, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except ValueError as exc:
+        raise Z3InputError(f"{p}: could not read the arrays ({exc}); z3 never unpickles files") from exc
+
+
+def write_table(path: PathLike, table: pd.DataFrame) -> None:
+    """Write a tab-separated table (header line, no index), atomically."""
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, sep="\t", index=False, float_format="%.8g")
+
+
+def read_table(path: PathLike) -> pd.DataFrame:
+    """Read a tab-separated table written by :func:`write_table`."""
+    p = Path(path)
+    _check_readable_file(p, "table")
+    return pd.read_csv(p, sep="\t")
+
+
 # ==============================================================================================
 # Coefficients
 # ==============================================================================================

@@ -1,0 +1,106 @@
+"""Preprocess: Fourier cropping, normalisation, chunked writing, validation errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from z3lib.io import Z3InputError, read_map, read_npz, read_particles, write_map
+from z3lib.preprocess import fourier_crop, normalise_images, preprocess
+from z3lib.simulate import simulate_dataset
+
+ADK = Path(__file__).parent / "data" / "mdanalysistests_adk"
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.mark.parametrize("big,small", [(32, 16), (33, 20), (30, 21), (48, 32)])
+def test_fourier_crop_resamples_band_limited_signals(big: int, small: int) -> None:
+    """A sinusoid below the new Nyquist, centred on N // 2, is the same sinusoid on the new grid
+    (centred on n // 2): an analytic reference for the frequency cut, the scale and the centre."""
+    x = np.arange(big) - big // 2
+    xs = np.arange(small) - small // 2
+    k1, k2 = 2, 3
+    img = 1.5 + np.cos(2 * np.pi * k1 * x[None, :] / big) * np.sin(2 * np.pi * k2 * x[:, None] / big)
+    expected = 1.5 + np.cos(2 * np.pi * k1 * xs[None, :] / small) * np.sin(2 * np.pi * k2 * xs[:, None] / small)
+    np.testing.assert_allclose(fourier_crop(img[None], small, ndim=2)[0], expected, atol=1e-5)
+    vol = np.broadcast_to(
+        np.cos(2 * np.pi * k1 * x[None, None, :] / big) * np.cos(2 * np.pi * k2 * x[:, None, None] / big), (big,) * 3
+    )
+    vexp = np.cos(2 * np.pi * k1 * xs[None, None, :] / small) * np.cos(2 * np.pi * k2 * xs[:, None, None] / small)
+    np.testing.assert_allclose(fourier_crop(vol, small, ndim=3), np.broadcast_to(vexp, (small,) * 3), atol=1e-5)
+    with pytest.raises(ValueError, match="cannot enlarge"):
+        fourier_crop(img, big + 1, ndim=2)
+
+
+def test_normalise_background() -> None:
+    rng = np.random.default_rng(0)
+    imgs = 3.0 + 2.0 * rng.normal(size=(4, 64, 64))
+    out = normalise_images(imgs)
+    yy, xx = np.mgrid[:64, :64]
+    bg = (yy - 32) ** 2 + (xx - 32) ** 2 > (0.8 * 32) ** 2
+    np.testing.assert_allclose(out[:, bg].mean(1), 0.0, atol=1e-6)
+    np.testing.assert_allclose(out[:, bg].std(1), 1.0, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("sim")
+    return simulate_dataset(out, start_model=ADK / "adk_closed.pdb", end_model=ADK / "adk_open.pdb",
+                            n_particles=50, box=40, pixel_size=3.0, resolution=9.0, snr=1.0, seed=3)
+
+
+def test_preprocess_outputs(sim: dict[str, Path], tmp_path: Path) -> None:
+    paths = preprocess(sim["particles"], sim["reference"], sim["mask"], tmp_path / "a", box=32, chunk_size=7)
+    whole = preprocess(sim["particles"], sim["reference"], sim["mask"], tmp_path / "b", box=32, chunk_size=1000)
+    inp, out = read_particles(sim["particles"]), read_particles(paths["particles"])
+    assert out.box == 32 and out.pixel_size == pytest.approx(3.0 * 40 / 32)
+    # the same particles, in the same order, traceable to their input rows; shifts keep their Å
+    assert out.raw["rlnImageOriginalName"].tolist() == inp.raw["rlnImageName"].tolist()
+    np.testing.assert_allclose(out.raw["rlnOriginXAngst"], inp.raw["rlnOriginXAngst"])
+    np.testing.assert_allclose(out.table["shift_x"] * out.pixel_size, inp.table["shift_x"] * inp.pixel_size)
+    for col in ("rot", "tilt", "psi", "defocus_u", "random_subset"):
+        np.testing.assert_allclose(out.table[col], inp.table[col])
+    # images: Fourier-cropped then normalised, identical whatever the chunk size
+    idx = np.arange(len(inp))
+    expected = normalise_images(fourier_crop(inp.images()[idx], 32, ndim=2))
+    np.testing.assert_allclose(out.images()[idx], expected, atol=1e-5)
+    np.testing.assert_allclose(out.images()[idx], read_particles(whole["particles"]).images()[idx], atol=1e-5)
+    ref = read_map(paths["reference"])
+    assert ref.data.shape == (32,) * 3 and ref.pixel_size == pytest.approx(3.75)
+    pts = read_npz(paths["points"])
+    mask = read_map(paths["mask"]).data
+    assert len(pts["points"]) == int(mask.sum()) > 100
+    assert int(pts["box"]) == 32 and int(pts["original_box"]) == 40
+    # amplitudes are the cropped reference's values at the mask voxels
+    i = np.round(pts["points"][:, ::-1] + 16).astype(int)
+    np.testing.assert_allclose(pts["amplitudes"], ref.data[i[:, 0], i[:, 1], i[:, 2]], rtol=1e-6)
+
+
+def test_preprocess_without_mask_derives_one(sim: dict[str, Path], tmp_path: Path) -> None:
+    paths = preprocess(sim["particles"], sim["reference"], None, tmp_path, box=40, points_step=2)
+    mask = read_map(paths["mask"]).data
+    ref = read_map(paths["reference"]).data
+    assert (ref * mask).sum() > 0.98 * ref[ref > 0].sum()
+    assert int(read_npz(paths["points"])["step"]) == 2
+
+
+def test_reference_pixel_size_and_box_mismatch_reported(sim: dict[str, Path], tmp_path: Path) -> None:
+    vol = read_map(sim["reference"]).data
+    write_map(tmp_path / "wrong_px.mrc", vol, 2.0)
+    with pytest.raises(Z3InputError, match=r"wrong_px.mrc has pixel size 2 Å .* have 3 Å.*reference_pixel_size"):
+        preprocess(sim["particles"], tmp_path / "wrong_px.mrc", None, tmp_path / "o", box=32)
+    # the override accepts a map whose header is wrong
+    preprocess(sim["particles"], tmp_path / "wrong_px.mrc", None, tmp_path / "o", box=32, reference_pixel_size=3.0)
+    write_map(tmp_path / "wrong_box.mrc", vol[:36, :36, :36], 3.0)
+    with pytest.raises(Z3InputError, match="does not silently resample"):
+        preprocess(sim["particles"], tmp_path / "wrong_box.mrc", None, tmp_path / "o", box=32)
+    with pytest.raises(Z3InputError, match="larger than the particles' box"):
+        preprocess(sim["particles"], sim["reference"], None, tmp_path / "o", box=64)
+
+
+def test_particles_without_poses_refused(tmp_path: Path) -> None:
+    with pytest.raises(Z3InputError, match="no particle poses"):
+        preprocess(DATA / "cryodrgn" / "empiar_10076_7.star", DATA / "diffmodeler_emd6824" / "emd_6824.mrc",
+                   None, tmp_path, box=32)
