@@ -6,7 +6,9 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 
-.PHONY: venv test test-all test-gpu bench lint clean
+DEMO_ARGS ?=
+
+.PHONY: venv demo test test-all test-gpu bench lint clean
 
 # The environment is built from nothing: torch first (a pinned CPU-capable wheel;
 # an unpinned `torch` would pull a multi-GB CUDA build), then the project with its test extra.
@@ -20,6 +22,10 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+## Set up and run the whole pipeline on the embedded demo (results/demo/).
+demo: $(STAMP)
+	$(PY) -m snakemake $(DEMO_ARGS)
 
 ## Run the test suite (slow and GPU tests are deselected; see pyproject.toml).
 test: $(STAMP)

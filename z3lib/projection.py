@@ -56,11 +56,15 @@ def bilinear_weights(positions: torch.Tensor, box: int) -> tuple[torch.Tensor, t
     u, v = positions[..., 0], positions[..., 1]
     u0 = torch.floor(u)
     v0 = torch.floor(v)
-    fu, fv = u - u0, v - v0
-    valid = ((u0 >= -1) & (u0 <= box - 1) & (v0 >= -1) & (v0 <= box - 1)).to(positions.dtype)
+    inside = (u0 >= -1) & (u0 <= box - 1) & (v0 >= -1) & (v0 <= box - 1)  # False for NaN too
+    u0 = torch.where(inside, u0, torch.zeros_like(u0))
+    v0 = torch.where(inside, v0, torch.zeros_like(v0))
+    fu = torch.where(inside, u - u0, torch.zeros_like(u))
+    fv = torch.where(inside, v - v0, torch.zeros_like(v))
+    valid = inside.to(positions.dtype)
     fu = fu * valid
     gu = valid - fu
-    base = (v0.clamp(-1, box - 1).long() + 1) * width + (u0.clamp(-1, box - 1).long() + 1)
+    base = (v0.long() + 1) * width + (u0.long() + 1)
     base = base + torch.arange(positions.shape[0], device=positions.device).view(-1, 1) * (width * width)
     offsets = torch.tensor([0, 1, width, width + 1], device=positions.device)
     index = base.unsqueeze(-1) + offsets

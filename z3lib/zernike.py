@@ -259,7 +259,8 @@ def evaluate_basis(
         raise ValueError(f"points must be an (N, 3) array of (x, y, z), got shape {tuple(p.shape)}")
     x, y, z = p[:, 0], p[:, 1], p[:, 2]
     r2 = x * x + y * y + z * z
-    r = torch.sqrt(r2) if is_torch else np.sqrt(r2)
+    # clamped below: the gradient of r at the centre is then 0, the limit of r^l2·Y's (no NaN)
+    r = torch.sqrt(r2.clamp_min(1e-30)) if is_torch else np.sqrt(r2)
     inside = r2 <= 1.0
     harmonics = _solid_harmonics(x, y, z, l2_max, xmipp_quirk=(basis == "xmipp"))
     columns = []

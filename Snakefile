@@ -1,0 +1,30 @@
+# z3: Zernike3D flexibility analysis for cryo-EM (design: ../shared/design.md).
+#
+#   snakemake                          the embedded demo (config.yaml), profile profiles/default
+#   snakemake --configfile my.yaml     your data
+#   snakemake --workflow-profile slurm on a SLURM cluster
+#
+# Results: results/<run>/<stage>/, logs: logs/<run>/<rule>.log,
+# benchmark files: benchmarks/<run>/<rule>.tsv. Stages so far: simulate (demo only), preprocess.
+
+from snakemake.utils import min_version
+
+min_version("9.19")
+
+
+configfile: "config.yaml"
+
+
+report: "workflow/report/workflow.rst"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/simulate.smk"
+include: "workflow/rules/preprocess.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        final_targets(),
+    localrule: True

@@ -1,0 +1,264 @@
+"""Workflow tests: the Snakemake CLI (dry runs, lint, format, config errors) and tiny CPU runs.
+
+Every run uses the repository's Snakefile on a temporary working directory
+(``snakemake -s <repo>/Snakefile --directory <tmp>``), so nothing is written into the repository.
+Scenario configs are ``tests/workflow/config_*.yaml``; their paths are relative to the repository
+root and made absolute here, because relative config paths resolve against the working directory.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+
+REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+SNAKEFILE = REPO / "Snakefile"
+CI_PROFILE = REPO / "profiles" / "ci"
+
+# Config keys holding paths, as (section, key); section None is the top level.
+PATH_KEYS = [
+    (None, "particles"),
+    (None, "reference"),
+    (None, "mask"),
+    (None, "image_root"),
+    ("demo", "start_model"),
+    ("demo", "end_model"),
+]
+
+PREPROCESS_OUTPUTS = ["particles.star", "particles.mrcs", "reference.mrc", "mask.mrc", "points.npz"]
+SIMULATE_OUTPUTS = [
+    "particles.star",
+    "particles.mrcs",
+    "ground_truth.tsv",
+    "motion.npz",
+    "reference.mrc",
+    "mask.mrc",
+    "state_start.mrc",
+    "state_end.mrc",
+]
+
+
+def snakemake(workdir: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run the Snakemake CLI on the repository's Snakefile in ``workdir``; stdout+stderr merged."""
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "--directory", str(workdir)]
+    return subprocess.run(
+        [*cmd, *args],
+        cwd=workdir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def scenario_config(name: str, workdir: Path) -> Path:
+    """Copy ``tests/workflow/config_<name>.yaml`` into ``workdir`` with absolute paths."""
+    config: dict[str, Any] = yaml.safe_load((HERE / f"config_{name}.yaml").read_text()) or {}
+    for section, key in PATH_KEYS:
+        holder = config.get(section, {}) if section else config
+        value = holder.get(key) if isinstance(holder, dict) else None
+        if isinstance(value, str) and not Path(value).is_absolute():
+            holder[key] = str(REPO / value)
+    path = workdir / f"config_{name}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """The 'Job stats' table Snakemake prints before running (or dry-running): rule -> jobs."""
+    match = re.search(r"Job stats:\n(.*?)\n\s*total\s+\d+", output, flags=re.DOTALL)
+    assert match, f"no job stats in the output:\n{output}"
+    rows = (re.match(r"^(\w+)\s+(\d+)\s*$", line) for line in match.group(1).splitlines())
+    return {row.group(1): int(row.group(2)) for row in rows if row}
+
+
+def assert_ok(result: subprocess.CompletedProcess[str]) -> None:
+    assert result.returncode == 0, f"{result.args}\nexit {result.returncode}:\n{result.stdout}"
+
+
+@pytest.fixture
+def demo_dir(tmp_path: Path) -> Path:
+    """A working directory like a fresh clone's root: the default config.yaml and resources/demo."""
+    shutil.copy(REPO / "config.yaml", tmp_path / "config.yaml")
+    shutil.copytree(REPO / "resources" / "demo", tmp_path / "resources" / "demo")
+    return tmp_path
+
+
+# --- plans ------------------------------------------------------------------------------------------
+def test_dry_run_default_config_plans_the_demo(demo_dir: Path) -> None:
+    result = snakemake(demo_dir, "-n")
+    assert_ok(result)
+    assert job_counts(result.stdout) == {"simulate": 1, "preprocess": 1, "all": 1}
+    for name in PREPROCESS_OUTPUTS:
+        assert f"results/demo/preprocess/{name}" in result.stdout
+    assert "logs/demo/simulate.log" in result.stdout
+    assert "benchmarks/demo/preprocess.tsv" in result.stdout
+
+
+def test_dry_run_user_config_plans_preprocess_only(tmp_path: Path) -> None:
+    result = snakemake(tmp_path, "-n", "--configfile", str(scenario_config("user", tmp_path)))
+    assert_ok(result)
+    assert job_counts(result.stdout) == {"preprocess": 1, "all": 1}
+    assert "rule simulate" not in result.stdout
+    assert str(REPO / "tests/data/cryodrgn/relion31.star") in result.stdout
+    assert "results/user/preprocess/points.npz" in result.stdout
+
+
+# --- static checks ----------------------------------------------------------------------------------
+def test_lint_is_clean(demo_dir: Path) -> None:
+    result = snakemake(demo_dir, "--lint")
+    assert_ok(result)
+    assert "Lints for" not in result.stdout
+    assert "Congratulations, your workflow is in a good condition!" in result.stdout
+
+
+def test_snakefmt_check() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "snakefmt", "--check", "Snakefile", "workflow/rules"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert_ok(result)
+
+
+def test_slurm_profile_sets_per_rule_resources(demo_dir: Path) -> None:
+    # CI has no conda, so the profile's `software-deployment-method: conda` is overridden here.
+    slurm = str(REPO / "profiles" / "slurm")
+    result = snakemake(demo_dir, "-n", "--workflow-profile", slurm, "--sdm", "env-modules")
+    assert_ok(result)
+    assert "Using workflow specific profile" in result.stdout
+    resources = dict(re.findall(r"rule (\w+):\n(?: {4}.*\n)*? {4}resources: (.*)", result.stdout))
+    assert {"mem_mb=8000", "runtime=30"} <= set(resources["simulate"].split(", "))
+    assert {"mem_mb=16000", "runtime=120"} <= set(resources["preprocess"].split(", "))
+
+
+# --- config errors ----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("scenario", "expected"),
+    [
+        ("bad_key", "Unknown config key 'zernikee'"),
+        ("bad_nested_key", "Unknown config key 'zernike.L3'"),
+        ("no_reference", "Config key 'reference' is required when 'particles' is set"),
+        ("missing_file", "Config key 'particles': file not found"),
+    ],
+)
+def test_bad_config_is_rejected_naming_the_key(
+    tmp_path: Path, scenario: str, expected: str
+) -> None:
+    result = snakemake(tmp_path, "-n", "--configfile", str(scenario_config(scenario, tmp_path)))
+    assert result.returncode != 0
+    assert expected in result.stdout, result.stdout
+    assert not (tmp_path / "results").exists()
+
+
+def schema_defaults(schema: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """Check that every object level is closed and every key described; return the defaults."""
+    assert schema.get("additionalProperties") is False, f"{where or 'top level'} is open"
+    defaults = {}
+    for key, sub in schema["properties"].items():
+        name = f"{where}.{key}" if where else key
+        assert sub.get("description"), f"{name} has no description"
+        assert "default" in sub, f"{name} has no default"
+        if sub.get("type") == "object":
+            assert schema_defaults(sub, name) == sub["default"], f"{name}: default vs sub-keys"
+        defaults[key] = sub["default"]
+    return defaults
+
+
+def test_schema_describes_every_key_and_config_yaml_holds_the_defaults() -> None:
+    schema = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
+    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    defaults = schema_defaults(schema)
+    assert yaml.safe_load((REPO / "config.yaml").read_text()) == defaults
+
+
+# --- environments -----------------------------------------------------------------------------------
+CONDA_NAMES = {"torch": "pytorch", "cupy-cuda12x": "cupy"}  # PyPI name -> conda-forge name
+
+
+def conda_specs(env_file: Path) -> dict[str, SpecifierSet]:
+    """Conda dependencies of an environment file: name -> version specifier."""
+    env = yaml.safe_load(env_file.read_text())
+    assert env["channels"] == ["conda-forge", "nodefaults"], env_file
+    specs = {}
+    for dep in env["dependencies"]:
+        assert isinstance(dep, str), f"{env_file}: unexpected entry {dep!r}"
+        match = re.fullmatch(r"([A-Za-z0-9_.-]+)\s*([<>=!~].*)?", dep.strip())
+        assert match, f"{env_file}: cannot parse {dep!r}"
+        specs[match.group(1)] = SpecifierSet(match.group(2) or "")
+    return specs
+
+
+def test_envs_match_pyproject() -> None:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    runtime = [Requirement(text) for text in project["dependencies"]]
+    gpu = [Requirement(text) for text in project["optional-dependencies"]["gpu"]]
+    envs = {path.stem: conda_specs(path) for path in sorted((REPO / "envs").glob("*.yaml"))}
+    assert {"base", "torch", "cupy"} <= set(envs)
+    for name, specs in envs.items():
+        assert specs.get("python") == SpecifierSet(project["requires-python"]), name
+        for req in runtime + (gpu if name == "cupy" else []):
+            conda_name = CONDA_NAMES.get(req.name, req.name)
+            assert conda_name in specs, f"envs/{name}.yaml lacks {conda_name} ({req})"
+            assert specs[conda_name] == req.specifier, f"envs/{name}.yaml: {conda_name} vs {req}"
+
+
+# --- tiny end-to-end runs (CPU, a few seconds each) -------------------------------------------------
+@pytest.mark.e2e
+def test_tiny_end_to_end_run(tmp_path: Path) -> None:
+    config = scenario_config("tiny", tmp_path)
+    result = snakemake(tmp_path, "--workflow-profile", str(CI_PROFILE), "--configfile", str(config))
+    assert_ok(result)
+    assert job_counts(result.stdout) == {"simulate": 1, "preprocess": 1, "all": 1}
+    for stage, names in (("simulate", SIMULATE_OUTPUTS), ("preprocess", PREPROCESS_OUTPUTS)):
+        for name in names:
+            path = tmp_path / "results" / "tiny" / stage / name
+            assert path.is_file() and path.stat().st_size > 0, path
+        assert (tmp_path / "benchmarks" / "tiny" / f"{stage}.tsv").is_file()
+        log = (tmp_path / "logs" / "tiny" / f"{stage}.log").read_text()
+        assert "wall time" in log, log
+    # Nothing left to do afterwards.
+    again = snakemake(
+        tmp_path, "-n", "--workflow-profile", str(CI_PROFILE), "--configfile", str(config)
+    )
+    assert_ok(again)
+    assert "Nothing to be done" in again.stdout
+    # The report builds (landing page only until the report stage adds figures).
+    report = snakemake(tmp_path, "--configfile", str(config), "--report", "report.html")
+    assert_ok(report)
+    assert (tmp_path / "report.html").stat().st_size > 0
+
+
+@pytest.mark.e2e
+def test_interrupted_run_resumes_without_redoing_finished_stages(tmp_path: Path) -> None:
+    config = str(scenario_config("tiny", tmp_path))
+    profile = ("--workflow-profile", str(CI_PROFILE), "--configfile", config)
+    first = snakemake(tmp_path, *profile, "--until", "simulate")
+    assert_ok(first)
+    assert job_counts(first.stdout) == {"simulate": 1}
+    simulated = tmp_path / "results" / "tiny" / "simulate"
+    mtimes = {name: (simulated / name).stat().st_mtime_ns for name in SIMULATE_OUTPUTS}
+    assert not (tmp_path / "results" / "tiny" / "preprocess").exists()
+
+    second = snakemake(tmp_path, *profile)
+    assert_ok(second)
+    assert job_counts(second.stdout) == {"preprocess": 1, "all": 1}
+    assert {name: (simulated / name).stat().st_mtime_ns for name in SIMULATE_OUTPUTS} == mtimes
+    for name in PREPROCESS_OUTPUTS:
+        assert (tmp_path / "results" / "tiny" / "preprocess" / name).is_file()

@@ -1,0 +1,153 @@
+# Shared by every rule: config validation, constants, wildcard constraints, input functions.
+# Included first by the Snakefile, so nothing reads `config` before it is validated.
+
+import os
+import sys
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+
+# --- configuration ------------------------------------------------------------------------------
+def describe_config_error(error):
+    """One line naming the offending key of a jsonschema ValidationError."""
+    where = ".".join(str(part) for part in error.absolute_path)
+    if error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        unknown = sorted(set(error.instance) - set(allowed))
+        names = ", ".join(repr(f"{where}.{key}" if where else key) for key in unknown)
+        scope = f"under '{where}'" if where else "at the top level"
+        return f"Unknown config key {names}: the keys allowed {scope} are {', '.join(allowed)}."
+    if error.validator == "not":
+        return f"Invalid value for config key '{where}': {error.instance!r} is reserved."
+    return f"Invalid value for config key '{where or '<top level>'}': {error.message}."
+
+
+# The schema fills in every default and rejects unknown keys (additionalProperties: false).
+try:
+    validate(config, schema="../schemas/config.schema.yaml")
+except WorkflowError as error:
+    cause = error.__context__  # the jsonschema ValidationError, when there is one
+    if not hasattr(cause, "absolute_path"):
+        raise
+    schema_note = "Every key, its type and default: workflow/schemas/config.schema.yaml."
+    raise WorkflowError(f"{describe_config_error(cause)} {schema_note}") from None
+
+
+def check_config(cfg):
+    """Cross-key rules the schema cannot express, and input files that must exist.
+
+    Relative paths are relative to the working directory (the repository root or --directory).
+    """
+    if cfg["particles"] is not None and cfg["reference"] is None:
+        raise WorkflowError(
+            f"Config key 'reference' is required when 'particles' is set "
+            f"(particles: {cfg['particles']!r}): give the consensus map (MRC) of that refinement. "
+            "Only the demo (particles: null) simulates its own reference."
+        )
+    if cfg["zernike"]["L2"] > cfg["zernike"]["L1"]:
+        raise WorkflowError(
+            f"Config keys 'zernike.L1'={cfg['zernike']['L1']} and 'zernike.L2'="
+            f"{cfg['zernike']['L2']}: Zernike3D needs L1 >= L2."
+        )
+    if cfg["particles"] is None:
+        files = {
+            "demo.start_model": cfg["demo"]["start_model"],
+            "demo.end_model": cfg["demo"]["end_model"],
+        }
+        if cfg["box"] > cfg["demo"]["box"]:
+            raise WorkflowError(
+                f"Config key 'box'={cfg['box']} exceeds 'demo.box'={cfg['demo']['box']}: the "
+                "processing box is a Fourier crop of the particle box and cannot be larger."
+            )
+    else:
+        files = {key: cfg[key] for key in ("particles", "reference", "mask")}
+    for key, path in files.items():
+        if path is not None and not os.path.isfile(path):
+            raise WorkflowError(
+                f"Config key '{key}': file not found: {path!r} "
+                f"(relative paths are relative to the working directory {os.getcwd()!r})."
+            )
+    root = cfg["image_root"]
+    if root is not None and not os.path.isdir(root):
+        raise WorkflowError(
+            f"Config key 'image_root': folder not found: {root!r} "
+            f"(relative paths are relative to the working directory {os.getcwd()!r})."
+        )
+
+
+check_config(config)
+
+
+# --- constants ----------------------------------------------------------------------------------
+# z3lib is imported from this checkout (the same one the scripts import through _bootstrap.py).
+sys.path.insert(0, str(Path(workflow.basedir).resolve()))
+import z3lib  # noqa: E402
+
+# Goes into every rule's params: bump z3lib.__version__ whenever numerical output changes, so
+# that library edits rerun exactly the affected results (Snakemake cannot see library code).
+Z3LIB_VERSION = z3lib.__version__
+
+RUN = config["run"]
+
+# Main outputs of each stage (design.md §2): the contract between stages.
+STAGE_OUTPUTS = {
+    "simulate": [
+        "particles.star",
+        "particles.mrcs",
+        "ground_truth.tsv",
+        "motion.npz",
+        "reference.mrc",
+        "mask.mrc",
+        "state_start.mrc",
+        "state_end.mrc",
+    ],
+    "preprocess": [
+        "particles.star",
+        "particles.mrcs",
+        "reference.mrc",
+        "mask.mrc",
+        "points.npz",
+    ],
+}
+
+# Stages whose outputs `rule all` asks for; later stages append themselves here
+# (train, predict, refine, zart, report), earlier ones are pulled in through their inputs.
+FINAL_STAGES = ["preprocess"]
+
+
+wildcard_constraints:
+    run=r"[A-Za-z0-9][A-Za-z0-9_.-]*",
+
+
+# --- input functions ----------------------------------------------------------------------------
+def stage_outputs(stage, run=RUN):
+    """Main output paths of one stage of one run."""
+    return [f"results/{run}/{stage}/{name}" for name in STAGE_OUTPUTS[stage]]
+
+
+def final_targets():
+    """Targets of `all`, the default target: main outputs of every final stage of this run."""
+    return [path for stage in FINAL_STAGES for path in stage_outputs(stage)]
+
+
+def is_demo():
+    """True when the run simulates its own data (config `particles: null`)."""
+    return config["particles"] is None
+
+
+def preprocess_inputs(wildcards):
+    """Particles, reference and (optional) mask: simulated for the demo, else the user's files."""
+    if is_demo():
+        sim = f"results/{wildcards.run}/simulate"
+        return {
+            "particles": f"{sim}/particles.star",
+            "stack": f"{sim}/particles.mrcs",
+            "reference": f"{sim}/reference.mrc",
+            "mask": f"{sim}/mask.mrc",
+        }
+    inputs = {"particles": config["particles"], "reference": config["reference"]}
+    if config["mask"] is not None:
+        inputs["mask"] = config["mask"]
+    return inputs

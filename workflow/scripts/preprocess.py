@@ -1,0 +1,43 @@
+"""Adapter of rule ``preprocess``: inputs at the processing box (z3lib.preprocess.preprocess)."""
+
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import _bootstrap  # noqa: F401  (repository root on sys.path)
+import torch
+
+from z3lib.preprocess import preprocess
+
+if TYPE_CHECKING:
+    from snakemake.iocontainers import snakemake  # noqa: TC004  (injected by the preamble)
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+logging.basicConfig(filename=snakemake.log[0], level=logging.INFO, format=LOG_FORMAT)
+logging.captureWarnings(True)
+log = logging.getLogger("z3.preprocess")
+torch.set_num_threads(snakemake.threads)
+params = snakemake.params
+start = time.perf_counter()
+try:
+    written = preprocess(
+        snakemake.input.particles,
+        snakemake.input.reference,
+        snakemake.input.get("mask"),  # optional for user data
+        Path(snakemake.output.particles).parent,
+        box=params.box,
+        pixel_size=params.pixel_size,
+        reference_pixel_size=params.reference_pixel_size,
+        image_root=params.image_root,
+        mask_threshold=params.mask_threshold,
+        points_step=params.points_step,
+        chunk_size=params.chunk_size,
+        log=log,
+    )
+except Exception:
+    log.exception("preprocess failed")
+    raise
+log.info("wrote %s", ", ".join(sorted(str(p) for p in written.values())))
+elapsed = time.perf_counter() - start
+log.info("z3lib %s, %d threads, wall time %.1f s", params.z3lib, snakemake.threads, elapsed)

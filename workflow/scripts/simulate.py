@@ -1,0 +1,42 @@
+"""Adapter of rule ``simulate``: the demo dataset (z3lib.simulate.simulate_dataset)."""
+
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import _bootstrap  # noqa: F401  (repository root on sys.path)
+import torch
+
+from z3lib.simulate import simulate_dataset
+
+if TYPE_CHECKING:
+    from snakemake.iocontainers import snakemake  # noqa: TC004  (injected by the preamble)
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+logging.basicConfig(filename=snakemake.log[0], level=logging.INFO, format=LOG_FORMAT)
+logging.captureWarnings(True)
+log = logging.getLogger("z3.simulate")
+torch.set_num_threads(snakemake.threads)
+params = snakemake.params
+start = time.perf_counter()
+try:
+    written = simulate_dataset(
+        Path(snakemake.output.particles).parent,
+        start_model=snakemake.input.start_model,
+        end_model=snakemake.input.end_model,
+        n_particles=params.n_particles,
+        box=params.box,
+        pixel_size=params.pixel_size,
+        resolution=params.resolution,
+        snr=params.snr,
+        seed=params.seed,
+        reference_t=params.reference_t,
+        log=log,
+    )
+except Exception:
+    log.exception("simulate failed")
+    raise
+log.info("wrote %s", ", ".join(sorted(str(p) for p in written.values())))
+elapsed = time.perf_counter() - start
+log.info("z3lib %s, %d threads, wall time %.1f s", params.z3lib, snakemake.threads, elapsed)
