@@ -1,0 +1,619 @@
+"""Zernike3Deep: an image encoder whose latent space is the Zernike3D coefficients, trained
+through a decoder that is physics only (deform → rotate → shift → splat → CTF).
+
+Units inside the network are pixels of the processing box; coefficients leave the module in
+pixels of the original particle box (``Rmax = original box / 2``, design.md §5).
+
+Improvements over the original (reference/zernike3d-family.md §1): images stream from the
+memory-mapped stack (bounded memory); the image loss is the mean of per-image correlations; the
+field regularisers are true field energy and smoothness (quadratic forms on the point cloud, so
+they mean the same thing in either basis); points leaving the image are dropped; training is
+seeded, checkpointed every epoch and resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from z3lib import zernike as zk
+from z3lib.conventions import box_center, euler_to_matrix
+from z3lib.ctf import CtfParams, compute_ctf, filter_images
+from z3lib.io import ImageStack, Particles
+from z3lib.projection import image_positions, splat_bilinear
+
+Loss = Literal["corr", "frc", "mse"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class NetworkConfig:
+    """Every setting of a Zernike3Deep model and its training (stored inside ``model.pt``)."""
+
+    L1: int = 3
+    L2: int = 2
+    basis: str = "xmipp"
+    encoder: str = "conv"  # "conv" | "mlp"
+    encoder_box: int = 32  # encoder input low-passed by Fourier cropping to this box (0 = full box)
+    encoder_phase_flip: bool = True  # encoder input multiplied by sign(CTF): no contrast inversions
+    encoder_reference: bool = True  # 2nd input channel: the reference projected at the particle's pose
+    encoder_pose: bool = True  # the particle's rotation matrix is an input of the dense layers
+    channels: int = 16  # first conv layer width (conv encoder)
+    hidden: int = 256  # width of the fully connected layers
+    refine_pose: bool = False  # predict δ-angles (deg) and δ-shifts (px)
+    loss: str = "corr"  # "corr" | "frc" | "mse"
+    frc_radius: float = 0.85  # FRC loss: fraction of Nyquist
+    ctf_pad: int = 2
+    energy_weight: float = 1e-4  # mean |d|² over the points (px²)
+    smooth_weight: float = 1e-3  # mean |∇d|² over the points
+    pose_weight: float = 1e-3  # mean δ-angle² (deg²) + δ-shift² (px²)
+    coefficient_scale: float = 1.0  # px per unit of the coefficient head's output
+    epochs: int = 20
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    validation_fraction: float = 0.1
+    seed: int = 0
+    mask_radius: float = 0.9  # image circle (fraction of box / 2) seen by the encoder and the loss
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "NetworkConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(values) - names
+        if unknown:
+            raise ValueError(f"unknown network settings {sorted(unknown)}; known: {sorted(names)}")
+        return cls(**values)
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoder
+# ----------------------------------------------------------------------------------------------
+class ConvEncoder(nn.Module):
+    """Strided convolutions down to ≤ 8 px, average-pooled to 4×4, then two dense layers.
+
+    ``(B, N, N)`` images → ``(B, hidden)`` features.
+    """
+
+    def __init__(self, box: int, channels: int, hidden: int, in_channels: int = 1, extra: int = 0) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, channels, 5, stride=2, padding=2), nn.SiLU()]
+        size, width = (box + 1) // 2, channels
+        while size > 8:
+            out = min(width * 2, 8 * channels)
+            layers += [nn.Conv2d(width, out, 3, stride=2, padding=1), nn.SiLU()]
+            size, width = (size + 1) // 2, out
+        layers += [nn.Conv2d(width, width, 3, padding=1), nn.SiLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten()]
+        self.features = nn.Sequential(*layers)
+        self.dense = nn.Sequential(nn.Linear(16 * width + extra, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU())
+
+    def forward(self, images: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        x = images if images.dim() == 4 else images.unsqueeze(1)
+        f = self.features(x)
+        if extra is not None:
+            f = torch.cat([f, extra], dim=1)
+        out: torch.Tensor = self.dense(f)
+        return out
+
+
+class MlpEncoder(nn.Module):
+    """Flattened image → three dense ReLU layers. ``(B, N, N)`` → ``(B, hidden)``."""
+
+    def __init__(self, box: int, hidden: int, in_channels: int = 1, extra: int = 0) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(in_channels * box * box + extra, 2 * hidden), nn.SiLU(),
+            nn.Linear(2 * hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+        )
+
+    def forward(self, images: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        f = images.flatten(1)
+        if extra is not None:
+            f = torch.cat([f, extra], dim=1)
+        out: torch.Tensor = self.net(f)
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The physical decoder
+# ----------------------------------------------------------------------------------------------
+def circle_mask(box: int, radius_fraction: float, *, device: Any = None,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``(box, box)`` soft circular mask of radius ``radius_fraction · box / 2`` (2 px cosine edge)."""
+    c = box_center(box)
+    ax = torch.arange(box, device=device, dtype=dtype) - c
+    r = torch.sqrt(ax[:, None] ** 2 + ax[None, :] ** 2)
+    radius = radius_fraction * box / 2
+    edge = 2.0
+    soft = 0.5 * (1 + torch.cos(math.pi * torch.clamp((r - radius) / edge, 0, 1)))
+    return soft
+
+
+class PhysicalDecoder(nn.Module):
+    """Coefficients + pose + CTF → predicted particle images.
+
+    Holds the point cloud (``(N, 3)`` px of the processing box), its amplitudes, the basis values
+    ``Z`` (``(N, K)``) and the quadratic forms of the field regularisers as buffers.
+    """
+
+    def __init__(self, points: torch.Tensor, amplitudes: torch.Tensor, box: int, pixel_size: float,
+                 config: NetworkConfig) -> None:
+        super().__init__()
+        self.box = int(box)
+        self.pixel_size = float(pixel_size)
+        self.ctf_pad = int(config.ctf_pad)
+        pts = points.to(torch.float64).requires_grad_(True)
+        z = zk.evaluate_basis(pts, config.L1, config.L2, box / 2, config.basis)
+        # ∂Z_k/∂x_j at every point, by autograd through the polynomial basis
+        grads = []
+        for k in range(z.shape[1]):
+            (g,) = torch.autograd.grad(z[:, k].sum(), pts, retain_graph=True)
+            grads.append(g)
+        grad = torch.stack(grads, dim=1)  # (N, K, 3)
+        n = z.shape[0]
+        energy = (z.T @ z / n).detach()
+        smooth = torch.einsum("nkj,nlj->kl", grad, grad).detach() / n
+        self.register_buffer("points", points.to(torch.float32))
+        self.register_buffer("amplitudes", amplitudes.to(torch.float32))
+        self.register_buffer("basis", z.detach().to(torch.float32))
+        self.register_buffer("energy_form", energy.to(torch.float32))
+        self.register_buffer("smooth_form", smooth.to(torch.float32))
+
+    def field_energy(self, coefficients: torch.Tensor) -> torch.Tensor:
+        """Mean squared displacement over the points (px²), ``(B, 3K)`` → ``(B,)``."""
+        c = zk.split_axes(coefficients)
+        return torch.einsum("bak,kl,bal->b", c, self.energy_form, c)
+
+    def field_roughness(self, coefficients: torch.Tensor) -> torch.Tensor:
+        """Mean squared Frobenius norm of the field's Jacobian over the points, ``(B,)``."""
+        c = zk.split_axes(coefficients)
+        return torch.einsum("bak,kl,bal->b", c, self.smooth_form, c)
+
+    def forward(self, coefficients: torch.Tensor | None, rotations: torch.Tensor, shifts: torch.Tensor,
+                ctf: CtfParams | None, *, phase_flipped: bool = False) -> torch.Tensor:
+        """``(B, 3K)`` px, ``(B, 3, 3)``, ``(B, 2)`` px, CTF → ``(B, box, box)`` images."""
+        pos = image_positions(self.points, rotations, shifts, self.box,
+                              basis=None if coefficients is None else self.basis,
+                              coefficients=coefficients)
+        proj = splat_bilinear(pos, self.amplitudes, self.box)
+        if ctf is None:
+            return proj
+        size = self.ctf_pad * self.box
+        transfer = compute_ctf(size, self.pixel_size, ctf.to(proj.device, proj.dtype))
+        if phase_flipped:
+            transfer = transfer.abs()
+        return filter_images(proj, transfer, pad=self.ctf_pad)
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------
+class Zernike3Deep(nn.Module):
+    """Encoder → 3K Zernike3D coefficients (+ optional pose corrections) → physical decoder."""
+
+    def __init__(self, points: torch.Tensor, amplitudes: torch.Tensor, box: int, pixel_size: float,
+                 config: NetworkConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.box = int(box)
+        self.n_terms = zk.count_terms(config.L1, config.L2)
+        self.encoder_box = min(config.encoder_box, box) if config.encoder_box > 0 else box
+        in_ch = 2 if config.encoder_reference else 1
+        extra = 9 if config.encoder_pose else 0
+        if config.encoder == "conv":
+            self.encoder: nn.Module = ConvEncoder(self.encoder_box, config.channels, config.hidden, in_ch, extra)
+        elif config.encoder == "mlp":
+            self.encoder = MlpEncoder(self.encoder_box, config.hidden, in_ch, extra)
+        else:
+            raise ValueError(f"unknown encoder {config.encoder!r}; use 'conv' or 'mlp'")
+        self.coefficient_head = nn.Linear(config.hidden, 3 * self.n_terms)
+        nn.init.normal_(self.coefficient_head.weight, std=1e-3)
+        nn.init.zeros_(self.coefficient_head.bias)
+        self.angle_head = nn.Linear(config.hidden, 3)
+        self.shift_head = nn.Linear(config.hidden, 2)
+        for head in (self.angle_head, self.shift_head):
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+            head.requires_grad_(config.refine_pose)
+        self.decoder = PhysicalDecoder(points, amplitudes, box, pixel_size, config)
+        self.register_buffer("image_mask", circle_mask(box, config.mask_radius))
+
+    def encoder_input(self, images: torch.Tensor, ctf: CtfParams | None) -> torch.Tensor:
+        """What the encoder sees: the masked image, phase-flipped with its CTF (optional) and
+        low-passed by Fourier cropping to ``encoder_box`` px, scaled to unit variance.
+
+        ``(B, N, N)`` → ``(B, n, n)``.
+        """
+        x = images * self.image_mask
+        flip = self.config.encoder_phase_flip and ctf is not None
+        if not flip and self.encoder_box == self.box:
+            return x
+        spec = torch.fft.rfft2(x)
+        if flip:
+            assert ctf is not None
+            spec = spec * torch.sign(compute_ctf(self.box, self.decoder.pixel_size, ctf.to(x.device, x.dtype)))
+        n = self.encoder_box
+        if n != self.box:
+            half = n // 2
+            spec = torch.cat([spec[:, :half, : half + 1], spec[:, self.box - (n - half):, : half + 1]], dim=1)
+        out = torch.fft.irfft2(spec, s=(n, n))
+        return out / out.std(dim=(1, 2), keepdim=True).clamp_min(1e-6)
+
+    def encode(self, images: torch.Tensor, ctf: CtfParams | None = None,
+               rotations: torch.Tensor | None = None, shifts: torch.Tensor | None = None,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Encode particles.
+
+        Parameters
+        ----------
+        images
+            ``(B, N, N)`` normalised particle images.
+        ctf, rotations, shifts
+            their CTFs, ``(B, 3, 3)`` RELION matrices and ``(B, 2)`` shifts (px): with
+            ``encoder_reference`` the encoder also sees the undeformed reference projected with
+            them (what the image would be without deformation), and with ``encoder_pose`` the
+            rotation itself, so it only has to explain the difference.
+
+        Returns
+        -------
+        coefficients ``(B, 3K)`` px, δ-angles ``(B, 3)`` deg, δ-shifts ``(B, 2)`` px (zeros unless
+        pose refinement is on).
+        """
+        x = self.encoder_input(images, ctf)
+        if self.config.encoder_reference:
+            if rotations is None or shifts is None:
+                raise ValueError("this model's encoder needs the particles' rotations and shifts")
+            with torch.no_grad():
+                ref = self.decoder(None, rotations, shifts, ctf)
+            x = torch.stack([x, self.encoder_input(ref, ctf)], dim=1)
+        extra = None
+        if self.config.encoder_pose:
+            if rotations is None:
+                raise ValueError("this model's encoder needs the particles' rotations")
+            extra = rotations.reshape(-1, 9).to(x.dtype)
+        h = self.encoder(x, extra)
+        coefficients = self.coefficient_head(h).float() * self.config.coefficient_scale
+        if self.config.refine_pose:
+            return coefficients, self.angle_head(h).float(), self.shift_head(h).float()
+        zeros = coefficients.new_zeros(coefficients.shape[0], 1)
+        return coefficients, zeros.expand(-1, 3), zeros.expand(-1, 2)
+
+
+def image_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, kind: str,
+               frc_radius: float = 0.85) -> torch.Tensor:
+    """Per-image loss, ``(B,)``.
+
+    ``corr``: 1 − Pearson correlation inside the mask; ``mse``: mean squared error after the
+    least-squares scale of the prediction (the map's scale is arbitrary); ``frc``: 1 − mean
+    Fourier-ring correlation up to ``frc_radius`` of Nyquist.
+    """
+    if kind == "corr" or kind == "mse":
+        w = mask.reshape(1, -1)
+        p = pred.reshape(pred.shape[0], -1)
+        t = target.reshape(target.shape[0], -1)
+        sw = w.sum()
+        p = p - (p * w).sum(1, keepdim=True) / sw
+        t = t - (t * w).sum(1, keepdim=True) / sw
+        pt = (p * t * w).sum(1)
+        pp = (p * p * w).sum(1)
+        tt = (t * t * w).sum(1)
+        if kind == "corr":
+            return 1.0 - pt / torch.sqrt(pp * tt + 1e-12)
+        scale = pt / (pp + 1e-12)
+        return ((scale[:, None] * p - t) ** 2 * w).sum(1) / sw
+    if kind == "frc":
+        box = pred.shape[-1]
+        fp, ft = torch.fft.rfft2(pred), torch.fft.rfft2(target)
+        fy = torch.fft.fftfreq(box, device=pred.device)
+        fx = torch.fft.rfftfreq(box, device=pred.device)
+        ring = torch.round(torch.sqrt(fy[:, None] ** 2 + fx[None, :] ** 2) * box).long()
+        n_rings = int(frc_radius * box / 2)
+        keep = (ring >= 1) & (ring <= n_rings)
+        idx = (ring[keep] - 1)
+        cross = (fp * ft.conj()).real[:, keep]
+        pp = (fp.abs() ** 2)[:, keep]
+        tt = (ft.abs() ** 2)[:, keep]
+        z = pred.new_zeros(pred.shape[0], n_rings)
+        num = z.index_add(1, idx, cross)
+        den = torch.sqrt(z.index_add(1, idx, pp) * z.index_add(1, idx, tt) + 1e-12)
+        return 1.0 - (num / den).mean(1)
+    raise ValueError(f"unknown loss {kind!r}; use 'corr', 'frc' or 'mse'")
+
+
+# ----------------------------------------------------------------------------------------------
+# Particle metadata on the device
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class ParticleBatchSource:
+    """Per-particle poses and CTF (small, in memory) and the lazy image stack (on disk)."""
+
+    images: ImageStack
+    angles: torch.Tensor  # (n, 3) deg: rot, tilt, psi
+    shifts: torch.Tensor  # (n, 2) px of the processing box
+    ctf: CtfParams
+    pixel_size: float
+    phase_flipped: bool = False
+    subsets: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    @classmethod
+    def from_particles(cls, particles: Particles) -> "ParticleBatchSource":
+        t = particles.table
+        if not particles.has_poses:
+            raise ValueError(f"{particles.path} has no poses; Zernike3Deep needs a consensus refinement")
+        flipped = t["phase_flipped"].to_numpy(dtype=bool)
+        if flipped.any() and not flipped.all():
+            raise ValueError(f"{particles.path}: mixing phase-flipped and unflipped optics groups is not supported")
+        return cls(
+            images=particles.images(),
+            angles=torch.tensor(t[["rot", "tilt", "psi"]].to_numpy(np.float64), dtype=torch.float32),
+            shifts=torch.tensor(t[["shift_x", "shift_y"]].to_numpy(np.float64), dtype=torch.float32),
+            ctf=CtfParams.from_table(t),
+            pixel_size=particles.pixel_size,
+            phase_flipped=bool(flipped.all()),
+            subsets=t["random_subset"].to_numpy(np.int64),
+        )
+
+    def __len__(self) -> int:
+        return int(self.angles.shape[0])
+
+    def batch(self, index: np.ndarray, device: torch.device) -> dict[str, Any]:
+        """Images and metadata of the particles ``index`` (sorted reads from the mmap)."""
+        order = np.argsort(index, kind="stable")
+        imgs = np.empty((len(index), self.images.box, self.images.box), dtype=np.float32)
+        imgs[order] = self.images[index[order]]
+        ti = torch.as_tensor(index)
+        return {
+            "images": torch.from_numpy(imgs).to(device),
+            "angles": self.angles[ti].to(device),
+            "shifts": self.shifts[ti].to(device),
+            "ctf": self.ctf[ti].to(device),
+        }
+
+
+def _forward_loss(model: Zernike3Deep, batch: dict[str, Any], use_amp: bool) -> tuple[torch.Tensor, dict[str, float]]:
+    cfg = model.config
+    device = batch["images"].device
+    rot0 = euler_to_matrix(batch["angles"][:, 0], batch["angles"][:, 1], batch["angles"][:, 2])
+    with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+        coeffs, d_ang, d_shift = model.encode(batch["images"], batch["ctf"], rot0, batch["shifts"])
+    coeffs, d_ang, d_shift = coeffs.float(), d_ang.float(), d_shift.float()
+    ang = batch["angles"] + d_ang
+    rot = euler_to_matrix(ang[:, 0], ang[:, 1], ang[:, 2])
+    pred = model.decoder(coeffs, rot, batch["shifts"] + d_shift, batch["ctf"],
+                         phase_flipped=batch.get("phase_flipped", False))
+    img = image_loss(pred, batch["images"], model.image_mask, cfg.loss, cfg.frc_radius).mean()
+    energy = model.decoder.field_energy(coeffs).mean()
+    rough = model.decoder.field_roughness(coeffs).mean()
+    pose = (d_ang**2).sum(1).mean() + (d_shift**2).sum(1).mean()
+    total = img + cfg.energy_weight * energy + cfg.smooth_weight * rough + cfg.pose_weight * pose
+    parts = {"loss": total, "image": img, "energy": energy, "roughness": rough, "pose": pose}
+    return total, {k: float(v.detach()) for k, v in parts.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def _fingerprint(config: NetworkConfig, n_particles: int, box: int) -> dict[str, Any]:
+    """What must match for a checkpoint to be resumed (not ``epochs``: training may be extended)."""
+    d = config.to_dict()
+    d.pop("epochs")
+    return {"config": d, "n_particles": int(n_particles), "box": int(box)}
+
+
+def split_particles(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded random train/validation split of ``n`` particle indices."""
+    order = np.random.default_rng([seed, 12345]).permutation(n)
+    n_val = int(round(fraction * n)) if n > 1 else 0
+    n_val = min(n_val, n - 1)
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def build_model(points: np.ndarray, amplitudes: np.ndarray, box: int, pixel_size: float,
+                config: NetworkConfig, device: torch.device | str = "cpu") -> Zernike3Deep:
+    """A freshly initialised (seeded) model for a point cloud in px of the processing box."""
+    torch.manual_seed(config.seed)
+    model = Zernike3Deep(torch.as_tensor(points, dtype=torch.float32),
+                         torch.as_tensor(amplitudes, dtype=torch.float32), box, pixel_size, config)
+    return model.to(device)
+
+
+def _evaluate(model: Zernike3Deep, source: ParticleBatchSource, index: np.ndarray, device: torch.device,
+              batch_size: int, use_amp: bool) -> float:
+    if len(index) == 0:
+        return float("nan")
+    model.eval()
+    total = 0.0
+    with torch.no_grad():
+        for lo in range(0, len(index), batch_size):
+            sel = index[lo:lo + batch_size]
+            b = source.batch(sel, device)
+            b["phase_flipped"] = source.phase_flipped
+            _, parts = _forward_loss(model, b, use_amp)
+            total += parts["image"] * len(sel)
+    return total / len(index)
+
+
+def train_model(
+    source: ParticleBatchSource,
+    points: np.ndarray,
+    amplitudes: np.ndarray,
+    box: int,
+    config: NetworkConfig,
+    *,
+    checkpoint_dir: str | Path,
+    device: str | torch.device = "cpu",
+    log: logging.Logger | None = None,
+    on_epoch_end: Any = None,
+) -> tuple[Zernike3Deep, pd.DataFrame]:
+    """Train Zernike3Deep; resumable.
+
+    A checkpoint (model, optimiser, history) is written atomically to
+    ``checkpoint_dir/checkpoint.pt`` after every epoch. If one exists for the same data and
+    settings, training continues after its last epoch (more epochs in ``config`` extend a
+    finished run); otherwise it starts from the seeded initialisation.
+
+    Parameters
+    ----------
+    source
+        particles at the processing box (poses, CTF, lazy images).
+    points, amplitudes
+        ``(N, 3)`` px and ``(N,)`` point cloud of the reference.
+    on_epoch_end
+        optional ``callback(epoch, row)`` after each checkpoint (progress hooks, tests).
+
+    Returns
+    -------
+    the model after the last epoch and the training history (one row per epoch). The validation
+    loss monitors generalisation to unseen particles; it is not used to pick an epoch, because
+    the model's job is to explain the particles it is trained on (an autoencoder of this
+    dataset), and at low SNR its image loss keeps rising while the landscape keeps improving.
+    """
+    from z3lib.io import atomic_path
+
+    logger = log or logging.getLogger(__name__)
+    dev = torch.device(device)
+    use_amp = dev.type == "cuda"
+    model = build_model(points, amplitudes, box, source.pixel_size, config, dev)
+    optimiser = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
+    # cosine decay of the learning rate to 10% over the configured epochs (per epoch, so that a
+    # resumed run follows exactly the schedule of an uninterrupted one)
+    def lr_at(epoch: int) -> float:
+        frac = min(epoch / max(config.epochs, 1), 1.0)
+        return config.learning_rate * (0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
+    train_idx, val_idx = split_particles(len(source), config.validation_fraction, config.seed)
+    fingerprint = _fingerprint(config, len(source), box)
+    history: list[dict[str, float]] = []
+    start_epoch = 0
+    ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location=dev, weights_only=True)
+        if state.get("fingerprint") == fingerprint:
+            model.load_state_dict(state["model"])
+            optimiser.load_state_dict(state["optimizer"])
+            history = list(state["history"])
+            start_epoch = int(state["epoch"])
+            logger.info("resuming from %s after epoch %d", ckpt_path, start_epoch)
+        else:
+            logger.warning("ignoring %s: it was made for other data or settings", ckpt_path)
+    n_batches = math.ceil(len(train_idx) / config.batch_size)
+    total_batches = n_batches * max(config.epochs - start_epoch, 0)
+    done_batches = 0
+    t_run = time.perf_counter()
+    for epoch in range(start_epoch, config.epochs):
+        model.train()
+        for group in optimiser.param_groups:
+            group["lr"] = lr_at(epoch)
+        torch.manual_seed(config.seed * 100003 + epoch)
+        order = train_idx[np.random.default_rng([config.seed, epoch]).permutation(len(train_idx))]
+        t_epoch = time.perf_counter()
+        sums: dict[str, float] = {}
+        last_log = time.perf_counter()
+        for i in range(n_batches):
+            sel = order[i * config.batch_size:(i + 1) * config.batch_size]
+            b = source.batch(sel, dev)
+            b["phase_flipped"] = source.phase_flipped
+            loss, parts = _forward_loss(model, b, use_amp)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v * len(sel)
+            done_batches += 1
+            now = time.perf_counter()
+            if now - last_log > 10 or i == n_batches - 1:
+                rate = done_batches * config.batch_size / (now - t_run)
+                eta = (total_batches - done_batches) * config.batch_size / max(rate, 1e-9)
+                logger.info("epoch %d/%d batch %d/%d loss %.4f | %.0f images/s, ETA %.0f s",
+                            epoch + 1, config.epochs, i + 1, n_batches, parts["loss"], rate, eta)
+                last_log = now
+        elapsed = time.perf_counter() - t_epoch
+        row = {"epoch": float(epoch + 1)}
+        row.update({f"train_{k}": v / len(train_idx) for k, v in sums.items()})
+        row["val_image"] = _evaluate(model, source, val_idx, dev, 4 * config.batch_size, use_amp)
+        row["seconds"] = elapsed
+        row["images_per_s"] = len(train_idx) / elapsed
+        row["learning_rate"] = lr_at(epoch)
+        history.append(row)
+        state = {"model": model.state_dict(), "optimizer": optimiser.state_dict(), "epoch": epoch + 1,
+                 "history": history, "fingerprint": fingerprint}
+        with atomic_path(ckpt_path) as tmp:
+            torch.save(state, tmp)
+        logger.info("epoch %d done: train %.4f, validation %.4f, %.0f images/s", epoch + 1,
+                    row["train_image"], row["val_image"], row["images_per_s"])
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, row)
+    return model, pd.DataFrame(history)
+
+
+def save_model(path: str | Path, model: Zernike3Deep, meta: dict[str, Any]) -> None:
+    """Write ``model.pt``: weights, buffers (point cloud included), settings and metadata —
+    plain tensors and primitives, loadable with ``torch.load(..., weights_only=True)``."""
+    from z3lib.io import atomic_path
+
+    payload = {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+               "config": model.config.to_dict(), "meta": dict(meta), "format": "z3-zernike3deep-1"}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Zernike3Deep, dict[str, Any]]:
+    """Rebuild a model saved by :func:`save_model` (``weights_only=True``: no code is unpickled)."""
+    payload = torch.load(Path(path), map_location="cpu", weights_only=True)
+    if payload.get("format") != "z3-zernike3deep-1":
+        raise ValueError(f"{path} is not a z3 Zernike3Deep model file")
+    config = NetworkConfig.from_dict(payload["config"])
+    sd = payload["state_dict"]
+    meta = dict(payload["meta"])
+    model = Zernike3Deep(sd["decoder.points"], sd["decoder.amplitudes"], int(meta["box"]),
+                         float(meta["pixel_size"]), config)
+    model.load_state_dict(sd)
+    return model.to(device).eval(), meta
+
+
+def predict_coefficients(model: Zernike3Deep, source: ParticleBatchSource, *, device: str | torch.device = "cpu",
+                         batch_size: int = 128, log: logging.Logger | None = None) -> dict[str, np.ndarray]:
+    """Encode every particle, in order.
+
+    Returns
+    -------
+    ``coefficients`` ``(n, 3K)`` px of the processing box, ``delta_angles`` ``(n, 3)`` deg and
+    ``delta_shifts`` ``(n, 2)`` px of the processing box.
+    """
+    logger = log or logging.getLogger(__name__)
+    dev = torch.device(device)
+    model = model.to(dev).eval()
+    n = len(source)
+    out_c = np.empty((n, 3 * model.n_terms), dtype=np.float64)
+    out_a = np.empty((n, 3))
+    out_s = np.empty((n, 2))
+    t0 = time.perf_counter()
+    last = t0
+    with torch.no_grad():
+        for lo in range(0, n, batch_size):
+            idx = np.arange(lo, min(n, lo + batch_size))
+            b = source.batch(idx, dev)
+            rot = euler_to_matrix(b["angles"][:, 0], b["angles"][:, 1], b["angles"][:, 2])
+            c, a, s = model.encode(b["images"], b["ctf"], rot, b["shifts"])
+            out_c[idx], out_a[idx], out_s[idx] = c.cpu().numpy(), a.cpu().numpy(), s.cpu().numpy()
+            now = time.perf_counter()
+            if now - last > 10 or idx[-1] == n - 1:
+                rate = (idx[-1] + 1) / (now - t0)
+                logger.info("predicted %d/%d particles (%.0f/s, ETA %.0f s)", idx[-1] + 1, n, rate,
+                            (n - idx[-1] - 1) / rate)
+                last = now
+    return {"coefficients": out_c, "delta_angles": out_a, "delta_shifts": out_s}
