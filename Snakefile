@@ -5,7 +5,7 @@
 #   snakemake --workflow-profile slurm on a SLURM cluster
 #
 # Results: results/<run>/<stage>/, logs: logs/<run>/<rule>.log,
-# benchmark files: benchmarks/<run>/<rule>.tsv. Stages so far: simulate (demo only), preprocess.
+# benchmark files: benchmarks/<run>/<rule>.tsv. Stages so far: simulate (demo only), preprocess, train, predict.
 
 from snakemake.utils import min_version
 
@@ -21,6 +21,7 @@ report: "workflow/report/workflow.rst"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/simulate.smk"
 include: "workflow/rules/preprocess.smk"
+include: "workflow/rules/network.smk"
 
 
 rule all:

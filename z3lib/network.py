@@ -617,3 +617,142 @@ def predict_coefficients(model: Zernike3Deep, source: ParticleBatchSource, *, de
                             (n - idx[-1] - 1) / rate)
                 last = now
     return {"coefficients": out_c, "delta_angles": out_a, "delta_shifts": out_s}
+
+
+# ----------------------------------------------------------------------------------------------
+# File-level entry points (one per workflow rule)
+# ----------------------------------------------------------------------------------------------
+def select_device(want_gpu: bool, log: logging.Logger | None = None) -> torch.device:
+    """``cuda`` when a GPU was requested and one is usable, else ``cpu`` (and the log says why)."""
+    logger = log or logging.getLogger(__name__)
+    if want_gpu and torch.cuda.is_available():
+        dev = torch.device("cuda")
+        logger.info("running on the GPU: %s", torch.cuda.get_device_name(dev))
+        return dev
+    if want_gpu:
+        logger.info("no usable CUDA GPU on this machine: running on the CPU (%d threads)", torch.get_num_threads())
+    else:
+        logger.info("running on the CPU (%d threads)", torch.get_num_threads())
+    return torch.device("cpu")
+
+
+def train(
+    particles: str | Path,
+    points: str | Path,
+    out_dir: str | Path,
+    config: NetworkConfig,
+    *,
+    checkpoint_dir: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    log: logging.Logger | None = None,
+) -> dict[str, Path]:
+    """Train Zernike3Deep on preprocessed particles; write ``model.pt`` and ``history.tsv``.
+
+    Parameters
+    ----------
+    particles
+        the preprocess stage's ``particles.star`` (processing box).
+    points
+        its ``points.npz`` (point cloud, amplitudes, boxes and pixel sizes).
+    out_dir
+        where ``model.pt`` and ``history.tsv`` are written (atomically).
+    checkpoint_dir
+        resumable checkpoints (default ``out_dir/checkpoint``).
+    """
+    from z3lib.io import read_npz, read_particles, write_table
+
+    logger = log or logging.getLogger(__name__)
+    out = Path(out_dir)
+    parts = read_particles(particles)
+    cloud = read_npz(points)
+    box = int(cloud["box"])
+    if parts.box != box:
+        raise ValueError(f"{particles} holds {parts.box} px images but {points} was made for box {box}")
+    source = ParticleBatchSource.from_particles(parts)
+    logger.info("Zernike3Deep: %d particles, box %d, %d points, (L1, L2) = (%d, %d) %s basis, %s encoder",
+                len(source), box, len(cloud["points"]), config.L1, config.L2, config.basis, config.encoder)
+    t0 = time.perf_counter()
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    model, history = train_model(source, cloud["points"], cloud["amplitudes"], box, config,
+                                 checkpoint_dir=checkpoint_dir or out / "checkpoint", device=device, log=logger)
+    meta = {"box": box, "pixel_size": float(cloud["pixel_size"]), "original_box": int(cloud["original_box"]),
+            "original_pixel_size": float(cloud["original_pixel_size"]), "n_particles": len(source)}
+    paths = {"model": out / "model.pt", "history": out / "history.tsv"}
+    save_model(paths["model"], model, meta)
+    write_table(paths["history"], history)
+    logger.info("training done in %.1f s", time.perf_counter() - t0)
+    if torch.device(device).type == "cuda":
+        logger.info("GPU peak memory %.2f GiB", torch.cuda.max_memory_allocated() / 2**30)
+    source.images.close()
+    return paths
+
+
+def predict(
+    model_path: str | Path,
+    particles: str | Path,
+    original_particles: str | Path,
+    out_dir: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    batch_size: int = 128,
+    pixel_size: float | None = None,
+    image_root: str | Path | None = None,
+    log: logging.Logger | None = None,
+) -> dict[str, Path]:
+    """Coefficients for every particle; write ``particles.star`` and ``coefficients.npy``.
+
+    The STAR is the user's input STAR (every input column, input row order) plus
+    ``zernikeCoefficients`` (3K floats, px of the original box, Rmax = original box / 2), the
+    ``data_zernike3d`` block and, with pose refinement, the corrected angles and shifts and the
+    Flexutils ``delta_*`` columns. ``coefficients.npy`` is the same ``(n, 3K)`` array.
+
+    Parameters
+    ----------
+    particles
+        the preprocess stage's STAR (processing box), whose images are encoded.
+    original_particles
+        the user's STAR or ``.cs`` (same particles, same order) the output STAR is built from.
+    pixel_size, image_root
+        the overrides the preprocess stage used for ``original_particles``.
+    """
+    from z3lib.io import read_particles, write_coefficients, write_particles_star
+
+    logger = log or logging.getLogger(__name__)
+    out = Path(out_dir)
+    model, meta = load_model(model_path, device)
+    parts = read_particles(particles)
+    original = read_particles(original_particles, pixel_size=pixel_size, image_root=image_root)
+    if len(parts) != len(original):
+        raise ValueError(f"{particles} has {len(parts)} particles but {original_particles} has {len(original)}; "
+                         "they must be the same particles in the same order")
+    if parts.box != int(meta["box"]):
+        raise ValueError(f"{particles} holds {parts.box} px images but {model_path} was trained at box {meta['box']}")
+    source = ParticleBatchSource.from_particles(parts)
+    t0 = time.perf_counter()
+    pred = predict_coefficients(model, source, device=device, batch_size=batch_size, log=logger)
+    elapsed = time.perf_counter() - t0
+    logger.info("encoded %d particles in %.1f s (%.0f images/s)", len(source), elapsed, len(source) / max(elapsed, 1e-9))
+    box, orig_box = int(meta["box"]), int(meta["original_box"])
+    factor = orig_box / box  # px of the processing box → px of the original box
+    coefficients = zk.rescale_coefficients(pred["coefficients"], box, orig_box)
+    columns: dict[str, Any] = {"zernikeCoefficients": coefficients}
+    table = None
+    cfg = model.config
+    if cfg.refine_pose:
+        table = original.table.copy()
+        d_ang, d_shift = pred["delta_angles"], pred["delta_shifts"] * factor
+        for j, name in enumerate(("rot", "tilt", "psi")):
+            table[name] = table[name].to_numpy() + d_ang[:, j]
+        # the particle's origin shift moves with the predicted δ-shift (px of the original box)
+        ratio = float(meta["original_pixel_size"]) / original.pixel_size
+        table["shift_x"] = table["shift_x"].to_numpy() + d_shift[:, 0] * ratio
+        table["shift_y"] = table["shift_y"].to_numpy() + d_shift[:, 1] * ratio
+        columns.update({"delta_angle_rot": d_ang[:, 0], "delta_angle_tilt": d_ang[:, 1], "delta_angle_psi": d_ang[:, 2],
+                        "delta_shift_x": d_shift[:, 0], "delta_shift_y": d_shift[:, 1]})
+    zernike = {"L1": cfg.L1, "L2": cfg.L2, "Rmax": orig_box / 2, "basis": cfg.basis, "box": orig_box}
+    paths = {"particles": out / "particles.star", "coefficients": out / "coefficients.npy"}
+    write_coefficients(paths["coefficients"], coefficients)
+    write_particles_star(paths["particles"], original, columns=columns, zernike=zernike, table=table)
+    source.images.close()
+    return paths

@@ -110,11 +110,13 @@ STAGE_OUTPUTS = {
         "mask.mrc",
         "points.npz",
     ],
+    "train": ["model.pt", "history.tsv"],
+    "predict": ["particles.star", "coefficients.npy"],
 }
 
 # Stages whose outputs `rule all` asks for; later stages append themselves here
 # (train, predict, refine, zart, report), earlier ones are pulled in through their inputs.
-FINAL_STAGES = ["preprocess"]
+FINAL_STAGES = ["predict"]
 
 
 wildcard_constraints:
@@ -135,6 +137,13 @@ def final_targets():
 def is_demo():
     """True when the run simulates its own data (config `particles: null`)."""
     return config["particles"] is None
+
+
+def original_particles(wildcards):
+    """The particles as given (simulated for the demo): the STAR the user-facing outputs extend."""
+    if is_demo():
+        return f"results/{wildcards.run}/simulate/particles.star"
+    return config["particles"]
 
 
 def preprocess_inputs(wildcards):

@@ -1,0 +1,41 @@
+"""Adapter of rule ``predict``: every particle's coefficients (z3lib.network.predict)."""
+
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import _bootstrap  # noqa: F401  (repository root on sys.path)
+import torch
+
+from z3lib.network import predict, select_device
+
+if TYPE_CHECKING:
+    from snakemake.iocontainers import snakemake  # noqa: TC004  (injected by the preamble)
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+logging.basicConfig(filename=snakemake.log[0], level=logging.INFO, format=LOG_FORMAT)
+logging.captureWarnings(True)
+log = logging.getLogger("z3.predict")
+torch.set_num_threads(snakemake.threads)
+params = snakemake.params
+device = select_device(bool(snakemake.resources.get("gpu", 0)), log)
+start = time.perf_counter()
+try:
+    written = predict(
+        snakemake.input.model,
+        snakemake.input.particles,
+        snakemake.input.original,
+        Path(snakemake.output.particles).parent,
+        device=device,
+        batch_size=params.batch_size,
+        pixel_size=params.pixel_size,
+        image_root=params.image_root,
+        log=log,
+    )
+except Exception:
+    log.exception("predict failed")
+    raise
+log.info("wrote %s", ", ".join(sorted(str(p) for p in written.values())))
+elapsed = time.perf_counter() - start
+log.info("z3lib %s, %d threads, wall time %.1f s", params.z3lib, snakemake.threads, elapsed)

@@ -1,0 +1,40 @@
+"""Adapter of rule ``train``: Zernike3Deep training (z3lib.network.train)."""
+
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import _bootstrap  # noqa: F401  (repository root on sys.path)
+import torch
+
+from z3lib.network import NetworkConfig, select_device, train
+
+if TYPE_CHECKING:
+    from snakemake.iocontainers import snakemake  # noqa: TC004  (injected by the preamble)
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+logging.basicConfig(filename=snakemake.log[0], level=logging.INFO, format=LOG_FORMAT)
+logging.captureWarnings(True)
+log = logging.getLogger("z3.train")
+torch.set_num_threads(snakemake.threads)
+params = snakemake.params
+device = select_device(bool(snakemake.resources.get("gpu", 0)), log)
+config = NetworkConfig(**params.zernike, **params.train, seed=params.seed)
+start = time.perf_counter()
+try:
+    written = train(
+        snakemake.input.particles,
+        snakemake.input.points,
+        Path(snakemake.output.model).parent,
+        config,
+        checkpoint_dir=params.checkpoint_dir,
+        device=device,
+        log=log,
+    )
+except Exception:
+    log.exception("train failed")
+    raise
+log.info("wrote %s", ", ".join(sorted(str(p) for p in written.values())))
+elapsed = time.perf_counter() - start
+log.info("z3lib %s, %d threads, wall time %.1f s", params.z3lib, snakemake.threads, elapsed)
