@@ -309,12 +309,14 @@ def simulate_dataset(
     defocus_min: float = 10000.0,
     defocus_max: float = 25000.0,
     t_range: tuple[float, float] = (0.0, 1.0),
+    t_values: npt.ArrayLike | None = None,
     log: logging.Logger | None = None,
 ) -> dict[str, Path]:
     """Simulate a flexible dataset with ground truth and write it as a RELION 3.1 project.
 
     The two models (same atoms, same order) are superposed on their Cα atoms and interpolated
-    linearly; each particle takes ``t ~ U(t_range)``. Files written in ``out_dir`` (atomically):
+    linearly; each particle takes ``t ~ U(t_range)``, or one of ``t_values`` at random (discrete
+    states, e.g. ``(0, 1)`` for a two-state dataset). Files written in ``out_dir`` (atomically):
 
     ``particles.star`` + ``particles.mrcs``
         RELION 3.1 optics + particles with poses, shifts (Å), CTF and ``rlnRandomSubset``.
@@ -349,7 +351,10 @@ def simulate_dataset(
     ca = (start.atom_names == "CA") & (start.elements == "C")
     motion = build_motion(start.coords, end.coords, weights, ca if ca.any() else None)
     rng = np.random.default_rng(seed)
-    t = rng.uniform(t_range[0], t_range[1], size=n_particles)
+    if t_values is None:
+        t = rng.uniform(t_range[0], t_range[1], size=n_particles)
+    else:
+        t = rng.choice(np.asarray(t_values, dtype=np.float64), size=n_particles)
     sim = simulate_particles(
         motion, n=n_particles, box=box, pixel_size=pixel_size, resolution=resolution, snr=snr,
         seed=seed + 1, t=t, shift_sigma=shift_sigma, defocus_range=(defocus_min, defocus_max),
