@@ -1,0 +1,185 @@
+"""Zernike3Deep: physical decoder, gradients, learning two states, resumable training, prediction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from z3lib import zernike as zk
+from z3lib.ctf import CtfParams, apply_ctf
+from z3lib.geometry import euler_to_matrix, points_from_volume, random_rotations
+from z3lib.io import read_coefficients, read_npz, read_particles, read_star_blocks, read_table
+from z3lib.network import (
+    NetworkConfig,
+    ParticleBatchSource,
+    PhysicalDecoder,
+    build_model,
+    image_loss,
+    load_model,
+    predict,
+    train,
+    train_model,
+)
+from z3lib.preprocess import preprocess
+from z3lib.projection import project_volume
+from z3lib.simulate import simulate_dataset
+
+ADK = Path(__file__).parent / "data" / "mdanalysistests_adk"
+
+
+@pytest.fixture(scope="module")
+def two_states(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny two-state AdK dataset (closed/open), box 40 cropped to 32 for processing."""
+    root = tmp_path_factory.mktemp("two_states")
+    sim = simulate_dataset(root / "sim", start_model=ADK / "adk_closed.pdb", end_model=ADK / "adk_open.pdb",
+                           n_particles=400, box=40, pixel_size=3.2, resolution=9.0, snr=1.0, seed=11,
+                           t_values=(0.0, 1.0))
+    pre = preprocess(sim["particles"], sim["reference"], sim["mask"], root / "pre", box=32)
+    return {**sim, **{f"pre_{k}": v for k, v in pre.items()}}
+
+
+def _small_config(**kw: object) -> NetworkConfig:
+    args: dict[str, object] = dict(epochs=8, batch_size=16, learning_rate=2e-3, encoder_box=32, channels=8,
+                                   hidden=64, validation_fraction=0.1, seed=3)
+    args.update(kw)
+    return NetworkConfig(**args)  # type: ignore[arg-type]
+
+
+def test_decoder_zero_field_equals_rigid_projection_with_ctf(device: str) -> None:
+    rng = np.random.default_rng(0)
+    box = 24
+    zz, yy, xx = np.meshgrid(*[np.arange(box) - box // 2] * 3, indexing="ij")
+    vol = np.exp(-((xx - 2) ** 2 + yy**2 + (zz + 1) ** 2) / 8.0) + 0.5 * np.exp(-((xx + 4) ** 2 + (yy - 3) ** 2 + zz**2) / 4.0)
+    points, amps = points_from_volume(vol)
+    dec = PhysicalDecoder(torch.tensor(points), torch.tensor(amps), box, 2.0, NetworkConfig()).to(device)
+    rots = torch.tensor(random_rotations(3, rng), dtype=torch.float32, device=device)
+    shifts = torch.tensor(rng.normal(size=(3, 2)), dtype=torch.float32, device=device)
+    ctf = CtfParams.create([12000.0, 15000.0, 20000.0], [11000.0, 15000.0, 19000.0], [10.0, 0.0, 80.0], device=device)
+    out = dec(torch.zeros(3, 39, device=device), rots, shifts, ctf)
+    expected = apply_ctf(project_volume(vol, rots, shifts), 2.0, ctf, pad=2)
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_gradients_match_finite_differences() -> None:
+    """d loss / d (coefficients, angles, shifts) through decoder + CTF + correlation loss."""
+    rng = np.random.default_rng(1)
+    box = 16
+    points = rng.uniform(-5, 5, size=(40, 3))
+    dec = PhysicalDecoder(torch.tensor(points), torch.tensor(rng.uniform(0.5, 1.5, 40)), box, 3.0,
+                          NetworkConfig()).double()
+    target = torch.tensor(rng.normal(size=(2, box, box)))
+    mask = torch.ones(box, box, dtype=torch.float64)
+    ctf = CtfParams.create([15000.0, 18000.0], [14000.0, 17000.0], 30.0, dtype=torch.float64)
+
+    def f(c: torch.Tensor, ang: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        rot = euler_to_matrix(ang[:, 0], ang[:, 1], ang[:, 2])
+        pred = dec(c, rot, s, ctf)
+        return image_loss(pred, target, mask, "corr").sum() + dec.field_energy(c).sum() + dec.field_roughness(c).sum()
+
+    c = torch.tensor(rng.normal(scale=0.3, size=(2, 39)), requires_grad=True)
+    ang = torch.tensor(rng.uniform(20, 160, size=(2, 3)), requires_grad=True)
+    s = torch.tensor(rng.normal(scale=0.5, size=(2, 2)), requires_grad=True)
+    assert torch.autograd.gradcheck(f, (c, ang, s), eps=1e-6, atol=1e-5)
+
+
+def test_regularisers_are_field_energy_and_roughness() -> None:
+    """Quadratic forms equal the sampled field's mean |d|² and mean |∇d|² (finite differences)."""
+    rng = np.random.default_rng(2)
+    points = rng.uniform(-8, 8, size=(300, 3))
+    dec = PhysicalDecoder(torch.tensor(points), torch.ones(300), 32, 2.0, NetworkConfig()).double()
+    c = rng.normal(size=39)
+    z = zk.evaluate_basis(points, 3, 2, 16.0)
+    d = zk.deformation_field(z, c)
+    assert float(dec.field_energy(torch.tensor(c[None]))) == pytest.approx((d**2).sum(1).mean(), rel=1e-6)
+    h = 1e-5
+    jac = np.stack([(zk.deformation_field(zk.evaluate_basis(points + h * e, 3, 2, 16.0), c)
+                     - zk.deformation_field(zk.evaluate_basis(points - h * e, 3, 2, 16.0), c)) / (2 * h)
+                    for e in np.eye(3)], axis=-1)
+    assert float(dec.field_roughness(torch.tensor(c[None]))) == pytest.approx((jac**2).sum((1, 2)).mean(), rel=1e-6)
+
+
+def test_losses() -> None:
+    rng = np.random.default_rng(3)
+    a = torch.tensor(rng.normal(size=(4, 16, 16)))
+    mask = torch.ones(16, 16, dtype=torch.float64)
+    for kind in ("corr", "mse", "frc"):
+        np.testing.assert_allclose(image_loss(3.0 * a + 1.0 if kind != "frc" else 3.0 * a, a, mask, kind).numpy(), 0.0, atol=1e-9)
+    assert torch.all(image_loss(a, -a, mask, "corr") > 1.99)
+    with pytest.raises(ValueError, match="unknown loss"):
+        image_loss(a, a, mask, "l1")
+
+
+def test_short_training_separates_two_states(two_states: dict[str, Path], tmp_path: Path) -> None:
+    parts = read_particles(two_states["pre_particles"])
+    cloud = read_npz(two_states["pre_points"])
+    source = ParticleBatchSource.from_particles(parts)
+    model, history = train_model(source, cloud["points"], cloud["amplitudes"], 32, _small_config(),
+                                 checkpoint_dir=tmp_path)
+    assert len(history) == 8 and history["train_image"].iloc[-1] < history["train_image"].iloc[0]
+    from z3lib.network import predict_coefficients
+
+    c = predict_coefficients(model, source)["coefficients"]
+    pc1 = (c - c.mean(0)) @ np.linalg.svd(c - c.mean(0), full_matrices=False)[2][0]
+    state = read_table(two_states["ground_truth"])["t"].to_numpy() > 0.5
+    threshold = np.median(pc1)
+    accuracy = max(np.mean((pc1 > threshold) == state), np.mean((pc1 <= threshold) == state))
+    assert accuracy > 0.9, accuracy
+
+
+def test_interrupted_training_resumes_to_the_same_model(two_states: dict[str, Path], tmp_path: Path) -> None:
+    parts = read_particles(two_states["pre_particles"])
+    cloud = read_npz(two_states["pre_points"])
+    source = ParticleBatchSource.from_particles(parts)
+    cfg = _small_config(epochs=3)
+    straight, h1 = train_model(source, cloud["points"], cloud["amplitudes"], 32, cfg, checkpoint_dir=tmp_path / "a")
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_two(epoch: int, row: dict) -> None:
+        if epoch == 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train_model(source, cloud["points"], cloud["amplitudes"], 32, cfg, checkpoint_dir=tmp_path / "b",
+                    on_epoch_end=stop_after_two)
+    resumed, h2 = train_model(source, cloud["points"], cloud["amplitudes"], 32, cfg, checkpoint_dir=tmp_path / "b")
+    assert len(h2) == 3
+    for (k, v1), v2 in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(v1, v2, atol=1e-6, rtol=1e-5, msg=k)
+    np.testing.assert_allclose(h1["train_image"], h2["train_image"], rtol=1e-6)
+
+
+def test_train_and_predict_files(two_states: dict[str, Path], tmp_path: Path) -> None:
+    cfg = _small_config(epochs=1, refine_pose=True)
+    paths = train(two_states["pre_particles"], two_states["pre_points"], tmp_path / "train", cfg)
+    payload = torch.load(paths["model"], weights_only=True)  # no code is unpickled
+    assert payload["meta"]["original_box"] == 40 and payload["meta"]["box"] == 32
+    assert list(read_table(paths["history"])["epoch"]) == [1]
+    model, meta = load_model(paths["model"])
+    out = predict(paths["model"], two_states["pre_particles"], two_states["particles"], tmp_path / "predict")
+    coeffs = read_coefficients(out["coefficients"])
+    assert coeffs.shape == (400, 39)
+    blocks = read_star_blocks(out["particles"])
+    original = read_star_blocks(two_states["particles"])
+    star = blocks["particles"]
+    # every input column kept, same order of particles, plus the Flexutils column
+    assert set(original["particles"].columns) <= set(star.columns)
+    assert star["rlnImageName"].tolist() == original["particles"]["rlnImageName"].tolist()
+    from z3lib.io import parse_coefficient_column
+
+    np.testing.assert_allclose(parse_coefficient_column(star["zernikeCoefficients"]), coeffs, rtol=1e-6, atol=1e-9)
+    z = blocks["zernike3d"].iloc[0]
+    assert int(z["L1"]) == 3 and int(z["L2"]) == 2 and float(z["Rmax"]) == 20.0 and int(z["box"]) == 40
+    # coefficients are in px of the original box: the processing-box prediction × 40/32
+    from z3lib.network import predict_coefficients
+
+    src = ParticleBatchSource.from_particles(read_particles(two_states["pre_particles"]))
+    raw = predict_coefficients(model, src)
+    np.testing.assert_allclose(coeffs, raw["coefficients"] * 40 / 32, rtol=1e-5, atol=1e-7)
+    # pose corrections are applied to the angles and recorded
+    np.testing.assert_allclose(star["rlnAngleRot"] - original["particles"]["rlnAngleRot"], star["delta_angle_rot"], atol=1e-6)
+    assert {"delta_shift_x", "delta_shift_y"} <= set(star.columns)
