@@ -183,3 +183,22 @@ def test_train_and_predict_files(two_states: dict[str, Path], tmp_path: Path) ->
     # pose corrections are applied to the angles and recorded
     np.testing.assert_allclose(star["rlnAngleRot"] - original["particles"]["rlnAngleRot"], star["delta_angle_rot"], atol=1e-6)
     assert {"delta_shift_x", "delta_shift_y"} <= set(star.columns)
+
+
+@pytest.mark.parametrize("encoder,loss", [("conv", "frc"), ("mlp", "corr"), ("mlp", "mse")])
+def test_encoder_and_loss_options_train(two_states: dict[str, Path], tmp_path: Path, encoder: str, loss: str) -> None:
+    parts = read_particles(two_states["pre_particles"])
+    cloud = read_npz(two_states["pre_points"])
+    source = ParticleBatchSource.from_particles(parts)
+    cfg = _small_config(epochs=2, encoder=encoder, loss=loss, encoder_box=16, encoder_reference=False,
+                        encoder_pose=False, encoder_phase_flip=False)
+    _, history = train_model(source, cloud["points"], cloud["amplitudes"], 32, cfg, checkpoint_dir=tmp_path)
+    assert np.all(np.isfinite(history["train_loss"])) and len(history) == 2
+
+
+def test_build_model_is_seeded() -> None:
+    pts = np.random.default_rng(0).uniform(-5, 5, size=(50, 3))
+    a = build_model(pts, np.ones(50), 16, 2.0, NetworkConfig(seed=5, encoder_box=16))
+    b = build_model(pts, np.ones(50), 16, 2.0, NetworkConfig(seed=5, encoder_box=16))
+    for v1, v2 in zip(a.state_dict().values(), b.state_dict().values(), strict=True):
+        torch.testing.assert_close(v1, v2)
