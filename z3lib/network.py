@@ -154,7 +154,9 @@ class PhysicalDecoder(nn.Module):
         self.box = int(box)
         self.pixel_size = float(pixel_size)
         self.ctf_pad = int(config.ctf_pad)
-        pts = points.to(torch.float64).requires_grad_(True)
+        points = points.detach()
+        amplitudes = amplitudes.detach()
+        pts = points.to(torch.float64).clone().requires_grad_(True)
         z = zk.evaluate_basis(pts, config.L1, config.L2, box / 2, config.basis)
         # ∂Z_k/∂x_j at every point, by autograd through the polynomial basis
         grads = []

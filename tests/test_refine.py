@@ -1,0 +1,184 @@
+"""Classical refinement: recovery of known fields and poses, flags, chunks, resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from z3lib import zernike as zk
+from z3lib.ctf import CtfParams
+from z3lib.geometry import euler_to_matrix, points_from_volume
+from z3lib.io import read_coefficients, read_particles, read_star_blocks, write_coefficients
+from z3lib.network import NetworkConfig, PhysicalDecoder
+from z3lib.preprocess import preprocess
+from z3lib.refine import (
+    RefineConfig,
+    chunk_rows,
+    gather_refined,
+    landscape_from_predictions,
+    refine_batch,
+    refine_chunk,
+)
+from z3lib.simulate import simulate_dataset
+
+ADK = Path(__file__).parent / "data" / "mdanalysistests_adk"
+BOX = 32
+
+
+def _phantom_decoder(degrees: tuple[int, int] = (2, 1)) -> PhysicalDecoder:
+    """A textured phantom (Gaussian blobs at several depths) as a point cloud."""
+    rng = np.random.default_rng(0)
+    zz, yy, xx = np.meshgrid(*[np.arange(BOX) - BOX // 2] * 3, indexing="ij")
+    vol = np.zeros((BOX,) * 3)
+    for _ in range(8):
+        c = rng.uniform(-8, 8, 3)
+        vol += np.exp(-((xx - c[0]) ** 2 + (yy - c[1]) ** 2 + (zz - c[2]) ** 2) / (2 * 1.8**2))
+    pts, amps = points_from_volume(vol, mask=vol > 0.05)
+    cfg = NetworkConfig(L1=degrees[0], L2=degrees[1])
+    return PhysicalDecoder(torch.tensor(pts), torch.tensor(amps), BOX, 2.0, cfg).double()
+
+
+def _ctf(n: int) -> CtfParams:
+    return CtfParams.create(np.full(n, 15000.0), np.full(n, 14000.0), 20.0, dtype=torch.float64)
+
+
+def _inplane_field(dec: PhysicalDecoder, c: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    d = zk.deformation_field(dec.basis.double(), c)  # (B, N, 3)
+    return torch.einsum("bij,bnj->bni", rot[:, :2, :], d)
+
+
+def test_known_field_recovered_from_perturbed_start() -> None:
+    """Noise-free images of a known field: the in-plane field (what one image determines) is
+    recovered from a start 1 px away."""
+    dec = _phantom_decoder()
+    k3 = 3 * zk.count_terms(2, 1)
+    rng = np.random.default_rng(1)
+    angles = torch.tensor([[0.0, 0.0, 0.0], [30.0, 60.0, -20.0], [100.0, 120.0, 45.0]], dtype=torch.float64)
+    rot = euler_to_matrix(angles[:, 0], angles[:, 1], angles[:, 2])
+    shifts = torch.zeros(3, 2, dtype=torch.float64)
+    true = torch.tensor(rng.normal(scale=0.8, size=(3, k3)))
+    images = dec(true, rot, shifts, _ctf(3))
+    start = true + torch.tensor(rng.normal(scale=0.8, size=(3, k3)))
+    cfg = RefineConfig(mode="free", prior="field", prior_weight=0.0, steps=400, learning_rate=0.02, patience=50)
+    out = refine_batch(dec, images, angles, shifts, _ctf(3), start, (2, 1), cfg)
+    err_start = (_inplane_field(dec, start, rot) - _inplane_field(dec, true, rot)).pow(2).sum(-1).mean().sqrt()
+    err_end = (_inplane_field(dec, out["coefficients"], rot) - _inplane_field(dec, true, rot)).pow(2).sum(-1).mean().sqrt()
+    assert float(err_start) > 0.5
+    assert float(err_end) < 0.1 * float(err_start), (float(err_start), float(err_end))
+    assert not bool(out["flagged"].any()) and torch.all(out["cost"] < out["cost_prior"])
+
+
+def test_pose_refinement_recovers_angle_and_shift_errors() -> None:
+    dec = _phantom_decoder()
+    k3 = 3 * zk.count_terms(2, 1)
+    true_ang = torch.tensor([[40.0, 70.0, 10.0], [-60.0, 110.0, 150.0]], dtype=torch.float64)
+    true_shift = torch.tensor([[0.8, -0.4], [-1.2, 0.5]], dtype=torch.float64)
+    c = torch.zeros(2, k3, dtype=torch.float64)
+    rot = euler_to_matrix(true_ang[:, 0], true_ang[:, 1], true_ang[:, 2])
+    images = dec(c, rot, true_shift, _ctf(2))
+    d_ang = torch.tensor([[2.0, -1.5, 1.0], [-1.0, 2.0, -2.0]], dtype=torch.float64)
+    d_shift = torch.tensor([[0.6, -0.5], [-0.4, 0.7]], dtype=torch.float64)
+    cfg = RefineConfig(mode="free", prior="field", prior_weight=1e3, steps=300, learning_rate=1e-9, refine_angles=True,
+                       refine_shifts=True, angle_learning_rate=0.1, shift_learning_rate=0.02, patience=40,
+                       pose_prior_weight=0.0)
+    out = refine_batch(dec, images, true_ang + d_ang, true_shift + d_shift, _ctf(2), c, (2, 1), cfg)
+    a_err = (out["angles"] - true_ang).abs()
+    # tilt 0/180-free views: rot and psi compensate only near the poles, so compare rotations too
+    r_out = euler_to_matrix(out["angles"][:, 0], out["angles"][:, 1], out["angles"][:, 2])
+    angle = torch.rad2deg(torch.arccos(((r_out.transpose(1, 2) @ rot).diagonal(dim1=1, dim2=2).sum(-1) - 1) / 2))
+    assert float(angle.max()) < 0.3, (angle, a_err)
+    assert float((out["shifts"] - true_shift).abs().max()) < 0.1
+
+
+def test_particle_that_cannot_improve_keeps_its_prior_and_is_flagged() -> None:
+    dec = _phantom_decoder()
+    k3 = 3 * zk.count_terms(2, 1)
+    rng = np.random.default_rng(2)
+    angles = torch.tensor([[10.0, 50.0, 0.0], [80.0, 90.0, 30.0]], dtype=torch.float64)
+    rot = euler_to_matrix(angles[:, 0], angles[:, 1], angles[:, 2])
+    shifts = torch.zeros(2, 2, dtype=torch.float64)
+    true = torch.tensor(rng.normal(scale=0.5, size=(2, k3)))
+    images = dec(true, rot, shifts, _ctf(2))
+    prior = true.clone()
+    prior[1] += torch.tensor(rng.normal(scale=0.8, size=k3))  # particle 1 can improve, particle 0 cannot
+    cfg = RefineConfig(mode="free", prior="field", prior_weight=0.0, steps=50, learning_rate=0.02)
+    out = refine_batch(dec, images, angles, shifts, _ctf(2), prior, (2, 1), cfg)
+    assert bool(out["flagged"][0]) and not bool(out["flagged"][1])
+    torch.testing.assert_close(out["coefficients"][0], prior[0], rtol=0, atol=0)
+    assert float(out["cost"][0]) == float(out["cost_prior"][0])
+
+
+def test_chunk_rows_cover_everything_once() -> None:
+    rows = [chunk_rows(103, k, 4) for k in range(4)]
+    np.testing.assert_array_equal(np.concatenate(rows), np.arange(103))
+    with pytest.raises(ValueError):
+        chunk_rows(10, 4, 4)
+
+
+def test_landscape_directions() -> None:
+    rng = np.random.default_rng(3)
+    v = rng.normal(size=39)
+    c = np.outer(rng.uniform(-1, 1, 500), v) + 0.01 * rng.normal(size=(500, 39)) + 2.0
+    land = landscape_from_predictions(c, variance=0.95)
+    assert land.directions.shape == (1, 39)
+    assert abs(land.directions[0] @ v) / np.linalg.norm(v) > 0.999
+    np.testing.assert_allclose(land.mean, c.mean(0))
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("refine")
+    sim = simulate_dataset(root / "sim", start_model=ADK / "adk_closed.pdb", end_model=ADK / "adk_open.pdb",
+                           n_particles=60, box=32, pixel_size=4.0, resolution=10.0, snr=1.0, seed=4)
+    pre = preprocess(sim["particles"], sim["reference"], sim["mask"], root / "pre", box=24)
+    rng = np.random.default_rng(5)
+    coeffs = np.outer(rng.uniform(-1, 1, 60), rng.normal(size=39)) + 0.05 * rng.normal(size=(60, 39))
+    write_coefficients(root / "prior.npy", coeffs)
+    return {"sim_particles": sim["particles"], "particles": pre["particles"], "points": pre["points"],
+            "prior": root / "prior.npy", "root": root}
+
+
+def test_chunks_gather_in_star_order_and_match_one_chunk(small_run: dict[str, Path]) -> None:
+    root = small_run["root"]
+    cfg = RefineConfig(steps=5, grid_points=5, batch_size=16)
+    kw = dict(degrees=(3, 2), basis="xmipp", config=cfg)
+    whole = refine_chunk(small_run["particles"], small_run["points"], small_run["prior"], root / "whole.npz",
+                         chunk=0, n_chunks=1, **kw)  # type: ignore[arg-type]
+    parts = [refine_chunk(small_run["particles"], small_run["points"], small_run["prior"], root / f"c{k}.npz",
+                          chunk=k, n_chunks=3, **kw) for k in (2, 0, 1)]  # type: ignore[arg-type]
+    out = gather_refined(parts, small_run["sim_particles"], root / "gathered", degrees=(3, 2), basis="xmipp")
+    one = gather_refined([whole], small_run["sim_particles"], root / "one", degrees=(3, 2), basis="xmipp")
+    star = read_star_blocks(out["particles"])["particles"]
+    original = read_star_blocks(small_run["sim_particles"])["particles"]
+    assert star["rlnImageName"].tolist() == original["rlnImageName"].tolist()
+    np.testing.assert_allclose(read_coefficients(out["coefficients"]), read_coefficients(one["coefficients"]), atol=1e-5)
+    assert {"zernikeCoefficients", "zernikeCost", "zernikeCostPrior", "zernikeRefineFlag"} <= set(star.columns)
+    assert float(read_star_blocks(out["particles"])["zernike3d"].iloc[0]["Rmax"]) == 16.0
+    # refined costs never exceed the starting costs; flagged rows keep the prior exactly
+    assert np.all(star["zernikeCost"] <= star["zernikeCostPrior"] + 1e-9)
+    flagged = star["zernikeRefineFlag"].to_numpy() == 1
+    prior = read_coefficients(small_run["prior"])
+    np.testing.assert_allclose(read_coefficients(out["coefficients"])[flagged], prior[flagged], rtol=1e-6, atol=1e-9)
+    with pytest.raises(ValueError, match="missing or repeated"):
+        gather_refined(parts[:2], small_run["sim_particles"], root / "bad", degrees=(3, 2), basis="xmipp")
+
+
+def test_chunk_resumes_from_progress(small_run: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    root = small_run["root"]
+    cfg = RefineConfig(steps=5, grid_points=5, batch_size=16)
+    kw = dict(chunk=0, n_chunks=2, degrees=(3, 2), basis="xmipp", config=cfg, progress_path=root / "progress.npz")
+    first = refine_chunk(small_run["particles"], small_run["points"], small_run["prior"], root / "r1.npz", **kw)  # type: ignore[arg-type]
+    import z3lib.refine as refine_module
+
+    def boom(*args: object, **kwargs: object) -> None:
+        raise AssertionError("finished batches must not be recomputed")
+
+    monkeypatch.setattr(refine_module, "refine_batch", boom)
+    second = refine_chunk(small_run["particles"], small_run["points"], small_run["prior"], root / "r2.npz", **kw)  # type: ignore[arg-type]
+    from z3lib.io import read_npz
+
+    np.testing.assert_array_equal(read_npz(first)["coefficients"], read_npz(second)["coefficients"])
+    assert len(read_particles(small_run["particles"])) == 60

@@ -1,0 +1,572 @@
+"""Classical per-particle refinement of Zernike3D fields, batched, with gradients.
+
+The original searches each particle alone with a derivative-free optimiser (Powell, serial, on
+the CPU). Here every particle of a batch has its own parameters and its own objective, and all
+are optimised at once through the same physical decoder as the network (autograd, CPU or GPU).
+The objective of particle i is
+
+    cost_i = (1 − corr(image_i, CTF_i ∗ P(c_i, pose_i)))                    (image term)
+             + prior_weight · prior_i(c_i)  +  smooth_weight · mean_x |∇d(c_i)|²
+             + pose_prior_weight · (|δangles|² + |δshift|²)
+
+Two modes:
+
+``"landscape"`` (default)
+    The field stays in the landscape the network found: ``c = μ + z·U`` with μ and U the mean and
+    the main principal directions of the network's predictions over all particles. Each particle
+    first gets a global search on a grid along each direction (the single-image likelihood is not
+    convex, so a local method alone stays where it starts), then a local Adam refinement of ``z``.
+    ``prior_i`` is the Mahalanobis distance of ``z`` from the particle's predicted scores. At low
+    SNR this is what lets a single image improve on the network: a handful of well-determined
+    numbers instead of 3K poorly determined ones.
+``"free"``
+    All 3K coefficients are free (Adam from the prediction), with ``prior_i`` the Mahalanobis
+    distance under the population covariance (or the mean squared field difference) and an
+    optional degree schedule (l2 ≤ 1 terms first).
+
+Each particle stops on its own when its cost has not improved for ``patience`` steps and keeps the
+best parameters it reached. A particle whose image term does not beat the network's prediction
+keeps the prediction and is flagged.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from z3lib import zernike as zk
+from z3lib.conventions import euler_to_matrix
+from z3lib.ctf import CtfParams
+from z3lib.network import NetworkConfig, ParticleBatchSource, PhysicalDecoder, circle_mask, image_loss
+
+
+@dataclass
+class RefineConfig:
+    """Settings of the classical refinement (coefficients in px of the processing box)."""
+
+    mode: str = "landscape"  # "landscape" | "free"
+    subspace_variance: float = 0.95  # landscape: keep principal directions up to this explained variance
+    max_dimensions: int = 4  # landscape: at most this many directions
+    grid_points: int = 41  # landscape: global search points per direction
+    grid_extent: float = 1.5  # landscape: grid spans the population's score range × this
+    steps: int = 40
+    learning_rate: float = 0.05  # Adam step: px (free) or population standard deviations (landscape)
+    prior: str = "population"  # free mode: "population" (Mahalanobis) or "field" (mean |Δd|², px²)
+    prior_weight: float = 0.01
+    smooth_weight: float = 0.0
+    refine_angles: bool = False
+    refine_shifts: bool = False
+    refine_defocus: bool = False
+    angle_learning_rate: float = 0.2  # deg per step
+    shift_learning_rate: float = 0.05  # px per step
+    defocus_learning_rate: float = 20.0  # Å per step
+    pose_prior_weight: float = 1e-4  # per deg² and px² away from the starting pose
+    degree_schedule: bool = False  # free mode: l2 ≤ 1 terms first, then all terms
+    patience: int = 8
+    tolerance: float = 1e-6
+    batch_size: int = 256
+    loss: str = "corr"
+    mask_radius: float = 0.9
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class RefineResult:
+    """Per-particle results, in the order of the ``index`` refined (px of the processing box)."""
+
+    index: np.ndarray  # (n,) particle rows
+    coefficients: np.ndarray  # (n, 3K)
+    angles: np.ndarray  # (n, 3) deg
+    shifts: np.ndarray  # (n, 2) px
+    defocus_offset: np.ndarray  # (n,) Å added to DefocusU and DefocusV
+    cost: np.ndarray  # (n,) image term (1 − corr) at the result
+    cost_prior: np.ndarray  # (n,) image term at the start (the prediction, or its landscape coordinates)
+    flagged: np.ndarray  # (n,) bool: kept the prediction (no improvement)
+    steps: np.ndarray  # (n,) local steps until the particle stopped
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {k: np.asarray(v) for k, v in asdict(self).items()}
+
+
+@dataclass
+class Landscape:
+    """The network's landscape: ``c = mean + z · directions`` (px of the processing box)."""
+
+    mean: np.ndarray  # (3K,)
+    directions: np.ndarray  # (k, 3K) orthonormal rows
+    scale: np.ndarray  # (k,) standard deviation of the population's scores
+    low: np.ndarray  # (k,) smallest population score
+    high: np.ndarray  # (k,) largest population score
+
+    def scores(self, coefficients: np.ndarray) -> np.ndarray:
+        """``(n, 3K)`` → ``(n, k)``."""
+        out: np.ndarray = (coefficients - self.mean) @ self.directions.T
+        return out
+
+
+def landscape_from_predictions(coefficients: np.ndarray, *, variance: float = 0.95,
+                               max_dimensions: int = 4) -> Landscape:
+    """Mean and main principal directions of the predicted coefficients ``(n, 3K)``."""
+    c = np.asarray(coefficients, dtype=np.float64)
+    mean = c.mean(0)
+    if len(c) < 3:
+        raise ValueError("the landscape needs the predictions of at least 3 particles; use mode 'free'")
+    _, sv, vt = np.linalg.svd(c - mean, full_matrices=False)
+    frac = np.cumsum(sv**2) / max(float((sv**2).sum()), 1e-30)
+    k = int(min(max_dimensions, np.searchsorted(frac, variance) + 1, len(sv)))
+    dirs = vt[:k]
+    scores = (c - mean) @ dirs.T
+    return Landscape(mean=mean, directions=dirs, scale=scores.std(0) + 1e-12, low=scores.min(0), high=scores.max(0))
+
+
+def population_precision(coefficients: np.ndarray, *, floor: float = 1e-3) -> np.ndarray:
+    """Inverse covariance ``(3K, 3K)`` of coefficient vectors ``(n, 3K)`` over the population.
+
+    The covariance is regularised by ``floor`` × its mean variance on the diagonal, so that
+    directions the population never explores stay finite but expensive.
+    """
+    c = np.asarray(coefficients, dtype=np.float64)
+    if len(c) < 2:
+        return np.eye(c.shape[1])
+    cov = np.cov(c, rowvar=False)
+    scale = max(float(np.trace(cov)) / c.shape[1], 1e-12)
+    cov += floor * scale * np.eye(c.shape[1])
+    inv: np.ndarray = np.linalg.inv(cov)
+    return inv
+
+
+def make_decoder(points: np.ndarray, amplitudes: np.ndarray, box: int, pixel_size: float,
+                 degrees: tuple[int, int], basis: str, device: str | torch.device = "cpu") -> PhysicalDecoder:
+    """The physical decoder (point cloud in px of the processing box) for refinement."""
+    cfg = NetworkConfig(L1=degrees[0], L2=degrees[1], basis=basis)
+    return PhysicalDecoder(torch.as_tensor(points, dtype=torch.float32),
+                           torch.as_tensor(amplitudes, dtype=torch.float32), box, pixel_size, cfg).to(device)
+
+
+def _stage_masks(n_params: int, degrees: tuple[int, int], schedule: bool, free_mode: bool) -> list[np.ndarray]:
+    """Which parameters are free in each stage (``(n_params,)`` bool per stage)."""
+    full = np.ones(n_params, dtype=bool)
+    if not (free_mode and schedule) or degrees[1] <= 1:
+        return [full]
+    idx = zk.basis_indices(*degrees)
+    return [np.tile(idx[:, 2] <= 1, 3), full]
+
+
+class _Objective:
+    """Per-particle cost of a batch; parameters map to coefficients by ``origin + z · directions``
+    (landscape) or are the coefficients themselves (free)."""
+
+    def __init__(self, decoder: PhysicalDecoder, images: torch.Tensor, angles: torch.Tensor,
+                 shifts: torch.Tensor, ctf: CtfParams, prior: torch.Tensor, config: RefineConfig, *,
+                 landscape: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+                 precision: torch.Tensor | None, phase_flipped: bool) -> None:
+        self.decoder, self.images, self.angles, self.shifts, self.ctf = decoder, images, angles, shifts, ctf
+        self.prior, self.config, self.landscape, self.precision = prior, config, landscape, precision
+        self.phase_flipped = phase_flipped
+        self.mask = circle_mask(decoder.box, config.mask_radius, device=images.device)
+        if landscape is not None:  # parameters are scores in units of the population's spread
+            mean, dirs, scale = landscape
+            self.prior_scores = ((prior - mean) @ dirs.T) / scale
+
+    def coefficients(self, params: torch.Tensor) -> torch.Tensor:
+        if self.landscape is None:
+            return params
+        mean, dirs, scale = self.landscape
+        return mean + (params * scale) @ dirs
+
+    def image_term(self, coefficients: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` image term of given coefficients at the starting pose and defocus."""
+        rot = euler_to_matrix(self.angles[:, 0], self.angles[:, 1], self.angles[:, 2])
+        pred = self.decoder(coefficients, rot, self.shifts, self.ctf, phase_flipped=self.phase_flipped)
+        return image_loss(pred, self.images, self.mask, self.config.loss)
+
+    def __call__(self, params: torch.Tensor, da: torch.Tensor, ds: torch.Tensor, dd: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        coeffs = self.coefficients(params)
+        ang = self.angles + da
+        rot = euler_to_matrix(ang[:, 0], ang[:, 1], ang[:, 2])
+        c = self.ctf
+        p = CtfParams(c.defocus_u + dd, c.defocus_v + dd, c.defocus_angle, c.voltage, c.cs,
+                      c.amplitude_contrast, c.phase_shift, c.bfactor, c.scale)
+        pred = self.decoder(coeffs, rot, self.shifts + ds, p, phase_flipped=self.phase_flipped)
+        img = image_loss(pred, self.images, self.mask, cfg.loss)
+        if self.landscape is not None:
+            prior_term = ((params - self.prior_scores) ** 2).mean(1)
+        else:
+            delta = coeffs - self.prior
+            if self.precision is not None:
+                prior_term = torch.einsum("bi,ij,bj->b", delta, self.precision, delta) / delta.shape[1]
+            else:
+                prior_term = self.decoder.field_energy(delta)
+        total = img + cfg.prior_weight * prior_term + cfg.pose_prior_weight * ((da**2).sum(1) + (ds**2).sum(1))
+        if cfg.smooth_weight:
+            total = total + cfg.smooth_weight * self.decoder.field_roughness(coeffs)
+        return total, img
+
+
+def _grid_search(objective: _Objective, start: torch.Tensor, low: np.ndarray, high: np.ndarray,
+                 config: RefineConfig) -> torch.Tensor:
+    """Coordinate-wise global search: for each direction, the best of a grid of scores."""
+    z = start.clone()
+    b = z.shape[0]
+    zero3 = z.new_zeros(b, 3)
+    zero2 = z.new_zeros(b, 2)
+    zero1 = z.new_zeros(b)
+    with torch.no_grad():
+        for j in range(z.shape[1]):
+            mid, half = 0.5 * (low[j] + high[j]), 0.5 * (high[j] - low[j]) * config.grid_extent
+            grid = np.linspace(mid - half, mid + half, config.grid_points)
+            best_cost, _ = objective(z, zero3, zero2, zero1)
+            best_val = z[:, j].clone()
+            for g in grid:
+                trial = z.clone()
+                trial[:, j] = float(g)
+                cost, _ = objective(trial, zero3, zero2, zero1)
+                better = cost < best_cost
+                best_cost = torch.where(better, cost, best_cost)
+                best_val = torch.where(better, trial[:, j], best_val)
+            z[:, j] = best_val
+    return z
+
+
+def refine_batch(
+    decoder: PhysicalDecoder,
+    images: torch.Tensor,
+    angles: torch.Tensor,
+    shifts: torch.Tensor,
+    ctf: CtfParams,
+    prior: torch.Tensor,
+    degrees: tuple[int, int],
+    config: RefineConfig,
+    *,
+    landscape: Landscape | None = None,
+    precision: torch.Tensor | None = None,
+    phase_flipped: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Refine one batch of particles together (each with its own parameters and stopping).
+
+    Parameters
+    ----------
+    images
+        ``(B, N, N)`` normalised particle images.
+    angles, shifts
+        ``(B, 3)`` deg and ``(B, 2)`` px starting poses.
+    ctf
+        ``B`` CTF parameter sets.
+    prior
+        ``(B, 3K)`` the network's coefficients (px): start and prior.
+    landscape
+        required in ``"landscape"`` mode (see :func:`landscape_from_predictions`).
+    precision
+        ``(3K, 3K)`` population precision for the free mode's Mahalanobis prior (None: field prior).
+
+    Returns
+    -------
+    dict of ``(B, …)`` tensors: coefficients, angles, shifts, defocus_offset, cost, cost_prior,
+    flagged, steps.
+    """
+    device = images.device
+    b = images.shape[0]
+    land_t = None
+    if config.mode == "landscape":
+        if landscape is None:
+            raise ValueError("landscape mode needs the landscape of the network's predictions")
+        land_t = tuple(torch.as_tensor(a, dtype=torch.float32, device=device)
+                       for a in (landscape.mean, landscape.directions, landscape.scale))
+    elif config.mode != "free":
+        raise ValueError(f"unknown refinement mode {config.mode!r}; use 'landscape' or 'free'")
+    objective = _Objective(decoder, images, angles, shifts, ctf, prior, config, landscape=land_t,  # type: ignore[arg-type]
+                           precision=precision if config.mode == "free" else None, phase_flipped=phase_flipped)
+    zero3 = torch.zeros(b, 3, device=device)
+    zero2 = torch.zeros(b, 2, device=device)
+    zero1 = torch.zeros(b, device=device)
+    with torch.no_grad():  # the starting point: the prediction (free) or its landscape coordinates
+        start_coeffs = objective.coefficients(objective.prior_scores) if land_t is not None else prior
+        prior_img = objective.image_term(start_coeffs)
+    if land_t is not None:
+        assert landscape is not None
+        start = _grid_search(objective, objective.prior_scores, landscape.low / landscape.scale,
+                             landscape.high / landscape.scale, config)
+    else:
+        start = prior.clone()
+    params = start.clone().requires_grad_(True)
+    d_ang = zero3.clone().requires_grad_(True)
+    d_shift = zero2.clone().requires_grad_(True)
+    d_def = zero1.clone().requires_grad_(True)
+    groups = [{"params": [params], "lr": config.learning_rate}]
+    if config.refine_angles:
+        groups.append({"params": [d_ang], "lr": config.angle_learning_rate})
+    if config.refine_shifts:
+        groups.append({"params": [d_shift], "lr": config.shift_learning_rate})
+    if config.refine_defocus:
+        groups.append({"params": [d_def], "lr": config.defocus_learning_rate})
+    opt = torch.optim.Adam(groups)
+    with torch.no_grad():
+        best_total, best_img = objective(params, d_ang, d_shift, d_def)
+    best = {"p": params.detach().clone(), "a": zero3.clone(), "s": zero2.clone(), "d": zero1.clone()}
+    active = torch.ones(b, dtype=torch.bool, device=device)
+    since = torch.zeros(b, dtype=torch.long, device=device)
+    steps = torch.zeros(b, dtype=torch.long, device=device)
+    stages = _stage_masks(params.shape[1], degrees, config.degree_schedule, config.mode == "free")
+    per_stage = max(1, config.steps // len(stages))
+    for s_i, free in enumerate(stages):
+        free_t = torch.as_tensor(free, device=device, dtype=params.dtype)
+        if s_i > 0:  # a new stage restarts every particle from its best point
+            active[:] = True
+            since[:] = 0
+            with torch.no_grad():
+                params.copy_(best["p"])
+                d_ang.copy_(best["a"])
+                d_shift.copy_(best["s"])
+                d_def.copy_(best["d"])
+        for _ in range(per_stage):
+            if not bool(active.any()):
+                break
+            total, img = objective(params, d_ang, d_shift, d_def)
+            opt.zero_grad(set_to_none=True)
+            total.sum().backward()
+            with torch.no_grad():
+                keep = active.to(params.dtype)
+                assert params.grad is not None
+                params.grad *= keep[:, None] * free_t[None, :]
+                for t in (d_ang, d_shift, d_def):
+                    if t.grad is not None:
+                        t.grad *= keep.view(-1, *([1] * (t.dim() - 1)))
+                better = active & (total < best_total - config.tolerance)
+                best_total = torch.where(better, total, best_total)
+                bm = better[:, None]
+                best["p"] = torch.where(bm, params, best["p"])
+                best["a"] = torch.where(bm, d_ang, best["a"])
+                best["s"] = torch.where(bm, d_shift, best["s"])
+                best["d"] = torch.where(better, d_def, best["d"])
+                since = torch.where(better, torch.zeros_like(since), since + 1)
+                steps += active.long()
+                active &= since < config.patience
+            opt.step()
+            with torch.no_grad():  # frozen particles must not drift through Adam's momentum
+                inactive = ~active
+                if bool(inactive.any()):
+                    params[inactive] = best["p"][inactive]
+                    d_ang[inactive] = best["a"][inactive]
+                    d_shift[inactive] = best["s"][inactive]
+                    d_def[inactive] = best["d"][inactive]
+    with torch.no_grad():
+        _, final_img = objective(best["p"], best["a"], best["s"], best["d"])
+        coeffs = objective.coefficients(best["p"])
+    flagged = ~(final_img < prior_img - config.tolerance)
+    fm = flagged[:, None]
+    return {
+        "coefficients": torch.where(fm, prior, coeffs).detach(),
+        "angles": (angles + torch.where(fm, zero3, best["a"])).detach(),
+        "shifts": (shifts + torch.where(fm, zero2, best["s"])).detach(),
+        "defocus_offset": torch.where(flagged, zero1, best["d"]).detach(),
+        "cost": torch.where(flagged, prior_img, final_img).detach(),
+        "cost_prior": prior_img.detach(),
+        "flagged": flagged.detach(),
+        "steps": steps.detach(),
+    }
+
+
+def refine_particles(
+    decoder: PhysicalDecoder,
+    source: ParticleBatchSource,
+    prior: np.ndarray,
+    degrees: tuple[int, int],
+    config: RefineConfig,
+    *,
+    index: np.ndarray | None = None,
+    device: str | torch.device = "cpu",
+    progress_path: str | Path | None = None,
+    log: logging.Logger | None = None,
+) -> RefineResult:
+    """Refine particles ``index`` (default all) in batches; resumable through ``progress_path``.
+
+    Parameters
+    ----------
+    prior
+        ``(n_total, 3K)`` the network's coefficients for every particle of ``source`` (px of the
+        processing box); the landscape and the population prior are built from all of them, so
+        every chunk of a scattered run uses the same ones.
+    progress_path
+        optional ``.npz`` where finished batches are saved (atomically) after each batch; a rerun
+        skips them.
+    """
+    from z3lib.io import read_npz, write_npz
+
+    logger = log or logging.getLogger(__name__)
+    dev = torch.device(device)
+    landscape = None
+    precision = None
+    if config.mode == "landscape":
+        landscape = landscape_from_predictions(prior, variance=config.subspace_variance,
+                                               max_dimensions=config.max_dimensions)
+        logger.info("landscape: %d direction(s) of the predictions' principal components", len(landscape.directions))
+    elif config.prior == "population":
+        precision = torch.as_tensor(population_precision(prior), dtype=torch.float32, device=dev)
+    elif config.prior != "field":
+        raise ValueError(f"unknown prior {config.prior!r}; use 'population' or 'field'")
+    idx = np.arange(len(source)) if index is None else np.asarray(index, dtype=np.int64)
+    n, k3 = len(idx), prior.shape[1]
+    out = {
+        "coefficients": np.zeros((n, k3)), "angles": np.zeros((n, 3)), "shifts": np.zeros((n, 2)),
+        "defocus_offset": np.zeros(n), "cost": np.zeros(n), "cost_prior": np.zeros(n),
+        "flagged": np.zeros(n, dtype=bool), "steps": np.zeros(n, dtype=np.int64),
+    }
+    done = np.zeros(n, dtype=bool)
+    if progress_path is not None and Path(progress_path).exists():
+        saved = read_npz(progress_path)
+        if np.array_equal(saved.get("index", np.array([])), idx):
+            for key in out:
+                out[key] = saved[key]
+            done = saved["done"].astype(bool)
+            logger.info("resuming: %d/%d particles already refined", int(done.sum()), n)
+    t0 = time.perf_counter()
+    n_done_start = int(done.sum())
+    for lo in range(0, n, config.batch_size):
+        sl = slice(lo, min(n, lo + config.batch_size))
+        if done[sl].all():
+            continue
+        b = source.batch(idx[sl], dev)
+        res = refine_batch(decoder, b["images"], b["angles"], b["shifts"], b["ctf"],
+                           torch.as_tensor(prior[idx[sl]], dtype=torch.float32, device=dev), degrees, config,
+                           landscape=landscape, precision=precision, phase_flipped=source.phase_flipped)
+        for key in out:
+            out[key][sl] = res[key].cpu().numpy()
+        done[sl] = True
+        if progress_path is not None:
+            write_npz(progress_path, index=idx, done=done, **out)
+        elapsed = time.perf_counter() - t0
+        rate = (int(done.sum()) - n_done_start) / max(elapsed, 1e-9)
+        logger.info("refined %d/%d particles (%.1f particles/s, ETA %.0f s), %d flagged so far",
+                    int(done.sum()), n, rate, (n - int(done.sum())) / max(rate, 1e-9), int(out["flagged"][done].sum()))
+    return RefineResult(index=idx, **out)
+
+
+# ----------------------------------------------------------------------------------------------
+# File-level entry points: one chunk, then the gather
+# ----------------------------------------------------------------------------------------------
+def chunk_rows(n: int, chunk: int, n_chunks: int) -> np.ndarray:
+    """Contiguous rows of chunk ``chunk`` (0-based) of ``n_chunks`` over ``n`` particles."""
+    if not 0 <= chunk < n_chunks:
+        raise ValueError(f"chunk {chunk} is not in 0…{n_chunks - 1}")
+    bounds = np.linspace(0, n, n_chunks + 1).round().astype(np.int64)
+    return np.arange(bounds[chunk], bounds[chunk + 1])
+
+
+def refine_chunk(
+    particles: str | Path,
+    points: str | Path,
+    prior_coefficients: str | Path,
+    out_path: str | Path,
+    *,
+    chunk: int,
+    n_chunks: int,
+    degrees: tuple[int, int],
+    basis: str,
+    config: RefineConfig,
+    device: str | torch.device = "cpu",
+    progress_path: str | Path | None = None,
+    log: logging.Logger | None = None,
+) -> Path:
+    """Refine one chunk of particles; write its results to ``out_path`` (``.npz``, atomic).
+
+    Parameters
+    ----------
+    particles, points
+        the preprocess stage's STAR and point cloud (processing box).
+    prior_coefficients
+        the predict stage's ``coefficients.npy`` (px of the original box), same row order.
+    """
+    from z3lib.io import read_coefficients, read_npz, read_particles, write_npz
+
+    logger = log or logging.getLogger(__name__)
+    parts = read_particles(particles)
+    cloud = read_npz(points)
+    box, orig_box = int(cloud["box"]), int(cloud["original_box"])
+    prior_orig = read_coefficients(prior_coefficients)
+    k3 = 3 * zk.count_terms(*degrees)
+    if prior_orig.shape != (len(parts), k3):
+        raise ValueError(f"{prior_coefficients} holds {prior_orig.shape} coefficients; expected "
+                         f"({len(parts)}, {k3}) for {len(parts)} particles at (L1, L2) = {degrees}")
+    prior = zk.rescale_coefficients(prior_orig, orig_box, box)
+    rows = chunk_rows(len(parts), chunk, n_chunks)
+    logger.info("refining chunk %d/%d: particles %d…%d of %d", chunk + 1, n_chunks,
+                rows[0] if len(rows) else 0, rows[-1] if len(rows) else -1, len(parts))
+    decoder = make_decoder(cloud["points"], cloud["amplitudes"], box, float(cloud["pixel_size"]), degrees, basis,
+                           device)
+    source = ParticleBatchSource.from_particles(parts)
+    result = refine_particles(decoder, source, prior, degrees, config, index=rows, device=device,
+                              progress_path=progress_path, log=logger)
+    arrays = result.to_arrays()
+    arrays["coefficients"] = zk.rescale_coefficients(arrays["coefficients"], box, orig_box)
+    write_npz(out_path, box=np.int64(box), original_box=np.int64(orig_box),
+              pixel_size=np.float64(cloud["pixel_size"]), **arrays)
+    source.images.close()
+    return Path(out_path)
+
+
+def gather_refined(
+    chunk_paths: list[str | Path],
+    original_particles: str | Path,
+    out_dir: str | Path,
+    *,
+    degrees: tuple[int, int],
+    basis: str,
+    pixel_size: float | None = None,
+    image_root: str | Path | None = None,
+    log: logging.Logger | None = None,
+) -> dict[str, Path]:
+    """Gather refined chunks back in STAR order: ``particles.star`` and ``coefficients.npy``.
+
+    The STAR is the user's input STAR (every column, input order) with the refined
+    ``zernikeCoefficients`` (px of the original box), ``zernikeCost`` (1 − correlation after
+    refinement), ``zernikeCostPrior`` (before), ``zernikeRefineFlag`` (1 = no improvement, prior
+    kept), the ``data_zernike3d`` block, and refined angles, shifts and defocus.
+    """
+    from z3lib.io import read_npz, read_particles, write_coefficients, write_particles_star
+
+    logger = log or logging.getLogger(__name__)
+    original = read_particles(original_particles, pixel_size=pixel_size, image_root=image_root)
+    chunks = [read_npz(p) for p in chunk_paths]
+    index = np.concatenate([c["index"] for c in chunks])
+    n = len(original)
+    if len(index) != n or not np.array_equal(np.sort(index), np.arange(n)):
+        raise ValueError(f"the chunks cover {len(index)} rows ({len(np.unique(index))} distinct) but "
+                         f"{original_particles} has {n} particles: a chunk is missing or repeated")
+    order = np.argsort(index)
+
+    def stacked(key: str) -> np.ndarray:
+        return np.concatenate([c[key] for c in chunks])[order]
+
+    box, orig_box = int(chunks[0]["box"]), int(chunks[0]["original_box"])
+    apix_proc = float(chunks[0]["pixel_size"])
+    coefficients = stacked("coefficients")
+    table = original.table.copy()
+    angles = stacked("angles")
+    for j, name in enumerate(("rot", "tilt", "psi")):
+        table[name] = angles[:, j]
+    shifts_px_orig = stacked("shifts") * apix_proc / original.pixel_size
+    table["shift_x"], table["shift_y"] = shifts_px_orig[:, 0], shifts_px_orig[:, 1]
+    defocus = stacked("defocus_offset")
+    table["defocus_u"] = table["defocus_u"].to_numpy() + defocus
+    table["defocus_v"] = table["defocus_v"].to_numpy() + defocus
+    flagged = stacked("flagged").astype(bool)
+    columns = {"zernikeCoefficients": coefficients, "zernikeCost": stacked("cost"),
+               "zernikeCostPrior": stacked("cost_prior"), "zernikeRefineFlag": flagged.astype(np.int64)}
+    zernike = {"L1": degrees[0], "L2": degrees[1], "Rmax": orig_box / 2, "basis": basis, "box": orig_box}
+    out = Path(out_dir)
+    paths = {"particles": out / "particles.star", "coefficients": out / "coefficients.npy"}
+    write_coefficients(paths["coefficients"], coefficients)
+    write_particles_star(paths["particles"], original, columns=columns, zernike=zernike, table=table)
+    logger.info("gathered %d particles from %d chunks: %d flagged (prior kept), mean cost %.4f → %.4f",
+                n, len(chunks), int(flagged.sum()), float(stacked("cost_prior").mean()), float(stacked("cost").mean()))
+    return paths
