@@ -5,7 +5,7 @@
 #   snakemake --workflow-profile slurm on a SLURM cluster
 #
 # Results: results/<run>/<stage>/, logs: logs/<run>/<rule>.log,
-# benchmark files: benchmarks/<run>/<rule>.tsv. Stages so far: simulate (demo only), preprocess, train, predict.
+# benchmark files: benchmarks/<run>/<rule>.tsv. Stages so far: simulate (demo only), preprocess, train, predict, refine.
 
 from snakemake.utils import min_version
 
@@ -15,6 +15,12 @@ min_version("9.19")
 configfile: "config.yaml"
 
 
+# Per-particle refinement runs in this many chunks (config refine.chunks; sites may override it
+# with --set-scatter refine=N).
+scattergather:
+    refine=config.get("refine", {}).get("chunks", 2),
+
+
 report: "workflow/report/workflow.rst"
 
 
@@ -22,6 +28,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/simulate.smk"
 include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/network.smk"
+include: "workflow/rules/refine.smk"
 
 
 rule all:

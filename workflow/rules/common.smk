@@ -112,11 +112,12 @@ STAGE_OUTPUTS = {
     ],
     "train": ["model.pt", "history.tsv"],
     "predict": ["particles.star", "coefficients.npy"],
+    "refine": ["particles.star", "coefficients.npy"],
 }
 
 # Stages whose outputs `rule all` asks for; later stages append themselves here
 # (train, predict, refine, zart, report), earlier ones are pulled in through their inputs.
-FINAL_STAGES = ["predict"]
+FINAL_STAGES = ["refine"]
 
 
 wildcard_constraints:

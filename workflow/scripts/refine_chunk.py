@@ -1,0 +1,47 @@
+"""Adapter of rule ``refine_chunk``: one chunk of the per-particle refinement (z3lib.refine)."""
+
+import logging
+import re
+import time
+from typing import TYPE_CHECKING
+
+import _bootstrap  # noqa: F401  (repository root on sys.path)
+import torch
+
+from z3lib.network import select_device
+from z3lib.refine import RefineConfig, refine_chunk
+
+if TYPE_CHECKING:
+    from snakemake.iocontainers import snakemake  # noqa: TC004  (injected by the preamble)
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+logging.basicConfig(filename=snakemake.log[0], level=logging.INFO, format=LOG_FORMAT)
+logging.captureWarnings(True)
+log = logging.getLogger("z3.refine")
+torch.set_num_threads(snakemake.threads)
+params = snakemake.params
+item, n_items = (int(v) for v in re.fullmatch(r"(\d+)-of-(\d+)", snakemake.wildcards.scatteritem).groups())
+settings = dict(params.refine)
+settings.pop("chunks")
+device = select_device(bool(snakemake.resources.get("gpu", 0)), log)
+start = time.perf_counter()
+try:
+    refine_chunk(
+        snakemake.input.particles,
+        snakemake.input.points,
+        snakemake.input.prior,
+        snakemake.output.chunk,
+        chunk=item - 1,
+        n_chunks=n_items,
+        degrees=(params.zernike["L1"], params.zernike["L2"]),
+        basis=params.zernike["basis"],
+        config=RefineConfig(**settings),
+        device=device,
+        progress_path=params.progress,
+        log=log,
+    )
+except Exception:
+    log.exception("refine chunk %d of %d failed", item, n_items)
+    raise
+elapsed = time.perf_counter() - start
+log.info("z3lib %s, %d threads, wall time %.1f s", params.z3lib, snakemake.threads, elapsed)
