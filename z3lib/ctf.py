@@ -133,23 +133,51 @@ def evaluate_ctf(
     """
     extra = (1,) * s_x.dim()
     p = {f.name: getattr(params, f.name).reshape((-1,) + extra) for f in fields(params)}
-    lam = electron_wavelength(p["voltage"])
-    cs = cs_mm_to_angstrom(p["cs"])
-    s2 = s_x * s_x + s_y * s_y
-    alpha = torch.atan2(s_y, s_x)
-    mean = 0.5 * (p["defocus_u"] + p["defocus_v"])
-    half = 0.5 * (p["defocus_u"] - p["defocus_v"])
-    defocus = mean + half * torch.cos(2.0 * (alpha - torch.deg2rad(p["defocus_angle"])))
-    gamma = (
-        -math.pi * lam * defocus * s2
-        + 0.5 * math.pi * cs * lam**3 * s2 * s2
-        - torch.deg2rad(p["phase_shift"])
-    )
-    w = p["amplitude_contrast"]
-    ctf = -(torch.sqrt(1.0 - w * w) * torch.sin(gamma) - w * torch.cos(gamma))
-    envelope = torch.exp(-p["bfactor"] * s2 / 4.0)
-    out: torch.Tensor = ctf * envelope * p["scale"]
+    out: torch.Tensor = ctf_model(torch, s_x, s_y, **p)
     return out
+
+
+def ctf_model(xp: Any, s_x: Any, s_y: Any, *, defocus_u: Any, defocus_v: Any, defocus_angle: Any, voltage: Any,
+              cs: Any, amplitude_contrast: Any, phase_shift: Any, bfactor: Any, scale: Any) -> Any:
+    """The CTF formula itself, for any array namespace ``xp`` (torch, numpy or cupy).
+
+    Frequencies in cycles/Å, parameters in RELION units (see the module docstring); all inputs
+    broadcast together. This is the one implementation of the model: the torch path
+    (:func:`evaluate_ctf`) and the numpy/cupy ZART back ends both call it.
+    """
+    lam = electron_wavelength(voltage)
+    cs_a = cs_mm_to_angstrom(cs)
+    s2 = s_x * s_x + s_y * s_y
+    alpha = xp.arctan2(s_y, s_x)
+    mean = 0.5 * (defocus_u + defocus_v)
+    half = 0.5 * (defocus_u - defocus_v)
+    defocus = mean + half * xp.cos(2.0 * (alpha - xp.deg2rad(defocus_angle)))
+    gamma = -math.pi * lam * defocus * s2 + 0.5 * math.pi * cs_a * lam**3 * s2 * s2 - xp.deg2rad(phase_shift)
+    w = amplitude_contrast
+    ctf = -(xp.sqrt(1.0 - w * w) * xp.sin(gamma) - w * xp.cos(gamma))
+    return ctf * xp.exp(-bfactor * s2 / 4.0) * scale
+
+
+def ctf_grid(xp: Any, box: int, pixel_size: float, table: Any, dtype: Any = None) -> Any:
+    """``(B, box, box // 2 + 1)`` CTFs on the rfft grid with any array namespace (numpy, cupy).
+
+    ``table`` maps the canonical column names (``defocus_u`` … ``ctf_scale``) to ``(B,)`` arrays.
+    """
+    fy = xp.fft.fftfreq(box, d=pixel_size)
+    fx = xp.fft.rfftfreq(box, d=pixel_size)
+    sy, sx = fy[:, None], fx[None, :]
+
+    def col(name: str, default: float) -> Any:
+        v = table[name] if name in table else default
+        return xp.asarray(v, dtype=xp.float64).reshape(-1, 1, 1)
+
+    out = ctf_model(
+        xp, sx, sy, defocus_u=col("defocus_u", math.nan), defocus_v=col("defocus_v", math.nan),
+        defocus_angle=col("defocus_angle", 0.0), voltage=col("voltage", 300.0), cs=col("cs", 2.7),
+        amplitude_contrast=col("amplitude_contrast", 0.1), phase_shift=col("phase_shift", 0.0),
+        bfactor=col("bfactor", 0.0), scale=col("ctf_scale", 1.0),
+    )
+    return out.astype(dtype) if dtype is not None else out
 
 
 def compute_ctf(
