@@ -5,7 +5,7 @@
 #   snakemake --workflow-profile slurm on a SLURM cluster
 #
 # Results: results/<run>/<stage>/, logs: logs/<run>/<rule>.log,
-# benchmark files: benchmarks/<run>/<rule>.tsv. Stages so far: simulate (demo only), preprocess, train, predict, refine.
+# benchmark files: benchmarks/<run>/<rule>.tsv. Stages so far: simulate (demo only), preprocess, train, predict, refine, zart.
 
 from snakemake.utils import min_version
 
@@ -29,6 +29,7 @@ include: "workflow/rules/simulate.smk"
 include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/network.smk"
 include: "workflow/rules/refine.smk"
+include: "workflow/rules/reconstruct.smk"
 
 
 rule all:

@@ -71,6 +71,7 @@ def landscape_metrics(coefficients: np.ndarray, t: np.ndarray, k: int = 10) -> d
 
     c = coefficients - coefficients.mean(0)
     pc1 = c @ np.linalg.svd(c, full_matrices=False)[2][0]
+    k = min(k, len(c) - 1)
     _, idx = cKDTree(c).query(c, k=k + 1)
     t_hat = t[idx[:, 1:]].mean(1)
     r2 = 1 - ((t - t_hat) ** 2).sum() / ((t - t.mean()) ** 2).sum()

@@ -58,7 +58,7 @@ class RefineConfig:
     steps: int = 40
     learning_rate: float = 0.05  # Adam step: px (free) or population standard deviations (landscape)
     prior: str = "population"  # free mode: "population" (Mahalanobis) or "field" (mean |Δd|², px²)
-    prior_weight: float = 0.01
+    prior_weight: float = 0.001
     smooth_weight: float = 0.0
     refine_angles: bool = False
     refine_shifts: bool = False

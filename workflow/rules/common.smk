@@ -113,11 +113,18 @@ STAGE_OUTPUTS = {
     "train": ["model.pt", "history.tsv"],
     "predict": ["particles.star", "coefficients.npy"],
     "refine": ["particles.star", "coefficients.npy"],
+    "zart": [
+        "corrected.mrc",
+        "corrected_half1.mrc",
+        "corrected_half2.mrc",
+        "uncorrected.mrc",
+        "fsc.tsv",
+    ],
 }
 
 # Stages whose outputs `rule all` asks for; later stages append themselves here
 # (train, predict, refine, zart, report), earlier ones are pulled in through their inputs.
-FINAL_STAGES = ["refine"]
+FINAL_STAGES = ["zart"]
 
 
 wildcard_constraints:

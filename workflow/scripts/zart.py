@@ -1,0 +1,43 @@
+"""Adapter of rule ``zart``: corrected and uncorrected reconstructions (z3lib.zart.zart)."""
+
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import _bootstrap  # noqa: F401  (repository root on sys.path)
+
+from z3lib.zart import ZartConfig, zart
+
+if TYPE_CHECKING:
+    from snakemake.iocontainers import snakemake  # noqa: TC004  (injected by the preamble)
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+logging.basicConfig(filename=snakemake.log[0], level=logging.INFO, format=LOG_FORMAT)
+logging.captureWarnings(True)
+log = logging.getLogger("z3.zart")
+params = snakemake.params
+settings = dict(params.zart)
+backend = settings.pop("backend")
+if not snakemake.resources.get("gpu", 0) and backend == "auto":
+    backend = "numpy"  # this job holds no GPU slot
+config = ZartConfig(**{**settings, "sigmas": tuple(settings["sigmas"])}, seed=params.seed)
+start = time.perf_counter()
+try:
+    written = zart(
+        snakemake.input.particles,
+        snakemake.input.points,
+        snakemake.input.coefficients,
+        Path(snakemake.output.corrected).parent,
+        degrees=(params.zernike["L1"], params.zernike["L2"]),
+        basis=params.zernike["basis"],
+        config=config,
+        backend=backend,
+        log=log,
+    )
+except Exception:
+    log.exception("zart failed")
+    raise
+log.info("wrote %s", ", ".join(sorted(str(p) for p in written.values())))
+elapsed = time.perf_counter() - start
+log.info("z3lib %s, wall time %.1f s", params.z3lib, elapsed)
