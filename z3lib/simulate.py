@@ -328,6 +328,9 @@ def simulate_dataset(
         ``(t − reference_t)(end − start)`` (see :func:`true_displacements`).
     ``reference.mrc``, ``state_start.mrc``, ``state_end.mrc``, ``mask.mrc``
         the maps at ``reference_t``, 0 and 1, and a mask covering all three.
+    ``reference_model.pdb``
+        the atomic model at ``reference_t`` in the maps' frame (MRC origin at voxel 0: centred
+        coordinates + ``(box // 2) · pixel_size``).
 
     Returns
     -------
@@ -335,7 +338,7 @@ def simulate_dataset(
     """
     import time
 
-    from z3lib.io import open_stack_writer, read_model, write_map, write_npz, write_star, write_table
+    from z3lib.io import open_stack_writer, read_model, write_map, write_model_pdb, write_npz, write_star, write_table
 
     logger = log or logging.getLogger(__name__)
     out = Path(out_dir)
@@ -366,6 +369,7 @@ def simulate_dataset(
         ("particles", "particles.star"), ("stack", "particles.mrcs"), ("ground_truth", "ground_truth.tsv"),
         ("motion", "motion.npz"), ("reference", "reference.mrc"), ("mask", "mask.mrc"),
         ("state_start", "state_start.mrc"), ("state_end", "state_end.mrc"),
+        ("reference_model", "reference_model.pdb"),
     )}
     with open_stack_writer(paths["stack"], n_particles, box, pixel_size) as data:
         data[:] = sim.images
@@ -398,5 +402,9 @@ def simulate_dataset(
     write_npz(paths["motion"], start=motion.start, end=motion.end, weights=motion.weights,
               pixel_size=float(pixel_size), box=float(box), reference_t=float(reference_t),
               sigma=float(sigma_px), snr=float(snr), resolution=float(resolution))
+    # the atomic model of the reference conformation, in the maps' frame (MRC origin at voxel 0,
+    # as ChimeraX and Coot place it): centred coordinates + the box centre in Å
+    centre = box_center(box) * pixel_size
+    write_model_pdb(paths["reference_model"], start, motion.at(reference_t) + centre)
     logger.info("wrote %s in %.1f s", ", ".join(p.name for p in paths.values()), time.perf_counter() - t0)
     return paths

@@ -102,6 +102,7 @@ STAGE_OUTPUTS = {
         "mask.mrc",
         "state_start.mrc",
         "state_end.mrc",
+        "reference_model.pdb",
     ],
     "preprocess": [
         "particles.star",

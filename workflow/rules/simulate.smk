@@ -15,6 +15,7 @@ rule simulate:
         mask="results/{run}/simulate/mask.mrc",
         state_start="results/{run}/simulate/state_start.mrc",
         state_end="results/{run}/simulate/state_end.mrc",
+        reference_model="results/{run}/simulate/reference_model.pdb",
     log:
         "logs/{run}/simulate.log",
     benchmark:
