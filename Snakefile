@@ -5,7 +5,8 @@
 #   snakemake --workflow-profile slurm on a SLURM cluster
 #
 # Results: results/<run>/<stage>/, logs: logs/<run>/<rule>.log,
-# benchmark files: benchmarks/<run>/<rule>.tsv. Stages so far: simulate (demo only), preprocess, train, predict, refine, zart.
+# benchmark files: benchmarks/<run>/<rule>.tsv. Stages: simulate (demo only), preprocess, train,
+# predict, refine, zart, report (results/<run>/report/report.html is the page to open first).
 
 from snakemake.utils import min_version
 
@@ -30,6 +31,7 @@ include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/network.smk"
 include: "workflow/rules/refine.smk"
 include: "workflow/rules/reconstruct.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:

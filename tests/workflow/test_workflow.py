@@ -21,6 +21,8 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
+from z3lib.io import read_particles
+
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 SNAKEFILE = REPO / "Snakefile"
@@ -34,6 +36,7 @@ PATH_KEYS = [
     (None, "image_root"),
     ("demo", "start_model"),
     ("demo", "end_model"),
+    ("report", "model"),
 ]
 
 PREPROCESS_OUTPUTS = ["particles.star", "particles.mrcs", "reference.mrc", "mask.mrc", "points.npz"]
@@ -41,6 +44,24 @@ TRAIN_OUTPUTS = ["model.pt", "history.tsv"]
 PREDICT_OUTPUTS = ["particles.star", "coefficients.npy"]
 REFINE_OUTPUTS = ["particles.star", "coefficients.npy"]
 ZART_OUTPUTS = ["corrected.mrc", "corrected_half1.mrc", "corrected_half2.mrc", "uncorrected.mrc", "fsc.tsv"]
+REPORT_OUTPUTS = [
+    "report.html",
+    "landscape.tsv",
+    "landscape_pca.png",
+    "landscape_pca.svg",
+    "landscape_umap.png",
+    "landscape_umap.svg",
+    "motions.png",
+    "deformation.png",
+    "fsc.png",
+    "fsc.svg",
+    "slices.png",
+    "particles.xmd",
+    "mean_deformation.mrc",
+    "motion/motion_pc1.cxc",
+    "motion/motion_pc2.cxc",
+    "clusters/clusters.cxc",
+]
 SIMULATE_OUTPUTS = [
     "particles.star",
     "particles.mrcs",
@@ -104,7 +125,7 @@ def demo_dir(tmp_path: Path) -> Path:
 def test_dry_run_default_config_plans_the_demo(demo_dir: Path) -> None:
     result = snakemake(demo_dir, "-n")
     assert_ok(result)
-    assert job_counts(result.stdout) == {"simulate": 1, "preprocess": 1, "train": 1, "predict": 1, "refine_chunk": 2, "refine": 1, "zart": 1, "all": 1}
+    assert job_counts(result.stdout) == {"simulate": 1, "preprocess": 1, "train": 1, "predict": 1, "refine_chunk": 2, "refine": 1, "zart": 1, "report": 1, "all": 1}
     for name in PREPROCESS_OUTPUTS:
         assert f"results/demo/preprocess/{name}" in result.stdout
     assert "logs/demo/simulate.log" in result.stdout
@@ -114,7 +135,7 @@ def test_dry_run_default_config_plans_the_demo(demo_dir: Path) -> None:
 def test_dry_run_user_config_plans_preprocess_only(tmp_path: Path) -> None:
     result = snakemake(tmp_path, "-n", "--configfile", str(scenario_config("user", tmp_path)))
     assert_ok(result)
-    assert job_counts(result.stdout) == {"preprocess": 1, "train": 1, "predict": 1, "refine_chunk": 2, "refine": 1, "zart": 1, "all": 1}
+    assert job_counts(result.stdout) == {"preprocess": 1, "train": 1, "predict": 1, "refine_chunk": 2, "refine": 1, "zart": 1, "report": 1, "all": 1}
     assert "rule simulate" not in result.stdout
     assert str(REPO / "tests/data/cryodrgn/relion31.star") in result.stdout
     assert "results/user/preprocess/points.npz" in result.stdout
@@ -160,6 +181,7 @@ def test_slurm_profile_sets_per_rule_resources(demo_dir: Path) -> None:
         ("bad_nested_key", "Unknown config key 'zernike.L3'"),
         ("no_reference", "Config key 'reference' is required when 'particles' is set"),
         ("missing_file", "Config key 'particles': file not found"),
+        ("missing_model", "Config key 'report.model': file not found"),
     ],
 )
 def test_bad_config_is_rejected_naming_the_key(
@@ -193,7 +215,8 @@ def test_schema_describes_every_key_and_config_yaml_holds_the_defaults() -> None
 
 
 # --- environments -----------------------------------------------------------------------------------
-CONDA_NAMES = {"torch": "pytorch", "cupy-cuda12x": "cupy"}  # PyPI name -> conda-forge name
+# PyPI name -> conda-forge name (matplotlib-base: matplotlib without the GUI toolkits)
+CONDA_NAMES = {"torch": "pytorch", "cupy-cuda12x": "cupy", "matplotlib": "matplotlib-base"}
 
 
 def conda_specs(env_file: Path) -> dict[str, SpecifierSet]:
@@ -229,7 +252,7 @@ def test_tiny_end_to_end_run(tmp_path: Path) -> None:
     config = scenario_config("tiny", tmp_path)
     result = snakemake(tmp_path, "--workflow-profile", str(CI_PROFILE), "--configfile", str(config))
     assert_ok(result)
-    assert job_counts(result.stdout) == {"simulate": 1, "preprocess": 1, "train": 1, "predict": 1, "refine_chunk": 2, "refine": 1, "zart": 1, "all": 1}
+    assert job_counts(result.stdout) == {"simulate": 1, "preprocess": 1, "train": 1, "predict": 1, "refine_chunk": 2, "refine": 1, "zart": 1, "report": 1, "all": 1}
     for stage, names in (
         ("simulate", SIMULATE_OUTPUTS),
         ("preprocess", PREPROCESS_OUTPUTS),
@@ -237,6 +260,7 @@ def test_tiny_end_to_end_run(tmp_path: Path) -> None:
         ("predict", PREDICT_OUTPUTS),
         ("refine", REFINE_OUTPUTS),
         ("zart", ZART_OUTPUTS),
+        ("report", REPORT_OUTPUTS),
     ):
         for name in names:
             path = tmp_path / "results" / "tiny" / stage / name
@@ -244,16 +268,31 @@ def test_tiny_end_to_end_run(tmp_path: Path) -> None:
         assert (tmp_path / "benchmarks" / "tiny" / f"{stage}.tsv").is_file()
         log = (tmp_path / "logs" / "tiny" / f"{stage}.log").read_text()
         assert "wall time" in log, log
+    # The report's series and subsets: 5 maps and (the demo's) models per motion, 3 cluster STARs
+    # that the project's reader takes back with every column of the refine STAR.
+    report_dir = tmp_path / "results" / "tiny" / "report"
+    for pc in (1, 2):
+        assert len(list((report_dir / "motion").glob(f"motion_pc{pc}_*.mrc"))) == 5
+        assert len(list((report_dir / "motion").glob(f"motion_pc{pc}_*.pdb"))) == 5
+    refine_star = read_particles(tmp_path / "results" / "tiny" / "refine" / "particles.star")
+    stars = sorted((report_dir / "clusters").glob("cluster_*.star"))
+    assert [p.name for p in stars] == ["cluster_01.star", "cluster_02.star", "cluster_03.star"]
+    subsets = [read_particles(p) for p in stars]
+    assert sum(len(sub) for sub in subsets) == len(refine_star) == 60
+    assert all(list(sub.raw.columns) == list(refine_star.raw.columns) for sub in subsets)
+    page = (report_dir / "report.html").read_text()
+    assert page.count('<img src="data:image/png;base64,') == 6
     # Nothing left to do afterwards.
     again = snakemake(
         tmp_path, "-n", "--workflow-profile", str(CI_PROFILE), "--configfile", str(config)
     )
     assert_ok(again)
     assert "Nothing to be done" in again.stdout
-    # The report builds (landing page only until the report stage adds figures).
+    # The Snakemake report builds, with the report stage's figures.
     report = snakemake(tmp_path, "--configfile", str(config), "--report", "report.html")
     assert_ok(report)
     assert (tmp_path / "report.html").stat().st_size > 0
+    assert "landscape_pca.png" in (tmp_path / "report.html").read_text(errors="replace")
 
 
 @pytest.mark.e2e
@@ -269,7 +308,7 @@ def test_interrupted_run_resumes_without_redoing_finished_stages(tmp_path: Path)
 
     second = snakemake(tmp_path, *profile)
     assert_ok(second)
-    assert job_counts(second.stdout) == {"preprocess": 1, "train": 1, "predict": 1, "refine_chunk": 2, "refine": 1, "zart": 1, "all": 1}
+    assert job_counts(second.stdout) == {"preprocess": 1, "train": 1, "predict": 1, "refine_chunk": 2, "refine": 1, "zart": 1, "report": 1, "all": 1}
     assert {name: (simulated / name).stat().st_mtime_ns for name in SIMULATE_OUTPUTS} == mtimes
     for name in PREPROCESS_OUTPUTS:
         assert (tmp_path / "results" / "tiny" / "preprocess" / name).is_file()

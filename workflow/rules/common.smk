@@ -63,6 +63,7 @@ def check_config(cfg):
             )
     else:
         files = {key: cfg[key] for key in ("particles", "reference", "mask")}
+    files["report.model"] = cfg["report"]["model"]
     for key, path in files.items():
         if path is not None and not os.path.isfile(path):
             raise WorkflowError(
@@ -121,11 +122,25 @@ STAGE_OUTPUTS = {
         "uncorrected.mrc",
         "fsc.tsv",
     ],
+    # Also written (not declared: their number follows the config and the data): the motion
+    # series motion/motion_pc{1,2}_NN.{mrc,pdb} and clusters/cluster_NN.{star,mrc,pdb}.
+    "report": [
+        "report.html",
+        "landscape.tsv",
+        "landscape_pca.png",
+        "landscape_umap.png",
+        "fsc.png",
+        "slices.png",
+        "particles.xmd",
+        "mean_deformation.mrc",
+        "motion/motion_pc1.cxc",
+        "motion/motion_pc2.cxc",
+        "clusters/clusters.cxc",
+    ],
 }
 
-# Stages whose outputs `rule all` asks for; later stages append themselves here
-# (train, predict, refine, zart, report), earlier ones are pulled in through their inputs.
-FINAL_STAGES = ["zart"]
+# Stages whose outputs `rule all` asks for; earlier ones are pulled in through their inputs.
+FINAL_STAGES = ["report"]
 
 
 wildcard_constraints:
@@ -168,4 +183,28 @@ def preprocess_inputs(wildcards):
     inputs = {"particles": config["particles"], "reference": config["reference"]}
     if config["mask"] is not None:
         inputs["mask"] = config["mask"]
+    return inputs
+
+
+def report_inputs(wildcards):
+    """What the report reads: the refined fields, the preprocessed reference and mask, the ZART
+    maps, and the atomic model (config report.model, else the demo's simulated reference model)
+    plus, for the demo, the ground truth."""
+    run = f"results/{wildcards.run}"
+    inputs = {
+        "particles": f"{run}/refine/particles.star",
+        "coefficients": f"{run}/refine/coefficients.npy",
+        "points": f"{run}/preprocess/points.npz",
+        "reference": f"{run}/preprocess/reference.mrc",
+        "mask": f"{run}/preprocess/mask.mrc",
+        "corrected": f"{run}/zart/corrected.mrc",
+        "uncorrected": f"{run}/zart/uncorrected.mrc",
+        "fsc": f"{run}/zart/fsc.tsv",
+    }
+    if config["report"]["model"] is not None:
+        inputs["model"] = config["report"]["model"]
+    elif is_demo():
+        inputs["model"] = f"{run}/simulate/reference_model.pdb"
+    if is_demo():
+        inputs["ground_truth"] = f"{run}/simulate/ground_truth.tsv"
     return inputs

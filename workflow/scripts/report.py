@@ -1,0 +1,53 @@
+"""Adapter of rule ``report``: landscape, motions, clusters, exports, HTML (z3lib.report)."""
+
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import _bootstrap  # noqa: F401  (repository root on sys.path)
+
+from z3lib.report import make_report
+
+if TYPE_CHECKING:
+    from snakemake.iocontainers import snakemake  # noqa: TC004  (injected by the preamble)
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+logging.basicConfig(filename=snakemake.log[0], level=logging.INFO, format=LOG_FORMAT)
+logging.captureWarnings(True)
+log = logging.getLogger("z3.report")
+params = snakemake.params
+inputs = snakemake.input
+start = time.perf_counter()
+try:
+    written = make_report(
+        Path(snakemake.output.html).parent,
+        particles=inputs.particles,
+        coefficients=inputs.coefficients,
+        points=inputs.points,
+        reference=inputs.reference,
+        mask=inputs.mask,
+        corrected=inputs.corrected,
+        uncorrected=inputs.uncorrected,
+        fsc=inputs.fsc,
+        degrees=(params.zernike["L1"], params.zernike["L2"]),
+        basis=params.zernike["basis"],
+        clusters=params.report["clusters"],
+        motion_steps=params.report["motion_steps"],
+        use_umap=params.report["umap"],
+        model=inputs.get("model"),  # optional: config report.model, or the demo's model
+        ground_truth=inputs.get("ground_truth"),  # the demo only
+        benchmarks=params.benchmarks,
+        run_config=dict(params.run_config),
+        run_name=snakemake.wildcards.run,
+        seed=params.seed,
+        pixel_size=params.pixel_size,
+        image_root=params.image_root,
+        log=log,
+    )
+except Exception:
+    log.exception("report failed")
+    raise
+log.info("wrote %d files, the report is %s", len(written), written["html"])
+elapsed = time.perf_counter() - start
+log.info("z3lib %s, wall time %.1f s", params.z3lib, elapsed)
