@@ -21,6 +21,7 @@ __all__ = [
     "points_from_volume",
     "random_rotations",
     "sphere_mask",
+    "threshold_mask",
     "voxel_coordinates",
 ]
 
@@ -47,6 +48,23 @@ def sphere_mask(box: int, radius: float | None = None) -> np.ndarray:
     r = 0.5 * box if radius is None else float(radius)
     coords = voxel_coordinates((box, box, box))
     return (coords**2).sum(-1) <= r * r  # type: ignore[no-any-return]
+
+
+def threshold_mask(maps: list[np.ndarray], *, fraction: float = 0.05, dilate: int = 2) -> np.ndarray:
+    """Binary ``[z, y, x]`` mask covering every map: voxels above ``fraction`` of each map's
+    maximum, united, dilated by ``dilate`` voxels, kept inside the ball of radius box/2 − 1.
+
+    Returns float32 0/1.
+    """
+    from scipy.ndimage import binary_dilation
+
+    union = np.zeros(maps[0].shape, dtype=bool)
+    for m in maps:
+        union |= m > fraction * float(m.max())
+    if dilate > 0:
+        union = binary_dilation(union, iterations=dilate)
+    box = maps[0].shape[-1]
+    return (union & sphere_mask(box, box / 2 - 1)).astype(np.float32)
 
 
 def points_from_mask(

@@ -19,7 +19,7 @@ import numpy.typing as npt
 import pandas as pd
 
 from z3lib.conventions import box_center
-from z3lib.geometry import points_from_volume, sphere_mask
+from z3lib.geometry import points_from_volume, threshold_mask
 from z3lib.io import (
     Particles,
     Z3InputError,
@@ -109,14 +109,8 @@ def normalise_images(images: np.ndarray, *, radius_fraction: float = 0.8) -> np.
 
 
 def auto_mask(reference: np.ndarray, *, fraction: float = 0.05, dilate: int = 2) -> np.ndarray:
-    """A binary mask from a map: voxels above ``fraction`` of its maximum, dilated by ``dilate``
-    voxels, inside the ball of radius box/2 − 1."""
-    from scipy.ndimage import binary_dilation
-
-    m = reference > fraction * float(reference.max())
-    if dilate:
-        m = binary_dilation(m, iterations=dilate)
-    return (m & sphere_mask(reference.shape[-1], reference.shape[-1] / 2 - 1)).astype(np.float32)
+    """A mask derived from a map (see :func:`z3lib.geometry.threshold_mask`)."""
+    return threshold_mask([reference], fraction=fraction, dilate=dilate)
 
 
 def _check_map(kind: str, path: Path, shape: tuple[int, ...], pixel: float, particles: Particles,

@@ -258,18 +258,10 @@ def simulate_particles(
 # A complete ground-truth dataset on disk
 # ----------------------------------------------------------------------------------------------
 def make_mask(maps: list[np.ndarray], *, fraction: float = 0.05, dilate: int = 2) -> np.ndarray:
-    """Binary ``[z, y, x]`` mask covering every map: voxels above ``fraction`` of each map's
-    maximum, united, dilated by ``dilate`` voxels, and kept inside the ball of radius box/2 − 1."""
-    from scipy.ndimage import binary_dilation
+    """Mask covering every simulated state (see :func:`z3lib.geometry.threshold_mask`)."""
+    from z3lib.geometry import threshold_mask
 
-    from z3lib.geometry import sphere_mask
-
-    union = np.zeros(maps[0].shape, dtype=bool)
-    for m in maps:
-        union |= m > fraction * float(m.max())
-    if dilate > 0:
-        union = binary_dilation(union, iterations=dilate)
-    return (union & sphere_mask(maps[0].shape[-1], maps[0].shape[-1] / 2 - 1)).astype(np.float32)
+    return threshold_mask(maps, fraction=fraction, dilate=dilate)
 
 
 def true_displacements(motion: Motion, t: npt.ArrayLike, reference_t: float) -> np.ndarray:
