@@ -70,7 +70,7 @@ class NetworkConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "NetworkConfig":
+    def from_dict(cls, values: dict[str, Any]) -> NetworkConfig:
         names = {f.name for f in fields(cls)}
         unknown = set(values) - names
         if unknown:
@@ -148,6 +148,12 @@ class PhysicalDecoder(nn.Module):
     ``Z`` (``(N, K)``) and the quadratic forms of the field regularisers as buffers.
     """
 
+    points: torch.Tensor
+    amplitudes: torch.Tensor
+    basis: torch.Tensor
+    energy_form: torch.Tensor
+    smooth_form: torch.Tensor
+
     def __init__(self, points: torch.Tensor, amplitudes: torch.Tensor, box: int, pixel_size: float,
                  config: NetworkConfig) -> None:
         super().__init__()
@@ -204,6 +210,8 @@ class PhysicalDecoder(nn.Module):
 # ----------------------------------------------------------------------------------------------
 class Zernike3Deep(nn.Module):
     """Encoder → 3K Zernike3D coefficients (+ optional pose corrections) → physical decoder."""
+
+    image_mask: torch.Tensor
 
     def __init__(self, points: torch.Tensor, amplitudes: torch.Tensor, box: int, pixel_size: float,
                  config: NetworkConfig) -> None:
@@ -350,7 +358,7 @@ class ParticleBatchSource:
     subsets: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     @classmethod
-    def from_particles(cls, particles: Particles) -> "ParticleBatchSource":
+    def from_particles(cls, particles: Particles) -> ParticleBatchSource:
         t = particles.table
         if not particles.has_poses:
             raise ValueError(f"{particles.path} has no poses; Zernike3Deep needs a consensus refinement")

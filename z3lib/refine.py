@@ -43,7 +43,13 @@ import torch
 from z3lib import zernike as zk
 from z3lib.conventions import euler_to_matrix
 from z3lib.ctf import CtfParams
-from z3lib.network import NetworkConfig, ParticleBatchSource, PhysicalDecoder, circle_mask, image_loss
+from z3lib.network import (
+    NetworkConfig,
+    ParticleBatchSource,
+    PhysicalDecoder,
+    circle_mask,
+    image_loss,
+)
 
 
 @dataclass
@@ -311,7 +317,7 @@ def refine_batch(
         groups.append({"params": [d_def], "lr": config.defocus_learning_rate})
     opt = torch.optim.Adam(groups)
     with torch.no_grad():
-        best_total, best_img = objective(params, d_ang, d_shift, d_def)
+        best_total, _ = objective(params, d_ang, d_shift, d_def)
     best = {"p": params.detach().clone(), "a": zero3.clone(), "s": zero2.clone(), "d": zero1.clone()}
     active = torch.ones(b, dtype=torch.bool, device=device)
     since = torch.zeros(b, dtype=torch.long, device=device)
@@ -331,7 +337,7 @@ def refine_batch(
         for _ in range(per_stage):
             if not bool(active.any()):
                 break
-            total, img = objective(params, d_ang, d_shift, d_def)
+            total, _ = objective(params, d_ang, d_shift, d_def)
             opt.zero_grad(set_to_none=True)
             total.sum().backward()
             with torch.no_grad():
@@ -547,7 +553,7 @@ def gather_refined(
     def stacked(key: str) -> np.ndarray:
         return np.concatenate([c[key] for c in chunks])[order]
 
-    box, orig_box = int(chunks[0]["box"]), int(chunks[0]["original_box"])
+    orig_box = int(chunks[0]["original_box"])
     apix_proc = float(chunks[0]["pixel_size"])
     coefficients = stacked("coefficients")
     table = original.table.copy()

@@ -330,7 +330,15 @@ def simulate_dataset(
     """
     import time
 
-    from z3lib.io import open_stack_writer, read_model, write_map, write_model_pdb, write_npz, write_star, write_table
+    from z3lib.io import (
+        open_stack_writer,
+        read_model,
+        write_map,
+        write_model_pdb,
+        write_npz,
+        write_star,
+        write_table,
+    )
 
     logger = log or logging.getLogger(__name__)
     out = Path(out_dir)
