@@ -15,7 +15,7 @@ sys.path.insert(0, str(ROOT))
 
 from z3lib import zernike as zk  # noqa: E402
 from z3lib.preprocess import preprocess  # noqa: E402
-from z3lib.simulate import Motion, load_motion, simulate_dataset  # noqa: E402
+from z3lib.simulate import load_motion, simulate_dataset  # noqa: E402
 
 WORK = ROOT / "benchmarks" / "work"
 
@@ -89,5 +89,3 @@ def emit(row: dict[str, Any], out: Path | None) -> None:
         with out.open("a") as fh:
             fh.write(line + "\n")
 
-
-_ = Motion

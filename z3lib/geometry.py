@@ -137,6 +137,3 @@ def random_rotations(n: int, rng: np.random.Generator) -> np.ndarray:
         axis=-2,
     )
 
-
-# keep the names visible to static checkers
-_ = (euler_to_matrix, matrix_to_euler)
