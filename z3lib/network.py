@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from z3lib import zernike as zk
-from z3lib.conventions import box_center, euler_to_matrix
+from z3lib.conventions import box_center, euler_to_matrix, shift_angstrom_to_pixels, shift_pixels_to_angstrom
 from z3lib.ctf import CtfParams, compute_ctf, filter_images
 from z3lib.io import ImageStack, Particles
 from z3lib.projection import image_positions, splat_bilinear
@@ -744,20 +744,20 @@ def predict(
     elapsed = time.perf_counter() - t0
     logger.info("encoded %d particles in %.1f s (%.0f images/s)", len(source), elapsed, len(source) / max(elapsed, 1e-9))
     box, orig_box = int(meta["box"]), int(meta["original_box"])
-    factor = orig_box / box  # px of the processing box → px of the original box
     coefficients = zk.rescale_coefficients(pred["coefficients"], box, orig_box)
     columns: dict[str, Any] = {"zernikeCoefficients": coefficients}
     table = None
     cfg = model.config
     if cfg.refine_pose:
         table = original.table.copy()
-        d_ang, d_shift = pred["delta_angles"], pred["delta_shifts"] * factor
+        d_ang = pred["delta_angles"]
+        # δ-shifts: px of the processing box → Å → px of the particles as given
+        d_shift = shift_angstrom_to_pixels(shift_pixels_to_angstrom(pred["delta_shifts"], float(meta["pixel_size"])),
+                                           original.pixel_size)
         for j, name in enumerate(("rot", "tilt", "psi")):
             table[name] = table[name].to_numpy() + d_ang[:, j]
-        # the particle's origin shift moves with the predicted δ-shift (px of the original box)
-        ratio = float(meta["original_pixel_size"]) / original.pixel_size
-        table["shift_x"] = table["shift_x"].to_numpy() + d_shift[:, 0] * ratio
-        table["shift_y"] = table["shift_y"].to_numpy() + d_shift[:, 1] * ratio
+        table["shift_x"] = table["shift_x"].to_numpy() + d_shift[:, 0]
+        table["shift_y"] = table["shift_y"].to_numpy() + d_shift[:, 1]
         columns.update({"delta_angle_rot": d_ang[:, 0], "delta_angle_tilt": d_ang[:, 1], "delta_angle_psi": d_ang[:, 2],
                         "delta_shift_x": d_shift[:, 0], "delta_shift_y": d_shift[:, 1]})
     zernike = {"L1": cfg.L1, "L2": cfg.L2, "Rmax": orig_box / 2, "basis": cfg.basis, "box": orig_box}

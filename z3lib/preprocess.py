@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-from z3lib.conventions import box_center
+from z3lib.conventions import box_center, rescale_factor, shift_pixels_to_angstrom
 from z3lib.geometry import points_from_volume, threshold_mask
 from z3lib.io import (
     Particles,
@@ -213,7 +213,7 @@ def preprocess(
     if box > n_in:
         raise Z3InputError(f"processing box {box} px is larger than the particles' box {n_in} px in {parts.path}; "
                            f"set `box` to at most {n_in}")
-    apix = apix_in * n_in / box
+    apix = apix_in / rescale_factor(n_in, box)  # Fourier cropping N → box px
     stack = parts.images()
     stack.validate()
     ref = read_map(reference, require_isotropic=True)
@@ -260,13 +260,13 @@ def preprocess(
     columns = {
         "rlnImageName": [f"{i + 1:06d}@{paths['stack'].name}" for i in range(n)],
         "rlnImageOriginalName": t["image_name"].tolist(),
-        "rlnOriginXAngst": t["shift_x"].to_numpy() * apix_in,
-        "rlnOriginYAngst": t["shift_y"].to_numpy() * apix_in,
+        "rlnOriginXAngst": shift_pixels_to_angstrom(t["shift_x"].to_numpy(), apix_in),
+        "rlnOriginYAngst": shift_pixels_to_angstrom(t["shift_y"].to_numpy(), apix_in),
         "rlnOpticsGroup": t["optics_group"].to_numpy() if parts.optics is not None else np.ones(n, dtype=int),
     }
     if "rlnOriginX" in parts.raw:
-        columns["rlnOriginX"] = t["shift_x"].to_numpy() * apix_in / apix
-        columns["rlnOriginY"] = t["shift_y"].to_numpy() * apix_in / apix
+        columns["rlnOriginX"] = columns["rlnOriginXAngst"] / apix  # RELION 3.0 column: px of the new box
+        columns["rlnOriginY"] = columns["rlnOriginYAngst"] / apix
     write_particles_star(paths["particles"], parts, columns=columns,
                          optics=_optics_for_output(parts, apix, box))
     logger.info("preprocess done in %.1f s: %d points in the mask", time.perf_counter() - t0, len(points))

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from z3lib import zernike as zk
-from z3lib.conventions import euler_to_matrix
+from z3lib.conventions import euler_to_matrix, shift_angstrom_to_pixels, shift_pixels_to_angstrom
 from z3lib.ctf import CtfParams
 from z3lib.network import (
     NetworkConfig,
@@ -560,7 +560,7 @@ def gather_refined(
     angles = stacked("angles")
     for j, name in enumerate(("rot", "tilt", "psi")):
         table[name] = angles[:, j]
-    shifts_px_orig = stacked("shifts") * apix_proc / original.pixel_size
+    shifts_px_orig = shift_angstrom_to_pixels(shift_pixels_to_angstrom(stacked("shifts"), apix_proc), original.pixel_size)
     table["shift_x"], table["shift_y"] = shifts_px_orig[:, 0], shifts_px_orig[:, 1]
     defocus = stacked("defocus_offset")
     table["defocus_u"] = table["defocus_u"].to_numpy() + defocus
