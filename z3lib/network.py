@@ -26,7 +26,12 @@ import torch
 from torch import nn
 
 from z3lib import zernike as zk
-from z3lib.conventions import box_center, euler_to_matrix, shift_angstrom_to_pixels, shift_pixels_to_angstrom
+from z3lib.conventions import (
+    box_center,
+    euler_to_matrix,
+    shift_angstrom_to_pixels,
+    shift_pixels_to_angstrom,
+)
 from z3lib.ctf import CtfParams, compute_ctf, filter_images
 from z3lib.io import ImageStack, Particles
 from z3lib.projection import image_positions, splat_bilinear
