@@ -1,11 +1,10 @@
 """Adapter of rule ``predict``: every particle's coefficients (z3lib.network.predict)."""
 
-import logging
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import _bootstrap  # noqa: F401  (repository root on sys.path)
+import _bootstrap  # repository root on sys.path; logging setup
 import torch
 
 from z3lib.network import predict, select_device
@@ -13,10 +12,7 @@ from z3lib.network import predict, select_device
 if TYPE_CHECKING:
     from snakemake.iocontainers import snakemake  # noqa: TC004  (injected by the preamble)
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-logging.basicConfig(filename=snakemake.log[0], level=logging.INFO, format=LOG_FORMAT)
-logging.captureWarnings(True)
-log = logging.getLogger("z3.predict")
+log = _bootstrap.configure_logging(snakemake.log[0], "z3.predict")
 torch.set_num_threads(snakemake.threads)
 params = snakemake.params
 device = select_device(bool(snakemake.resources.get("gpu", 0)), log)

@@ -1,11 +1,10 @@
 """Adapter of rule ``preprocess``: inputs at the processing box (z3lib.preprocess.preprocess)."""
 
-import logging
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import _bootstrap  # noqa: F401  (repository root on sys.path)
+import _bootstrap  # repository root on sys.path; logging setup
 import torch
 
 from z3lib.preprocess import preprocess
@@ -13,10 +12,7 @@ from z3lib.preprocess import preprocess
 if TYPE_CHECKING:
     from snakemake.iocontainers import snakemake  # noqa: TC004  (injected by the preamble)
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-logging.basicConfig(filename=snakemake.log[0], level=logging.INFO, format=LOG_FORMAT)
-logging.captureWarnings(True)
-log = logging.getLogger("z3.preprocess")
+log = _bootstrap.configure_logging(snakemake.log[0], "z3.preprocess")
 torch.set_num_threads(snakemake.threads)
 params = snakemake.params
 start = time.perf_counter()

@@ -1,11 +1,10 @@
 """Adapter of rule ``refine_chunk``: one chunk of the per-particle refinement (z3lib.refine)."""
 
-import logging
 import re
 import time
 from typing import TYPE_CHECKING
 
-import _bootstrap  # noqa: F401  (repository root on sys.path)
+import _bootstrap  # repository root on sys.path; logging setup
 import torch
 
 from z3lib.network import select_device
@@ -14,10 +13,7 @@ from z3lib.refine import RefineConfig, refine_chunk
 if TYPE_CHECKING:
     from snakemake.iocontainers import snakemake  # noqa: TC004  (injected by the preamble)
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-logging.basicConfig(filename=snakemake.log[0], level=logging.INFO, format=LOG_FORMAT)
-logging.captureWarnings(True)
-log = logging.getLogger("z3.refine")
+log = _bootstrap.configure_logging(snakemake.log[0], "z3.refine")
 torch.set_num_threads(snakemake.threads)
 params = snakemake.params
 item, n_items = (int(v) for v in re.fullmatch(r"(\d+)-of-(\d+)", snakemake.wildcards.scatteritem).groups())

@@ -1,21 +1,17 @@
 """Adapter of rule ``report``: landscape, motions, clusters, exports, HTML (z3lib.report)."""
 
-import logging
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import _bootstrap  # noqa: F401  (repository root on sys.path)
+import _bootstrap  # repository root on sys.path; logging setup
 
 from z3lib.report import make_report
 
 if TYPE_CHECKING:
     from snakemake.iocontainers import snakemake  # noqa: TC004  (injected by the preamble)
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-logging.basicConfig(filename=snakemake.log[0], level=logging.INFO, format=LOG_FORMAT)
-logging.captureWarnings(True)
-log = logging.getLogger("z3.report")
+log = _bootstrap.configure_logging(snakemake.log[0], "z3.report")
 params = snakemake.params
 inputs = snakemake.input
 start = time.perf_counter()
