@@ -84,8 +84,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--out", type=Path, default=None, help="append the JSON lines to this file")
+    parser.add_argument("--devices", nargs="+", default=None, help="default: cpu, and cuda when available")
     args = parser.parse_args()
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    devices = args.devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
         for box in (64, 128):
             for degrees, basis in (((3, 2), "xmipp"), ((7, 7), "orthonormal")):

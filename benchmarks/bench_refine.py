@@ -102,6 +102,8 @@ def main() -> None:
           "particles_per_s": round(len(idx) / t_ref, 2), "wall_s": round(t_ref, 1), "peak_memory_mb": peak_memory_mb()},
          args.out)
     # the derivative-free baseline on the first n_powell particles, ours on the same particles
+    if args.n_powell <= 0:
+        return
     sub = idx[: args.n_powell]
     powell_c, t_pow = powell_baseline(decoder.cpu(), source, prior, sub, prior_weight=0.01)
     pow_m = metrics(powell_c * orig / box, sub)

@@ -7,13 +7,17 @@ each compared with the true map at t = 0.5: FSC area (mean FSC up to Nyquist) an
 FSC 0.5 and 0.143, plus the half-map FSC resolution. Then images/s of each back end at box 64 and
 128 on a synthetic point cloud.
 
-Usage: python benchmarks/bench_zart.py [--iterations 4] [--out results.jsonl]
+Usage: python benchmarks/bench_zart.py [--iterations 4] [--backend numpy|cupy] [--skip-quality]
+       [--speed-backends numpy cupy] [--out results.jsonl]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
+import os
+import platform
 import time
 from pathlib import Path
 
@@ -29,7 +33,7 @@ from z3lib.io import read_map, read_npz, read_particles, read_table
 from z3lib.network import ParticleBatchSource
 from z3lib.refine import RefineConfig, make_decoder, refine_particles
 from z3lib.simulate import load_motion
-from z3lib.zart import NumpyBackend, ZartConfig, cupy_usable, get_backend, half_sets, reconstruct_zart, soft_support, values_to_volume
+from z3lib.zart import ZartConfig, cupy_device_name, cupy_usable, get_backend, half_sets, reconstruct_zart, soft_support, values_to_volume
 
 
 def refined_fields(data: dict[str, Path], prior_orig: np.ndarray, device: str = "cpu") -> np.ndarray:
@@ -57,6 +61,8 @@ def oracle_fields(data: dict[str, Path], t: np.ndarray, box: int) -> np.ndarray:
 
 
 def speed(backend_name: str, box: int, n_images: int = 256) -> float:
+    """Images/s of one back end: one iteration over ``n_images`` synthetic images, batch 64,
+    after a warm-up batch (kernel compilation, FFT plans)."""
     rng = np.random.default_rng(0)
     pts, _ = points_from_mask(sphere_mask(box, 0.3 * box))
     rots = random_rotations(n_images, rng)
@@ -69,7 +75,8 @@ def speed(backend_name: str, box: int, n_images: int = 256) -> float:
     coeffs = rng.normal(scale=0.3, size=(n_images, 39))
     be = get_backend(backend_name)
     cfg = ZartConfig(iterations=1, batch_size=64)
-    reconstruct_zart(be, pts, basis, coeffs, imgs[:64], table, np.arange(64), box, 2.0, cfg)  # warm-up
+    warm = 64 if backend_name == "cupy" else 4  # kernel compilation and FFT plans; numpy needs none
+    reconstruct_zart(be, pts, basis, coeffs, imgs, table, np.arange(warm), box, 2.0, cfg)
     _, stats = reconstruct_zart(be, pts, basis, coeffs, imgs, table, np.arange(n_images), box, 2.0, cfg)
     return float(stats["images_per_s"])
 
@@ -77,9 +84,29 @@ def speed(backend_name: str, box: int, n_images: int = 256) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=4)
+    parser.add_argument("--backend", default="numpy", choices=["numpy", "cupy"],
+                        help="back end of the quality reconstructions")
+    parser.add_argument("--skip-quality", action="store_true", help="only the speed rows")
+    parser.add_argument("--speed-backends", nargs="*", default=None,
+                        help="back ends timed (default: numpy, and cupy when usable)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if not args.skip_quality:
+        quality(args)
+    backends = args.speed_backends if args.speed_backends is not None else ["numpy"] + (["cupy"] if cupy_usable() else [])
+    for backend in backends:
+        device = (cupy_device_name() if backend == "cupy" else
+                  f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)")
+        for b in (64, 128):
+            # enough images that the GPU's rate is not dominated by the start of the run
+            n = 4096 if backend == "cupy" else (256 if b == 64 else 128)
+            emit({"benchmark": "zart_speed", "backend": backend, "device_name": device, "box": b,
+                  "points": int(len(points_from_mask(sphere_mask(b, 0.3 * b))[0])), "batch_size": 64,
+                  "images": n, "images_per_s": round(speed(backend, b, n), 1)}, args.out)
+
+
+def quality(args: argparse.Namespace) -> None:
     data = demo_dataset()
     t = read_table(data["sim_ground_truth"])["t"].to_numpy()
     parts = read_particles(data["pre_particles"])
@@ -97,12 +124,13 @@ def main() -> None:
     cfg = ZartConfig(iterations=args.iterations)
     stack = parts.images()
     mask = soft_support(pts, box)
+    backend = get_backend(args.backend)
     rows = {}
     for name, coeffs in fields.items():
         t0 = time.perf_counter()
         halves = []
         for rows_h in (h1, h2):
-            vals, _ = reconstruct_zart(NumpyBackend(), pts, basis if coeffs is not None else None, coeffs, stack,
+            vals, _ = reconstruct_zart(backend, pts, basis if coeffs is not None else None, coeffs, stack,
                                        parts.table, rows_h, box, apix, cfg)
             halves.append(values_to_volume(vals, pts, box))
         full = 0.5 * (halves[0] + halves[1])
@@ -116,12 +144,10 @@ def main() -> None:
     gap = rows["oracle (true fields)"]["fsc_area_vs_truth"] - rows["uncorrected (zero fields)"]["fsc_area_vs_truth"]
     closed = {name: round((r["fsc_area_vs_truth"] - rows["uncorrected (zero fields)"]["fsc_area_vs_truth"]) / gap, 3)
               for name, r in rows.items() if name.startswith("corrected")}
-    emit({"benchmark": "zart_quality", "particles": len(parts), "box": box, "iterations": args.iterations,
-          "backend": "numpy", "reconstructions": rows, "fsc_area_gap_closed": closed}, args.out)
-    for backend in ["numpy"] + (["cupy"] if cupy_usable() else []):
-        for b in (64, 128):
-            emit({"benchmark": "zart_speed", "backend": backend, "box": b, "points": int(len(points_from_mask(sphere_mask(b, 0.3 * b))[0])),
-                  "batch_size": 64, "images_per_s": round(speed(backend, b), 1)}, args.out)
+    digest = hashlib.md5(Path(data["sim_ground_truth"]).read_bytes()).hexdigest()  # same simulation everywhere
+    emit({"benchmark": "zart_quality", "particles": len(parts), "ground_truth_md5": digest, "box": box, "iterations": args.iterations,
+          "backend": args.backend, "device_name": cupy_device_name() if args.backend == "cupy" else "CPU",
+          "reconstructions": rows, "fsc_area_gap_closed": closed}, args.out)
 
 
 if __name__ == "__main__":

@@ -103,8 +103,14 @@ def density_from_atoms(
     gx = norm * np.exp(-0.5 * ((axis[None, :] - xyz[:, :1]) / sigma) ** 2)  # (N, box)
     gy = norm * np.exp(-0.5 * ((axis[None, :] - xyz[:, 1:2]) / sigma) ** 2)
     gz = norm * np.exp(-0.5 * ((axis[None, :] - xyz[:, 2:3]) / sigma) ** 2)
-    vol: np.ndarray = np.einsum("az,ay,ax,a->zyx", gz, gy, gx, w, optimize=True)
-    return vol.astype(np.float32)
+    # as matrix products over z-slabs: vol[z, y, :] = Σ_a (w_a gz[a, z] gy[a, y]) gx[a, :]
+    vol = np.empty((box, box, box), dtype=np.float32)
+    slab = max(1, (8 << 20) // max(1, len(w) * box))  # ≤ 8M doubles of left-hand side per product
+    for z0 in range(0, box, slab):
+        zs = slice(z0, min(box, z0 + slab))
+        lhs = (w[:, None, None] * gz[:, zs, None] * gy[:, None, :]).reshape(len(w), -1)
+        vol[zs] = (lhs.T @ gx).reshape(-1, box, box)
+    return vol
 
 
 def project_atoms(

@@ -197,6 +197,14 @@ def cupy_usable() -> bool:
         return False
 
 
+def cupy_device_name() -> str:
+    """Name of the current CUDA device as cupy sees it (e.g. ``NVIDIA H200``)."""
+    import cupy
+
+    name = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"]
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
 def get_backend(name: str = "auto", log: logging.Logger | None = None) -> NumpyBackend | CupyBackend:
     """``"auto"`` (cupy when a GPU is usable, else numpy), ``"numpy"`` or ``"cupy"``."""
     logger = log or logging.getLogger(__name__)
@@ -207,9 +215,7 @@ def get_backend(name: str = "auto", log: logging.Logger | None = None) -> NumpyB
             raise RuntimeError("the cupy ZART back end was asked for but no usable CUDA device/cupy was found; "
                                "use backend 'numpy' or 'auto'")
         backend: NumpyBackend | CupyBackend = CupyBackend()
-        import cupy
-
-        logger.info("ZART back end: cupy on %s", cupy.cuda.runtime.getDeviceProperties(0)["name"].decode())
+        logger.info("ZART back end: cupy on %s", cupy_device_name())
         return backend
     logger.info("ZART back end: numpy (CPU)%s", "" if name == "numpy" else " — no usable CUDA GPU")
     return NumpyBackend()
