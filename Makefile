@@ -35,9 +35,9 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m "not gpu"
 
-## GPU tests only (on a machine with a usable CUDA device).
+## GPU tests only (on a machine with a usable CUDA device): cupy tests and torch tests on cuda.
 test-gpu: $(STAMP)
-	$(PY) -m pytest -q -m gpu
+	$(PY) -m pytest -q -m "gpu or not slow" -k "cuda or cupy" --ignore=tests/workflow tests
 
 ## Benchmarks (JSON lines on stdout).
 bench: $(STAMP)

@@ -141,7 +141,7 @@ def test_cupy_kernels_match_numpy_and_are_adjoint() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not cupy_usable(), reason="no usable CUDA device for cupy")
-def test_zart_files_on_the_gpu_equal_the_cpu(tmp_path: Path) -> None:
+def test_zart_files_with_cupy_equal_numpy(tmp_path: Path) -> None:
     """The rule's entry point with backend cupy writes the same maps as with numpy."""
     sim = simulate_dataset(tmp_path / "sim", start_model=ADK / "adk_closed.pdb", end_model=ADK / "adk_open.pdb",
                            n_particles=80, box=32, pixel_size=4.0, resolution=10.0, snr=2.0, seed=9)
