@@ -20,12 +20,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import WORK, demo_dataset, displacement_metrics, emit, landscape_metrics, peak_memory_mb
 from scipy.optimize import minimize
 
-from common import WORK, demo_dataset, displacement_metrics, emit, landscape_metrics, peak_memory_mb
 from z3lib.conventions import euler_to_matrix
 from z3lib.io import read_coefficients, read_npz, read_particles, read_table
-from z3lib.network import NetworkConfig, ParticleBatchSource, circle_mask, image_loss, predict, train
+from z3lib.network import (
+    NetworkConfig,
+    ParticleBatchSource,
+    circle_mask,
+    image_loss,
+    predict,
+    train,
+)
 from z3lib.refine import RefineConfig, make_decoder, refine_particles
 
 
@@ -50,7 +57,7 @@ def powell_baseline(decoder, source: ParticleBatchSource, prior: np.ndarray, ind
         rot = euler_to_matrix(b["angles"][:, 0], b["angles"][:, 1], b["angles"][:, 2])
         p0 = torch.as_tensor(prior[i][None], dtype=torch.float32)
 
-        def cost(x: np.ndarray) -> float:
+        def cost(x: np.ndarray, rot: torch.Tensor = rot, b: dict = b, p0: torch.Tensor = p0) -> float:
             c = torch.as_tensor(x[None], dtype=torch.float32)
             with torch.no_grad():
                 pred = decoder(c, rot, b["shifts"], b["ctf"])
@@ -96,7 +103,7 @@ def main() -> None:
     pred_m, ref_m = metrics(prior_orig[idx], idx), metrics(ours, idx)
     gap = pred_m["displacement_rms_error_A"] - pred_m["representation_limit_A"]
     closed = (pred_m["displacement_rms_error_A"] - ref_m["displacement_rms_error_A"]) / gap
-    emit({"benchmark": "refine", "method": "z3 batched (landscape search + Adam)", "particles": int(len(idx)),
+    emit({"benchmark": "refine", "method": "z3 batched (landscape search + Adam)", "particles": len(idx),
           "device": args.device, "device_name": device_name, "prediction": pred_m, "refined": ref_m,
           "gap_closed": round(float(closed), 3), "flagged_fraction": round(float(res.flagged.mean()), 4),
           "particles_per_s": round(len(idx) / t_ref, 2), "wall_s": round(t_ref, 1), "peak_memory_mb": peak_memory_mb()},
@@ -111,7 +118,7 @@ def main() -> None:
     per_ours = t_ref / len(idx)
     per_pow = t_pow / len(sub)
     emit({"benchmark": "refine_baseline", "method": "scipy Powell, 3K coefficients, one particle at a time (CPU)",
-          "particles": int(len(sub)), "powell": pow_m, "ours_same_particles": ours_sub,
+          "particles": len(sub), "powell": pow_m, "ours_same_particles": ours_sub,
           "prediction_same_particles": metrics(prior_orig[sub], sub),
           "powell_s_per_particle": round(per_pow, 3), "ours_s_per_particle": round(per_ours, 4),
           "speedup": round(per_pow / per_ours, 1)}, args.out)

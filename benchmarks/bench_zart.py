@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
 from bench_refine import network_prediction
 from common import WORK, demo_dataset, emit
+
 from z3lib import zernike as zk
 from z3lib.analysis import fourier_shell_correlation, fsc_area, resolution_at
 from z3lib.geometry import matrix_to_euler, points_from_mask, random_rotations, sphere_mask
@@ -33,7 +33,16 @@ from z3lib.io import read_map, read_npz, read_particles, read_table
 from z3lib.network import ParticleBatchSource
 from z3lib.refine import RefineConfig, make_decoder, refine_particles
 from z3lib.simulate import load_motion
-from z3lib.zart import ZartConfig, cupy_device_name, cupy_usable, get_backend, half_sets, reconstruct_zart, soft_support, values_to_volume
+from z3lib.zart import (
+    ZartConfig,
+    cupy_device_name,
+    cupy_usable,
+    get_backend,
+    half_sets,
+    reconstruct_zart,
+    soft_support,
+    values_to_volume,
+)
 
 
 def refined_fields(data: dict[str, Path], prior_orig: np.ndarray, device: str = "cpu") -> np.ndarray:
@@ -102,7 +111,7 @@ def main() -> None:
             # enough images that the GPU's rate is not dominated by the start of the run
             n = 4096 if backend == "cupy" else (256 if b == 64 else 128)
             emit({"benchmark": "zart_speed", "backend": backend, "device_name": device, "box": b,
-                  "points": int(len(points_from_mask(sphere_mask(b, 0.3 * b))[0])), "batch_size": 64,
+                  "points": len(points_from_mask(sphere_mask(b, 0.3 * b))[0]), "batch_size": 64,
                   "images": n, "images_per_s": round(speed(backend, b, n), 1)}, args.out)
 
 

@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import WORK, demo_dataset, displacement_metrics, emit, landscape_metrics, peak_memory_mb
+
 from z3lib.io import read_coefficients, read_table
 from z3lib.network import NetworkConfig, predict, train
 

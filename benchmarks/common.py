@@ -13,9 +13,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from z3lib import zernike as zk  # noqa: E402
-from z3lib.preprocess import preprocess  # noqa: E402
-from z3lib.simulate import load_motion, simulate_dataset  # noqa: E402
+from z3lib import zernike as zk
+from z3lib.preprocess import preprocess
+from z3lib.simulate import load_motion, simulate_dataset
 
 WORK = ROOT / "benchmarks" / "work"
 

@@ -42,8 +42,8 @@ def two_states(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _small_config(**kw: object) -> NetworkConfig:
-    args: dict[str, object] = dict(epochs=8, batch_size=16, learning_rate=2e-3, encoder_box=32, channels=8,
-                                   hidden=64, validation_fraction=0.1, seed=3)
+    args: dict[str, object] = {"epochs": 8, "batch_size": 16, "learning_rate": 2e-3, "encoder_box": 32,
+                               "channels": 8, "hidden": 64, "validation_fraction": 0.1, "seed": 3}
     args.update(kw)
     return NetworkConfig(**args)  # type: ignore[arg-type]
 
@@ -159,7 +159,7 @@ def test_train_and_predict_files(two_states: dict[str, Path], tmp_path: Path) ->
     payload = torch.load(paths["model"], weights_only=True)  # no code is unpickled
     assert payload["meta"]["original_box"] == 40 and payload["meta"]["box"] == 32
     assert list(read_table(paths["history"])["epoch"]) == [1]
-    model, meta = load_model(paths["model"])
+    model, _meta = load_model(paths["model"])
     out = predict(paths["model"], two_states["pre_particles"], two_states["particles"], tmp_path / "predict")
     coeffs = read_coefficients(out["coefficients"])
     assert coeffs.shape == (400, 39)

@@ -144,7 +144,7 @@ def small_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def test_chunks_gather_in_star_order_and_match_one_chunk(small_run: dict[str, Path]) -> None:
     root = small_run["root"]
     cfg = RefineConfig(steps=5, grid_points=5, batch_size=16)
-    kw = dict(degrees=(3, 2), basis="xmipp", config=cfg)
+    kw = {"degrees": (3, 2), "basis": "xmipp", "config": cfg}
     whole = refine_chunk(small_run["particles"], small_run["points"], small_run["prior"], root / "whole.npz",
                          chunk=0, n_chunks=1, **kw)  # type: ignore[arg-type]
     parts = [refine_chunk(small_run["particles"], small_run["points"], small_run["prior"], root / f"c{k}.npz",
@@ -169,7 +169,8 @@ def test_chunks_gather_in_star_order_and_match_one_chunk(small_run: dict[str, Pa
 def test_chunk_resumes_from_progress(small_run: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     root = small_run["root"]
     cfg = RefineConfig(steps=5, grid_points=5, batch_size=16)
-    kw = dict(chunk=0, n_chunks=2, degrees=(3, 2), basis="xmipp", config=cfg, progress_path=root / "progress.npz")
+    kw = {"chunk": 0, "n_chunks": 2, "degrees": (3, 2), "basis": "xmipp", "config": cfg,
+          "progress_path": root / "progress.npz"}
     first = refine_chunk(small_run["particles"], small_run["points"], small_run["prior"], root / "r1.npz", **kw)  # type: ignore[arg-type]
     import z3lib.refine as refine_module
 

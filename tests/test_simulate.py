@@ -28,8 +28,9 @@ ADK = Path(__file__).parent / "data" / "mdanalysistests_adk"
 
 
 def _sim(tmp_path: Path, **kw: object) -> dict[str, Path]:
-    args: dict[str, object] = dict(start_model=ADK / "adk_closed.pdb", end_model=ADK / "adk_open.pdb",
-                                   n_particles=40, box=48, pixel_size=2.5, resolution=8.0, snr=0.1, seed=7)
+    args: dict[str, object] = {"start_model": ADK / "adk_closed.pdb", "end_model": ADK / "adk_open.pdb",
+                               "n_particles": 40, "box": 48, "pixel_size": 2.5, "resolution": 8.0, "snr": 0.1,
+                               "seed": 7}
     args.update(kw)
     return simulate_dataset(tmp_path, **args)  # type: ignore[arg-type]
 
@@ -63,7 +64,7 @@ def test_density_and_projection_integrals() -> None:
     vol = density_from_atoms(coords, w, 32, 1.5)
     assert vol.sum() == pytest.approx(14.0, rel=1e-4)
     # the centroid of the map sits at the mass-weighted atom position (x, y, z) → [z, y, x]
-    zz, yy, xx = np.meshgrid(*[np.arange(32) - 16] * 3, indexing="ij")
+    _, _, xx = np.meshgrid(*[np.arange(32) - 16] * 3, indexing="ij")
     assert (vol * xx).sum() / vol.sum() == pytest.approx((3.0 * 8) / 14, abs=1e-3)
     img = project_atoms(torch.tensor(coords[None]), torch.tensor(w), torch.eye(3, dtype=torch.float64)[None],
                         torch.zeros(1, 2, dtype=torch.float64), 32, 1.5)
@@ -88,7 +89,7 @@ def test_dataset_files_and_determinism(tmp_path: Path) -> None:
     assert set(pa.table["random_subset"]) == {1, 2}
     d = pa.table["defocus_u"]
     assert d.min() >= 10000 and d.max() <= 25000 and np.all(pa.table["defocus_v"] <= d)
-    motion, scalars = load_motion(a["motion"])
+    _, scalars = load_motion(a["motion"])
     assert scalars["pixel_size"] == 2.5 and scalars["reference_t"] == 0.5
     ref, start, end = (read_map(a[k]).data for k in ("reference", "state_start", "state_end"))
     assert ref.shape == (48, 48, 48) and ref.sum() == pytest.approx(start.sum(), rel=1e-3)

@@ -17,7 +17,15 @@ from z3lib.io import read_map, read_table, write_coefficients
 from z3lib.preprocess import preprocess
 from z3lib.projection import project_points
 from z3lib.simulate import simulate_dataset
-from z3lib.zart import NumpyBackend, ZartConfig, cupy_usable, get_backend, half_sets, reconstruct_zart, zart
+from z3lib.zart import (
+    NumpyBackend,
+    ZartConfig,
+    cupy_usable,
+    get_backend,
+    half_sets,
+    reconstruct_zart,
+    zart,
+)
 
 ADK = Path(__file__).parent / "data" / "mdanalysistests_adk"
 BOX = 32

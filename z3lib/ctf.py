@@ -168,7 +168,7 @@ def ctf_grid(xp: Any, box: int, pixel_size: float, table: Any, dtype: Any = None
     sy, sx = fy[:, None], fx[None, :]
 
     def col(name: str, default: float) -> Any:
-        v = table[name] if name in table else default
+        v = table.get(name, default)
         return xp.asarray(v, dtype=xp.float64).reshape(-1, 1, 1)
 
     out = ctf_model(

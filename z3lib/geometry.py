@@ -64,7 +64,8 @@ def threshold_mask(maps: list[np.ndarray], *, fraction: float = 0.05, dilate: in
     if dilate > 0:
         union = binary_dilation(union, iterations=dilate)
     box = maps[0].shape[-1]
-    return (union & sphere_mask(box, box / 2 - 1)).astype(np.float32)
+    out: np.ndarray = (union & sphere_mask(box, box / 2 - 1)).astype(np.float32)
+    return out
 
 
 def points_from_mask(

@@ -1683,7 +1683,7 @@ def write_npz(path: PathLike, **arrays: Any) -> None:
         if v.dtype == object:
             raise Z3InputError(f"write_npz({path}): array {k!r} has dtype object; only numeric arrays are written")
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, **clean)
+        np.savez(fh, **clean)  # type: ignore[arg-type]  # numpy's stub types **kwds as bool
 
 
 def read_npz(path: PathLike) -> dict[str, npt.NDArray[Any]]:

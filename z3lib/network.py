@@ -263,7 +263,7 @@ class Zernike3Deep(nn.Module):
         if n != self.box:
             half = n // 2
             spec = torch.cat([spec[:, :half, : half + 1], spec[:, self.box - (n - half):, : half + 1]], dim=1)
-        out = torch.fft.irfft2(spec, s=(n, n))
+        out: torch.Tensor = torch.fft.irfft2(spec, s=(n, n))
         return out / out.std(dim=(1, 2), keepdim=True).clamp_min(1e-6)
 
     def encode(self, images: torch.Tensor, ctf: CtfParams | None = None,
@@ -433,7 +433,7 @@ def _fingerprint(config: NetworkConfig, n_particles: int, box: int) -> dict[str,
 def split_particles(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded random train/validation split of ``n`` particle indices."""
     order = np.random.default_rng([seed, 12345]).permutation(n)
-    n_val = int(round(fraction * n)) if n > 1 else 0
+    n_val = round(fraction * n) if n > 1 else 0
     n_val = min(n_val, n - 1)
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
@@ -544,7 +544,7 @@ def train_model(
             b["phase_flipped"] = source.phase_flipped
             loss, parts = _forward_loss(model, b, use_amp)
             optimiser.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             optimiser.step()
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v * len(sel)

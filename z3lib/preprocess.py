@@ -78,8 +78,8 @@ def fourier_crop(array: npt.ArrayLike, size: int, *, ndim: int) -> np.ndarray:
             shape = [1] * cropped.ndim
             shape[ax] = size
             cropped = cropped * np.exp(-2j * np.pi * k * delta).reshape(shape)
-    out = np.fft.ifftn(cropped, axes=axes).real * (size / n) ** ndim
-    return out.astype(np.float32)
+    out: np.ndarray = (np.fft.ifftn(cropped, axes=axes).real * (size / n) ** ndim).astype(np.float32)
+    return out
 
 
 def normalise_images(images: np.ndarray, *, radius_fraction: float = 0.8) -> np.ndarray:
@@ -105,7 +105,8 @@ def normalise_images(images: np.ndarray, *, radius_fraction: float = 0.8) -> np.
     mean = bg.mean(axis=1)
     std = bg.std(axis=1)
     std = np.where(std > 0, std, 1.0)
-    return ((images - mean[:, None, None]) / std[:, None, None]).astype(np.float32)
+    out: np.ndarray = ((images - mean[:, None, None]) / std[:, None, None]).astype(np.float32)
+    return out
 
 
 def auto_mask(reference: np.ndarray, *, fraction: float = 0.05, dilate: int = 2) -> np.ndarray:

@@ -127,7 +127,7 @@ def landscape_from_predictions(coefficients: np.ndarray, *, variance: float = 0.
         raise ValueError("the landscape needs the predictions of at least 3 particles; use mode 'free'")
     _, sv, vt = np.linalg.svd(c - mean, full_matrices=False)
     frac = np.cumsum(sv**2) / max(float((sv**2).sum()), 1e-30)
-    k = int(min(max_dimensions, np.searchsorted(frac, variance) + 1, len(sv)))
+    k = min(int(max_dimensions), int(np.searchsorted(frac, variance)) + 1, len(sv))
     dirs = vt[:k]
     scores = (c - mean) @ dirs.T
     return Landscape(mean=mean, directions=dirs, scale=scores.std(0) + 1e-12, low=scores.min(0), high=scores.max(0))
@@ -339,7 +339,7 @@ def refine_batch(
                 break
             total, _ = objective(params, d_ang, d_shift, d_def)
             opt.zero_grad(set_to_none=True)
-            total.sum().backward()
+            total.sum().backward()  # type: ignore[no-untyped-call]
             with torch.no_grad():
                 keep = active.to(params.dtype)
                 assert params.grad is not None
@@ -445,8 +445,8 @@ def refine_particles(
         res = refine_batch(decoder, b["images"], b["angles"], b["shifts"], b["ctf"],
                            torch.as_tensor(prior[idx[sl]], dtype=torch.float32, device=dev), degrees, config,
                            landscape=landscape, precision=precision, phase_flipped=source.phase_flipped)
-        for key in out:
-            out[key][sl] = res[key].cpu().numpy()
+        for key, column in out.items():
+            column[sl] = res[key].cpu().numpy()
         done[sl] = True
         if progress_path is not None:
             write_npz(progress_path, index=idx, done=done, **out)
