@@ -44,6 +44,20 @@ def test_normalise_background() -> None:
     np.testing.assert_allclose(out[:, bg].std(1), 1.0, atol=1e-6)
 
 
+def test_noise_free_images_keep_their_scale() -> None:
+    """A flat background (noise-free data, round-off only) must not be divided by its round-off
+    standard deviation; noisy images in the same batch are still normalised."""
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[:32, :32] - 16
+    blob = 5.0 * np.exp(-(xx**2 + yy**2) / 18.0)
+    clean = blob + 1e-7 * rng.normal(size=(32, 32))  # round-off-sized background
+    noisy = blob + rng.normal(size=(32, 32))
+    out = normalise_images(np.stack([clean, noisy]))
+    bg = xx**2 + yy**2 > (0.8 * 16) ** 2
+    np.testing.assert_allclose(out[0], clean - clean[bg].mean(), atol=1e-5)
+    assert out[1][bg].std() == pytest.approx(1.0, abs=1e-5)
+
+
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("sim")

@@ -86,7 +86,10 @@ def normalise_images(images: np.ndarray, *, radius_fraction: float = 0.8) -> np.
     """Normalise each image to zero mean and unit standard deviation of its background.
 
     The background is every pixel outside a circle of radius ``radius_fraction · N / 2`` around
-    the centre (RELION's convention: the particle sits inside the circle).
+    the centre (RELION's convention: the particle sits inside the circle). An image whose
+    background is flat (standard deviation below 1e-4 of the image's largest magnitude: noise-free
+    synthetic data, round-off only) keeps its scale: dividing by round-off would blow it up by
+    orders of magnitude and make it inconsistent with the others.
 
     Parameters
     ----------
@@ -104,7 +107,12 @@ def normalise_images(images: np.ndarray, *, radius_fraction: float = 0.8) -> np.
     bg = images[:, outside]
     mean = bg.mean(axis=1)
     std = bg.std(axis=1)
-    std = np.where(std > 0, std, 1.0)
+    peak = np.abs(images).reshape(len(images), -1).max(axis=1)
+    flat = std <= 1e-4 * peak
+    if flat.any():
+        logging.getLogger(__name__).warning("%d of %d images have a flat (noise-free) background: centred but not rescaled",
+                       int(flat.sum()), len(images))
+    std = np.where(flat, 1.0, std)
     out: np.ndarray = ((images - mean[:, None, None]) / std[:, None, None]).astype(np.float32)
     return out
 
