@@ -351,8 +351,8 @@ class Particles:
         if np.any(boxes <= 0):
             raise Z3InputError(
                 f"{self.path}: the image box size is unknown for some particles (no rlnImageSize "
-                "and their stack files were not found); pass image_root= to read_particles so the "
-                "stacks are found, or add rlnImageSize to the optics block"
+                "and their stack files were not found); set `image_root` (the pipeline's config key, or "
+                "read_particles' argument) so the stacks are found, or add rlnImageSize to the optics block"
             )
         per_group = self.table.groupby("optics_group", sort=True)["box"].unique()
         detail = ", ".join(f"group {g}: {list(map(int, v))} px" for g, v in per_group.items())
@@ -1093,8 +1093,8 @@ class ImageStack:
         return self._error(
             row,
             "the stack file does not exist (tried: " + ", ".join(tried) + ")",
-            "pass image_root= (the folder the image paths are relative to, usually the RELION "
-            "or cryoSPARC project folder) to read_particles, or fix the paths",
+            "set `image_root` (the pipeline's config key, or read_particles' argument) to the folder "
+            "the image paths are relative to, usually the RELION or cryoSPARC project folder, or fix the paths",
         )
 
     # -- file access -----------------------------------------------------------------------

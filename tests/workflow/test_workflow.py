@@ -331,6 +331,44 @@ def test_rigid_real_toy_set_end_to_end_finds_no_motion(tmp_path: Path) -> None:
 
 
 @pytest.mark.e2e
+def test_real_particles_with_two_optics_groups_end_to_end(tmp_path: Path) -> None:
+    """Real noisy 200 px particles (RELION 3.1, two optics groups at 300 and 200 kV) through every
+    stage at a 64 px processing box: the user's columns, optics groups and voltages survive into
+    the refined STAR, and the maps carry the processing pixel size."""
+    import numpy as np
+
+    from z3lib.io import parse_coefficient_column, read_map, read_model, write_map
+    from z3lib.simulate import atom_weights, density_from_atoms, gaussian_sigma
+
+    model = read_model(REPO / "resources/demo/adk_closed.pdb")
+    xyz = model.coords - model.coords.mean(0)
+    reference = tmp_path / "adk_200.mrc"  # header 1.338 Å/px: the config's reference_pixel_size overrides it
+    write_map(reference, density_from_atoms(xyz / 1.4, atom_weights(model.elements), 200, gaussian_sigma(8.0) / 1.4),
+              1.338)
+    config_path = scenario_config("aspire", tmp_path)
+    config = yaml.safe_load(config_path.read_text())
+    config["reference"] = str(reference)
+    config_path.write_text(yaml.safe_dump(config))
+    result = snakemake(tmp_path, "--workflow-profile", str(CI_PROFILE), "--configfile", str(config_path), timeout=300)
+    assert_ok(result)
+    out = tmp_path / "results" / "aspire"
+    source = read_particles(REPO / "tests/data/aspire/sample_particles_relion31.star")
+    refined = read_particles(out / "refine" / "particles.star")
+    assert len(refined) == 17
+    assert set(source.raw.columns) < set(refined.raw.columns)
+    coefficients = parse_coefficient_column(refined.raw["zernikeCoefficients"])
+    assert coefficients.shape == (17, 39) and np.isfinite(coefficients).all()
+    np.testing.assert_array_equal(refined.table["voltage"], source.table["voltage"])
+    assert sorted(set(refined.table["voltage"])) == [200.0, 300.0]
+    np.testing.assert_allclose(refined.table[["rot", "tilt", "psi"]], source.table[["rot", "tilt", "psi"]])
+    for name in ("corrected", "uncorrected"):
+        m = read_map(out / "zart" / f"{name}.mrc")
+        assert m.data.shape == (64, 64, 64) and m.pixel_size == pytest.approx(1.4 * 200 / 64)
+        assert np.isfinite(m.data).all()
+    assert (out / "report" / "report.html").stat().st_size > 0
+
+
+@pytest.mark.e2e
 def test_interrupted_run_resumes_without_redoing_finished_stages(tmp_path: Path) -> None:
     config = str(scenario_config("tiny", tmp_path))
     profile = ("--workflow-profile", str(CI_PROFILE), "--configfile", config)
