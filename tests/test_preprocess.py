@@ -118,3 +118,18 @@ def test_particles_without_poses_refused(tmp_path: Path) -> None:
     with pytest.raises(Z3InputError, match="no particle poses"):
         preprocess(DATA / "cryodrgn" / "empiar_10076_7.star", DATA / "diffmodeler_emd6824" / "emd_6824.mrc",
                    None, tmp_path, box=32)
+
+
+def test_ctf_premultiplied_particles_refused(tmp_path: Path) -> None:
+    """Images already multiplied by their CTF would be modelled wrongly: refused, naming the column."""
+    import shutil
+
+    import starfile
+
+    blocks = starfile.read(DATA / "aspire" / "sample_particles_relion31.star", always_dict=True)
+    blocks["optics"]["rlnCtfDataAreCtfPremultiplied"] = 1
+    star = tmp_path / "premultiplied.star"
+    starfile.write(blocks, star)
+    shutil.copy(DATA / "aspire" / "sample.mrcs", tmp_path / "sample.mrcs")
+    with pytest.raises(Z3InputError, match="rlnCtfDataAreCtfPremultiplied"):
+        preprocess(star, DATA / "diffmodeler_emd6824" / "emd_6824.mrc", None, tmp_path / "out", box=32)

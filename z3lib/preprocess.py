@@ -218,6 +218,13 @@ def preprocess(
             f"{parts.path} has no particle poses (rlnAngleRot/Tilt/Psi or alignments3D/pose); z3 "
             "starts from a consensus refinement: give the particles of a 3D refinement job"
         )
+    premultiplied = parts.table["ctf_premultiplied"].to_numpy(dtype=bool)
+    if premultiplied.any():
+        raise Z3InputError(
+            f"{parts.path}: {int(premultiplied.sum())} particles are CTF-premultiplied "
+            "(rlnCtfDataAreCtfPremultiplied = 1); z3 models images as CTF ∗ projection (or |CTF| ∗ "
+            "projection for phase-flipped data): re-extract the particles without premultiplication"
+        )
     n_in, apix_in = parts.box, parts.pixel_size
     if box > n_in:
         raise Z3InputError(f"processing box {box} px is larger than the particles' box {n_in} px in {parts.path}; "

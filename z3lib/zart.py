@@ -292,7 +292,8 @@ def reconstruct_zart(
         indexable ``(n, box, box)`` stack (e.g. a lazy :class:`z3lib.io.ImageStack`): batches are
         streamed, never the whole stack.
     table
-        canonical particle table (poses in deg and px, CTF) for every particle.
+        canonical particle table (poses in deg and px, CTF; ``phase_flipped`` rows are modelled
+        with ``|CTF|``) for every particle.
     index
         rows to use (e.g. one half set).
 
@@ -314,6 +315,8 @@ def reconstruct_zart(
     ctf_cols = {c: np.asarray(table[c], dtype=np.float64) for c in
                 ("defocus_u", "defocus_v", "defocus_angle", "voltage", "cs", "amplitude_contrast", "phase_shift",
                  "bfactor", "ctf_scale") if c in table}
+    # phase-flipped images (rlnCtfDataArePhaseFlipped) were multiplied by sign(CTF): their model is |CTF|
+    flipped = np.asarray(table["phase_flipped"], dtype=bool) if "phase_flipped" in table else np.zeros(len(angles), bool)
     size = config.ctf_pad * box
     t0 = time.perf_counter()
     n_done = 0
@@ -333,6 +336,8 @@ def reconstruct_zart(
                 c = backend.asarray(np.asarray(coefficients)[sel].reshape(len(sel), 3, k))
                 fields = xp.ascontiguousarray(xp.einsum("nk,bak->bna", z_dev, c).astype(xp.float32))
             ctf = ctf_grid(xp, size, pixel_size, {name: col[sel] for name, col in ctf_cols.items()}, dtype=xp.float32)
+            if flipped[sel].any():
+                ctf = xp.where(backend.asarray(flipped[sel], dtype=bool)[:, None, None], xp.abs(ctf), ctf)
             transfer = ctf if blur is None else ctf * blur
             proj = backend.project(values, pts, fields, rot_d, sh_d, box)
             residual = imgs - _filter(backend, proj, transfer, config.ctf_pad)
