@@ -10,6 +10,7 @@
 #   4. projection throughput on cuda
 #   5. Zernike3Deep training at box 128, (7, 7) orthonormal, on cuda
 #   6. classical refinement on cuda (5,000 particles)
+#   7. the demo pipeline (when snakemake is installed), with the default profile's GPU slot
 # JSON lines go to $OUT/results.jsonl, the whole log to $OUT/log.txt, the card to $OUT/env.txt.
 set -u
 OUT=${OUT:-benchmarks/work/gpu}
@@ -51,4 +52,7 @@ step "projection speed (cuda)" 20 $PY benchmarks/bench_projection.py --devices c
 step "Zernike3Deep box 128 (cuda)" 90 $PY benchmarks/bench_zernike3deep.py --device cuda --box 128 --n 2000 \
     --epochs 10 --settings 7,7,orthonormal --out "$RES"
 step "refinement (cuda)" 60 $PY benchmarks/bench_refine.py --device cuda --n-powell 0 --out "$RES"
+if $PY -c "import snakemake" 2>/dev/null; then  # the whole demo pipeline, GPU stages on the GPU
+    step "demo pipeline" 150 $PY -m snakemake --cores all  # results/demo/, as `make demo`
+fi
 echo "== done after $(($(date +%s) - START)) s" | tee -a "$LOG"
