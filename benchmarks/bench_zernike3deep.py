@@ -32,6 +32,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--n", type=int, default=5000)
     parser.add_argument("--box", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -40,9 +42,11 @@ def main() -> None:
     t = read_table(data["sim_ground_truth"])["t"].to_numpy()
     for setting in args.settings:
         l1, l2, basis = setting.split(",")
-        cfg = NetworkConfig(L1=int(l1), L2=int(l2), basis=basis, epochs=args.epochs, batch_size=32,
-                            learning_rate=2e-3, energy_weight=1e-3, smooth_weight=1e-2)
-        out = WORK / f"z3deep_{setting.replace(',', '_')}_{args.device}"
+        cfg = NetworkConfig(L1=int(l1), L2=int(l2), basis=basis, epochs=args.epochs, batch_size=args.batch_size,
+                            learning_rate=args.learning_rate, energy_weight=1e-3, smooth_weight=1e-2)
+        # the other benchmarks reuse the default run's predictions: other settings go elsewhere
+        batch_tag = "" if (args.batch_size, args.learning_rate) == (32, 2e-3) else f"_b{args.batch_size}_lr{args.learning_rate:g}"
+        out = WORK / f"z3deep_{setting.replace(',', '_')}_{args.device}{batch_tag}"
         shutil.rmtree(out, ignore_errors=True)
         t0 = time.perf_counter()
         paths = train(data["pre_particles"], data["pre_points"], out, cfg, device=args.device)
@@ -53,7 +57,7 @@ def main() -> None:
         t_pred = time.perf_counter() - t1
         coeffs = read_coefficients(pred["coefficients"])
         row = {"benchmark": "zernike3deep", "L1": int(l1), "L2": int(l2), "basis": basis, "particles": args.n,
-               "box": args.box, "snr": 0.1, "epochs": args.epochs, "device": args.device,
+               "box": args.box, "snr": 0.1, "epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": args.learning_rate, "device": args.device,
                "device_name": torch.cuda.get_device_name() if args.device == "cuda" else
                f"{platform.machine()} x{torch.get_num_threads()} threads"}
         row.update(landscape_metrics(coeffs, t))
