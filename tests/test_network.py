@@ -63,6 +63,31 @@ def test_decoder_zero_field_equals_rigid_projection_with_ctf(device: str) -> Non
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("phase_flipped", [False, True])
+def test_encoder_channels_agree_for_flipped_and_unflipped_data(phase_flipped: bool) -> None:
+    """The encoder's two channels — the particle and the reference projected at its pose — must be
+    the same signal for an undeformed, noise-free particle, whether or not the data were
+    phase-flipped (flipped data must not be flipped again, and the reference must carry |CTF|)."""
+    rng = np.random.default_rng(5)
+    box = 32
+    zz, yy, xx = np.meshgrid(*[np.arange(box) - box // 2] * 3, indexing="ij")
+    vol = np.exp(-((xx - 3) ** 2 + yy**2 + (zz + 2) ** 2) / 10.0) + np.exp(-((xx + 4) ** 2 + (yy - 4) ** 2) / 6.0)
+    points, amps = points_from_volume(vol, mask=vol > 0.05)
+    model = build_model(points, amps, box, 2.0, _small_config(encoder_box=16), torch.device("cpu"))
+    rots = torch.tensor(random_rotations(4, rng), dtype=torch.float32)
+    shifts = torch.tensor(rng.normal(size=(4, 2)), dtype=torch.float32)
+    ctf = CtfParams.create([9000.0, 12000.0, 15000.0, 20000.0], [8800.0, 12000.0, 14500.0, 19000.0], 20.0)
+    with torch.no_grad():
+        images = model.decoder(None, rots, shifts, ctf, phase_flipped=phase_flipped)
+        signs = model.flip_signs(ctf, phase_flipped=phase_flipped)
+        ref = model.decoder(None, rots, shifts, ctf, phase_flipped=phase_flipped,
+                            transfer=model.decoder.transfer(ctf, phase_flipped=phase_flipped))
+        x_img, x_ref = model.encoder_input(images, signs), model.encoder_input(ref, signs)
+    torch.testing.assert_close(x_img, x_ref, atol=1e-4, rtol=1e-4)
+    # flipped data are not flipped again; unflipped data are flipped by sign(CTF)
+    assert (signs is None) == phase_flipped
+
+
 def test_gradients_match_finite_differences() -> None:
     """d loss / d (coefficients, angles, shifts) through decoder + CTF + correlation loss."""
     rng = np.random.default_rng(1)

@@ -194,20 +194,31 @@ class PhysicalDecoder(nn.Module):
         c = zk.split_axes(coefficients)
         return torch.einsum("bak,kl,bal->b", c, self.smooth_form, c)
 
+    def transfer(self, ctf: CtfParams, *, phase_flipped: bool = False, dtype: torch.dtype = torch.float32,
+                 device: torch.device | None = None) -> torch.Tensor:
+        """The batch's CTFs on the padded rfft grid, ``(B, pad·box, pad·box // 2 + 1)``; ``|CTF|``
+        for phase-flipped data. Compute once per batch and pass to :meth:`forward` to reuse."""
+        dev = device if device is not None else self.points.device
+        out = compute_ctf(self.ctf_pad * self.box, self.pixel_size, ctf.to(dev, dtype))
+        return out.abs() if phase_flipped else out
+
     def forward(self, coefficients: torch.Tensor | None, rotations: torch.Tensor, shifts: torch.Tensor,
-                ctf: CtfParams | None, *, phase_flipped: bool = False) -> torch.Tensor:
-        """``(B, 3K)`` px, ``(B, 3, 3)``, ``(B, 2)`` px, CTF → ``(B, box, box)`` images."""
+                ctf: CtfParams | None, *, phase_flipped: bool = False,
+                transfer: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, 3K)`` px, ``(B, 3, 3)``, ``(B, 2)`` px, CTF → ``(B, box, box)`` images.
+
+        ``transfer`` is the batch's :meth:`transfer` when already computed (it then replaces
+        ``ctf`` and ``phase_flipped``).
+        """
         pos = image_positions(self.points, rotations, shifts, self.box,
                               basis=None if coefficients is None else self.basis,
                               coefficients=coefficients)
         proj = splat_bilinear(pos, self.amplitudes, self.box)
-        if ctf is None:
-            return proj
-        size = self.ctf_pad * self.box
-        transfer = compute_ctf(size, self.pixel_size, ctf.to(proj.device, proj.dtype))
-        if phase_flipped:
-            transfer = transfer.abs()
-        return filter_images(proj, transfer, pad=self.ctf_pad)
+        if transfer is None:
+            if ctf is None:
+                return proj
+            transfer = self.transfer(ctf, phase_flipped=phase_flipped, dtype=proj.dtype, device=proj.device)
+        return filter_images(proj, transfer.to(proj.dtype), pad=self.ctf_pad)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -245,20 +256,28 @@ class Zernike3Deep(nn.Module):
         self.decoder = PhysicalDecoder(points, amplitudes, box, pixel_size, config)
         self.register_buffer("image_mask", circle_mask(box, config.mask_radius))
 
-    def encoder_input(self, images: torch.Tensor, ctf: CtfParams | None) -> torch.Tensor:
-        """What the encoder sees: the masked image, phase-flipped with its CTF (optional) and
-        low-passed by Fourier cropping to ``encoder_box`` px, scaled to unit variance.
+    def flip_signs(self, ctf: CtfParams | None, *, phase_flipped: bool = False,
+                   device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+        """``sign(CTF)`` on the (unpadded) rfft grid, ``(B, N, N // 2 + 1)``, that phase-flips the
+        encoder's input; None when no flip is due (flipping off, no CTF, or data already flipped)."""
+        if not self.config.encoder_phase_flip or ctf is None or phase_flipped:
+            return None
+        dev = device if device is not None else self.image_mask.device
+        return torch.sign(compute_ctf(self.box, self.decoder.pixel_size, ctf.to(dev, dtype)))
+
+    def encoder_input(self, images: torch.Tensor, signs: torch.Tensor | None) -> torch.Tensor:
+        """What the encoder sees: the masked image, phase-flipped by ``signs`` (see
+        :meth:`flip_signs`; None = as is) and low-passed by Fourier cropping to ``encoder_box`` px,
+        scaled to unit variance.
 
         ``(B, N, N)`` → ``(B, n, n)``.
         """
         x = images * self.image_mask
-        flip = self.config.encoder_phase_flip and ctf is not None
-        if not flip and self.encoder_box == self.box:
+        if signs is None and self.encoder_box == self.box:
             return x
         spec = torch.fft.rfft2(x)
-        if flip:
-            assert ctf is not None
-            spec = spec * torch.sign(compute_ctf(self.box, self.decoder.pixel_size, ctf.to(x.device, x.dtype)))
+        if signs is not None:
+            spec = spec * signs.to(x.dtype)
         n = self.encoder_box
         if n != self.box:
             half = n // 2
@@ -267,7 +286,8 @@ class Zernike3Deep(nn.Module):
         return out / out.std(dim=(1, 2), keepdim=True).clamp_min(1e-6)
 
     def encode(self, images: torch.Tensor, ctf: CtfParams | None = None,
-               rotations: torch.Tensor | None = None, shifts: torch.Tensor | None = None,
+               rotations: torch.Tensor | None = None, shifts: torch.Tensor | None = None, *,
+               phase_flipped: bool = False, transfer: torch.Tensor | None = None,
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Encode particles.
 
@@ -280,19 +300,25 @@ class Zernike3Deep(nn.Module):
             ``encoder_reference`` the encoder also sees the undeformed reference projected with
             them (what the image would be without deformation), and with ``encoder_pose`` the
             rotation itself, so it only has to explain the difference.
+        phase_flipped
+            the images were phase-flipped (``rlnCtfDataArePhaseFlipped``): they are not flipped
+            again, and the reference is projected with ``|CTF|`` like them.
+        transfer
+            the batch's :meth:`PhysicalDecoder.transfer`, if already computed.
 
         Returns
         -------
         coefficients ``(B, 3K)`` px, δ-angles ``(B, 3)`` deg, δ-shifts ``(B, 2)`` px (zeros unless
         pose refinement is on).
         """
-        x = self.encoder_input(images, ctf)
+        signs = self.flip_signs(ctf, phase_flipped=phase_flipped, device=images.device, dtype=images.dtype)
+        x = self.encoder_input(images, signs)
         if self.config.encoder_reference:
             if rotations is None or shifts is None:
                 raise ValueError("this model's encoder needs the particles' rotations and shifts")
             with torch.no_grad():
-                ref = self.decoder(None, rotations, shifts, ctf)
-            x = torch.stack([x, self.encoder_input(ref, ctf)], dim=1)
+                ref = self.decoder(None, rotations, shifts, ctf, phase_flipped=phase_flipped, transfer=transfer)
+            x = torch.stack([x, self.encoder_input(ref, signs)], dim=1)
         extra = None
         if self.config.encoder_pose:
             if rotations is None:
@@ -400,14 +426,19 @@ class ParticleBatchSource:
 def _forward_loss(model: Zernike3Deep, batch: dict[str, Any], use_amp: bool) -> tuple[torch.Tensor, dict[str, float]]:
     cfg = model.config
     device = batch["images"].device
+    flipped = bool(batch.get("phase_flipped", False))
     rot0 = euler_to_matrix(batch["angles"][:, 0], batch["angles"][:, 1], batch["angles"][:, 2])
+    transfer = model.decoder.transfer(batch["ctf"], phase_flipped=flipped)  # once per batch, used twice
     with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-        coeffs, d_ang, d_shift = model.encode(batch["images"], batch["ctf"], rot0, batch["shifts"])
+        coeffs, d_ang, d_shift = model.encode(batch["images"], batch["ctf"], rot0, batch["shifts"],
+                                              phase_flipped=flipped, transfer=transfer)
     coeffs, d_ang, d_shift = coeffs.float(), d_ang.float(), d_shift.float()
-    ang = batch["angles"] + d_ang
-    rot = euler_to_matrix(ang[:, 0], ang[:, 1], ang[:, 2])
-    pred = model.decoder(coeffs, rot, batch["shifts"] + d_shift, batch["ctf"],
-                         phase_flipped=batch.get("phase_flipped", False))
+    if cfg.refine_pose:
+        ang = batch["angles"] + d_ang
+        rot = euler_to_matrix(ang[:, 0], ang[:, 1], ang[:, 2])
+    else:
+        rot = rot0  # the pose heads are frozen at zero
+    pred = model.decoder(coeffs, rot, batch["shifts"] + d_shift, batch["ctf"], transfer=transfer)
     img = image_loss(pred, batch["images"], model.image_mask, cfg.loss, cfg.frc_radius).mean()
     energy = model.decoder.field_energy(coeffs).mean()
     rough = model.decoder.field_roughness(coeffs).mean()
@@ -623,7 +654,7 @@ def predict_coefficients(model: Zernike3Deep, source: ParticleBatchSource, *, de
             idx = np.arange(lo, min(n, lo + batch_size))
             b = source.batch(idx, dev)
             rot = euler_to_matrix(b["angles"][:, 0], b["angles"][:, 1], b["angles"][:, 2])
-            c, a, s = model.encode(b["images"], b["ctf"], rot, b["shifts"])
+            c, a, s = model.encode(b["images"], b["ctf"], rot, b["shifts"], phase_flipped=source.phase_flipped)
             out_c[idx], out_a[idx], out_s[idx] = c.cpu().numpy(), a.cpu().numpy(), s.cpu().numpy()
             now = time.perf_counter()
             if now - last > 10 or idx[-1] == n - 1:
