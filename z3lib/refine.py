@@ -178,6 +178,11 @@ class _Objective:
         self.prior, self.config, self.landscape, self.precision = prior, config, landscape, precision
         self.phase_flipped = phase_flipped
         self.mask = circle_mask(decoder.box, config.mask_radius, device=images.device)
+        # the starting pose's rotations and the CTFs, computed once: every evaluation that does not
+        # refine angles or defocus reuses them (the grid search alone evaluates hundreds of times)
+        self.rot0 = euler_to_matrix(angles[:, 0], angles[:, 1], angles[:, 2])
+        self.transfer0 = decoder.transfer(ctf, phase_flipped=phase_flipped, device=images.device,
+                                          dtype=decoder.amplitudes.dtype)
         if landscape is not None:  # parameters are scores in units of the population's spread
             mean, dirs, scale = landscape
             self.prior_scores = ((prior - mean) @ dirs.T) / scale
@@ -190,20 +195,25 @@ class _Objective:
 
     def image_term(self, coefficients: torch.Tensor) -> torch.Tensor:
         """``(B,)`` image term of given coefficients at the starting pose and defocus."""
-        rot = euler_to_matrix(self.angles[:, 0], self.angles[:, 1], self.angles[:, 2])
-        pred = self.decoder(coefficients, rot, self.shifts, self.ctf, phase_flipped=self.phase_flipped)
+        pred = self.decoder(coefficients, self.rot0, self.shifts, self.ctf, transfer=self.transfer0)
         return image_loss(pred, self.images, self.mask, self.config.loss)
 
     def __call__(self, params: torch.Tensor, da: torch.Tensor, ds: torch.Tensor, dd: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
         coeffs = self.coefficients(params)
-        ang = self.angles + da
-        rot = euler_to_matrix(ang[:, 0], ang[:, 1], ang[:, 2])
-        c = self.ctf
-        p = CtfParams(c.defocus_u + dd, c.defocus_v + dd, c.defocus_angle, c.voltage, c.cs,
-                      c.amplitude_contrast, c.phase_shift, c.bfactor, c.scale)
-        pred = self.decoder(coeffs, rot, self.shifts + ds, p, phase_flipped=self.phase_flipped)
+        if cfg.refine_angles:
+            ang = self.angles + da
+            rot = euler_to_matrix(ang[:, 0], ang[:, 1], ang[:, 2])
+        else:
+            rot = self.rot0
+        if cfg.refine_defocus:
+            c = self.ctf
+            p = CtfParams(c.defocus_u + dd, c.defocus_v + dd, c.defocus_angle, c.voltage, c.cs,
+                          c.amplitude_contrast, c.phase_shift, c.bfactor, c.scale)
+            pred = self.decoder(coeffs, rot, self.shifts + ds, p, phase_flipped=self.phase_flipped)
+        else:
+            pred = self.decoder(coeffs, rot, self.shifts + ds, self.ctf, transfer=self.transfer0)
         img = image_loss(pred, self.images, self.mask, cfg.loss)
         if self.landscape is not None:
             prior_term = ((params - self.prior_scores) ** 2).mean(1)
