@@ -38,10 +38,19 @@ from z3lib.ctf import ctf_grid
 
 
 class NumpyBackend:
-    """CPU kernels with numpy (bincount scatter, fancy-index gather)."""
+    """CPU kernels with numpy (bincount scatter, fancy-index gather).
+
+    One ZART block evaluates the same deformed positions four times (projection, ray weights,
+    back-projection, hit counts): the bilinear indices and weights of the last geometry are kept
+    (one entry, keyed on the very arrays passed, which are held so their ids stay unique; arrays
+    changed in place between calls would need a new backend).
+    """
 
     name = "numpy"
     xp: Any = np
+
+    def __init__(self) -> None:
+        self._cached: tuple[tuple[Any, ...], tuple[np.ndarray, np.ndarray]] | None = None
 
     def asarray(self, a: Any, dtype: Any = np.float32) -> Any:
         return np.asarray(a, dtype=dtype)
@@ -50,11 +59,19 @@ class NumpyBackend:
         return np.asarray(a)
 
     @staticmethod
-    def _weights(points: np.ndarray, fields: np.ndarray | None, rot: np.ndarray, shifts: np.ndarray,
+    def fields(basis: np.ndarray, coefficients: np.ndarray) -> np.ndarray:
+        """``(N, K)`` basis, ``(B, 3, K)`` coefficients → ``(B, N, 3)`` float32 displacements."""
+        out: np.ndarray = np.matmul(basis[None], coefficients.transpose(0, 2, 1)).astype(np.float32)
+        return out
+
+    def _weights(self, points: np.ndarray, fields: np.ndarray | None, rot: np.ndarray, shifts: np.ndarray,
                  box: int) -> tuple[np.ndarray, np.ndarray]:
+        key = (points, fields, rot, shifts, box)
+        if self._cached is not None and all(a is b for a, b in zip(self._cached[0], key, strict=True)):
+            return self._cached[1]
         b = rot.shape[0]
         pts = points[None] if fields is None else points[None] + fields  # (B|1, N, 3)
-        uv = np.einsum("bij,bnj->bni", rot[:, :2, :], np.broadcast_to(pts, (b,) + points.shape))
+        uv = np.matmul(pts, rot[:, :2, :].transpose(0, 2, 1))  # (B, N, 2), BLAS
         c = float(box_center(box))
         u = uv[..., 0] - shifts[:, None, 0] + c
         v = uv[..., 1] - shifts[:, None, 1] + c
@@ -66,9 +83,13 @@ class NumpyBackend:
         fv = np.where(inside, v - v0, 0.0)
         g = inside.astype(u.dtype)
         w = box + 2
-        base = (v0.astype(np.int64) + 1) * w + (u0.astype(np.int64) + 1) + (np.arange(b) * w * w)[:, None]
-        index = base[..., None] + np.array([0, 1, w, w + 1])
+        itype: type[np.signedinteger[Any]] = np.int32 if b * w * w < 2**31 else np.int64
+        rows: np.ndarray = v0.astype(itype) + 1
+        cols: np.ndarray = u0.astype(itype) + 1
+        base = rows * w + cols + (np.arange(b, dtype=itype) * w * w)[:, None]
+        index = base[..., None] + np.array([0, 1, w, w + 1], dtype=itype)
         weight = np.stack([(g - fu) * (1 - fv), fu * (1 - fv), (g - fu) * fv, fu * fv], axis=-1)
+        self._cached = (key, (index, weight))
         return index, weight
 
     def project(self, values: np.ndarray, points: np.ndarray, fields: np.ndarray | None, rot: np.ndarray,
@@ -158,6 +179,10 @@ class CupyBackend:
 
     def asarray(self, a: Any, dtype: Any = np.float32) -> Any:
         return self.xp.ascontiguousarray(self.xp.asarray(a, dtype=dtype))
+
+    def fields(self, basis: Any, coefficients: Any) -> Any:
+        """``(N, K)`` basis, ``(B, 3, K)`` coefficients → contiguous ``(B, N, 3)`` float32 on the device."""
+        return self.xp.ascontiguousarray(self.xp.einsum("nk,bak->bna", basis, coefficients).astype(self.xp.float32))
 
     def to_host(self, a: Any) -> np.ndarray:
         out: np.ndarray = self.xp.asnumpy(a)
@@ -334,7 +359,7 @@ def reconstruct_zart(
             fields = None
             if z_dev is not None:
                 c = backend.asarray(np.asarray(coefficients)[sel].reshape(len(sel), 3, k))
-                fields = xp.ascontiguousarray(xp.einsum("nk,bak->bna", z_dev, c).astype(xp.float32))
+                fields = backend.fields(z_dev, c)
             ctf = ctf_grid(xp, size, pixel_size, {name: col[sel] for name, col in ctf_cols.items()}, dtype=xp.float32)
             if flipped[sel].any():
                 ctf = xp.where(backend.asarray(flipped[sel], dtype=bool)[:, None, None], xp.abs(ctf), ctf)
