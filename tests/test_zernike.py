@@ -230,3 +230,28 @@ def test_deformation_field_torch_batch_gradient() -> None:
     d[..., 0].sum().backward()
     np.testing.assert_allclose(c.grad[0, :13].numpy(), z.sum(0).numpy())
     assert torch.all(c.grad[:, 13:] == 0)
+
+
+def test_refit_basis_is_the_least_squares_fit_of_each_field() -> None:
+    """Converting fields between bases (e.g. orthonormal → Xmipp for the .xmd export) gives, for
+    every particle, the least-squares fit of its field in the target basis, and the reported
+    residual is that fit's relative error; within one basis nothing changes."""
+    rng = np.random.default_rng(3)
+    pts, _ = points_from_mask(sphere_mask(24, 10))
+    pts = pts.astype(np.float64)
+    c = rng.normal(size=(4, 3 * zk.count_terms(5, 5)))
+    out, residual = zk.refit_basis(c, pts, (5, 5), "orthonormal", (5, 4), "xmipp", 12.0)
+    z_from = zk.evaluate_basis(pts, 5, 5, 12.0, "orthonormal")
+    z_to = zk.evaluate_basis(pts, 5, 4, 12.0, "xmipp")
+    errors, norms = 0.0, 0.0
+    for i in range(4):
+        field = zk.deformation_field(z_from, c[i])
+        expected = zk.fit_coefficients(pts, field, 5, 4, 12.0, "xmipp")
+        np.testing.assert_allclose(out[i], expected, rtol=1e-6, atol=1e-8)
+        errors += float(((zk.deformation_field(z_to, expected) - field) ** 2).sum())
+        norms += float((field**2).sum())
+    assert residual == pytest.approx(np.sqrt(errors / norms), rel=1e-6)
+    assert 0 < residual < 1
+    same, zero = zk.refit_basis(c[:, : 3 * zk.count_terms(3, 2)], pts, (3, 2), "xmipp", (3, 2), "xmipp", 12.0)
+    np.testing.assert_allclose(same, c[:, : 3 * zk.count_terms(3, 2)], atol=1e-9)
+    assert zero < 1e-10

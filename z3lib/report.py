@@ -690,7 +690,14 @@ def make_report(
     raw = parts.raw
     cost = raw["zernikeCost"].to_numpy(dtype=np.float64) if "zernikeCost" in raw else None
     zinfo = zblock or {"L1": l1, "L2": l2, "Rmax": orig_box / 2, "basis": basis, "box": orig_box}
-    write_xmipp_particles(paths["xmd"], parts.table, coeffs, deformation=rms_px * orig_box / box, cost=cost,
+    xmd_coeffs = coeffs
+    if basis != "xmipp":  # Xmipp/Scipion read sphCoefficients in their own basis (L2 <= 4)
+        l2_x = min(l2, 4)
+        xmd_coeffs, residual = zk.refit_basis(coeffs, cloud["points"], (l1, l2), basis, (l1, l2_x), "xmipp", box / 2)
+        zinfo = {**zinfo, "L2": l2_x, "basis": "xmipp"}
+        logger.info("particles.xmd: fields refitted from the %s (%d, %d) basis to Xmipp's (%d, %d): %.1f%% "
+                    "relative RMS residual", basis, l1, l2, l1, l2_x, 100 * residual)
+    write_xmipp_particles(paths["xmd"], parts.table, xmd_coeffs, deformation=rms_px * orig_box / box, cost=cost,
                           zernike=zinfo)
 
     # --- figures -----------------------------------------------------------------------------

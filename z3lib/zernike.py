@@ -357,6 +357,46 @@ def fit_coefficients(
     return np.ascontiguousarray(coeffs.T).reshape(-1)
 
 
+def refit_basis(
+    coefficients: npt.ArrayLike,
+    points: npt.ArrayLike,
+    degrees_from: tuple[int, int],
+    basis_from: Basis | str,
+    degrees_to: tuple[int, int],
+    basis_to: Basis | str,
+    rmax: float,
+) -> tuple[np.ndarray, float]:
+    """Re-express fields in another basis (or degree set) by least squares on a point cloud.
+
+    One linear map ``M = argmin ||Z_to M − Z_from||`` over the points converts every particle's
+    coefficients, per axis; it is exact when the target spans the source field space.
+
+    Parameters
+    ----------
+    coefficients
+        ``(n, 3K_from)`` coefficients (any displacement unit; the result has the same unit).
+    points
+        ``(N, 3)`` positions in the unit of ``rmax`` (e.g. the mask voxels in px).
+
+    Returns
+    -------
+    ``(n, 3K_to)`` coefficients and the relative RMS residual of the refitted fields over all
+    particles and points (0 = exact).
+    """
+    c = np.asarray(coefficients, dtype=np.float64)
+    pts = np.asarray(points, dtype=np.float64)
+    z_from = evaluate_basis(pts, *degrees_from, rmax, basis_from)
+    z_to = evaluate_basis(pts, *degrees_to, rmax, basis_to)
+    m, *_ = np.linalg.lstsq(z_to, z_from, rcond=None)  # (K_to, K_from)
+    blocks = c.reshape(len(c), 3, z_from.shape[1])
+    out = np.einsum("lk,bak->bal", m, blocks)
+    field = np.einsum("nk,bak->bna", z_from, blocks)
+    err = np.einsum("nl,bal->bna", z_to, out) - field
+    norm = float(np.sqrt((field**2).sum()))
+    residual = float(np.sqrt((err**2).sum())) / norm if norm > 0 else 0.0
+    return out.reshape(len(c), -1), residual
+
+
 def rescale_coefficients(coefficients: Any, box_from: int, box_to: int) -> Any:
     """Express coefficients estimated at ``box_from`` pixels in pixels of ``box_to``.
 
