@@ -2,11 +2,15 @@
 
 Snakemake's ``script:`` preamble puts only ``workflow/scripts/`` on ``sys.path``, and conda jobs
 drop ``PYTHONPATH``; importing this module first makes ``import z3lib`` resolve to the code at the
-run's commit, installed or not.
+run's commit, installed or not. It also holds what every rule's script does around its one call
+into z3lib: the log file set-up and :func:`stage` (failure traceback, version and wall time).
 """
 
 import logging
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -20,3 +24,22 @@ def configure_logging(log_file: str, name: str) -> logging.Logger:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.captureWarnings(True)
     return logging.getLogger(name)
+
+
+def written_list(written: dict[str, Path]) -> str:
+    """The files a stage wrote, sorted, for its log."""
+    return ", ".join(sorted(str(p) for p in written.values()))
+
+
+@contextmanager
+def stage(log: logging.Logger, label: str, version: str, threads: int | None = None) -> Iterator[None]:
+    """Run a rule's work: a failure is logged with its traceback (then raised), success with the
+    z3lib version, the thread count (when given) and the wall time."""
+    start = time.perf_counter()
+    try:
+        yield
+    except Exception:
+        log.exception("%s failed", label)
+        raise
+    used = f"{threads} threads, " if threads is not None else ""
+    log.info("z3lib %s, %swall time %.1f s", version, used, time.perf_counter() - start)

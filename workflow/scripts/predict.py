@@ -1,6 +1,5 @@
 """Adapter of rule ``predict``: every particle's coefficients (z3lib.network.predict)."""
 
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,8 +15,7 @@ log = _bootstrap.configure_logging(snakemake.log[0], "z3.predict")
 torch.set_num_threads(snakemake.threads)
 params = snakemake.params
 device = select_device(bool(snakemake.resources.get("gpu", 0)), log)
-start = time.perf_counter()
-try:
+with _bootstrap.stage(log, "predict", params.z3lib, threads=snakemake.threads):
     written = predict(
         snakemake.input.model,
         snakemake.input.particles,
@@ -29,9 +27,4 @@ try:
         image_root=params.image_root,
         log=log,
     )
-except Exception:
-    log.exception("predict failed")
-    raise
-log.info("wrote %s", ", ".join(sorted(str(p) for p in written.values())))
-elapsed = time.perf_counter() - start
-log.info("z3lib %s, %d threads, wall time %.1f s", params.z3lib, snakemake.threads, elapsed)
+    log.info("wrote %s", _bootstrap.written_list(written))

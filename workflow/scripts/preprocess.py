@@ -1,6 +1,5 @@
 """Adapter of rule ``preprocess``: inputs at the processing box (z3lib.preprocess.preprocess)."""
 
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,8 +14,7 @@ if TYPE_CHECKING:
 log = _bootstrap.configure_logging(snakemake.log[0], "z3.preprocess")
 torch.set_num_threads(snakemake.threads)
 params = snakemake.params
-start = time.perf_counter()
-try:
+with _bootstrap.stage(log, "preprocess", params.z3lib, threads=snakemake.threads):
     written = preprocess(
         snakemake.input.particles,
         snakemake.input.reference,
@@ -31,9 +29,4 @@ try:
         chunk_size=params.chunk_size,
         log=log,
     )
-except Exception:
-    log.exception("preprocess failed")
-    raise
-log.info("wrote %s", ", ".join(sorted(str(p) for p in written.values())))
-elapsed = time.perf_counter() - start
-log.info("z3lib %s, %d threads, wall time %.1f s", params.z3lib, snakemake.threads, elapsed)
+    log.info("wrote %s", _bootstrap.written_list(written))

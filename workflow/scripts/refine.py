@@ -1,6 +1,5 @@
 """Adapter of rule ``refine``: gather the refined chunks in STAR order (z3lib.refine)."""
 
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,8 +12,7 @@ if TYPE_CHECKING:
 
 log = _bootstrap.configure_logging(snakemake.log[0], "z3.refine")
 params = snakemake.params
-start = time.perf_counter()
-try:
+with _bootstrap.stage(log, "refine gather", params.z3lib):
     written = gather_refined(
         list(snakemake.input.chunks),
         snakemake.input.original,
@@ -25,9 +23,4 @@ try:
         image_root=params.image_root,
         log=log,
     )
-except Exception:
-    log.exception("refine gather failed")
-    raise
-log.info("wrote %s", ", ".join(sorted(str(p) for p in written.values())))
-elapsed = time.perf_counter() - start
-log.info("z3lib %s, wall time %.1f s", params.z3lib, elapsed)
+    log.info("wrote %s", _bootstrap.written_list(written))

@@ -1,7 +1,6 @@
 """Adapter of rule ``refine_chunk``: one chunk of the per-particle refinement (z3lib.refine)."""
 
 import re
-import time
 from typing import TYPE_CHECKING
 
 import _bootstrap  # repository root on sys.path; logging setup
@@ -20,8 +19,7 @@ item, n_items = (int(v) for v in re.fullmatch(r"(\d+)-of-(\d+)", snakemake.wildc
 settings = dict(params.refine)
 settings.pop("chunks")
 device = select_device(bool(snakemake.resources.get("gpu", 0)), log)
-start = time.perf_counter()
-try:
+with _bootstrap.stage(log, f"refine chunk {item} of {n_items}", params.z3lib, threads=snakemake.threads):
     refine_chunk(
         snakemake.input.particles,
         snakemake.input.points,
@@ -36,8 +34,3 @@ try:
         progress_path=params.progress,
         log=log,
     )
-except Exception:
-    log.exception("refine chunk %d of %d failed", item, n_items)
-    raise
-elapsed = time.perf_counter() - start
-log.info("z3lib %s, %d threads, wall time %.1f s", params.z3lib, snakemake.threads, elapsed)

@@ -1,6 +1,5 @@
 """Adapter of rule ``report``: landscape, motions, clusters, exports, HTML (z3lib.report)."""
 
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,8 +13,7 @@ if TYPE_CHECKING:
 log = _bootstrap.configure_logging(snakemake.log[0], "z3.report")
 params = snakemake.params
 inputs = snakemake.input
-start = time.perf_counter()
-try:
+with _bootstrap.stage(log, "report", params.z3lib):
     written = make_report(
         Path(snakemake.output.html).parent,
         particles=inputs.particles,
@@ -41,9 +39,4 @@ try:
         image_root=params.image_root,
         log=log,
     )
-except Exception:
-    log.exception("report failed")
-    raise
-log.info("wrote %d files, the report is %s", len(written), written["html"])
-elapsed = time.perf_counter() - start
-log.info("z3lib %s, wall time %.1f s", params.z3lib, elapsed)
+    log.info("wrote %d files, the report is %s", len(written), written["html"])

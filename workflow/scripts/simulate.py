@@ -1,6 +1,5 @@
 """Adapter of rule ``simulate``: the demo dataset (z3lib.simulate.simulate_dataset)."""
 
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,8 +14,7 @@ if TYPE_CHECKING:
 log = _bootstrap.configure_logging(snakemake.log[0], "z3.simulate")
 torch.set_num_threads(snakemake.threads)
 params = snakemake.params
-start = time.perf_counter()
-try:
+with _bootstrap.stage(log, "simulate", params.z3lib, threads=snakemake.threads):
     written = simulate_dataset(
         Path(snakemake.output.particles).parent,
         start_model=snakemake.input.start_model,
@@ -30,9 +28,4 @@ try:
         reference_t=params.reference_t,
         log=log,
     )
-except Exception:
-    log.exception("simulate failed")
-    raise
-log.info("wrote %s", ", ".join(sorted(str(p) for p in written.values())))
-elapsed = time.perf_counter() - start
-log.info("z3lib %s, %d threads, wall time %.1f s", params.z3lib, snakemake.threads, elapsed)
+    log.info("wrote %s", _bootstrap.written_list(written))

@@ -1,6 +1,5 @@
 """Adapter of rule ``train``: Zernike3Deep training (z3lib.network.train)."""
 
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,8 +16,7 @@ torch.set_num_threads(snakemake.threads)
 params = snakemake.params
 device = select_device(bool(snakemake.resources.get("gpu", 0)), log)
 config = NetworkConfig(**params.zernike, **params.train, seed=params.seed)
-start = time.perf_counter()
-try:
+with _bootstrap.stage(log, "train", params.z3lib, threads=snakemake.threads):
     written = train(
         snakemake.input.particles,
         snakemake.input.points,
@@ -28,9 +26,4 @@ try:
         device=device,
         log=log,
     )
-except Exception:
-    log.exception("train failed")
-    raise
-log.info("wrote %s", ", ".join(sorted(str(p) for p in written.values())))
-elapsed = time.perf_counter() - start
-log.info("z3lib %s, %d threads, wall time %.1f s", params.z3lib, snakemake.threads, elapsed)
+    log.info("wrote %s", _bootstrap.written_list(written))

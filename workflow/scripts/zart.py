@@ -1,6 +1,5 @@
 """Adapter of rule ``zart``: corrected and uncorrected reconstructions (z3lib.zart.zart)."""
 
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,8 +17,7 @@ backend = settings.pop("backend")
 if not snakemake.resources.get("gpu", 0) and backend == "auto":
     backend = "numpy"  # this job holds no GPU slot
 config = ZartConfig(**{**settings, "sigmas": tuple(settings["sigmas"])}, seed=params.seed)
-start = time.perf_counter()
-try:
+with _bootstrap.stage(log, "zart", params.z3lib):
     written = zart(
         snakemake.input.particles,
         snakemake.input.points,
@@ -31,9 +29,4 @@ try:
         backend=backend,
         log=log,
     )
-except Exception:
-    log.exception("zart failed")
-    raise
-log.info("wrote %s", ", ".join(sorted(str(p) for p in written.values())))
-elapsed = time.perf_counter() - start
-log.info("z3lib %s, wall time %.1f s", params.z3lib, elapsed)
+    log.info("wrote %s", _bootstrap.written_list(written))
