@@ -1,0 +1,365 @@
+"""The honest yardstick: the real pipeline on images from a simulator not written here.
+
+For each scenario × source × degree: simulate (``yardstick_sim``: gemmi maps, ASPIRE images, or
+z3's renderer; non-linear AdK motions; SNR 0.1), reconstruct the consensus reference and its mask
+from the noisy particles alone (``z3lib.consensus.consensus_reference``), run the Snakemake
+workflow users run (``--workflow-profile profiles/ci``) on the particles, that reference and mask,
+then measure against the ground truth, which the pipeline never sees:
+
+* landscape: |Spearman| of PC1 vs each true coordinate, leave-one-out k-NN R² of each coordinate,
+  for the predicted and the refined coefficients;
+* deformation: RMS error (Å) over heavy atoms of all particles of the field at the reference
+  state's atoms vs the true displacement (atoms of the particle's state − reference state), split
+  into in-plane and along-the-beam parts (error rotated by the particle's A), next to the zero
+  field and the representation limits (per-state least-squares fits) of (3,2) xmipp, (5,3) xmipp
+  and (7,7) orthonormal. The reference state is the truth's (the middle of the motion), although
+  the pipeline's reference is the consensus map, a blur of the whole ensemble;
+* maps: FSC area and FSC-0.5 resolution of each half-map average (uncorrected, corrected, and the
+  oracle: the same particles, poses, CTFs, shifts and noise, every particle in the reference
+  state, reconstructed by the same ZART code with zero fields on the pipeline's point cloud)
+  against the noise-free reference-state map of the same renderer; gap closed =
+  (corrected − uncorrected) / (oracle − uncorrected) in FSC area;
+* speed: wall time of every rule (Snakemake benchmark files) and training images/s (train.log).
+
+Usage::
+
+    python benchmarks/yardstick.py [--jobs hinge:aspire:5000 ...] [--degrees 3,2,xmipp 7,7,orthonormal]
+        [--set rounds=2 --set train.epochs=10] [--smoke] [--full] [--out PATH]
+
+A job is ``scenario:source:n`` (scenario hinge | path | two_motions; source aspire | z3). Datasets
+and pipeline runs are cached under ``benchmarks/work/yardstick/`` (git-ignored), keyed by a hash
+of every simulation parameter and of ``yardstick_sim.py``; runs are keyed by their config.
+Results are appended to ``benchmarks/results/yardstick.jsonl`` (one JSON line per job × degree).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from common import ROOT, WORK, emit, landscape_metrics
+from yardstick_sim import SimParams, simulate
+
+from z3lib import zernike as zk
+from z3lib.analysis import fourier_shell_correlation, fsc_area, resolution_at
+from z3lib.conventions import euler_to_matrix
+
+YARD = WORK / "yardstick"
+RESULTS = ROOT / "benchmarks" / "results" / "yardstick.jsonl"
+LIMIT_DEGREES = ((3, 2, "xmipp"), (5, 3, "xmipp"), (7, 7, "orthonormal"))
+log = logging.getLogger("yardstick")
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics (pure functions)
+# ----------------------------------------------------------------------------------------------
+def field_errors(coefficients: np.ndarray | None, truth: dict[str, np.ndarray], degrees: tuple[int, int],
+                 basis: str, box: int, pixel_size: float, residual: np.ndarray | None = None,
+                 chunk: int = 500) -> dict[str, float]:
+    """RMS (Å) of field − true displacement over heavy atoms of all particles, total, in-plane and
+    along the beam.
+
+    Parameters
+    ----------
+    coefficients
+        ``(n, 3K)`` px of ``box`` (Rmax = box / 2, layout [cx, cy, cz]); None = zero field.
+    truth
+        ``coords`` ``(S, N, 3)`` Å, ``reference`` (state index), ``state`` ``(n,)``, ``rot``,
+        ``tilt``, ``psi`` ``(n,)`` degrees (RELION).
+    residual
+        instead of coefficients: ``(S, N, 3)`` px error per state (e.g. a representation limit).
+    """
+    coords, ref, state = truth["coords"], int(truth["reference"]), truth["state"]
+    ref_px = coords[ref] / pixel_size
+    true_px = (coords - coords[ref]) / pixel_size  # (S, N, 3)
+    z = zk.evaluate_basis(ref_px, *degrees, box / 2, basis) if coefficients is not None else None
+    a = euler_to_matrix(truth["rot"], truth["tilt"], truth["psi"])
+    sums = np.zeros(2)
+    n_atoms = 0
+    for lo in range(0, len(state), chunk):
+        sl = slice(lo, lo + chunk)
+        if residual is not None:
+            err = residual[state[sl]]
+        elif coefficients is not None and z is not None:
+            pred = np.einsum("nk,bak->bna", z, coefficients[sl].reshape(len(state[sl]), 3, -1))
+            err = pred - true_px[state[sl]]
+        else:
+            err = -true_px[state[sl]]
+        rotated = np.einsum("bij,bnj->bni", a[sl], err)
+        sums += [(rotated[..., :2] ** 2).sum(), (rotated[..., 2] ** 2).sum()]
+        n_atoms += err.shape[0] * err.shape[1]
+    total = np.sqrt(sums.sum() / n_atoms) * pixel_size
+    return {"rms_A": round(float(total), 4), "in_plane_rms_A": round(float(np.sqrt(sums[0] / n_atoms) * pixel_size), 4),
+            "along_beam_rms_A": round(float(np.sqrt(sums[1] / n_atoms) * pixel_size), 4)}
+
+
+def representation_residual(truth: dict[str, np.ndarray], degrees: tuple[int, int], basis: str, box: int,
+                            pixel_size: float) -> np.ndarray:
+    """``(S, N, 3)`` px: per-state least-squares fit of the true displacements at the reference
+    atoms in the basis, minus the truth (the best any field of that degree can do)."""
+    coords, ref = truth["coords"], int(truth["reference"])
+    ref_px = coords[ref] / pixel_size
+    z = zk.evaluate_basis(ref_px, *degrees, box / 2, basis)
+    out = np.empty_like(coords)
+    for k in range(len(coords)):
+        d = (coords[k] - coords[ref]) / pixel_size
+        c = zk.fit_coefficients(ref_px, d, *degrees, box / 2, basis)
+        out[k] = zk.deformation_field(z, c) - d
+    return out
+
+
+def landscape(coefficients: np.ndarray, truth: dict[str, np.ndarray]) -> dict[str, float]:
+    """|Spearman| PC1 vs each true coordinate and leave-one-out k-NN R² of each coordinate."""
+    coordinate = truth["coordinate"][truth["state"]]
+    out: dict[str, float] = {}
+    for j, name in enumerate(truth["names"]):
+        m = landscape_metrics(coefficients, coordinate[:, j])
+        out[f"spearman_pc1_{name}"] = m["spearman_pc1_t"]
+        out[f"knn_r2_{name}"] = m["knn_r2_t"]
+    return out
+
+
+def map_metrics(volume: np.ndarray, truth_map: np.ndarray, pixel_size: float) -> dict[str, float]:
+    fsc = fourier_shell_correlation(volume, truth_map, pixel_size)
+    return {"fsc_area": round(fsc_area(fsc), 4), "resolution_fsc0.5_A": round(resolution_at(fsc, 0.5), 3)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Pipeline
+# ----------------------------------------------------------------------------------------------
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """``["train.epochs=10", "rounds=2"]`` → nested dict (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        holder = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            holder = holder.setdefault(p, {})
+        holder[parts[-1]] = yaml.safe_load(value)
+    return out
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def consensus(data: Path) -> tuple[Path, Path, dict[str, Any]]:
+    """The consensus reference and mask from the noisy particles alone (cached)."""
+    out = data / "consensus"
+    ref, mask, info = out / "reference.mrc", out / "mask.mrc", out / "info.json"
+    if not info.exists():
+        from z3lib.consensus import consensus_reference
+
+        out.mkdir(exist_ok=True)
+        t0 = time.perf_counter()
+        stats = consensus_reference(data / "particles.star", ref, mask, seed=0, backend="numpy", log=log)
+        row = {k: v for k, v in stats.items() if isinstance(v, float)}
+        row["wall_s"] = round(time.perf_counter() - t0, 1)
+        info.write_text(json.dumps(row))
+    return ref, mask, json.loads(info.read_text())
+
+
+def run_pipeline(workdir: Path, run: str, config: dict[str, Any], full: bool) -> float:
+    """Run the Snakemake workflow in ``workdir`` (resumes; a finished run returns at once)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.yaml").write_text((ROOT / "config.yaml").read_text())  # the defaults a clone has
+    cfg = workdir / "yardstick.yaml"
+    cfg.write_text(yaml.safe_dump(config, sort_keys=False))
+    targets = [] if full else [f"results/{run}/zart/corrected.mrc", f"results/{run}/predict/coefficients.npy"]
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(workdir),
+           "--workflow-profile", str(ROOT / "profiles" / "ci"), "--configfile", str(cfg), "--cores", "2",
+           *targets]
+    t0 = time.perf_counter()
+    with (workdir / "snakemake.log").open("a") as fh:
+        fh.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
+        fh.flush()
+        result = subprocess.run(cmd, cwd=workdir, stdout=fh, stderr=subprocess.STDOUT, check=False)
+    if result.returncode:
+        raise RuntimeError(f"snakemake failed (exit {result.returncode}); see {workdir / 'snakemake.log'}")
+    return time.perf_counter() - t0
+
+
+def stage_times(workdir: Path, run: str, n: int) -> dict[str, dict[str, float]]:
+    """Per rule, from Snakemake's benchmark files: wall seconds (scattered chunks summed), images/s
+    (``n`` / seconds) and peak resident memory (MB, the largest chunk)."""
+    out: dict[str, dict[str, float]] = {}
+    root = workdir / "benchmarks" / run
+    for path in sorted(root.rglob("*.tsv")):
+        rule = path.parent.name if path.parent != root else path.stem
+        lines = path.read_text().splitlines()
+        if len(lines) < 2:
+            continue
+        head, vals = lines[0].split("\t"), lines[1].split("\t")
+        rec = dict(zip(head, vals))
+        cur = out.setdefault(rule, {"wall_s": 0.0, "max_rss_mb": 0.0})
+        cur["wall_s"] = round(cur["wall_s"] + float(rec["s"]), 1)
+        if rec.get("max_rss", "NA") not in ("NA", "-"):
+            cur["max_rss_mb"] = max(cur["max_rss_mb"], round(float(rec["max_rss"]), 1))
+    for cur in out.values():
+        cur["images_per_s"] = round(n / cur["wall_s"], 1) if cur["wall_s"] else 0.0
+    return out
+
+
+def training_rate(workdir: Path, run: str) -> float | None:
+    """Mean images/s over the training epochs (train.log)."""
+    path = workdir / "logs" / run / "train.log"
+    if not path.exists():
+        return None
+    rates = [float(m) for m in re.findall(r"epoch \d+ done:.*?([\d.]+) images/s", path.read_text())]
+    return round(float(np.mean(rates)), 1) if rates else None
+
+
+def oracle_map(data: Path, workdir: Path, run: str, reference: Path, mask: Path, cfg: dict[str, Any]
+               ) -> np.ndarray:
+    """Half-map average of the oracle particles, preprocessed like the pipeline's and reconstructed
+    by ``reconstruct_zart`` with zero fields on the pipeline's point cloud and ZART settings."""
+    from z3lib.io import read_npz, read_particles
+    from z3lib.preprocess import preprocess
+    from z3lib.zart import ZartConfig, get_backend, half_sets, reconstruct_zart, values_to_volume
+
+    pts_path = workdir / "results" / run / "preprocess" / "points.npz"
+    zc = dict(cfg["zart"])
+    zc.pop("backend", None)
+    key = digest({"zart": zc, "pre": cfg["preprocess"], "box": cfg["box"], "seed": cfg["seed"],
+                  "points": hashlib.sha256(pts_path.read_bytes()).hexdigest()})
+    out = data / f"oracle_{key}"
+    cached = out / "oracle.npy"
+    if cached.exists():
+        return np.load(cached)
+    pre = preprocess(data / "oracle" / "particles.star", reference, mask, out / "pre", box=cfg["box"],
+                     mask_threshold=cfg["preprocess"]["mask_threshold"],
+                     points_step=cfg["preprocess"]["points_step"], log=log)
+    parts = read_particles(pre["particles"])
+    cloud = read_npz(pts_path)
+    pts, box, apix = np.asarray(cloud["points"], np.float64), int(cloud["box"]), float(cloud["pixel_size"])
+    config = ZartConfig(**{**zc, "sigmas": tuple(zc["sigmas"])}, seed=cfg["seed"])
+    stack = parts.images()
+    halves = []
+    for rows in half_sets(parts.table["random_subset"].to_numpy(), cfg["seed"]):
+        vals, _ = reconstruct_zart(get_backend("numpy"), pts, None, None, stack, parts.table, rows, box, apix,
+                                   config, log=log, label=" oracle")
+        halves.append(values_to_volume(vals, pts, box))
+    stack.close()
+    vol = 0.5 * (halves[0] + halves[1])
+    np.save(cached, vol)
+    return vol
+
+
+def half_average(folder: Path, name: str) -> np.ndarray:
+    from z3lib.io import read_map
+
+    return 0.5 * (read_map(folder / f"{name}_half1.mrc").data + read_map(folder / f"{name}_half2.mrc").data)
+
+
+# ----------------------------------------------------------------------------------------------
+def measure(job: str, degree: str, extra: dict[str, Any], full: bool, smoke: bool) -> dict[str, Any]:
+    from z3lib.io import read_coefficients, read_map
+
+    scenario, source, n = job.split(":")
+    l1, l2, basis = degree.split(",")
+    params = SimParams(scenario=scenario, source=source, n=int(n))
+    data = YARD / "data" / f"{scenario}_{source}_n{n}_{params.key()}"
+    t0 = time.perf_counter()
+    simulate(params, data, log=log.info)
+    t_sim = time.perf_counter() - t0
+    reference, mask, cons = consensus(data)
+    config = {"run": f"{scenario}_{source}_n{n}_L{l1}_{l2}_{basis}", "particles": str(data / "particles.star"),
+              "reference": str(reference), "mask": str(mask), "box": params.box,
+              "zernike": {"L1": int(l1), "L2": int(l2), "basis": basis}}
+    config = merge(config, extra)
+    run = config["run"]
+    workdir = YARD / "runs" / f"{data.name}_{digest(config)}"
+    log.info("pipeline %s in %s", run, workdir)
+    wall = run_pipeline(workdir, run, config, full)
+    defaults = yaml.safe_load((ROOT / "config.yaml").read_text())
+    effective = merge(defaults, config)
+    truth = dict(np.load(data / "truth" / "truth.npz"))
+    truth["names"] = [str(x) for x in truth["names"]]
+    res = workdir / "results" / run
+    box, apix = params.box, params.pixel_size
+    row: dict[str, Any] = {
+        "benchmark": "yardstick", "scenario": scenario, "source": source, "particles": int(n), "box": box,
+        "pixel_size_A": apix, "snr": params.snr, "L1": int(l1), "L2": int(l2), "basis": basis,
+        "extra_config": extra, "smoke": smoke, "dataset": data.name, "workdir": str(workdir.relative_to(ROOT)),
+        "reference_state": "truth's middle state (the consensus the pipeline uses is a blur of the ensemble)",
+        "consensus": cons,
+    }
+    # landscape
+    for stage in ("predict", "refine"):
+        c = read_coefficients(res / stage / "coefficients.npy")
+        row[f"landscape_{stage}"] = landscape(c, truth)
+        row[f"displacement_{stage}"] = field_errors(c, truth, (int(l1), int(l2)), basis, box, apix)
+    row["displacement_zero_field"] = field_errors(None, truth, (int(l1), int(l2)), basis, box, apix)
+    row["representation_limit"] = {
+        f"{a}_{b}_{c}": field_errors(None, truth, (a, b), c, box, apix,
+                                     residual=representation_residual(truth, (a, b), c, box, apix))
+        for a, b, c in LIMIT_DEGREES}
+    # maps
+    truth_map = read_map(data / "truth" / "reference_state.mrc").data
+    maps = {"uncorrected": half_average(res / "zart", "uncorrected"),
+            "corrected": half_average(res / "zart", "corrected"),
+            "oracle": oracle_map(data, workdir, run, reference, mask, effective)}
+    row["maps_vs_truth"] = {k: map_metrics(v, truth_map, apix) for k, v in maps.items()}
+    a = {k: v["fsc_area"] for k, v in row["maps_vs_truth"].items()}
+    gap = a["oracle"] - a["uncorrected"]
+    row["fsc_area_gap_closed"] = round((a["corrected"] - a["uncorrected"]) / gap, 3) if gap else None
+    row["training_images_per_s"] = training_rate(workdir, run)
+    row["stages"] = stage_times(workdir, run, int(n))
+    row["pipeline_wall_s_this_call"] = round(wall, 1)
+    row["simulate_wall_s_this_call"] = round(t_sim, 1)
+    row["host"] = platform.node()
+    row["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", nargs="+", default=["hinge:aspire:5000"],
+                        help="scenario:source:n (hinge|path|two_motions : aspire|z3 : particles)")
+    parser.add_argument("--degrees", nargs="+", default=["3,2,xmipp", "7,7,orthonormal"])
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra pipeline config (dotted keys, YAML values), e.g. rounds=2")
+    parser.add_argument("--smoke", action="store_true", help="500 particles per job (ignores n)")
+    parser.add_argument("--full", action="store_true", help="run the default target (report too)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    handler = logging.StreamHandler()  # its own handler: importing aspire reconfigures logging
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    extra = parse_set(args.set)
+    for job in args.jobs:
+        if args.smoke:
+            job = ":".join(job.split(":")[:2] + ["500"])
+        for degree in args.degrees:
+            try:
+                row = measure(job, degree, extra, args.full, args.smoke)
+            except Exception as exc:  # one failure must not hide the other figures
+                log.exception("job %s %s failed", job, degree)
+                row = {"benchmark": "yardstick", "job": job, "degree": degree, "extra_config": extra,
+                       "failed": f"{type(exc).__name__}: {exc}"}
+            emit(row, None if args.smoke and args.out == RESULTS else args.out)
+
+
+if __name__ == "__main__":
+    main()
