@@ -123,7 +123,7 @@ def quality(args: argparse.Namespace) -> None:
     box, orig, apix = int(cloud["box"]), int(cloud["original_box"]), float(cloud["pixel_size"])
     pts = np.asarray(cloud["points"], dtype=np.float64)
     basis = zk.evaluate_basis(pts, 3, 2, box / 2).astype(np.float32)
-    truth = read_map(data["sim_reference"]).data
+    truth = read_map(data["sim_truth_reference"]).data
     predicted = network_prediction(data, "cpu")
     fields = {"corrected (refined fields)": refined_fields(data, predicted) * box / orig,
               "corrected (predicted fields)": predicted * box / orig,

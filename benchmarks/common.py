@@ -33,7 +33,7 @@ def demo_dataset(n: int = 5000, box: int = 64, snr: float = 0.1, seed: int = 0, 
                          pixel_size=pixel_size, resolution=5.0, snr=snr, seed=seed)
     if not (pre_dir / "points.npz").exists():
         preprocess(sim_dir / "particles.star", sim_dir / "reference.mrc", sim_dir / "mask.mrc", pre_dir, box=pbox)
-    names = ("particles.star", "ground_truth.tsv", "motion.npz", "reference.mrc", "mask.mrc",
+    names = ("particles.star", "ground_truth.tsv", "motion.npz", "reference.mrc", "mask.mrc", "truth_reference.mrc",
              "state_start.mrc", "state_end.mrc")
     out = {f"sim_{p.split('.')[0]}": sim_dir / p for p in names}
     out.update({f"pre_{p.split('.')[0]}": pre_dir / p for p in ("particles.star", "points.npz", "reference.mrc", "mask.mrc")})

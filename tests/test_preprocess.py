@@ -93,10 +93,13 @@ def test_preprocess_outputs(sim: dict[str, Path], tmp_path: Path) -> None:
 
 
 def test_preprocess_without_mask_derives_one(sim: dict[str, Path], tmp_path: Path) -> None:
-    paths = preprocess(sim["particles"], sim["reference"], None, tmp_path, box=40, points_step=2)
+    """The derived mask holds the whole particle: checked on the noise-free true map, where every
+    positive voxel is particle density."""
+    paths = preprocess(sim["particles"], sim["truth_reference"], None, tmp_path, box=40, points_step=2)
     mask = read_map(paths["mask"]).data
     ref = read_map(paths["reference"]).data
     assert (ref * mask).sum() > 0.98 * ref[ref > 0].sum()
+    assert mask.sum() < 0.5 * mask.size  # a body, not the box
     assert int(read_npz(paths["points"])["step"]) == 2
 
 

@@ -91,7 +91,7 @@ def test_dataset_files_and_determinism(tmp_path: Path) -> None:
     assert d.min() >= 10000 and d.max() <= 25000 and np.all(pa.table["defocus_v"] <= d)
     _, scalars = load_motion(a["motion"])
     assert scalars["pixel_size"] == 2.5 and scalars["reference_t"] == 0.5
-    ref, start, end = (read_map(a[k]).data for k in ("reference", "state_start", "state_end"))
+    ref, start, end = (read_map(a[k]).data for k in ("truth_reference", "state_start", "state_end"))
     assert ref.shape == (48, 48, 48) and ref.sum() == pytest.approx(start.sum(), rel=1e-3)
     assert not np.allclose(start, end)
     mask = read_map(a["mask"]).data
@@ -104,7 +104,7 @@ def test_noise_free_round_trip_through_reader_projector_and_ctf(tmp_path: Path) 
     paths = _sim(tmp_path, n_particles=30, snr=math.inf, t_range=(0.5, 0.5))
     parts = read_particles(paths["particles"])
     t = parts.table
-    vol = read_map(paths["reference"]).data
+    vol = read_map(paths["truth_reference"]).data
     rot = torch.tensor(euler_to_matrix(t["rot"].to_numpy(), t["tilt"].to_numpy(), t["psi"].to_numpy()))
     proj = project_volume(vol, rot, torch.tensor(t[["shift_x", "shift_y"]].to_numpy()))
     model = apply_ctf(proj, parts.pixel_size, CtfParams.from_table(t, dtype=torch.float64)).numpy()

@@ -308,6 +308,7 @@ def simulate_dataset(
     defocus_max: float = 25000.0,
     t_range: tuple[float, float] = (0.0, 1.0),
     t_values: npt.ArrayLike | None = None,
+    consensus: bool = True,
     log: logging.Logger | None = None,
 ) -> dict[str, Path]:
     """Simulate a flexible dataset with ground truth and write it as a RELION 3.1 project.
@@ -324,8 +325,14 @@ def simulate_dataset(
         ``start``, ``end`` (Å, superposed and centred), ``weights``, ``pixel_size``, ``box``,
         ``reference_t``, ``sigma`` (px): the true displacement of every atom of every particle is
         ``(t − reference_t)(end − start)`` (see :func:`true_displacements`).
-    ``reference.mrc``, ``state_start.mrc``, ``state_end.mrc``, ``mask.mrc``
-        the maps at ``reference_t``, 0 and 1, and a mask covering all three.
+    ``reference.mrc``, ``mask.mrc``
+        the consensus map reconstructed from the noisy particles with their poses and CTFs, and
+        the mask derived from that map alone (:func:`z3lib.consensus.consensus_reference`): what
+        a consensus refinement would hand over, so no ground truth reaches the pipeline's inputs.
+        With ``consensus=False`` they are the true map at ``reference_t`` and a mask covering
+        every state instead (for unit tests that need an exact reference).
+    ``truth_reference.mrc``, ``state_start.mrc``, ``state_end.mrc``
+        the true maps at ``reference_t``, 0 and 1 (ground truth: for evaluation only).
     ``reference_model.pdb``
         the atomic model at ``reference_t`` in the maps' frame (MRC origin at voxel 0: centred
         coordinates + ``(box // 2) · pixel_size``).
@@ -374,16 +381,16 @@ def simulate_dataset(
     paths = {name: out / fname for name, fname in (
         ("particles", "particles.star"), ("stack", "particles.mrcs"), ("ground_truth", "ground_truth.tsv"),
         ("motion", "motion.npz"), ("reference", "reference.mrc"), ("mask", "mask.mrc"),
-        ("state_start", "state_start.mrc"), ("state_end", "state_end.mrc"),
+        ("truth_reference", "truth_reference.mrc"), ("state_start", "state_start.mrc"),
+        ("state_end", "state_end.mrc"),
         ("reference_model", "reference_model.pdb"),
     )}
     with open_stack_writer(paths["stack"], n_particles, box, pixel_size) as data:
         data[:] = sim.images
     maps = {}
-    for name, tt in (("reference", reference_t), ("state_start", 0.0), ("state_end", 1.0)):
+    for name, tt in (("truth_reference", reference_t), ("state_start", 0.0), ("state_end", 1.0)):
         maps[name] = density_from_atoms(motion.at(tt) / pixel_size, weights, box, sigma_px)
         write_map(paths[name], maps[name], pixel_size)
-    write_map(paths["mask"], make_mask(list(maps.values())), pixel_size)
     subset = rng.permutation(np.arange(n_particles) % 2) + 1
     optics = pd.DataFrame({
         "rlnOpticsGroup": [1], "rlnOpticsGroupName": ["opticsGroup1"], "rlnImagePixelSize": [pixel_size],
@@ -400,6 +407,13 @@ def simulate_dataset(
         "rlnRandomSubset": subset, "rlnClassNumber": np.ones(n_particles, dtype=int),
     })
     write_star(paths["particles"], {"optics": optics, "particles": particles})
+    if consensus:
+        from z3lib.consensus import consensus_reference
+
+        consensus_reference(paths["particles"], paths["reference"], paths["mask"], seed=seed, log=logger)
+    else:
+        write_map(paths["reference"], maps["truth_reference"], pixel_size)
+        write_map(paths["mask"], make_mask(list(maps.values())), pixel_size)
     write_table(paths["ground_truth"], pd.DataFrame({
         "particle": np.arange(n_particles), "t": sim.t, "rot": sim.rot, "tilt": sim.tilt, "psi": sim.psi,
         "shift_x_px": sim.shift_x, "shift_y_px": sim.shift_y, "defocus_u": sim.defocus_u,

@@ -13,6 +13,7 @@ rule simulate:
         motion="results/{run}/simulate/motion.npz",
         reference="results/{run}/simulate/reference.mrc",
         mask="results/{run}/simulate/mask.mrc",
+        truth_reference="results/{run}/simulate/truth_reference.mrc",
         state_start="results/{run}/simulate/state_start.mrc",
         state_end="results/{run}/simulate/state_end.mrc",
         reference_model="results/{run}/simulate/reference_model.pdb",
