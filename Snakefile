@@ -31,6 +31,7 @@ include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/network.smk"
 include: "workflow/rules/refine.smk"
 include: "workflow/rules/reconstruct.smk"
+include: "workflow/rules/rounds.smk"
 include: "workflow/rules/report.smk"
 
 

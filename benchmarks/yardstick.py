@@ -38,6 +38,7 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import platform
 import re
 import subprocess
@@ -264,6 +265,44 @@ def oracle_map(data: Path, workdir: Path, run: str, reference: Path, mask: Path,
     return vol
 
 
+def dataset_checks(data: Path, params: SimParams, truth: dict[str, np.ndarray]) -> dict[str, float]:
+    """What ``z3lib.io.read_particles`` makes of the simulated STAR, against the simulation's own
+    record: pose agreement, shift and defocus-angle ranges, and the correlation of 16 clean images
+    with z3's renderer of the same atoms through the poses, shifts and CTFs read back (≈ 1 when
+    the simulator, the STAR and z3 agree on every convention; negative on a CTF sign error)."""
+    from dataclasses import replace
+
+    from yardstick_sim import load_atoms, z3_images
+
+    from z3lib.io import read_particles
+
+    t = read_particles(data / "particles.star").table
+    k = 16
+    meta = {"_rlnAngleRot": t["rot"].to_numpy()[:k], "_rlnAngleTilt": t["tilt"].to_numpy()[:k],
+            "_rlnAnglePsi": t["psi"].to_numpy()[:k],
+            "_rlnOriginXAngst": t["shift_x"].to_numpy()[:k] * params.pixel_size,
+            "_rlnOriginYAngst": t["shift_y"].to_numpy()[:k] * params.pixel_size,
+            "_rlnDefocusU": t["defocus_u"].to_numpy()[:k], "_rlnDefocusV": t["defocus_v"].to_numpy()[:k],
+            "_rlnDefocusAngle": t["defocus_angle"].to_numpy()[:k]}
+    ref = z3_images(replace(params, n=k), truth["coords"], load_atoms().elements, truth["state"][:k], meta)
+    sim = truth["clean_sample"][:k]
+    corr = [float(np.corrcoef(a.ravel(), b.ravel())[0, 1]) for a, b in zip(sim, ref)]
+    rot_err = float(np.abs(euler_to_matrix(t["rot"], t["tilt"], t["psi"])
+                           - euler_to_matrix(truth["rot"], truth["tilt"], truth["psi"])).max())
+    return {"pose_matrix_max_abs_diff": round(rot_err, 6),
+            "shift_rms_px": round(float(np.sqrt((t["shift_x"] ** 2 + t["shift_y"] ** 2).mean() / 2)), 3),
+            "defocus_angle_deg_range": [round(float(t["defocus_angle"].min()), 1),
+                                        round(float(t["defocus_angle"].max()), 1)],
+            "defocus_u_A_range": [round(float(t["defocus_u"].min())), round(float(t["defocus_u"].max()))],
+            "clean_image_corr_vs_z3_renderer_mean": round(float(np.mean(corr)), 4),
+            "clean_image_corr_vs_z3_renderer_min": round(float(np.min(corr)), 4),
+            "star_columns": sorted(read_star_columns(data / "particles.star"))}
+
+
+def read_star_columns(path: Path) -> set[str]:
+    return {line.split()[0] for line in path.read_text().splitlines() if line.startswith("_rln")}
+
+
 def half_average(folder: Path, name: str) -> np.ndarray:
     from z3lib.io import read_map
 
@@ -302,6 +341,7 @@ def measure(job: str, degree: str, extra: dict[str, Any], full: bool, smoke: boo
         "extra_config": extra, "smoke": smoke, "dataset": data.name, "workdir": str(workdir.relative_to(ROOT)),
         "reference_state": "truth's middle state (the consensus the pipeline uses is a blur of the ensemble)",
         "consensus": cons,
+        "dataset_checks": dataset_checks(data, params, truth),
     }
     # landscape
     for stage in ("predict", "refine"):
@@ -342,7 +382,19 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="run the default target (report too)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    handler = logging.StreamHandler()  # its own handler: importing aspire reconfigures logging
+    # importing aspire writes logs/ into the working directory and disables existing loggers:
+    # import it first, from a scratch folder, then set ours up
+    scratch = YARD / "scratch"
+    scratch.mkdir(parents=True, exist_ok=True)
+    here = Path.cwd()
+    os.chdir(scratch)
+    import aspire  # noqa: F401
+
+    os.chdir(here)
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith(("z3", "yardstick")):
+            logging.getLogger(name).disabled = False
+    handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)

@@ -111,6 +111,69 @@ def test_particle_that_cannot_improve_keeps_its_prior_and_is_flagged() -> None:
     assert float(out["cost"][0]) == float(out["cost_prior"][0])
 
 
+def _landscape_batch(n: int, seed: int) -> dict[str, torch.Tensor]:
+    """``n`` noise-free particles whose true fields lie on one line plus an off-line part."""
+    rng = np.random.default_rng(seed)
+    k3 = 3 * zk.count_terms(2, 1)
+    direction = rng.normal(size=k3)
+    direction *= 1.5 / np.linalg.norm(direction)
+    angles = torch.tensor(np.column_stack([rng.uniform(-180, 180, n), rng.uniform(20, 160, n),
+                                           rng.uniform(-180, 180, n)]))
+    return {"direction": torch.tensor(direction), "t": torch.tensor(rng.uniform(-1, 1, n)), "angles": angles,
+            "off": torch.tensor(rng.normal(scale=0.6, size=(n, k3)))}
+
+
+def test_landscape_refinement_never_ends_worse_than_an_exact_prediction() -> None:
+    """When the prediction is the truth, no particle may come back with a worse image term than
+    the prediction's (the baseline is the prediction itself, not its landscape projection), and
+    every particle that did not beat it keeps it exactly and is flagged."""
+    dec = _phantom_decoder()
+    data = _landscape_batch(40, 11)
+    n = len(data["t"])
+    true = data["t"][:, None] * data["direction"][None] + 0.3 * data["off"]  # off the landscape too
+    rot = euler_to_matrix(data["angles"][:, 0], data["angles"][:, 1], data["angles"][:, 2])
+    shifts = torch.zeros(n, 2, dtype=torch.float64)
+    images = dec(true, rot, shifts, _ctf(n))
+    landscape = landscape_from_predictions(true.numpy(), variance=0.5, max_dimensions=1)
+    cfg = RefineConfig(steps=20, grid_points=9)
+    out = refine_batch(dec, images, data["angles"], shifts, _ctf(n), true, (2, 1), cfg, landscape=landscape)
+    exact = (1 - torch.nn.functional.cosine_similarity(images.flatten(1), images.flatten(1))).abs()
+    assert float(out["cost_prior"].max()) < 1e-6 + float(exact.max())  # the baseline is the exact prediction
+    assert torch.all(out["cost"] <= out["cost_prior"])
+    flagged = out["flagged"]
+    torch.testing.assert_close(out["coefficients"][flagged], true[flagged], rtol=0, atol=0)
+
+
+def test_free_stage_leaves_the_landscape_when_the_image_says_so() -> None:
+    """Predictions that know only the main direction of a motion, images of fields that also have
+    a part outside it: the landscape alone cannot reach that part, ``free_steps`` can."""
+    dec = _phantom_decoder()
+    data = _landscape_batch(24, 12)
+    n = len(data["t"])
+    on_line = data["t"][:, None] * data["direction"][None]
+    true = on_line + data["off"]
+    rot = euler_to_matrix(data["angles"][:, 0], data["angles"][:, 1], data["angles"][:, 2])
+    shifts = torch.zeros(n, 2, dtype=torch.float64)
+    images = dec(true, rot, shifts, _ctf(n))
+    prediction = on_line + 0.05 * torch.randn(n, on_line.shape[1], dtype=torch.float64,
+                                              generator=torch.Generator().manual_seed(0))
+    landscape = landscape_from_predictions(prediction.numpy(), variance=0.9, max_dimensions=1)
+
+    def error(c: torch.Tensor) -> float:
+        return float((_inplane_field(dec, c, rot) - _inplane_field(dec, true, rot)).pow(2).sum(-1).mean().sqrt())
+
+    base = RefineConfig(steps=30, grid_points=9, patience=20)
+    inside = refine_batch(dec, images, data["angles"], shifts, _ctf(n), prediction, (2, 1), base,
+                          landscape=landscape)
+    leave = RefineConfig(steps=30, grid_points=9, patience=20, free_steps=200, learning_rate=0.02,
+                         free_prior_weight=0.0, free_smooth_weight=0.0)
+    outside = refine_batch(dec, images, data["angles"], shifts, _ctf(n), prediction, (2, 1), leave,
+                           landscape=landscape)
+    assert error(outside["coefficients"]) < 0.6 * error(inside["coefficients"]), (
+        error(prediction), error(inside["coefficients"]), error(outside["coefficients"]))
+    assert torch.all(outside["cost"] <= inside["cost"] + 1e-9)
+
+
 def test_chunk_rows_cover_everything_once() -> None:
     rows = [chunk_rows(103, k, 4) for k in range(4)]
     np.testing.assert_array_equal(np.concatenate(rows), np.arange(103))

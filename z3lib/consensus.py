@@ -25,14 +25,16 @@ def mask_from_map(
     pixel_size: float,
     *,
     lowpass: float = 12.0,
-    fraction: float = 0.15,
+    fraction: float = 0.1,
     dilate: float = 4.0,
+    min_dilate: int = 2,
 ) -> np.ndarray:
     """Binary ``[z, y, x]`` mask of a map's main body, as a user would make it from the map.
 
     The map is low-passed to ``lowpass`` Å (so that noise and fine density do not make holes),
     thresholded at ``fraction`` of its maximum, reduced to its largest connected component with
-    holes filled, dilated by ``dilate`` Å and kept inside the ball of radius box/2 − 1.
+    holes filled, dilated by ``dilate`` Å (at least ``min_dilate`` voxels) and kept inside the ball
+    of radius box/2 − 1.
 
     Parameters
     ----------
@@ -70,7 +72,7 @@ def mask_from_map(
         sizes = ndimage.sum(body, labels, index=np.arange(1, count + 1))
         body = labels == (1 + int(np.argmax(sizes)))
     body = ndimage.binary_fill_holes(body)
-    steps = round(dilate / pixel_size)
+    steps = max(int(min_dilate), round(dilate / pixel_size))
     if steps > 0:
         body = ndimage.binary_dilation(body, structure=ndimage.generate_binary_structure(3, 1),
                                        iterations=steps)

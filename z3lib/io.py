@@ -168,6 +168,18 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
         raise
 
 
+def copy_file(source: PathLike, destination: PathLike) -> Path:
+    """Copy a file's bytes to ``destination`` atomically (a temporary file renamed over it), so
+    that a reader never sees a half-written copy; missing parent folders are created."""
+    import shutil
+
+    src = Path(source)
+    _check_readable_file(src, "file")
+    with atomic_path(destination) as tmp:
+        shutil.copyfile(src, tmp)
+    return Path(destination)
+
+
 # ==============================================================================================
 # Small helpers
 # ==============================================================================================

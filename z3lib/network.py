@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -387,6 +388,7 @@ class ParticleBatchSource:
     pixel_size: float
     phase_flipped: bool = False
     subsets: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    rows: np.ndarray | None = None  # (n,) stack rows of this source's particles; None = 0…n−1
 
     @classmethod
     def from_particles(cls, particles: Particles) -> ParticleBatchSource:
@@ -409,11 +411,23 @@ class ParticleBatchSource:
     def __len__(self) -> int:
         return int(self.angles.shape[0])
 
+    def take(self, rows: np.ndarray) -> ParticleBatchSource:
+        """The particles ``rows`` (indices into this source) as a source of their own: index
+        ``i`` of the result is particle ``rows[i]`` here. Nothing outside ``rows`` is ever read
+        through it (a gold-standard half trains and refines on its own particles only)."""
+        r = np.asarray(rows, dtype=np.int64)
+        ti = torch.as_tensor(r)
+        stack_rows = r if self.rows is None else self.rows[r]
+        return ParticleBatchSource(images=self.images, angles=self.angles[ti], shifts=self.shifts[ti],
+                                   ctf=self.ctf[ti], pixel_size=self.pixel_size, phase_flipped=self.phase_flipped,
+                                   subsets=self.subsets[r] if len(self.subsets) else self.subsets, rows=stack_rows)
+
     def batch(self, index: np.ndarray, device: torch.device) -> dict[str, Any]:
         """Images and metadata of the particles ``index`` (sorted reads from the mmap)."""
         order = np.argsort(index, kind="stable")
         imgs = np.empty((len(index), self.images.box, self.images.box), dtype=np.float32)
-        imgs[order] = self.images[index[order]]
+        stack_index = index if self.rows is None else self.rows[index]
+        imgs[order] = self.images[stack_index[order]]
         ti = torch.as_tensor(index)
         return {
             "images": torch.from_numpy(imgs).to(device),
@@ -454,11 +468,47 @@ def _forward_loss(model: Zernike3Deep, batch: dict[str, Any], use_amp: bool) -> 
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
-def _fingerprint(config: NetworkConfig, n_particles: int, box: int) -> dict[str, Any]:
-    """What must match for a checkpoint to be resumed (not ``epochs``: training may be extended)."""
+def _fingerprint(config: NetworkConfig, n_particles: int, box: int, inputs: dict[str, str] | None = None
+                 ) -> dict[str, Any]:
+    """What must match for a checkpoint to be resumed (not ``epochs``: training may be extended).
+
+    ``inputs`` holds digests of the data (particle rows, point cloud) and of the initial weights,
+    so that a checkpoint is never resumed for another round, half set or starting model."""
     d = config.to_dict()
     d.pop("epochs")
-    return {"config": d, "n_particles": int(n_particles), "box": int(box)}
+    return {"config": d, "n_particles": int(n_particles), "box": int(box), "inputs": dict(inputs or {})}
+
+
+def array_digest(*arrays: np.ndarray | torch.Tensor) -> str:
+    """SHA-256 (hex) of the bytes, dtypes and shapes of arrays or tensors (checkpoint fingerprints)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for a in arrays:
+        arr = a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+        arr = np.ascontiguousarray(arr)
+        h.update(f"{arr.dtype.str}{arr.shape}".encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 (hex) of a state dict (names, shapes and values, in name order)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(state):
+        h.update(name.encode())
+        h.update(array_digest(state[name]).encode())
+    return h.hexdigest()
+
+
+def transferable_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The learned weights of a saved model that carry over to a model of another point cloud:
+    everything but the physical decoder's buffers (points, amplitudes, basis values and the
+    regularisers' quadratic forms are computed from the point cloud, not learned; the image mask
+    follows the settings)."""
+    return {k: v for k, v in state.items() if not k.startswith("decoder.") and k != "image_mask"}
 
 
 def split_particles(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -505,13 +555,15 @@ def train_model(
     device: str | torch.device = "cpu",
     log: logging.Logger | None = None,
     on_epoch_end: Any = None,
+    init_weights: dict[str, torch.Tensor] | None = None,
+    data_digests: dict[str, str] | None = None,
 ) -> tuple[Zernike3Deep, pd.DataFrame]:
     """Train Zernike3Deep; resumable.
 
     A checkpoint (model, optimiser, history) is written atomically to
     ``checkpoint_dir/checkpoint.pt`` after every epoch. If one exists for the same data and
     settings, training continues after its last epoch (more epochs in ``config`` extend a
-    finished run); otherwise it starts from the seeded initialisation.
+    finished run); otherwise it starts from the seeded initialisation, or from ``init_weights``.
 
     Parameters
     ----------
@@ -521,6 +573,14 @@ def train_model(
         ``(N, 3)`` px and ``(N,)`` point cloud of the reference.
     on_epoch_end
         optional ``callback(epoch, row)`` after each checkpoint (progress hooks, tests).
+    init_weights
+        fine-tuning: the learned weights of an earlier model (e.g. the previous round's, see
+        :func:`transferable_weights`) loaded over the seeded initialisation. The decoder is built
+        from ``points`` and ``amplitudes``; the optimiser is fresh and the learning-rate schedule
+        starts again over ``config.epochs``.
+    data_digests
+        digests of the inputs (particle rows, point cloud) for the checkpoint fingerprint; the
+        initial weights' digest is added to it here.
 
     Returns
     -------
@@ -535,6 +595,16 @@ def train_model(
     dev = torch.device(device)
     use_amp = dev.type == "cuda"
     model = build_model(points, amplitudes, box, source.pixel_size, config, dev)
+    inputs = dict(data_digests or {})
+    inputs["points"] = array_digest(np.asarray(points, np.float32), np.asarray(amplitudes, np.float32))
+    if init_weights is not None:
+        weights = transferable_weights(init_weights)
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        if unexpected or any(not k.startswith("decoder.") and k != "image_mask" for k in missing):
+            raise ValueError(f"the initial weights do not fit this network (missing {missing}, unexpected "
+                             f"{unexpected}): were they trained with other settings?")
+        inputs["init"] = state_digest(weights)
+        logger.info("fine-tuning: %d weight tensors loaded from the initial model", len(weights))
     optimiser = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
     # cosine decay of the learning rate to 10% over the configured epochs (per epoch, so that a
     # resumed run follows exactly the schedule of an uninterrupted one)
@@ -542,7 +612,7 @@ def train_model(
         frac = min(epoch / max(config.epochs, 1), 1.0)
         return config.learning_rate * (0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
     train_idx, val_idx = split_particles(len(source), config.validation_fraction, config.seed)
-    fingerprint = _fingerprint(config, len(source), box)
+    fingerprint = _fingerprint(config, len(source), box, inputs)
     history: list[dict[str, float]] = []
     start_epoch = 0
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME
@@ -690,6 +760,8 @@ def train(
     *,
     checkpoint_dir: str | Path | None = None,
     device: str | torch.device = "cpu",
+    init_model: str | Path | None = None,
+    half: int | None = None,
     log: logging.Logger | None = None,
 ) -> dict[str, Path]:
     """Train Zernike3Deep on preprocessed particles; write ``model.pt`` and ``history.tsv``.
@@ -703,9 +775,18 @@ def train(
     out_dir
         where ``model.pt`` and ``history.tsv`` are written (atomically).
     checkpoint_dir
-        resumable checkpoints (default ``out_dir/checkpoint``).
+        resumable checkpoints (default ``out_dir/checkpoint``); a checkpoint is resumed only for
+        the same settings, particle rows, point cloud and initial model.
+    init_model
+        a ``model.pt`` whose learned weights start the training (fine-tuning, e.g. the previous
+        refinement round's network); its decoder is rebuilt from ``points``.
+    half
+        1 or 2: train on that gold-standard half set only (:func:`z3lib.zart.half_sets` with
+        ``config.seed``, the split ZART uses), for independent half-set processing; the model
+        records its rows (``meta["rows"]``) and never reads another particle's image. None: all.
     """
     from z3lib.io import read_npz, read_particles, write_table
+    from z3lib.zart import half_sets
 
     logger = log or logging.getLogger(__name__)
     out = Path(out_dir)
@@ -715,15 +796,35 @@ def train(
     if parts.box != box:
         raise ValueError(f"{particles} holds {parts.box} px images but {points} was made for box {box}")
     source = ParticleBatchSource.from_particles(parts)
+    n_all = len(source)
+    rows = np.arange(n_all, dtype=np.int64)
+    if half is not None:
+        if half not in (1, 2):
+            raise ValueError(f"half must be 1 or 2, got {half!r}")
+        rows = half_sets(source.subsets, config.seed)[half - 1]
+        source = source.take(rows)
+        logger.info("gold-standard half %d: training on its %d of %d particles only", half, len(rows), n_all)
+    init_weights = None
+    if init_model is not None:
+        payload = torch.load(Path(init_model), map_location="cpu", weights_only=True)
+        if payload.get("format") != "z3-zernike3deep-1":
+            raise ValueError(f"{init_model} is not a z3 Zernike3Deep model file")
+        init_weights = payload["state_dict"]
+        logger.info("starting from the weights of %s", init_model)
     logger.info("Zernike3Deep: %d particles, box %d, %d points, (L1, L2) = (%d, %d) %s basis, %s encoder",
                 len(source), box, len(cloud["points"]), config.L1, config.L2, config.basis, config.encoder)
     t0 = time.perf_counter()
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     model, history = train_model(source, cloud["points"], cloud["amplitudes"], box, config,
-                                 checkpoint_dir=checkpoint_dir or out / "checkpoint", device=device, log=logger)
-    meta = {"box": box, "pixel_size": float(cloud["pixel_size"]), "original_box": int(cloud["original_box"]),
-            "original_pixel_size": float(cloud["original_pixel_size"]), "n_particles": len(source)}
+                                 checkpoint_dir=checkpoint_dir or out / "checkpoint", device=device, log=logger,
+                                 init_weights=init_weights,
+                                 data_digests={"rows": array_digest(rows), "n_total": str(n_all)})
+    meta: dict[str, Any] = {"box": box, "pixel_size": float(cloud["pixel_size"]),
+                            "original_box": int(cloud["original_box"]),
+                            "original_pixel_size": float(cloud["original_pixel_size"]), "n_particles": len(source),
+                            "n_total": n_all, "half": 0 if half is None else int(half),
+                            "rows": torch.as_tensor(rows)}
     paths = {"model": out / "model.pt", "history": out / "history.tsv"}
     save_model(paths["model"], model, meta)
     write_table(paths["history"], history)
@@ -735,7 +836,7 @@ def train(
 
 
 def predict(
-    model_path: str | Path,
+    model_path: str | Path | Sequence[str | Path],
     particles: str | Path,
     original_particles: str | Path,
     out_dir: str | Path,
@@ -755,6 +856,10 @@ def predict(
 
     Parameters
     ----------
+    model_path
+        one ``model.pt``, or one per gold-standard half set (independent halves): each model
+        then encodes exactly the particle rows it was trained on (its ``meta["rows"]``), and the
+        models' rows must cover every particle once.
     particles
         the preprocess stage's STAR (processing box), whose images are encoded.
     original_particles
@@ -766,17 +871,39 @@ def predict(
 
     logger = log or logging.getLogger(__name__)
     out = Path(out_dir)
-    model, meta = load_model(model_path, device)
+    model_paths = [model_path] if isinstance(model_path, (str, Path)) else list(model_path)
+    if not model_paths:
+        raise ValueError("predict needs at least one model")
     parts = read_particles(particles)
     original = read_particles(original_particles, pixel_size=pixel_size, image_root=image_root)
     if len(parts) != len(original):
         raise ValueError(f"{particles} has {len(parts)} particles but {original_particles} has {len(original)}; "
                          "they must be the same particles in the same order")
-    if parts.box != int(meta["box"]):
-        raise ValueError(f"{particles} holds {parts.box} px images but {model_path} was trained at box {meta['box']}")
     source = ParticleBatchSource.from_particles(parts)
+    n = len(source)
+    models = []
+    covered = np.zeros(n, dtype=np.int64)
+    for path in model_paths:
+        net, meta = load_model(path, device)
+        if parts.box != int(meta["box"]):
+            raise ValueError(f"{particles} holds {parts.box} px images but {path} was trained at box {meta['box']}")
+        rows = np.arange(n) if len(model_paths) == 1 else np.asarray(meta.get("rows", np.arange(0)), np.int64)
+        if len(model_paths) > 1 and int(meta.get("n_total", -1)) != n:
+            raise ValueError(f"{path} was trained on a half set of {meta.get('n_total')} particles, not of the "
+                             f"{n} in {particles}")
+        covered[rows] += 1
+        models.append((net, meta, rows))
+    if not np.all(covered == 1):
+        raise ValueError(f"the models {[str(p) for p in model_paths]} cover {int((covered > 0).sum())} of {n} "
+                         "particles (each must be encoded by exactly one model)")
+    model, meta = models[0][0], models[0][1]
     t0 = time.perf_counter()
-    pred = predict_coefficients(model, source, device=device, batch_size=batch_size, log=logger)
+    pred: dict[str, np.ndarray] = {}
+    for net, _, rows in models:
+        part = predict_coefficients(net, source if len(models) == 1 else source.take(rows), device=device,
+                                    batch_size=batch_size, log=logger)
+        for key, values in part.items():
+            pred.setdefault(key, np.zeros((n,) + values.shape[1:], dtype=values.dtype))[rows] = values
     elapsed = time.perf_counter() - t0
     logger.info("encoded %d particles in %.1f s (%.0f images/s)", len(source), elapsed, len(source) / max(elapsed, 1e-9))
     box, orig_box = int(meta["box"]), int(meta["original_box"])

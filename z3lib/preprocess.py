@@ -19,7 +19,7 @@ import numpy.typing as npt
 import pandas as pd
 
 from z3lib.conventions import box_center, rescale_factor, shift_pixels_to_angstrom
-from z3lib.geometry import points_from_volume
+from z3lib.geometry import points_from_volume, threshold_mask
 from z3lib.io import (
     Particles,
     Z3InputError,
@@ -117,11 +117,10 @@ def normalise_images(images: np.ndarray, *, radius_fraction: float = 0.8) -> np.
     return out
 
 
-def auto_mask(reference: np.ndarray, pixel_size: float) -> np.ndarray:
-    """A mask derived from a map alone (see :func:`z3lib.consensus.mask_from_map`)."""
-    from z3lib.consensus import mask_from_map
-
-    return mask_from_map(reference, pixel_size)
+def auto_mask(reference: np.ndarray, *, fraction: float = 0.05, dilate: int = 2) -> np.ndarray:
+    """A mask derived from a user's map (see :func:`z3lib.geometry.threshold_mask`). Noisy maps
+    reconstructed from the particles get :func:`z3lib.consensus.mask_from_map` instead."""
+    return threshold_mask([reference], fraction=fraction, dilate=dilate)
 
 
 def _check_map(kind: str, path: Path, shape: tuple[int, ...], pixel: float, particles: Particles,
@@ -248,7 +247,7 @@ def preprocess(
             raise Z3InputError(f"mask {mask} is empty after thresholding at {mask_threshold}; "
                                "lower `preprocess.mask_threshold` or check the mask")
     else:
-        mask_small = auto_mask(ref_small, apix)
+        mask_small = auto_mask(ref_small)
         logger.info("no mask given: derived one from the reference (%d voxels)", int(mask_small.sum()))
 
     paths = {name: out / fname for name, fname in (

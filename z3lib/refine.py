@@ -12,13 +12,16 @@ The objective of particle i is
 Two modes:
 
 ``"landscape"`` (default)
-    The field stays in the landscape the network found: ``c = μ + z·U`` with μ and U the mean and
-    the main principal directions of the network's predictions over all particles. Each particle
+    The prediction moves along the landscape the network found: ``c = c_pred + (z − z_pred)·U``
+    with U the main principal directions of the network's predictions over all particles (the
+    prediction's part outside them is kept, so ``z = z_pred`` is the prediction). Each particle
     first gets a global search on a grid along each direction (the single-image likelihood is not
     convex, so a local method alone stays where it starts), then a local Adam refinement of ``z``.
     ``prior_i`` is the Mahalanobis distance of ``z`` from the particle's predicted scores. At low
     SNR this is what lets a single image improve on the network: a handful of well-determined
-    numbers instead of 3K poorly determined ones.
+    numbers instead of 3K poorly determined ones. With ``free_steps > 0`` a last local stage
+    moves all 3K coefficients from there, under a prior on the size and roughness of the change,
+    so a particle can leave the landscape where its image says so.
 ``"free"``
     All 3K coefficients are free (Adam from the prediction), with ``prior_i`` the Mahalanobis
     distance under the population covariance (or the mean squared field difference) and an
@@ -33,7 +36,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +78,9 @@ class RefineConfig:
     defocus_learning_rate: float = 20.0  # Å per step
     pose_prior_weight: float = 1e-4  # per deg² and px² away from the starting pose
     degree_schedule: bool = False  # free mode: l2 ≤ 1 terms first, then all terms
+    free_steps: int = 0  # landscape mode: then this many steps on all 3K coefficients (leave the landscape)
+    free_prior_weight: float = 0.01  # that stage: weight of mean |Δd|² (px²) away from the landscape result
+    free_smooth_weight: float = 0.01  # that stage: weight of mean |∇Δd|² (roughness of the change)
     patience: int = 8
     tolerance: float = 1e-6
     batch_size: int = 256
@@ -173,7 +180,9 @@ class _Objective:
     def __init__(self, decoder: PhysicalDecoder, images: torch.Tensor, angles: torch.Tensor,
                  shifts: torch.Tensor, ctf: CtfParams, prior: torch.Tensor, config: RefineConfig, *,
                  landscape: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
-                 precision: torch.Tensor | None, phase_flipped: bool) -> None:
+                 precision: torch.Tensor | None, phase_flipped: bool,
+                 change_smooth_weight: float = 0.0) -> None:
+        self.change_smooth_weight = change_smooth_weight  # weight of mean |∇(d(c) − d(prior))|²
         self.decoder, self.images, self.angles, self.shifts, self.ctf = decoder, images, angles, shifts, ctf
         self.prior, self.config, self.landscape, self.precision = prior, config, landscape, precision
         self.phase_flipped = phase_flipped
@@ -188,10 +197,13 @@ class _Objective:
             self.prior_scores = ((prior - mean) @ dirs.T) / scale
 
     def coefficients(self, params: torch.Tensor) -> torch.Tensor:
+        """Coefficients of parameters ``(B, P)``. In landscape mode the scores move the
+        prediction itself along the directions (``prior + ((z − z_prior) · scale) · U``), so the
+        prediction's part outside the landscape is kept and ``z = z_prior`` is the prediction."""
         if self.landscape is None:
             return params
-        mean, dirs, scale = self.landscape
-        return mean + (params * scale) @ dirs
+        _, dirs, scale = self.landscape
+        return self.prior + ((params - self.prior_scores) * scale) @ dirs
 
     def image_term(self, coefficients: torch.Tensor) -> torch.Tensor:
         """``(B,)`` image term of given coefficients at the starting pose and defocus."""
@@ -226,6 +238,8 @@ class _Objective:
         total = img + cfg.prior_weight * prior_term + cfg.pose_prior_weight * ((da**2).sum(1) + (ds**2).sum(1))
         if cfg.smooth_weight:
             total = total + cfg.smooth_weight * self.decoder.field_roughness(coeffs)
+        if self.change_smooth_weight:
+            total = total + self.change_smooth_weight * self.decoder.field_roughness(coeffs - self.prior)
         return total, img
 
 
@@ -296,7 +310,7 @@ def refine_batch(
     if config.mode == "landscape":
         if landscape is None:
             raise ValueError("landscape mode needs the landscape of the network's predictions")
-        land_t = tuple(torch.as_tensor(a, dtype=torch.float32, device=device)
+        land_t = tuple(torch.as_tensor(a, dtype=prior.dtype, device=device)
                        for a in (landscape.mean, landscape.directions, landscape.scale))
     elif config.mode != "free":
         raise ValueError(f"unknown refinement mode {config.mode!r}; use 'landscape' or 'free'")
@@ -305,16 +319,79 @@ def refine_batch(
     zero3 = torch.zeros(b, 3, device=device)
     zero2 = torch.zeros(b, 2, device=device)
     zero1 = torch.zeros(b, device=device)
-    with torch.no_grad():  # the starting point: the prediction (free) or its landscape coordinates
-        start_coeffs = objective.coefficients(objective.prior_scores) if land_t is not None else prior
-        prior_img = objective.image_term(start_coeffs)
+    with torch.no_grad():  # the baseline every particle must beat: the network's prediction itself
+        prior_img = objective.image_term(prior)
     if land_t is not None:
         assert landscape is not None
         start = _grid_search(objective, objective.prior_scores, landscape.low / landscape.scale,
                              landscape.high / landscape.scale, config)
     else:
         start = prior.clone()
-    params = start.clone().requires_grad_(True)
+    stages = _stage_masks(start.shape[1], degrees, config.degree_schedule, config.mode == "free")
+    best, steps = _local_search(objective, start, stages, config.steps, config)
+    with torch.no_grad():
+        coeffs = objective.coefficients(best["p"])
+    if land_t is not None and config.free_steps > 0:
+        # leave the landscape where the image says so: all 3K coefficients, from the landscape
+        # result, at its pose, under a prior on the size and roughness of the change
+        free_cfg = replace(config, mode="free", prior="field", prior_weight=config.free_prior_weight,
+                           smooth_weight=0.0, refine_angles=False, refine_shifts=False, refine_defocus=False)
+        c = ctf
+        ctf2 = CtfParams(c.defocus_u + best["d"], c.defocus_v + best["d"], c.defocus_angle, c.voltage, c.cs,
+                         c.amplitude_contrast, c.phase_shift, c.bfactor, c.scale)
+        free_obj = _Objective(decoder, images, angles + best["a"], shifts + best["s"], ctf2, coeffs, free_cfg,
+                              landscape=None, precision=None, phase_flipped=phase_flipped,
+                              change_smooth_weight=config.free_smooth_weight)
+        free_best, free_n = _local_search(free_obj, coeffs, [np.ones(coeffs.shape[1], dtype=bool)],
+                                          config.free_steps, free_cfg)
+        coeffs = free_best["p"]
+        steps = steps + free_n
+    with torch.no_grad():
+        final_img = _image_term_at(objective, coeffs, best)
+    flagged = ~(final_img < prior_img - config.tolerance)
+    fm = flagged[:, None]
+    return {
+        "coefficients": torch.where(fm, prior, coeffs).detach(),
+        "angles": (angles + torch.where(fm, zero3, best["a"])).detach(),
+        "shifts": (shifts + torch.where(fm, zero2, best["s"])).detach(),
+        "defocus_offset": torch.where(flagged, zero1, best["d"]).detach(),
+        "cost": torch.where(flagged, prior_img, final_img).detach(),
+        "cost_prior": prior_img.detach(),
+        "flagged": flagged.detach(),
+        "steps": steps.detach(),
+    }
+
+
+def _image_term_at(objective: _Objective, coefficients: torch.Tensor, best: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``(B,)`` image term of ``coefficients`` at the refined pose and defocus of ``best``."""
+    cfg = objective.config
+    if not (cfg.refine_angles or cfg.refine_shifts or cfg.refine_defocus):
+        return objective.image_term(coefficients)
+    ang = objective.angles + best["a"]
+    rot = euler_to_matrix(ang[:, 0], ang[:, 1], ang[:, 2]) if cfg.refine_angles else objective.rot0
+    c = objective.ctf
+    if cfg.refine_defocus:
+        ctf = CtfParams(c.defocus_u + best["d"], c.defocus_v + best["d"], c.defocus_angle, c.voltage, c.cs,
+                        c.amplitude_contrast, c.phase_shift, c.bfactor, c.scale)
+        pred = objective.decoder(coefficients, rot, objective.shifts + best["s"], ctf,
+                                 phase_flipped=objective.phase_flipped)
+    else:
+        pred = objective.decoder(coefficients, rot, objective.shifts + best["s"], c, transfer=objective.transfer0)
+    return image_loss(pred, objective.images, objective.mask, cfg.loss)
+
+
+def _local_search(objective: _Objective, start: torch.Tensor, stages: list[np.ndarray], steps_total: int,
+                  config: RefineConfig) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Per-particle Adam from ``start`` (``(B, P)`` parameters), each particle stopping on its own
+    after ``config.patience`` steps without improvement; ``stages`` are the free parameters of
+    successive stages (each restarts from the best point). Returns the best parameters ``p`` and
+    pose/defocus offsets ``a`` (B, 3) deg, ``s`` (B, 2) px, ``d`` (B,) Å, and the steps taken."""
+    device = start.device
+    b = start.shape[0]
+    zero3 = torch.zeros(b, 3, device=device)
+    zero2 = torch.zeros(b, 2, device=device)
+    zero1 = torch.zeros(b, device=device)
+    params = start.detach().clone().requires_grad_(True)
     d_ang = zero3.clone().requires_grad_(True)
     d_shift = zero2.clone().requires_grad_(True)
     d_def = zero1.clone().requires_grad_(True)
@@ -332,8 +409,7 @@ def refine_batch(
     active = torch.ones(b, dtype=torch.bool, device=device)
     since = torch.zeros(b, dtype=torch.long, device=device)
     steps = torch.zeros(b, dtype=torch.long, device=device)
-    stages = _stage_masks(params.shape[1], degrees, config.degree_schedule, config.mode == "free")
-    per_stage = max(1, config.steps // len(stages))
+    per_stage = max(1, steps_total // len(stages)) if steps_total > 0 else 0
     for s_i, free in enumerate(stages):
         free_t = torch.as_tensor(free, device=device, dtype=params.dtype)
         if s_i > 0:  # a new stage restarts every particle from its best point
@@ -375,21 +451,7 @@ def refine_batch(
                     d_ang[inactive] = best["a"][inactive]
                     d_shift[inactive] = best["s"][inactive]
                     d_def[inactive] = best["d"][inactive]
-    with torch.no_grad():
-        _, final_img = objective(best["p"], best["a"], best["s"], best["d"])
-        coeffs = objective.coefficients(best["p"])
-    flagged = ~(final_img < prior_img - config.tolerance)
-    fm = flagged[:, None]
-    return {
-        "coefficients": torch.where(fm, prior, coeffs).detach(),
-        "angles": (angles + torch.where(fm, zero3, best["a"])).detach(),
-        "shifts": (shifts + torch.where(fm, zero2, best["s"])).detach(),
-        "defocus_offset": torch.where(flagged, zero1, best["d"]).detach(),
-        "cost": torch.where(flagged, prior_img, final_img).detach(),
-        "cost_prior": prior_img.detach(),
-        "flagged": flagged.detach(),
-        "steps": steps.detach(),
-    }
+    return {k: v.detach() for k, v in best.items()}, steps
 
 
 def refine_particles(
@@ -480,7 +542,7 @@ def chunk_rows(n: int, chunk: int, n_chunks: int) -> np.ndarray:
 
 def refine_chunk(
     particles: str | Path,
-    points: str | Path,
+    points: str | Path | Sequence[str | Path],
     prior_coefficients: str | Path,
     out_path: str | Path,
     *,
@@ -491,23 +553,40 @@ def refine_chunk(
     config: RefineConfig,
     device: str | torch.device = "cpu",
     progress_path: str | Path | None = None,
+    independent_halves: bool = False,
+    seed: int = 0,
     log: logging.Logger | None = None,
 ) -> Path:
     """Refine one chunk of particles; write its results to ``out_path`` (``.npz``, atomic).
 
     Parameters
     ----------
-    particles, points
-        the preprocess stage's STAR and point cloud (processing box).
+    particles
+        the preprocess stage's STAR (processing box).
+    points
+        the point cloud (processing box) of the reference the fields are refined against; with
+        ``independent_halves``, one per gold-standard half (or one for both).
     prior_coefficients
         the predict stage's ``coefficients.npy`` (px of the original box), same row order.
+    independent_halves
+        refine each gold-standard half (:func:`z3lib.zart.half_sets` with ``seed``, the split
+        ZART uses) on its own: its own reference, and a landscape and prior built from its own
+        particles' predictions only, so that no information crosses the halves.
     """
     from z3lib.io import read_coefficients, read_npz, read_particles, write_npz
 
     logger = log or logging.getLogger(__name__)
     parts = read_particles(particles)
-    cloud = read_npz(points)
+    point_paths = [points] if isinstance(points, (str, Path)) else list(points)
+    if not independent_halves and len(point_paths) != 1:
+        raise ValueError(f"one point cloud is needed, got {len(point_paths)}: {point_paths}")
+    if independent_halves and len(point_paths) not in (1, 2):
+        raise ValueError(f"independent halves need one point cloud per half (or one for both), got {point_paths}")
+    clouds = [read_npz(path) for path in point_paths]
+    cloud = clouds[0]
     box, orig_box = int(cloud["box"]), int(cloud["original_box"])
+    if any(int(c["box"]) != box or int(c["original_box"]) != orig_box for c in clouds):
+        raise ValueError(f"the point clouds {point_paths} were made for different boxes")
     prior_orig = read_coefficients(prior_coefficients)
     k3 = 3 * zk.count_terms(*degrees)
     if prior_orig.shape != (len(parts), k3):
@@ -517,12 +596,30 @@ def refine_chunk(
     rows = chunk_rows(len(parts), chunk, n_chunks)
     logger.info("refining chunk %d/%d: particles %d…%d of %d", chunk + 1, n_chunks,
                 rows[0] if len(rows) else 0, rows[-1] if len(rows) else -1, len(parts))
-    decoder = make_decoder(cloud["points"], cloud["amplitudes"], box, float(cloud["pixel_size"]), degrees, basis,
-                           device)
     source = ParticleBatchSource.from_particles(parts)
-    result = refine_particles(decoder, source, prior, degrees, config, index=rows, device=device,
-                              progress_path=progress_path, log=logger)
-    arrays = result.to_arrays()
+    if not independent_halves:
+        decoder = make_decoder(cloud["points"], cloud["amplitudes"], box, float(cloud["pixel_size"]), degrees,
+                               basis, device)
+        result = refine_particles(decoder, source, prior, degrees, config, index=rows, device=device,
+                                  progress_path=progress_path, log=logger)
+        arrays = result.to_arrays()
+    else:
+        from z3lib.zart import half_sets
+
+        pieces = []
+        for h, half_rows in enumerate(half_sets(source.subsets, seed), start=1):
+            c = clouds[min(h, len(clouds)) - 1]
+            local = np.nonzero(np.isin(half_rows, rows))[0]  # this chunk's particles of half h
+            logger.info("gold-standard half %d: %d particles of this chunk, against its own reference (%d points)",
+                        h, len(local), len(c["points"]))
+            decoder = make_decoder(c["points"], c["amplitudes"], box, float(c["pixel_size"]), degrees, basis, device)
+            half_progress = None if progress_path is None else Path(progress_path).with_suffix(f".half{h}.npz")
+            res = refine_particles(decoder, source.take(half_rows), prior[half_rows], degrees, config, index=local,
+                                   device=device, progress_path=half_progress, log=logger).to_arrays()
+            res["index"] = half_rows[res["index"]]
+            pieces.append(res)
+        order = np.argsort(np.concatenate([piece["index"] for piece in pieces]), kind="stable")
+        arrays = {key: np.concatenate([piece[key] for piece in pieces])[order] for key in pieces[0]}
     arrays["coefficients"] = zk.rescale_coefficients(arrays["coefficients"], box, orig_box)
     write_npz(out_path, box=np.int64(box), original_box=np.int64(orig_box),
               pixel_size=np.float64(cloud["pixel_size"]), **arrays)

@@ -7,14 +7,18 @@ it writes into ``out_dir``:
 ``report.html``
     a self-contained page (figures embedded as data URIs, no script, no external file needed):
     summary, landscape, motions, mean deformation, FSC curves and table, corrected vs uncorrected
-    slices, cluster sizes, per-stage timings from the benchmark files, the run's configuration,
-    and links to every output.
+    slices, cluster sizes, the refinement rounds (FSC, landscape and wall time per round) and the
+    gold-standard mode, per-stage timings from the benchmark files, the run's configuration, and
+    links to every output.
 ``landscape.tsv``
     per particle (STAR order): cluster, PCA scores, UMAP coordinates (when computed) and the RMS
     deformation (Å).
 ``landscape_pca.{png,svg}``, ``landscape_umap.{png,svg}``, ``fsc.{png,svg}``, ``slices.png``,
-``motions.png``, ``deformation.png``
+``motions.png``, ``deformation.png``, ``rounds.png`` (with more than one round)
     the figures (``landscape_umap`` says why when UMAP was not computed).
+``rounds.tsv``
+    per refinement round: half-map FSC 0.143 and 0.5 resolutions of the corrected and uncorrected
+    maps, the median RMS deformation and the round's wall time (benchmark files).
 ``motion/motion_pc{1,2}_NN.mrc`` (+ ``.pdb`` with a model) and ``motion/motion_pc{1,2}.cxc``
     the reference map (and atomic model) deformed along PC1 and PC2 from −2σ to +2σ, and a
     ChimeraX script that plays each series as a movie.
@@ -71,10 +75,19 @@ from z3lib.io import (
     write_xmipp_particles,
 )
 
-__all__ = ["chimerax_series_script", "make_report", "read_stage_timings", "render_html"]
+__all__ = ["chimerax_series_script", "make_report", "read_round_timings", "read_stage_timings", "render_html",
+           "summarise_rounds"]
+
+#: How the report names the gold-standard modes (config ``gold_standard``).
+GOLD_STANDARD_NOTES = {
+    "shared": "shared: one network and one refinement for all particles; the half sets meet only in ZART",
+    "independent": ("independent: each half set has its own networks, refinement and references; no "
+                    "information crosses the halves"),
+}
 
 #: Pipeline order of the stages in the timing table (others follow, alphabetically).
-STAGE_ORDER = ("simulate", "preprocess", "train", "predict", "refine_chunk", "refine", "zart", "report")
+STAGE_ORDER = ("simulate", "preprocess", "round_reference", "round_reference_half", "train", "train_half", "predict",
+               "refine_chunk", "refine", "zart", "publish", "report")
 
 _PNG_DPI = 100
 _CSS = """
@@ -185,6 +198,39 @@ def plot_landscape(
         ax.set_xlabel(axis_labels[0])
         ax.set_ylabel(axis_labels[1])
     fig.suptitle(title)
+    return fig
+
+
+def plot_rounds(landscapes: Sequence[tuple[str, np.ndarray, tuple[str, str]]], colour: np.ndarray) -> Figure:
+    """One small PC1/PC2 scatter per refinement round (each round's own PCA), every particle
+    coloured by the same value (the final round's PC1 score), so that one sees whether the
+    particles keep their places from round to round.
+
+    Parameters
+    ----------
+    landscapes
+        per round: title, ``(n, 2)`` PC1/PC2 scores and the two axis labels.
+    colour
+        ``(n,)`` value per particle.
+    """
+    m = len(landscapes)
+    cols = min(m, 4)
+    rows = (m + cols - 1) // cols
+    fig = _new_figure(3.3 * cols, 3.1 * rows)
+    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
+    size = float(np.clip(1500.0 / max(len(colour), 1), 3, 25))
+    sc = None
+    for ax, (title, xy, labels) in zip(axes, landscapes, strict=False):
+        sc = ax.scatter(xy[:, 0], xy[:, 1], s=size, c=colour, cmap="coolwarm", linewidths=0)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(labels[0], fontsize=8)
+        ax.set_ylabel(labels[1], fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in axes[m:]:
+        ax.axis("off")
+    if sc is not None:
+        fig.colorbar(sc, ax=list(axes[:m]), label="final round's PC1 score (px)", shrink=0.8)
+    fig.suptitle("Landscape per refinement round (PCA of each round's refined coefficients)")
     return fig
 
 
@@ -301,12 +347,14 @@ def read_stage_timings(benchmark_dir: str | Path | None) -> pd.DataFrame:
         return pd.DataFrame(columns=columns)
     root = Path(benchmark_dir)
     files: dict[str, list[Path]] = {}
-    for path in sorted(root.glob("*.tsv")):
-        files.setdefault(path.stem, []).append(path)
-    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
-        found = sorted(sub.glob("*.tsv"))
-        if found:
-            files.setdefault(sub.name, []).extend(found)
+    folders = [root, *sorted(p for p in (root / "rounds").glob("*") if p.is_dir())]  # rounds/<k>/: summed
+    for folder in folders:
+        for path in sorted(folder.glob("*.tsv")):
+            files.setdefault(path.stem, []).append(path)
+        for sub in sorted(p for p in folder.iterdir() if p.is_dir() and p.name != "rounds"):
+            found = sorted(sub.glob("*.tsv"))
+            if found:
+                files.setdefault(sub.name, []).extend(found)
     rows = []
     for stage, paths in files.items():
         frames = []
@@ -328,6 +376,45 @@ def read_stage_timings(benchmark_dir: str | Path | None) -> pd.DataFrame:
     order = {name: i for i, name in enumerate(STAGE_ORDER)}
     rows.sort(key=lambda r: (order.get(str(r["stage"]), len(order)), str(r["stage"])))
     return pd.DataFrame(rows, columns=columns)
+
+
+def read_round_timings(benchmark_dir: str | Path | None) -> dict[int, float]:
+    """Wall time (s) of each refinement round: the sum of ``s`` over every benchmark file under
+    ``benchmarks/<run>/rounds/<k>/`` (the jobs of a round, chunks included; jobs that ran in
+    parallel are counted in full). Rounds without benchmark files are left out."""
+    out: dict[int, float] = {}
+    if benchmark_dir is None:
+        return out
+    for folder in sorted((Path(benchmark_dir) / "rounds").glob("*")):
+        if not (folder.is_dir() and folder.name.isdigit()):
+            continue
+        total, found = 0.0, False
+        for path in sorted(folder.rglob("*.tsv")):
+            try:
+                table = read_table(path)
+            except (OSError, ValueError) as exc:
+                logging.getLogger(__name__).warning("skipping benchmark file %s: %s", path, exc)
+                continue
+            if "s" in table:
+                total += float(pd.to_numeric(table["s"], errors="coerce").sum())
+                found = True
+        if found:
+            out[int(folder.name)] = total
+    return out
+
+
+def summarise_rounds(fsc_tables: Sequence[pd.DataFrame], rms_median: Sequence[float],
+                     wall: Mapping[int, float]) -> pd.DataFrame:
+    """One row per refinement round (1, 2, …): half-map FSC 0.143 and 0.5 resolutions (Å) of the
+    corrected and uncorrected maps, the median RMS deformation (Å) and the wall time (s; NaN
+    when the round has no benchmark files)."""
+    rows = []
+    for k, (fsc, rms) in enumerate(zip(fsc_tables, rms_median, strict=True), start=1):
+        cor, unc = an.fsc_summary(fsc, "fsc_corrected"), an.fsc_summary(fsc, "fsc_uncorrected")
+        rows.append({"round": k, "corrected 0.143 (Å)": cor["fsc_0.143"], "corrected 0.5 (Å)": cor["fsc_0.5"],
+                     "uncorrected 0.143 (Å)": unc["fsc_0.143"], "uncorrected 0.5 (Å)": unc["fsc_0.5"],
+                     "median RMS deformation (Å)": float(rms), "wall time (s)": wall.get(k, float("nan"))})
+    return pd.DataFrame(rows)
 
 
 def chimerax_series_script(
@@ -498,6 +585,9 @@ def make_report(
     seed: int = 0,
     pixel_size: float | None = None,
     image_root: str | Path | None = None,
+    round_fsc: Sequence[str | Path] = (),
+    round_coefficients: Sequence[str | Path] = (),
+    gold_standard: str = "shared",
     log: logging.Logger | None = None,
 ) -> dict[str, Path]:
     """Write the report of one run (see the module docstring for every file).
@@ -510,9 +600,10 @@ def make_report(
         The refine stage's STAR (the input STAR with the Zernike3D columns) and ``(n, 3K)``
         coefficients in px of the original box (``Rmax`` = original box / 2).
     points, reference, mask
-        The preprocess stage's point cloud (its ``box``, ``original_box``, ``pixel_size`` and
-        ``original_pixel_size`` set the units), reference map and mask at the processing box.
-        The motion and cluster maps are this reference deformed by the fields (the map the
+        The final round's point cloud (its ``box``, ``original_box``, ``pixel_size`` and
+        ``original_pixel_size`` set the units), reference map and mask at the processing box:
+        the preprocess stage's in round 1, else those made from the previous round's corrected
+        map. The motion and cluster maps are this reference deformed by the fields (the map the
         fields were estimated against).
     corrected, uncorrected, fsc
         The ZART maps and ``fsc.tsv``.
@@ -540,6 +631,12 @@ def make_report(
         Seed of k-means and UMAP.
     pixel_size, image_root
         Overrides for :func:`z3lib.io.read_particles` (as in the refine stage).
+    round_fsc, round_coefficients
+        Every refinement round's ``fsc.tsv`` and refined ``coefficients.npy`` (round 1 first; the
+        last are the final round's); empty: one round, ``fsc`` and ``coefficients``.
+    gold_standard
+        ``shared`` or ``independent`` (each half set with its own networks and refinement):
+        stated in the report.
 
     Returns
     -------
@@ -734,6 +831,33 @@ def make_report(
         plot_slices([("mean |d|", mean_def)], cmap="viridis", colorbar="mean deformation (Å)"), out,
         "deformation", ("png",), paths)
 
+    # --- refinement rounds -------------------------------------------------------------------
+    fsc_paths = [Path(f) for f in round_fsc] or [Path(fsc)]
+    coefficient_paths = [Path(f) for f in round_coefficients] or [Path(coefficients)]
+    if len(fsc_paths) != len(coefficient_paths):
+        raise ValueError(f"{len(fsc_paths)} rounds of FSC but {len(coefficient_paths)} of coefficients")
+    round_fields = []
+    for c_path in coefficient_paths:
+        c = np.asarray(read_coefficients(c_path), dtype=np.float64)
+        if c.shape != coeffs.shape:
+            raise ValueError(f"{c_path} has shape {c.shape}; the final round's coefficients have {coeffs.shape}")
+        round_fields.append(c)
+    rms_median = [float(np.median(an.deformation_rms(zk.rescale_coefficients(c, orig_box, box), cloud["points"],
+                                                     l1, l2, basis, box / 2))) * apix for c in round_fields]
+    rounds_table = summarise_rounds([read_table(path) for path in fsc_paths], rms_median,
+                                    read_round_timings(benchmarks))
+    paths["rounds"] = out / "rounds.tsv"
+    write_table(paths["rounds"], rounds_table)
+    if len(round_fields) > 1:
+        panels = []
+        for j, c in enumerate(round_fields, start=1):
+            r_pca = pca if j == len(round_fields) else an.compute_pca(c)
+            xy = np.zeros((n, 2))
+            xy[:, : min(2, r_pca.scores.shape[1])] = r_pca.scores[:, :2]
+            v = r_pca.explained_variance_ratio
+            panels.append((f"round {j}", xy, (f"PC1 ({v[0]:.0%})", f"PC2 ({v[1]:.0%})" if len(v) > 1 else "PC2")))
+        pngs["rounds"] = _save_figure(plot_rounds(panels, pca.scores[:, 0]), out, "rounds", ("png",), paths)
+
     # --- HTML --------------------------------------------------------------------------------
     timings = read_stage_timings(benchmarks)
     spearman = None
@@ -745,7 +869,8 @@ def make_report(
         out=out, run_name=run_name, n=n, degrees=(l1, l2), basis=basis, box=box, orig_box=orig_box, apix=apix,
         orig_apix=orig_apix, pca=pca, labels=labels, rms_a=rms_a, summary=summary, fsc_table=fsc_table,
         pngs=pngs, umap_note=umap_note, series=series, cluster_files=cluster_files, paths=paths,
-        timings=timings, run_config=run_config, spearman=spearman, model=model,
+        timings=timings, run_config=run_config, spearman=spearman, model=model, rounds_table=rounds_table,
+        gold_standard=gold_standard,
     )
     paths["html"] = out / "report.html"
     write_text(paths["html"], render_html(sections, title=f"z3 report: run {run_name}" if run_name else "z3 report"))
@@ -759,7 +884,7 @@ def _report_sections(
     summary: Mapping[str, Mapping[str, float]], fsc_table: pd.DataFrame, pngs: Mapping[str, bytes],
     umap_note: str, series: Sequence[Any], cluster_files: Sequence[Mapping[str, Path]],
     paths: Mapping[str, Path], timings: pd.DataFrame, run_config: Mapping[str, Any] | None,
-    spearman: float | None, model: str | Path | None,
+    spearman: float | None, model: str | Path | None, rounds_table: pd.DataFrame, gold_standard: str,
 ) -> list[tuple[str, str, str]]:
     esc = html.escape
     k = len(cluster_files)
@@ -772,6 +897,8 @@ def _report_sections(
         *((f"{name} map", f"{summary[name]['fsc_0.143']:.2f} Å (FSC 0.143), {summary[name]['fsc_0.5']:.2f} Å (FSC 0.5)")
           for name in ("corrected", "uncorrected")),
         ("clusters", ", ".join(f"{j + 1}: {int(s)}" for j, s in enumerate(np.bincount(labels, minlength=k)))),
+        ("refinement rounds", f"{len(rounds_table)} (the maps, fields and landscape above are the final round's)"),
+        ("gold standard", GOLD_STANDARD_NOTES.get(gold_standard, gold_standard)),
     ], columns=["item", "value"])
     if spearman is not None:
         overview.loc[len(overview)] = ["|Spearman| PC1 vs true t", f"{spearman:.3f}"]
@@ -840,6 +967,20 @@ def _report_sections(
              + "</details>"
              + _img(pngs["slices"], "central slices", "Central slices of the corrected and uncorrected maps."))
     sections.append(("reconstruction", "Reconstruction", recon))
+
+    rounds_html = (f"<p>Gold standard: {esc(GOLD_STANDARD_NOTES.get(gold_standard, gold_standard))}. Round 1 "
+                   "refines against the consensus reference; each later round fine-tunes the previous round's "
+                   "network against the previous round's corrected map (and a mask made from it).</p>"
+                   + _table(rounds_table.astype(object).where(rounds_table.notna(), "–"),
+                            formats={c: ".2f" for c in rounds_table.columns} | {"round": ".0f", "wall time (s)": ".1f"})
+                   + "<p>Half-map FSC resolutions of each round's ZART maps; wall time: the round's jobs "
+                     "summed from the Snakemake benchmark files (– when missing). Table: "
+                   + _link(paths["rounds"], out) + ".</p>")
+    if "rounds" in pngs:
+        rounds_html += _img(pngs["rounds"], "landscape per round",
+                            "PC1/PC2 of each round's refined coefficients, every particle coloured by its final "
+                            "PC1 score.")
+    sections.append(("rounds", "Refinement rounds", rounds_html))
 
     if len(timings):
         timing_html = _table(timings.rename(columns={"wall_s": "wall (s)", "cpu_s": "CPU (s)",

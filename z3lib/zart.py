@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -423,7 +424,7 @@ def half_sets(subsets: npt.ArrayLike, seed: int) -> tuple[np.ndarray, np.ndarray
 
 def zart(
     particles: str | Path,
-    points: str | Path,
+    points: str | Path | Sequence[str | Path],
     coefficients: str | Path | None,
     out_dir: str | Path,
     *,
@@ -442,8 +443,12 @@ def zart(
 
     Parameters
     ----------
-    particles, points
-        the preprocess stage's STAR and point cloud.
+    particles
+        the preprocess stage's STAR.
+    points
+        the point cloud whose voxels are reconstructed (the preprocess stage's, or a refinement
+        round's), or one per gold-standard half (independent halves: half h is reconstructed on
+        its own reference's mask); the FSC is then computed inside the union of both supports.
     coefficients
         ``(n, 3K)`` fields in px of the original box (refine or predict output).
     """
@@ -454,28 +459,36 @@ def zart(
     logger = log or logging.getLogger(__name__)
     be = get_backend(backend, logger)
     parts = read_particles(particles)
-    cloud = read_npz(points)
+    point_paths = [points] if isinstance(points, (str, Path)) else list(points)
+    if len(point_paths) not in (1, 2):
+        raise ValueError(f"ZART needs one point cloud, or one per half set; got {point_paths}")
+    clouds = [read_npz(path) for path in point_paths]
+    cloud = clouds[0]
     box, orig = int(cloud["box"]), int(cloud["original_box"])
     apix = float(cloud["pixel_size"])
-    pts = np.asarray(cloud["points"], dtype=np.float64)
+    if any(int(c["box"]) != box or int(c["original_box"]) != orig for c in clouds):
+        raise ValueError(f"the point clouds {point_paths} were made for different boxes")
+    half_pts = [np.asarray(clouds[min(h, len(clouds)) - 1]["points"], dtype=np.float64) for h in (1, 2)]
     coeffs = None
-    z = None
+    half_z: list[np.ndarray | None] = [None, None]
     if coefficients is not None:
         coeffs = zk.rescale_coefficients(read_coefficients(coefficients), orig, box)
         if coeffs.shape[0] != len(parts):
             raise ValueError(f"{coefficients} has {coeffs.shape[0]} rows but {particles} has {len(parts)} particles")
-        z = zk.evaluate_basis(pts, *degrees, box / 2, basis).astype(np.float32)
+        half_z = [zk.evaluate_basis(p, *degrees, box / 2, basis).astype(np.float32) for p in half_pts]
     h1, h2 = half_sets(parts.table["random_subset"].to_numpy(), config.seed)
-    logger.info("ZART: %d particles (halves %d + %d), box %d, %d mask voxels, %d iterations, batch %d",
-                len(parts), len(h1), len(h2), box, len(pts), config.iterations, config.batch_size)
+    logger.info("ZART: %d particles (halves %d + %d), box %d, %s mask voxels, %d iterations, batch %d",
+                len(parts), len(h1), len(h2), box, " / ".join(str(len(c["points"])) for c in clouds),
+                config.iterations, config.batch_size)
     stack = parts.images()
     out = Path(out_dir)
     paths: dict[str, Path] = {}
     curves = {}
-    fsc_mask = soft_support(pts, box)
+    fsc_mask = soft_support(np.unique(np.concatenate(half_pts), axis=0), box)
     for name, field_coeffs in (("corrected", coeffs), ("uncorrected", None)):
         halves = []
         for h, rows in enumerate((h1, h2), start=1):
+            pts, z = half_pts[h - 1], half_z[h - 1]
             vals, stats = reconstruct_zart(be, pts, z, field_coeffs, stack, parts.table, rows, box, apix, config,
                                            log=logger, label=f" {name} half {h}")
             logger.info("%s half %d: %.0f images/s", name, h, stats["images_per_s"])

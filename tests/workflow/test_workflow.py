@@ -61,6 +61,7 @@ REPORT_OUTPUTS = [
     "motion/motion_pc1.cxc",
     "motion/motion_pc2.cxc",
     "clusters/clusters.cxc",
+    "rounds.tsv",
 ]
 SIMULATE_OUTPUTS = [
     "particles.star",
@@ -69,6 +70,7 @@ SIMULATE_OUTPUTS = [
     "motion.npz",
     "reference.mrc",
     "mask.mrc",
+    "truth_reference.mrc",
     "state_start.mrc",
     "state_end.mrc",
 ]
@@ -125,7 +127,7 @@ def demo_dir(tmp_path: Path) -> Path:
 def test_dry_run_default_config_plans_the_demo(demo_dir: Path) -> None:
     result = snakemake(demo_dir, "-n")
     assert_ok(result)
-    assert job_counts(result.stdout) == {"simulate": 1, "preprocess": 1, "train": 1, "predict": 1, "refine_chunk": 2, "refine": 1, "zart": 1, "report": 1, "all": 1}
+    assert job_counts(result.stdout) == {"simulate": 1, "preprocess": 1, "train": 1, "predict": 1, "refine_chunk": 2, "refine": 1, "zart": 1, "publish": 1, "report": 1, "all": 1}
     for name in PREPROCESS_OUTPUTS:
         assert f"results/demo/preprocess/{name}" in result.stdout
     assert "logs/demo/simulate.log" in result.stdout
@@ -135,15 +137,75 @@ def test_dry_run_default_config_plans_the_demo(demo_dir: Path) -> None:
 def test_dry_run_user_config_plans_preprocess_only(tmp_path: Path) -> None:
     result = snakemake(tmp_path, "-n", "--configfile", str(scenario_config("user", tmp_path)))
     assert_ok(result)
-    assert job_counts(result.stdout) == {"preprocess": 1, "train": 1, "predict": 1, "refine_chunk": 2, "refine": 1, "zart": 1, "report": 1, "all": 1}
+    assert job_counts(result.stdout) == {"preprocess": 1, "train": 1, "predict": 1, "refine_chunk": 2, "refine": 1, "zart": 1, "publish": 1, "report": 1, "all": 1}
     assert "rule simulate" not in result.stdout
     assert str(REPO / "tests/data/cryodrgn/relion31.star") in result.stdout
     assert "results/user/preprocess/points.npz" in result.stdout
 
 
+def planned_jobs(output: str) -> list[dict[str, str]]:
+    """Each job of a dry run: its rule and the lines of its block (input, output, wildcards)."""
+    jobs = []
+    for block in re.split(r"\n\n+", output):
+        rule = re.search(r"^(?:localrule|rule) (\w+):", block, flags=re.MULTILINE)
+        if rule:
+            fields = dict(re.findall(r"^ {4}(\w+): (.*)$", block, flags=re.MULTILINE))
+            jobs.append({"rule": rule.group(1), **fields})
+    return jobs
+
+
+ROUND_JOBS = {"train": 1, "predict": 1, "refine_chunk": 2, "refine": 1, "zart": 1}
+
+
+@pytest.mark.parametrize("rounds", [1, 2, 3])
+@pytest.mark.parametrize("mode", ["shared", "independent"])
+def test_dry_run_plans_every_round_and_mode(demo_dir: Path, rounds: int, mode: str) -> None:
+    """`rounds` and `gold_standard` from the command line: one set of round jobs per round, each
+    round k >= 2 fed by round k-1 (its corrected map, or in independent mode each half's own map
+    and network), and the final round published to the stage paths."""
+    result = snakemake(demo_dir, "-n", "--config", f"rounds={rounds}", f"gold_standard={mode}")
+    assert_ok(result)
+    expected = {"simulate": 1, "preprocess": 1, "publish": 1, "report": 1, "all": 1}
+    for rule, count in ROUND_JOBS.items():
+        if rule == "train" and mode == "independent":
+            expected["train_half"] = 2 * rounds
+        else:
+            expected[rule] = count * rounds
+    if rounds > 1:
+        expected["round_reference"] = rounds - 1 if mode == "shared" else 1  # independent: the report's only
+        if mode == "independent":
+            expected["round_reference_half"] = 2 * (rounds - 1)
+    assert job_counts(result.stdout) == expected
+    jobs = planned_jobs(result.stdout)
+    run = "results/demo"
+    for k in range(2, rounds + 1):
+        if mode == "shared":
+            (ref,) = [j for j in jobs if j["rule"] == "round_reference" and f"rounds/{k}/" in j["output"]]
+            assert f"{run}/rounds/{k - 1}/zart/corrected.mrc" in ref["input"]
+            (tr,) = [j for j in jobs if j["rule"] == "train" and f"rounds/{k}/" in j["output"]]
+            assert f"{run}/rounds/{k - 1}/train/model.pt" in tr["input"]
+            assert f"{run}/rounds/{k}/reference/points.npz" in tr["input"]
+        else:
+            for h in (1, 2):
+                (ref,) = [j for j in jobs if j["rule"] == "round_reference_half"
+                          and f"rounds/{k}/reference/half{h}/" in j["output"]]
+                assert ref["input"].split(", ")[0] == f"{run}/rounds/{k - 1}/zart/corrected_half{h}.mrc"
+                (tr,) = [j for j in jobs if j["rule"] == "train_half" and f"rounds/{k}/train/half{h}/" in j["output"]]
+                assert f"{run}/rounds/{k - 1}/train/half{h}/model.pt" in tr["input"]
+                assert f"{run}/rounds/{k}/reference/half{h}/points.npz" in tr["input"]
+                assert f"half{3 - h}" not in tr["input"]
+            (zj,) = [j for j in jobs if j["rule"] == "zart" and f"rounds/{k}/" in j["output"]]
+            assert all(f"{run}/rounds/{k}/reference/half{h}/points.npz" in zj["input"] for h in (1, 2))
+    (pub,) = [j for j in jobs if j["rule"] == "publish"]
+    assert f"{run}/rounds/{rounds}/zart/corrected.mrc" in pub["input"]
+    assert f"{run}/zart/corrected.mrc" in pub["output"] and f"{run}/refine/coefficients.npy" in pub["output"]
+    assert all(f"rounds/{k}/" not in pub["input"] for k in range(1, rounds))
+
+
 # --- static checks ----------------------------------------------------------------------------------
-def test_lint_is_clean(demo_dir: Path) -> None:
-    result = snakemake(demo_dir, "--lint")
+@pytest.mark.parametrize("overrides", [(), ("rounds=3", "gold_standard=independent")])
+def test_lint_is_clean(demo_dir: Path, overrides: tuple[str, ...]) -> None:
+    result = snakemake(demo_dir, "--lint", *(("--config", *overrides) if overrides else ()))
     assert_ok(result)
     assert "Lints for" not in result.stdout
     assert "Congratulations, your workflow is in a good condition!" in result.stdout
@@ -252,7 +314,7 @@ def test_tiny_end_to_end_run(tmp_path: Path) -> None:
     config = scenario_config("tiny", tmp_path)
     result = snakemake(tmp_path, "--workflow-profile", str(CI_PROFILE), "--configfile", str(config))
     assert_ok(result)
-    assert job_counts(result.stdout) == {"simulate": 1, "preprocess": 1, "train": 1, "predict": 1, "refine_chunk": 2, "refine": 1, "zart": 1, "report": 1, "all": 1}
+    assert job_counts(result.stdout) == {"simulate": 1, "preprocess": 1, "train": 1, "predict": 1, "refine_chunk": 2, "refine": 1, "zart": 1, "publish": 1, "report": 1, "all": 1}
     for stage, names in (
         ("simulate", SIMULATE_OUTPUTS),
         ("preprocess", PREPROCESS_OUTPUTS),
@@ -265,8 +327,9 @@ def test_tiny_end_to_end_run(tmp_path: Path) -> None:
         for name in names:
             path = tmp_path / "results" / "tiny" / stage / name
             assert path.is_file() and path.stat().st_size > 0, path
-        assert (tmp_path / "benchmarks" / "tiny" / f"{stage}.tsv").is_file()
-        log = (tmp_path / "logs" / "tiny" / f"{stage}.log").read_text()
+        job = f"rounds/1/{stage}" if stage in ("train", "predict", "refine", "zart") else stage  # one round
+        assert (tmp_path / "benchmarks" / "tiny" / f"{job}.tsv").is_file()
+        log = (tmp_path / "logs" / "tiny" / f"{job}.log").read_text()
         assert "wall time" in log, log
     # The report's series and subsets: 5 maps and (the demo's) models per motion, 3 cluster STARs
     # that the project's reader takes back with every column of the refine STAR.
@@ -309,7 +372,7 @@ def test_rigid_real_toy_set_end_to_end_finds_no_motion(tmp_path: Path) -> None:
                        str(scenario_config("toy", tmp_path)), timeout=300)
     assert_ok(result)
     assert job_counts(result.stdout) == {"preprocess": 1, "train": 1, "predict": 1, "refine_chunk": 1, "refine": 1,
-                                         "zart": 1, "report": 1, "all": 1}
+                                         "zart": 1, "publish": 1, "report": 1, "all": 1}
     out = tmp_path / "results" / "toy"
     cloud = read_npz(out / "preprocess" / "points.npz")
     z = zk.evaluate_basis(np.asarray(cloud["points"], dtype=np.float64), 3, 2, 15.0)
@@ -381,7 +444,109 @@ def test_interrupted_run_resumes_without_redoing_finished_stages(tmp_path: Path)
 
     second = snakemake(tmp_path, *profile)
     assert_ok(second)
-    assert job_counts(second.stdout) == {"preprocess": 1, "train": 1, "predict": 1, "refine_chunk": 2, "refine": 1, "zart": 1, "report": 1, "all": 1}
+    assert job_counts(second.stdout) == {"preprocess": 1, "train": 1, "predict": 1, "refine_chunk": 2, "refine": 1, "zart": 1, "publish": 1, "report": 1, "all": 1}
     assert {name: (simulated / name).stat().st_mtime_ns for name in SIMULATE_OUTPUTS} == mtimes
     for name in PREPROCESS_OUTPUTS:
         assert (tmp_path / "results" / "tiny" / "preprocess" / name).is_file()
+
+
+# --- refinement rounds and independent half sets (tiny CPU runs) ------------------------------------
+ROUND_FILES = {
+    "train": TRAIN_OUTPUTS,
+    "predict": PREDICT_OUTPUTS,
+    "refine": REFINE_OUTPUTS,
+    "zart": [*ZART_OUTPUTS, "uncorrected_half1.mrc", "uncorrected_half2.mrc"],
+}
+
+
+def tiny_config(workdir: Path, **changes: Any) -> str:
+    """The tiny scenario with some top-level keys changed."""
+    path = scenario_config("tiny", workdir)
+    config = yaml.safe_load(path.read_text())
+    config.update(changes)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return str(path)
+
+
+def mtimes(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.e2e
+def test_two_rounds_resume_per_round_and_publish_the_final_one(tmp_path: Path) -> None:
+    """rounds: 2 — interrupted after round 1's ZART, the rerun does only round 2 (round 1's files
+    untouched); round 2's reference is round 1's corrected map, and the stage paths hold round 2."""
+    import numpy as np
+
+    from z3lib.io import read_map, read_table
+
+    profile = ("--workflow-profile", str(CI_PROFILE), "--configfile", tiny_config(tmp_path, rounds=2))
+    out = tmp_path / "results" / "tiny"
+    first = snakemake(tmp_path, *profile, "--until", "results/tiny/rounds/1/zart/corrected.mrc")
+    assert_ok(first)
+    assert job_counts(first.stdout) == {"simulate": 1, "preprocess": 1, **ROUND_JOBS}
+    assert not (out / "rounds" / "2").exists() and not (out / "zart").exists()
+    round1 = mtimes(out / "rounds" / "1")
+    assert {f"{stage}/{name}" for stage, names in ROUND_FILES.items() for name in names} <= set(round1)
+
+    second = snakemake(tmp_path, *profile, timeout=300)
+    assert_ok(second)
+    assert job_counts(second.stdout) == {"round_reference": 1, **ROUND_JOBS, "publish": 1, "report": 1, "all": 1}
+    after = mtimes(out / "rounds" / "1")
+    assert {name: after[name] for name in round1} == round1
+    # Round 2 works against round 1's corrected map, with a mask and point cloud made from it.
+    np.testing.assert_array_equal(read_map(out / "rounds/2/reference/reference.mrc").data,
+                                  read_map(out / "rounds/1/zart/corrected.mrc").data)
+    assert "starting from the weights of results/tiny/rounds/1/train/model.pt" in (
+        tmp_path / "logs/tiny/rounds/2/train.log").read_text()
+    # The stage paths are copies of round 2's files.
+    for stage, names in ROUND_FILES.items():
+        for name in names:
+            published = (out / stage / name).read_bytes()
+            assert published == (out / "rounds" / "2" / stage / name).read_bytes(), f"{stage}/{name}"
+    assert (out / "refine/coefficients.npy").read_bytes() != (out / "rounds/1/refine/coefficients.npy").read_bytes()
+    # The report: one row per round, with both rounds' wall times, and the per-round landscapes.
+    rounds = read_table(out / "report" / "rounds.tsv")
+    assert list(rounds["round"]) == [1, 2]
+    assert np.isfinite(rounds.drop(columns="round").to_numpy(dtype=float)).all()
+    page = (out / "report" / "report.html").read_text()
+    assert "Refinement rounds" in page and "shared: one network" in page
+    assert page.count('<img src="data:image/png;base64,') == 7
+    again = snakemake(tmp_path, "-n", *profile)
+    assert_ok(again)
+    assert "Nothing to be done" in again.stdout
+
+
+@pytest.mark.e2e
+def test_independent_half_sets_end_to_end(tmp_path: Path) -> None:
+    """gold_standard: independent over two rounds — each half's network records exactly ZART's
+    half-set rows, round 2's half references are the half maps of round 1, and the outputs still
+    hold every particle in input order."""
+    import numpy as np
+    import torch
+
+    from z3lib.io import read_coefficients, read_map
+    from z3lib.zart import half_sets
+
+    config = tiny_config(tmp_path, rounds=2, gold_standard="independent")
+    result = snakemake(tmp_path, "--workflow-profile", str(CI_PROFILE), "--configfile", config, timeout=400)
+    assert_ok(result)
+    out = tmp_path / "results" / "tiny"
+    halves = half_sets(read_particles(out / "preprocess/particles.star").table["random_subset"].to_numpy(), 0)
+    assert len(np.intersect1d(*halves)) == 0 and sum(map(len, halves)) == 60
+    for k in (1, 2):
+        for h in (1, 2):
+            meta = torch.load(out / f"rounds/{k}/train/half{h}/model.pt", weights_only=True)["meta"]
+            np.testing.assert_array_equal(meta["rows"].numpy(), halves[h - 1])
+            if k == 2:
+                np.testing.assert_array_equal(read_map(out / f"rounds/2/reference/half{h}/reference.mrc").data,
+                                              read_map(out / f"rounds/1/zart/corrected_half{h}.mrc").data)
+                log = (tmp_path / f"logs/tiny/rounds/2/train_half{h}.log").read_text()
+                assert f"rounds/1/train/half{h}/model.pt" in log and f"half {h}: training on its" in log
+    for h in (1, 2):
+        assert (out / f"train/half{h}/model.pt").read_bytes() == (out / f"rounds/2/train/half{h}/model.pt").read_bytes()
+    assert read_coefficients(out / "refine/coefficients.npy").shape == (60, 39)
+    refined = read_particles(out / "refine/particles.star")
+    simulated = read_particles(out / "simulate/particles.star")
+    assert refined.raw["rlnImageName"].tolist() == simulated.raw["rlnImageName"].tolist()
+    assert "independent: each half set has its own networks" in (out / "report/report.html").read_text()

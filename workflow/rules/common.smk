@@ -101,6 +101,7 @@ STAGE_OUTPUTS = {
         "motion.npz",
         "reference.mrc",
         "mask.mrc",
+        "truth_reference.mrc",
         "state_start.mrc",
         "state_end.mrc",
         "reference_model.pdb",
@@ -136,15 +137,42 @@ STAGE_OUTPUTS = {
         "motion/motion_pc1.cxc",
         "motion/motion_pc2.cxc",
         "clusters/clusters.cxc",
+        "rounds.tsv",
     ],
 }
 
 # Stages whose outputs `rule all` asks for; earlier ones are pulled in through their inputs.
 FINAL_STAGES = ["report"]
 
+# Flexible refinement rounds (design.md §2): train → predict → refine → zart run once per round
+# under results/<run>/rounds/<k>/; round k >= 2 fine-tunes round k-1's network against a
+# reference made from round k-1's corrected map (rule round_reference). Rule publish copies the
+# final round's files to the stage paths results/<run>/{train,predict,refine,zart}/.
+ROUNDS = config["rounds"]
+# gold_standard: independent gives each half set its own networks (rule train_half), its own
+# refinement and, from round 2 on, its own reference (rule round_reference_half).
+INDEPENDENT = config["gold_standard"] == "independent"
+HALVES = [1, 2]
+# Stages that run once per round, and their files inside results/<run>/rounds/<k>/<stage>/.
+ROUND_STAGES = ["train", "predict", "refine", "zart"]
+ROUND_FILES = {
+    "train": (
+        [f"half{h}/{name}" for h in HALVES for name in STAGE_OUTPUTS["train"]]
+        if INDEPENDENT
+        else STAGE_OUTPUTS["train"]
+    ),
+    "predict": STAGE_OUTPUTS["predict"],
+    "refine": STAGE_OUTPUTS["refine"],
+    "zart": STAGE_OUTPUTS["zart"] + ["uncorrected_half1.mrc", "uncorrected_half2.mrc"],
+}
+# The stage paths rule publish writes, in pipeline order (relative to results/<run>/).
+PUBLISHED = [f"{stage}/{name}" for stage in ROUND_STAGES for name in ROUND_FILES[stage]]
+
 
 wildcard_constraints:
     run=r"[A-Za-z0-9][A-Za-z0-9_.-]*",
+    k=r"[1-9][0-9]*",
+    half=r"[12]",
 
 
 # --- input functions ----------------------------------------------------------------------------
@@ -186,20 +214,100 @@ def preprocess_inputs(wildcards):
     return inputs
 
 
+def round_path(wildcards, k, stage, name):
+    """A file of refinement round k: results/<run>/rounds/<k>/<stage>/<name>."""
+    return f"results/{wildcards.run}/rounds/{k}/{stage}/{name}"
+
+
+def reference_files(wildcards, k, half=None):
+    """Reference, mask and point cloud that round k works against: the preprocess stage's in
+    round 1; round k-1's corrected map (or, for an independent half, that half's map) after."""
+    if int(k) == 1:
+        folder = f"results/{wildcards.run}/preprocess"
+    elif half:
+        folder = f"results/{wildcards.run}/rounds/{k}/reference/half{half}"
+    else:
+        folder = f"results/{wildcards.run}/rounds/{k}/reference"
+    return {
+        name: f"{folder}/{name}.{ext}"
+        for name, ext in (("reference", "mrc"), ("mask", "mrc"), ("points", "npz"))
+    }
+
+
+def round_points(wildcards):
+    """Point clouds of round {k}: one (shared mode, or independent mode in round 1, where both
+    halves start from the consensus reference) or one per half set."""
+    if INDEPENDENT and int(wildcards.k) > 1:
+        return [reference_files(wildcards, wildcards.k, h)["points"] for h in HALVES]
+    return [reference_files(wildcards, wildcards.k)["points"]]
+
+
+def round_reference_volume(wildcards):
+    """The map the reference of round {k} (>= 2) is made from: round k-1's corrected map, or
+    its half {half} (rule round_reference_half)."""
+    half = wildcards.get("half")
+    name = f"corrected_half{half}.mrc" if half else "corrected.mrc"
+    return round_path(wildcards, int(wildcards.k) - 1, "zart", name)
+
+
+def train_inputs(wildcards):
+    """Particles, the round's point cloud (the half's own in independent mode) and, from round
+    2 on, the previous round's network (of the same half) to fine-tune."""
+    half = wildcards.get("half")
+    k = int(wildcards.k)
+    pre = f"results/{wildcards.run}/preprocess"
+    inputs = {
+        "particles": f"{pre}/particles.star",
+        "stack": f"{pre}/particles.mrcs",
+        "points": reference_files(wildcards, k, half if k > 1 else None)["points"],
+    }
+    if k > 1:
+        inputs["init"] = round_path(
+            wildcards, k - 1, "train", f"half{half}/model.pt" if half else "model.pt"
+        )
+    return inputs
+
+
+def train_params(wildcards):
+    """Half set (0 = all particles) and checkpoint folder of a train or train_half job: one
+    folder per round and half, so that a checkpoint never meets another round's inputs."""
+    half = wildcards.get("half")
+    folder = f"half{half}/checkpoint" if half else "checkpoint"
+    return {
+        "half": int(half) if half else 0,
+        "checkpoint_dir": round_path(wildcards, wildcards.k, "train", folder),
+    }
+
+
+def round_models(wildcards):
+    """The network(s) of round {k}: one, or one per half set (independent mode)."""
+    if INDEPENDENT:
+        return [round_path(wildcards, wildcards.k, "train", f"half{h}/model.pt") for h in HALVES]
+    return [round_path(wildcards, wildcards.k, "train", "model.pt")]
+
+
+def publish_inputs(wildcards):
+    """The final round's files, in the order of PUBLISHED."""
+    return [f"results/{wildcards.run}/rounds/{ROUNDS}/{path}" for path in PUBLISHED]
+
+
 def report_inputs(wildcards):
-    """What the report reads: the refined fields, the preprocessed reference and mask, the ZART
-    maps, and the atomic model (config report.model, else the demo's simulated reference model)
+    """What the report reads: the refined fields, the final round's reference and mask, the ZART
+    maps, every round's FSC and fields, and the atomic model (config report.model, else the demo's simulated reference model)
     plus, for the demo, the ground truth."""
     run = f"results/{wildcards.run}"
     inputs = {
         "particles": f"{run}/refine/particles.star",
         "coefficients": f"{run}/refine/coefficients.npy",
-        "points": f"{run}/preprocess/points.npz",
-        "reference": f"{run}/preprocess/reference.mrc",
-        "mask": f"{run}/preprocess/mask.mrc",
+        **reference_files(wildcards, ROUNDS),  # what the final round's fields were refined against
         "corrected": f"{run}/zart/corrected.mrc",
         "uncorrected": f"{run}/zart/uncorrected.mrc",
         "fsc": f"{run}/zart/fsc.tsv",
+        # every round, for the per-round table and landscapes
+        "round_fsc": [round_path(wildcards, k, "zart", "fsc.tsv") for k in range(1, ROUNDS + 1)],
+        "round_coefficients": [
+            round_path(wildcards, k, "refine", "coefficients.npy") for k in range(1, ROUNDS + 1)
+        ],
     }
     if config["report"]["model"] is not None:
         inputs["model"] = config["report"]["model"]

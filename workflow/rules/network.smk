@@ -1,19 +1,18 @@
 # Zernike3Deep: train the network on the preprocessed particles, then predict every particle's
-# Zernike3D coefficients. GPU rules: they run on the CPU when no GPU is usable (the log says so).
+# Zernike3D coefficients, once per refinement round {k} (round k >= 2 fine-tunes round k-1's
+# network). GPU rules: they run on the CPU when no GPU is usable (the log says so).
 
 
 rule train:
     input:
-        particles="results/{run}/preprocess/particles.star",
-        stack="results/{run}/preprocess/particles.mrcs",
-        points="results/{run}/preprocess/points.npz",
+        unpack(train_inputs),
     output:
-        model="results/{run}/train/model.pt",
-        history="results/{run}/train/history.tsv",
+        model="results/{run}/rounds/{k}/train/model.pt",
+        history="results/{run}/rounds/{k}/train/history.tsv",
     log:
-        "logs/{run}/train.log",
+        "logs/{run}/rounds/{k}/train.log",
     benchmark:
-        "benchmarks/{run}/train.tsv"
+        "benchmarks/{run}/rounds/{k}/train.tsv"
     conda:
         "../../envs/torch.yaml"
     threads: 8
@@ -26,24 +25,36 @@ rule train:
         zernike=lookup(dpath="zernike", within=config),
         train=lookup(dpath="train", within=config),
         seed=lookup(dpath="seed", within=config),
-        checkpoint_dir=lambda wildcards: f"results/{wildcards.run}/train/checkpoint",
+        half=lambda wildcards: train_params(wildcards)["half"],
+        checkpoint_dir=lambda wildcards: train_params(wildcards)["checkpoint_dir"],
     script:
         "../scripts/train.py"
 
 
+# gold_standard: independent — one network per half set, trained on that half's particles only.
+use rule train as train_half with:
+    output:
+        model="results/{run}/rounds/{k}/train/half{half}/model.pt",
+        history="results/{run}/rounds/{k}/train/half{half}/history.tsv",
+    log:
+        "logs/{run}/rounds/{k}/train_half{half}.log",
+    benchmark:
+        "benchmarks/{run}/rounds/{k}/train_half{half}.tsv"
+
+
 rule predict:
     input:
-        model="results/{run}/train/model.pt",
+        models=round_models,
         particles="results/{run}/preprocess/particles.star",
         stack="results/{run}/preprocess/particles.mrcs",
         original=original_particles,
     output:
-        particles="results/{run}/predict/particles.star",
-        coefficients="results/{run}/predict/coefficients.npy",
+        particles="results/{run}/rounds/{k}/predict/particles.star",
+        coefficients="results/{run}/rounds/{k}/predict/coefficients.npy",
     log:
-        "logs/{run}/predict.log",
+        "logs/{run}/rounds/{k}/predict.log",
     benchmark:
-        "benchmarks/{run}/predict.tsv"
+        "benchmarks/{run}/rounds/{k}/predict.tsv"
     conda:
         "../../envs/torch.yaml"
     threads: 4

@@ -1,25 +1,26 @@
 # ZART: the deformation-corrected reconstruction (gold-standard halves, FSC) and, with the same
-# code and zero fields, the uncorrected one. GPU rule (cupy); numpy on the CPU otherwise.
+# code and zero fields, the uncorrected one, once per refinement round {k}, on the round's mask
+# (each half on its own in independent mode). GPU rule (cupy); numpy on the CPU otherwise.
 
 
 rule zart:
     input:
         particles="results/{run}/preprocess/particles.star",
         stack="results/{run}/preprocess/particles.mrcs",
-        points="results/{run}/preprocess/points.npz",
-        coefficients="results/{run}/refine/coefficients.npy",
+        points=round_points,
+        coefficients="results/{run}/rounds/{k}/refine/coefficients.npy",
     output:
-        corrected="results/{run}/zart/corrected.mrc",
-        half1="results/{run}/zart/corrected_half1.mrc",
-        half2="results/{run}/zart/corrected_half2.mrc",
-        uncorrected="results/{run}/zart/uncorrected.mrc",
-        uncorrected_half1="results/{run}/zart/uncorrected_half1.mrc",
-        uncorrected_half2="results/{run}/zart/uncorrected_half2.mrc",
-        fsc="results/{run}/zart/fsc.tsv",
+        corrected="results/{run}/rounds/{k}/zart/corrected.mrc",
+        half1="results/{run}/rounds/{k}/zart/corrected_half1.mrc",
+        half2="results/{run}/rounds/{k}/zart/corrected_half2.mrc",
+        uncorrected="results/{run}/rounds/{k}/zart/uncorrected.mrc",
+        uncorrected_half1="results/{run}/rounds/{k}/zart/uncorrected_half1.mrc",
+        uncorrected_half2="results/{run}/rounds/{k}/zart/uncorrected_half2.mrc",
+        fsc="results/{run}/rounds/{k}/zart/fsc.tsv",
     log:
-        "logs/{run}/zart.log",
+        "logs/{run}/rounds/{k}/zart.log",
     benchmark:
-        "benchmarks/{run}/zart.tsv"
+        "benchmarks/{run}/rounds/{k}/zart.tsv"
     conda:
         "../../envs/cupy.yaml"
     threads: 4

@@ -1,19 +1,20 @@
-# Classical per-particle refinement of the predicted fields, scattered over particle chunks and
-# gathered back in STAR order. GPU rule: runs on the CPU when no GPU is usable (the log says so).
+# Classical per-particle refinement of the predicted fields against the round's reference,
+# scattered over particle chunks and gathered back in STAR order, once per refinement round {k}.
+# GPU rule: runs on the CPU when no GPU is usable (the log says so).
 
 
 rule refine_chunk:
     input:
         particles="results/{run}/preprocess/particles.star",
         stack="results/{run}/preprocess/particles.mrcs",
-        points="results/{run}/preprocess/points.npz",
-        prior="results/{run}/predict/coefficients.npy",
+        points=round_points,
+        prior="results/{run}/rounds/{k}/predict/coefficients.npy",
     output:
-        chunk=temp("results/{run}/refine/chunks/{scatteritem}.npz"),
+        chunk=temp("results/{run}/rounds/{k}/refine/chunks/{scatteritem}.npz"),
     log:
-        "logs/{run}/refine_chunk/{scatteritem}.log",
+        "logs/{run}/rounds/{k}/refine_chunk/{scatteritem}.log",
     benchmark:
-        "benchmarks/{run}/refine_chunk/{scatteritem}.tsv"
+        "benchmarks/{run}/rounds/{k}/refine_chunk/{scatteritem}.tsv"
     conda:
         "../../envs/torch.yaml"
     threads: 4
@@ -25,22 +26,26 @@ rule refine_chunk:
         z3lib=Z3LIB_VERSION,
         zernike=lookup(dpath="zernike", within=config),
         refine=lookup(dpath="refine", within=config),
-        progress=lambda wildcards: f"results/{wildcards.run}/refine/chunks/{wildcards.scatteritem}.progress.npz",
+        gold_standard=lookup(dpath="gold_standard", within=config),
+        seed=lookup(dpath="seed", within=config),
+        progress=lambda wildcards: round_path(
+            wildcards, wildcards.k, "refine", f"chunks/{wildcards.scatteritem}.progress.npz"
+        ),
     script:
         "../scripts/refine_chunk.py"
 
 
 rule refine:
     input:
-        chunks=gather.refine("results/{{run}}/refine/chunks/{scatteritem}.npz"),
+        chunks=gather.refine("results/{{run}}/rounds/{{k}}/refine/chunks/{scatteritem}.npz"),
         original=original_particles,
     output:
-        particles="results/{run}/refine/particles.star",
-        coefficients="results/{run}/refine/coefficients.npy",
+        particles="results/{run}/rounds/{k}/refine/particles.star",
+        coefficients="results/{run}/rounds/{k}/refine/coefficients.npy",
     log:
-        "logs/{run}/refine.log",
+        "logs/{run}/rounds/{k}/refine.log",
     benchmark:
-        "benchmarks/{run}/refine.tsv"
+        "benchmarks/{run}/rounds/{k}/refine.tsv"
     localrule: True
     conda:
         "../../envs/base.yaml"

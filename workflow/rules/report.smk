@@ -57,6 +57,7 @@ rule report:
         motion_pc1="results/{run}/report/motion/motion_pc1.cxc",
         motion_pc2="results/{run}/report/motion/motion_pc2.cxc",
         clusters="results/{run}/report/clusters/clusters.cxc",
+        rounds="results/{run}/report/rounds.tsv",
     log:
         "logs/{run}/report.log",
     benchmark:
@@ -75,6 +76,7 @@ rule report:
         seed=lookup(dpath="seed", within=config),
         pixel_size=lookup(dpath="pixel_size", within=config),
         image_root=lookup(dpath="image_root", within=config),
+        gold_standard=lookup(dpath="gold_standard", within=config),
         benchmarks=lambda wildcards: f"benchmarks/{wildcards.run}",
         run_config=config,
     script:

@@ -17,7 +17,7 @@ params = snakemake.params
 device = select_device(bool(snakemake.resources.get("gpu", 0)), log)
 with _bootstrap.stage(log, "predict", params.z3lib, threads=snakemake.threads):
     written = predict(
-        snakemake.input.model,
+        list(snakemake.input.models),  # one network, or one per half set
         snakemake.input.particles,
         snakemake.input.original,
         Path(snakemake.output.particles).parent,

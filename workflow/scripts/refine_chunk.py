@@ -22,7 +22,7 @@ device = select_device(bool(snakemake.resources.get("gpu", 0)), log)
 with _bootstrap.stage(log, f"refine chunk {item} of {n_items}", params.z3lib, threads=snakemake.threads):
     refine_chunk(
         snakemake.input.particles,
-        snakemake.input.points,
+        list(snakemake.input.points),  # one point cloud, or one per half set
         snakemake.input.prior,
         snakemake.output.chunk,
         chunk=item - 1,
@@ -32,5 +32,7 @@ with _bootstrap.stage(log, f"refine chunk {item} of {n_items}", params.z3lib, th
         config=RefineConfig(**settings),
         device=device,
         progress_path=params.progress,
+        independent_halves=params.gold_standard == "independent",
+        seed=params.seed,
         log=log,
     )

@@ -37,6 +37,9 @@ with _bootstrap.stage(log, "report", params.z3lib):
         seed=params.seed,
         pixel_size=params.pixel_size,
         image_root=params.image_root,
+        round_fsc=list(inputs.round_fsc),  # every refinement round, round 1 first
+        round_coefficients=list(inputs.round_coefficients),
+        gold_standard=params.gold_standard,
         log=log,
     )
     log.info("wrote %d files, the report is %s", len(written), written["html"])

@@ -24,6 +24,8 @@ with _bootstrap.stage(log, "train", params.z3lib, threads=snakemake.threads):
         config,
         checkpoint_dir=params.checkpoint_dir,
         device=device,
+        init_model=snakemake.input.get("init"),  # round k >= 2: fine-tune round k-1's network
+        half=params.half or None,  # independent gold-standard halves: 1 or 2
         log=log,
     )
     log.info("wrote %s", _bootstrap.written_list(written))

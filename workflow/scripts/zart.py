@@ -20,7 +20,7 @@ config = ZartConfig(**{**settings, "sigmas": tuple(settings["sigmas"])}, seed=pa
 with _bootstrap.stage(log, "zart", params.z3lib):
     written = zart(
         snakemake.input.particles,
-        snakemake.input.points,
+        list(snakemake.input.points),  # one point cloud, or one per half set
         snakemake.input.coefficients,
         Path(snakemake.output.corrected).parent,
         degrees=(params.zernike["L1"], params.zernike["L2"]),

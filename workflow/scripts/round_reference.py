@@ -1,0 +1,22 @@
+"""Adapter of rules ``round_reference`` and ``round_reference_half``: the next refinement
+round's reference, mask and point cloud from a corrected map (z3lib.rounds.reference_from_map)."""
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import _bootstrap  # repository root on sys.path; logging setup
+
+from z3lib.rounds import reference_from_map
+
+if TYPE_CHECKING:
+    from snakemake.iocontainers import snakemake  # noqa: TC004  (injected by the preamble)
+
+log = _bootstrap.configure_logging(snakemake.log[0], "z3.rounds")
+with _bootstrap.stage(log, f"reference of round {snakemake.wildcards.k}", snakemake.params.z3lib):
+    written = reference_from_map(
+        snakemake.input.volume,
+        snakemake.input.template,
+        Path(snakemake.output.points).parent,
+        log=log,
+    )
+    log.info("wrote %s", _bootstrap.written_list(written))
