@@ -36,7 +36,7 @@ def two_states(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("two_states")
     sim = simulate_dataset(root / "sim", start_model=ADK / "adk_closed.pdb", end_model=ADK / "adk_open.pdb",
                            n_particles=400, box=40, pixel_size=3.2, resolution=9.0, snr=1.0, seed=11,
-                           t_values=(0.0, 1.0))
+                           t_values=(0.0, 1.0), consensus=False)  # an exact reference: this tests the network
     pre = preprocess(sim["particles"], sim["reference"], sim["mask"], root / "pre", box=32)
     return {**sim, **{f"pre_{k}": v for k, v in pre.items()}}
 
