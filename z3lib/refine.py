@@ -173,6 +173,12 @@ def _stage_masks(n_params: int, degrees: tuple[int, int], schedule: bool, free_m
     return [np.tile(idx[:, 2] <= 1, 3), full]
 
 
+def _offset_defocus(ctf: CtfParams, offset: torch.Tensor) -> CtfParams:
+    """The same CTFs with ``offset`` (``(B,)`` Å) added to DefocusU and DefocusV."""
+    return CtfParams(ctf.defocus_u + offset, ctf.defocus_v + offset, ctf.defocus_angle, ctf.voltage, ctf.cs,
+                     ctf.amplitude_contrast, ctf.phase_shift, ctf.bfactor, ctf.scale)
+
+
 class _Objective:
     """Per-particle cost of a batch; parameters map to coefficients by ``origin + z · directions``
     (landscape) or are the coefficients themselves (free)."""
@@ -220,9 +226,7 @@ class _Objective:
         else:
             rot = self.rot0
         if cfg.refine_defocus:
-            c = self.ctf
-            p = CtfParams(c.defocus_u + dd, c.defocus_v + dd, c.defocus_angle, c.voltage, c.cs,
-                          c.amplitude_contrast, c.phase_shift, c.bfactor, c.scale)
+            p = _offset_defocus(self.ctf, dd)
             pred = self.decoder(coeffs, rot, self.shifts + ds, p, phase_flipped=self.phase_flipped)
         else:
             pred = self.decoder(coeffs, rot, self.shifts + ds, self.ctf, transfer=self.transfer0)
@@ -336,9 +340,7 @@ def refine_batch(
         # result, at its pose, under a prior on the size and roughness of the change
         free_cfg = replace(config, mode="free", prior="field", prior_weight=config.free_prior_weight,
                            smooth_weight=0.0, refine_angles=False, refine_shifts=False, refine_defocus=False)
-        c = ctf
-        ctf2 = CtfParams(c.defocus_u + best["d"], c.defocus_v + best["d"], c.defocus_angle, c.voltage, c.cs,
-                         c.amplitude_contrast, c.phase_shift, c.bfactor, c.scale)
+        ctf2 = _offset_defocus(ctf, best["d"])
         free_obj = _Objective(decoder, images, angles + best["a"], shifts + best["s"], ctf2, coeffs, free_cfg,
                               landscape=None, precision=None, phase_flipped=phase_flipped,
                               change_smooth_weight=config.free_smooth_weight)
@@ -371,8 +373,7 @@ def _image_term_at(objective: _Objective, coefficients: torch.Tensor, best: dict
     rot = euler_to_matrix(ang[:, 0], ang[:, 1], ang[:, 2]) if cfg.refine_angles else objective.rot0
     c = objective.ctf
     if cfg.refine_defocus:
-        ctf = CtfParams(c.defocus_u + best["d"], c.defocus_v + best["d"], c.defocus_angle, c.voltage, c.cs,
-                        c.amplitude_contrast, c.phase_shift, c.bfactor, c.scale)
+        ctf = _offset_defocus(c, best["d"])
         pred = objective.decoder(coefficients, rot, objective.shifts + best["s"], ctf,
                                  phase_flipped=objective.phase_flipped)
     else:
