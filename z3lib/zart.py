@@ -391,21 +391,56 @@ def reconstruct_zart(
     return backend.to_host(values), {"seconds": elapsed, "images_per_s": n_done / max(elapsed, 1e-9)}
 
 
-def values_to_volume(values: npt.ArrayLike, points: npt.ArrayLike, box: int) -> np.ndarray:
-    """Mask-voxel values ``(N,)`` at integer point positions → ``(box, box, box)`` map (0 elsewhere)."""
-    vol = np.zeros((box, box, box), dtype=np.float32)
+def _tent_offsets(step: int) -> tuple[np.ndarray, np.ndarray]:
+    """Integer offsets ``(M, 3)`` (z, y, x) and weights ``(M,)`` of the 3D tent of half-width
+    ``step`` px, ``Π_a (1 − |o_a| / step)``: its weights sum to ``step³`` and its translates by
+    ``step`` sum to 1 everywhere (trilinear interpolation on a grid of spacing ``step``)."""
+    o = np.arange(-(step - 1), step)
+    w1 = 1.0 - np.abs(o) / step
+    oz, oy, ox = np.meshgrid(o, o, o, indexing="ij")
+    wz, wy, wx = np.meshgrid(w1, w1, w1, indexing="ij")
+    return np.stack([oz, oy, ox], -1).reshape(-1, 3), (wz * wy * wx).reshape(-1)
+
+
+def values_to_volume(values: npt.ArrayLike, points: npt.ArrayLike, box: int, *, step: int = 1) -> np.ndarray:
+    """Point values ``(N,)`` at integer point positions → ``(box, box, box)`` ``[z, y, x]`` map.
+
+    ``step = 1``: each value lands in its own voxel (0 elsewhere). ``step > 1``: the points lie on
+    a sub-grid of spacing ``step`` px (``preprocess.points_step``) and each carries the mass of
+    ``step³`` voxels (see :func:`z3lib.geometry.points_from_volume`); its value is spread over the
+    full grid with the tent of half-width ``step`` divided by ``step³``, i.e. the map is the
+    trilinear interpolation of the per-voxel densities between the points (mass preserving; it
+    tapers to 0 over ``step − 1`` voxels beyond the outermost points). Voxels outside the box
+    are dropped.
+    """
+    if step < 1:
+        raise ValueError(f"the point step must be a positive integer, got {step}")
+    vals = np.asarray(values, dtype=np.float64).reshape(-1)
     idx = np.round(np.asarray(points)[:, ::-1] + box_center(box)).astype(np.int64)
-    vol[idx[:, 0], idx[:, 1], idx[:, 2]] = np.asarray(values, dtype=np.float32)
-    return vol
+    vol = np.zeros(box ** 3, dtype=np.float64)
+    offsets, weights = _tent_offsets(step)
+    for off, w in zip(offsets, weights / float(step) ** 3, strict=True):
+        at = idx + off
+        inside = np.all((at >= 0) & (at < box), axis=1)
+        flat = np.ravel_multi_index(tuple(at[inside].T), (box, box, box))
+        vol += np.bincount(flat, weights=w * vals[inside], minlength=box ** 3)
+    return vol.reshape(box, box, box).astype(np.float32)
 
 
-def soft_support(points: npt.ArrayLike, box: int, *, erode: int = 2, sigma: float = 1.5) -> np.ndarray:
+def soft_support(points: npt.ArrayLike, box: int, *, step: int = 1, erode: int = 2, sigma: float = 1.5) -> np.ndarray:
     """A smooth ``[z, y, x]`` mask that is 1 deep inside the reconstructed support and falls to ~0
     at its border (eroded by ``erode`` voxels, then Gaussian-blurred), for honest half-map FSCs:
-    the support's sharp edge is common to both halves and would otherwise inflate the FSC."""
+    the support's sharp edge is common to both halves and would otherwise inflate the FSC.
+
+    The support is the set of voxels where :func:`values_to_volume` of unit densities (value
+    ``step³`` per point) exceeds 1/2: the points' own voxels for ``step = 1``; for a sub-grid of
+    spacing ``step``, the voxels more than half-way from its outermost points to the next
+    sub-grid position outside.
+    """
     from scipy.ndimage import binary_erosion, gaussian_filter
 
-    support = values_to_volume(np.ones(len(np.asarray(points))), points, box) > 0
+    n = len(np.asarray(points))
+    support = values_to_volume(np.full(n, float(step) ** 3), points, box, step=step) > 0.5
     inner = binary_erosion(support, iterations=erode) if erode else support
     out: np.ndarray = gaussian_filter(inner.astype(np.float64), sigma).astype(np.float32)
     return out
@@ -449,6 +484,9 @@ def zart(
         the point cloud whose voxels are reconstructed (the preprocess stage's, or a refinement
         round's), or one per gold-standard half (independent halves: half h is reconstructed on
         its own reference's mask); the FSC is then computed inside the union of both supports.
+        A cloud on a sub-grid (``step`` > 1 in the file, ``preprocess.points_step``) gives maps
+        on the full grid (see :func:`values_to_volume`), low-passed at that sub-grid's Nyquist
+        ``2 · step · pixel size`` Å: the FSC and the resolution never exceed it.
     coefficients
         ``(n, 3K)`` fields in px of the original box (refine or predict output).
     """
@@ -466,8 +504,11 @@ def zart(
     cloud = clouds[0]
     box, orig = int(cloud["box"]), int(cloud["original_box"])
     apix = float(cloud["pixel_size"])
+    step = int(cloud["step"]) if "step" in cloud else 1
     if any(int(c["box"]) != box or int(c["original_box"]) != orig for c in clouds):
         raise ValueError(f"the point clouds {point_paths} were made for different boxes")
+    if any((int(c["step"]) if "step" in c else 1) != step for c in clouds):
+        raise ValueError(f"the point clouds {point_paths} were made with different `preprocess.points_step`")
     half_pts = [np.asarray(clouds[min(h, len(clouds)) - 1]["points"], dtype=np.float64) for h in (1, 2)]
     coeffs = None
     half_z: list[np.ndarray | None] = [None, None]
@@ -484,7 +525,7 @@ def zart(
     out = Path(out_dir)
     paths: dict[str, Path] = {}
     curves = {}
-    fsc_mask = soft_support(np.unique(np.concatenate(half_pts), axis=0), box)
+    fsc_mask = soft_support(np.unique(np.concatenate(half_pts), axis=0), box, step=step)
     for name, field_coeffs in (("corrected", coeffs), ("uncorrected", None)):
         halves = []
         for h, rows in enumerate((h1, h2), start=1):
@@ -492,10 +533,15 @@ def zart(
             vals, stats = reconstruct_zart(be, pts, z, field_coeffs, stack, parts.table, rows, box, apix, config,
                                            log=logger, label=f" {name} half {h}")
             logger.info("%s half %d: %.0f images/s", name, h, stats["images_per_s"])
-            halves.append(values_to_volume(vals, pts, box))
+            half = values_to_volume(vals, pts, box, step=step)
+            if step > 1:  # a sub-grid of spacing `step` holds nothing beyond its own Nyquist
+                half = lowpass_filter(half, apix, 2.0 * step * apix)
+            halves.append(half)
             paths[f"{name}_half{h}"] = out / f"{name}_half{h}.mrc"
             write_map(paths[f"{name}_half{h}"], halves[-1], apix)
         fsc = fourier_shell_correlation(halves[0] * fsc_mask, halves[1] * fsc_mask, apix)
+        if step > 1:  # beyond the sub-grid's Nyquist both halves hold only the same round-off
+            fsc.loc[fsc["frequency"] > 1.0 / (2.0 * step * apix) + 1e-12, "fsc"] = 0.0
         res = resolution_at(fsc, 0.143)
         curves[name] = fsc
         logger.info("%s: half-map FSC resolution %.2f Å (0.143), %.2f Å (0.5)", name, res, resolution_at(fsc, 0.5))
