@@ -294,6 +294,57 @@ def test_missing_defocus_column_is_named(tmp_path: Path) -> None:
     assert "rlnDefocusU" in msg and "nodefocus.star" in msg and "data_particles" in msg
 
 
+def test_missing_pose_column_named_exactly(tmp_path: Path) -> None:
+    """A STAR missing only rlnAngleTilt: the message names that column as missing, the other two
+    as present, the file and the fix (it used to say "no particle poses (rlnAngleRot/Tilt/Psi…)")."""
+    blocks = _relion31_blocks()
+    blocks["particles"] = blocks["particles"].drop(columns=["rlnAngleTilt"])
+    bad = tmp_path / "notilt.star"
+    starfile.write(blocks, bad)
+    parts = io.read_particles(bad)  # metadata without poses is readable; poses are required later
+    with pytest.raises(io.Z3InputError) as err:
+        parts.require_poses("z3 starts from a consensus refinement")
+    msg = str(err.value)
+    assert str(bad) in msg and "data_particles" in msg
+    assert "lacks the pose column(s) rlnAngleTilt (present: rlnAngleRot, rlnAnglePsi)" in msg
+    assert "run_data.star" in msg and "z3 starts from a consensus refinement" in msg
+    # every pose column absent: all three named, none present
+    starfile.write(dict(blocks, particles=blocks["particles"].drop(columns=["rlnAngleRot", "rlnAnglePsi"])),
+                   tmp_path / "nopose.star")
+    with pytest.raises(io.Z3InputError, match=r"rlnAngleRot, rlnAngleTilt, rlnAnglePsi \(present: none\)"):
+        io.read_particles(tmp_path / "nopose.star").require_poses("poses")
+    # the column is there but one value is not a number: the column and the row are named
+    blocks = _relion31_blocks()
+    blocks["particles"]["rlnAngleTilt"] = blocks["particles"]["rlnAngleTilt"].astype(object)
+    blocks["particles"].loc[3, "rlnAngleTilt"] = "nan"
+    starfile.write(blocks, tmp_path / "nantilt.star")
+    with pytest.raises(io.Z3InputError, match=r"nantilt.star: pose column rlnAngleTilt .* \(first: row 3\)"):
+        io.read_particles(tmp_path / "nantilt.star").require_poses("poses")
+    io.read_particles(DRGN / "relion31.star").require_poses("poses")  # complete poses: no error
+
+
+def test_missing_ctf_column_names_missing_and_present(tmp_path: Path) -> None:
+    blocks = _relion31_blocks()
+    blocks["particles"] = blocks["particles"].drop(columns=["rlnDefocusV"])
+    starfile.write(blocks, tmp_path / "nodefv.star")
+    with pytest.raises(io.Z3InputError) as err:
+        io.read_particles(tmp_path / "nodefv.star")
+    msg = str(err.value)
+    assert "nodefv.star: missing CTF column(s) rlnDefocusV (present: rlnDefocusU, rlnDefocusAngle, " \
+           "rlnVoltage, rlnSphericalAberration, rlnAmplitudeContrast)" in msg
+    assert "CTF-refined job" in msg
+
+
+def test_half_an_origin_shift_pair_is_refused(tmp_path: Path) -> None:
+    """rlnOriginXAngst without rlnOriginYAngst used to read as zero shifts, silently."""
+    blocks = _relion31_blocks()
+    blocks["particles"] = blocks["particles"].drop(columns=["rlnOriginYAngst"])
+    starfile.write(blocks, tmp_path / "halfshift.star")
+    with pytest.raises(io.Z3InputError, match=r"halfshift.star: .* has the origin shift column rlnOriginXAngst "
+                                              r"but not rlnOriginYAngst.*Fix: add rlnOriginYAngst"):
+        io.read_particles(tmp_path / "halfshift.star")
+
+
 def test_missing_optics_ctf_column_points_to_optics_block(tmp_path: Path) -> None:
     blocks = _relion31_blocks()
     blocks["optics"] = blocks["optics"].drop(columns=["rlnVoltage"])
@@ -307,7 +358,8 @@ def test_missing_image_name_and_empty_block(tmp_path: Path) -> None:
     blocks = _relion31_blocks()
     noname = dict(blocks, particles=blocks["particles"].drop(columns=["rlnImageName"]))
     starfile.write(noname, tmp_path / "noname.star")
-    with pytest.raises(io.Z3InputError, match="rlnImageName"):
+    with pytest.raises(io.Z3InputError, match=r"noname.star: .*no rlnImageName column.*Columns found: "
+                                              r"rlnCoordinateX.*Fix: give the particles STAR"):
         io.read_particles(tmp_path / "noname.star")
     empty = dict(blocks, particles=blocks["particles"].iloc[:0])
     starfile.write(empty, tmp_path / "empty.star")

@@ -118,9 +118,24 @@ def test_reference_pixel_size_and_box_mismatch_reported(sim: dict[str, Path], tm
 
 
 def test_particles_without_poses_refused(tmp_path: Path) -> None:
-    with pytest.raises(Z3InputError, match="no particle poses"):
+    with pytest.raises(Z3InputError, match=r"empiar_10076_7.star: .* lacks the pose column\(s\) rlnAngleRot, "
+                                           r"rlnAngleTilt, rlnAnglePsi \(present: none\).*consensus refinement"):
         preprocess(DATA / "cryodrgn" / "empiar_10076_7.star", DATA / "diffmodeler_emd6824" / "emd_6824.mrc",
                    None, tmp_path, box=32)
+
+
+def test_particles_missing_only_the_tilt_name_it(tmp_path: Path) -> None:
+    """Issue 12, item 7: a STAR missing only rlnAngleTilt is refused naming that one column."""
+    import starfile
+
+    blocks = dict(starfile.read(DATA / "cryodrgn" / "relion31.star", always_dict=True))
+    blocks["particles"] = blocks["particles"].drop(columns=["rlnAngleTilt"])
+    starfile.write(blocks, tmp_path / "notilt.star")
+    with pytest.raises(Z3InputError) as err:
+        preprocess(tmp_path / "notilt.star", DATA / "diffmodeler_emd6824" / "emd_6824.mrc", None, tmp_path / "o",
+                   box=32)
+    msg = str(err.value)
+    assert "notilt.star" in msg and "column(s) rlnAngleTilt (present: rlnAngleRot, rlnAnglePsi)" in msg
 
 
 def test_ctf_premultiplied_particles_refused(tmp_path: Path) -> None:

@@ -182,12 +182,11 @@ def consensus_reference(
     -------
     ``{"reference": path, "mask": path, "resolution_0143": Å, "resolution_05": Å, "seconds": s}``.
     """
-    from z3lib.io import Z3InputError, read_particles, write_map
+    from z3lib.io import read_particles, write_map
 
     logger = log or logging.getLogger(__name__)
     parts = read_particles(particles, pixel_size=pixel_size, image_root=image_root)
-    if not parts.has_poses:
-        raise Z3InputError(f"{parts.path} has no particle poses: a consensus map needs them")
+    parts.require_poses("a consensus map is reconstructed from the particles' poses")
     stack = parts.images()
     try:
         volume, stats = reconstruct_consensus(

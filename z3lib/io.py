@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 PathLike = str | os.PathLike[str]
 
 __all__ = [
+    "POSE_COLUMNS",
     "ZERNIKE_BLOCK",
     "ZERNIKE_COLUMN",
     "AtomicModel",
@@ -75,6 +76,8 @@ ZERNIKE_COLUMN = "zernikeCoefficients"
 ZERNIKE_BLOCK = "zernike3d"
 _ZERNIKE_KEYS = ("L1", "L2", "Rmax", "basis", "box")
 
+#: Columns of a particle's pose: RELION ZYZ Euler angles (degrees), per particle.
+POSE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
 #: Columns a particle table needs for the CTF, and where RELION usually keeps them.
 _CTF_PARTICLE_COLUMNS = ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle")
 _CTF_OPTICS_COLUMNS = ("rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast")
@@ -339,6 +342,42 @@ class Particles:
         angles = self.table[["rot", "tilt", "psi"]].to_numpy(dtype=np.float64)
         return bool(len(angles) > 0 and np.isfinite(angles).all())
 
+    def require_poses(self, reason: str) -> None:
+        """Raise :class:`Z3InputError` unless every particle has finite Euler angles.
+
+        The message names the file, exactly the pose columns (``.cs``: fields) that are missing
+        and those present, or the column and first row whose values are empty or not numbers,
+        and the fix. ``reason`` says why poses are needed (e.g. "z3 starts from a consensus
+        refinement").
+        """
+        if self.has_poses:
+            return
+        fix = ("give the particles of a 3D refinement job (RELION: Refine3D/jobNNN/run_data.star; "
+               "cryoSPARC: the refinement's exported particles with alignments3D)")
+        if self.source_format == ".cs":
+            raise Z3InputError(
+                f"{self.path}: the .cs file has no alignments3D/pose field (particle poses); "
+                f"{reason}. Fix: {fix}, or join the refinement's passthrough file (csparc2star)"
+            )
+        columns = {str(c) for c in self.raw.columns}
+        present = [c for c in POSE_COLUMNS if c in columns]
+        missing = [c for c in POSE_COLUMNS if c not in columns]
+        if missing:
+            raise Z3InputError(
+                f"{self.path}: the particle block data_{self.block} lacks the pose column(s) "
+                f"{', '.join(missing)} (present: {', '.join(present) if present else 'none'}); "
+                f"{reason}, which needs {', '.join(POSE_COLUMNS)} (degrees) for every particle. "
+                f"Fix: {fix}, or add the missing column(s)"
+            )
+        for name, key in zip(POSE_COLUMNS, ("rot", "tilt", "psi"), strict=True):
+            bad = ~np.isfinite(self.table[key].to_numpy(dtype=np.float64))
+            if bad.any():
+                raise Z3InputError(
+                    f"{self.path}: pose column {name} is empty or not a number for {int(bad.sum())} "
+                    f"particle(s) (first: row {int(np.flatnonzero(bad)[0])}); {reason}. Fix the "
+                    f"value(s), or remove those particles"
+                )
+
     @property
     def pixel_size(self) -> float:
         """The pixel size (Å) shared by all particles; ValueError if optics groups disagree."""
@@ -545,10 +584,31 @@ def _check_ctf_columns(path: Path, block: str, merged: pd.DataFrame, has_optics:
             + (" (the file has one, but not these columns)" if has_optics else
                " (RELION ≥ 3.1) or in each particle row (RELION 3.0)")
         )
+    present = [c for c in (*_CTF_PARTICLE_COLUMNS, *_CTF_OPTICS_COLUMNS) if c in merged.columns]
     raise Z3InputError(
-        f"{path}: missing CTF column(s) {', '.join(missing)}: {'; '.join(where)}. z3 needs "
+        f"{path}: missing CTF column(s) {', '.join(missing)} (present: "
+        f"{', '.join(present) if present else 'none'}): {'; '.join(where)}. z3 needs "
         "the CTF of every particle: export the STAR from the CTF-refined job, or add the columns"
     )
+
+
+def _check_shift_columns(path: Path, block: str, merged: pd.DataFrame) -> None:
+    """A half origin-shift pair (e.g. rlnOriginXAngst without rlnOriginYAngst) is an error: the
+    shifts would otherwise silently read as zero."""
+    columns = set(map(str, merged.columns))
+    if any(all(c in columns for c in pair)
+           for pair in (conventions.SHIFT_COLUMNS_ANGSTROM, conventions.SHIFT_COLUMNS_PIXELS)):
+        return
+    for pair in (conventions.SHIFT_COLUMNS_ANGSTROM, conventions.SHIFT_COLUMNS_PIXELS):
+        present = [c for c in pair if c in columns]
+        if present:
+            missing = [c for c in pair if c not in columns]
+            raise Z3InputError(
+                f"{path}: the particle block data_{block} has the origin shift column "
+                f"{', '.join(present)} but not {', '.join(missing)}; a particle's shift needs both "
+                f"({', '.join(pair)}). Fix: add {', '.join(missing)}, or remove {', '.join(present)} "
+                "if the particles are centred (shifts 0)"
+            )
 
 
 def _check_finite(path: Path, what: str, names: Sequence[str], arrays: Sequence[npt.NDArray[Any]]) -> None:
@@ -668,10 +728,13 @@ def _read_star_particles(path: Path, *, pixel_size: float | None, image_root: Pa
     if "rlnImageName" not in raw.columns:
         raise Z3InputError(
             f"{path}: block data_{block} has no rlnImageName column; z3 needs each particle's "
-            "image ('N@stack.mrcs'). Columns found: " + ", ".join(map(str, raw.columns))
+            "image ('N@stack.mrcs'). Columns found: " + ", ".join(map(str, raw.columns)) + ". "
+            "Fix: give the particles STAR (e.g. Refine3D/jobNNN/run_data.star, not run_model.star "
+            "or run_optimiser.star), or add rlnImageName"
         )
     merged = _merge_optics(path, block, raw, optics) if optics is not None else raw
     _check_ctf_columns(path, block, merged, optics is not None)
+    _check_shift_columns(path, block, merged)
     n = len(raw)
 
     if pixel_size is not None:
@@ -791,8 +854,10 @@ def _read_cs(path: Path, *, pixel_size: float | None, image_root: Path | None) -
               "ctf/amp_contrast")
     missing = [f for f in needed if f not in fields]
     if missing:
+        present = [f for f in needed if f in fields]
         raise Z3InputError(
-            f"{path}: missing CTF field(s) {', '.join(missing)}; cryoSPARC often keeps the CTF in "
+            f"{path}: missing CTF field(s) {', '.join(missing)} (present: "
+            f"{', '.join(present) if present else 'none'}); cryoSPARC often keeps the CTF in "
             "the job's passthrough file (…_passthrough_particles.cs): export the particles from "
             "cryoSPARC (or with csparc2star) so that blob/*, ctf/* and alignments3D/* are in one file"
         )

@@ -214,11 +214,7 @@ def preprocess(
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     parts = read_particles(particles, pixel_size=pixel_size, image_root=image_root)
-    if not parts.has_poses:
-        raise Z3InputError(
-            f"{parts.path} has no particle poses (rlnAngleRot/Tilt/Psi or alignments3D/pose); z3 "
-            "starts from a consensus refinement: give the particles of a 3D refinement job"
-        )
+    parts.require_poses("z3 starts from a consensus refinement")
     premultiplied = parts.table["ctf_premultiplied"].to_numpy(dtype=bool)
     if premultiplied.any():
         raise Z3InputError(
