@@ -178,6 +178,36 @@ def test_interrupted_training_resumes_to_the_same_model(two_states: dict[str, Pa
     np.testing.assert_allclose(h1["train_image"], h2["train_image"], rtol=1e-6)
 
 
+def test_extending_epochs_resumes_without_a_learning_rate_jump(two_states: dict[str, Path], tmp_path: Path) -> None:
+    """train.epochs 3 → 6 for a finished run: the 3 trained epochs are kept (not retrained), only
+    epochs 4-6 train, and their learning rates decay on from the last one used (with the old
+    schedule over 6 epochs, epoch 4 jumped from 0.325 to 0.55 of the base rate)."""
+    parts = read_particles(two_states["pre_particles"])
+    cloud = read_npz(two_states["pre_points"])
+    source = ParticleBatchSource.from_particles(parts).take(np.arange(48))
+    base = 2e-3
+    _, h3 = train_model(source, cloud["points"], cloud["amplitudes"], 32, _small_config(epochs=3),
+                        checkpoint_dir=tmp_path)
+    # an uninterrupted run: cosine from the base rate towards 10 % of it over its epochs
+    expected3 = [base * (0.1 + 0.45 * (1 + np.cos(np.pi * e / 3))) for e in range(3)]
+    np.testing.assert_allclose(h3["learning_rate"], expected3, rtol=1e-12)
+    trained: list[int] = []
+    _, h6 = train_model(source, cloud["points"], cloud["amplitudes"], 32, _small_config(epochs=6),
+                        checkpoint_dir=tmp_path, on_epoch_end=lambda epoch, row: trained.append(epoch))
+    assert trained == [4, 5, 6]  # resumed after epoch 3, did not restart
+    assert list(h6["epoch"]) == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_array_equal(h6["train_image"][:3], h3["train_image"])
+    lr = h6["learning_rate"].to_numpy()
+    np.testing.assert_array_equal(lr[:3], h3["learning_rate"])
+    assert np.all(np.diff(lr) < 0), lr  # no increase anywhere, the junction included
+    # the extension: cosine from the last rate used towards the same floor, over the added epochs
+    last, floor = lr[2], 0.1 * base
+    expected_tail = [floor + (last - floor) * 0.5 * (1 + np.cos(np.pi * j / 4)) for j in (1, 2, 3)]
+    np.testing.assert_allclose(lr[3:], expected_tail, rtol=1e-12)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    np.testing.assert_allclose(ckpt["lr_schedule"], lr, rtol=0)
+
+
 def test_train_and_predict_files(two_states: dict[str, Path], tmp_path: Path) -> None:
     cfg = _small_config(epochs=1, refine_pose=True)
     paths = train(two_states["pre_particles"], two_states["pre_points"], tmp_path / "train", cfg)

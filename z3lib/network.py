@@ -479,6 +479,44 @@ def _fingerprint(config: NetworkConfig, n_particles: int, box: int, inputs: dict
     return {"config": d, "n_particles": int(n_particles), "box": int(box), "inputs": dict(inputs or {})}
 
 
+#: The learning rate decays to this fraction of ``NetworkConfig.learning_rate``.
+LR_FLOOR = 0.1
+
+
+def cosine_decay(epochs: int, lr_start: float, floor_ratio: float) -> list[float]:
+    """Per-epoch learning rates of a cosine decay from ``lr_start`` towards
+    ``floor_ratio · lr_start``: ``lr_e = lr_start · (r + (1 − r)/2 · (1 + cos(π e / epochs)))``
+    for ``e = 0 … epochs − 1`` (the first epoch at ``lr_start``; the floor would be the next)."""
+    half = (1.0 - floor_ratio) / 2.0
+    return [lr_start * (floor_ratio + half * (1 + math.cos(math.pi * (e / max(epochs, 1))))) for e in range(epochs)]
+
+
+def learning_rate_schedule(learning_rate: float, epochs: int, planned: Sequence[float] | None = None,
+                           done: int = 0) -> list[float]:
+    """The learning rate of every epoch ``0 … epochs − 1`` (one value per epoch).
+
+    A fresh run (``planned`` None or empty): cosine decay from ``learning_rate`` to
+    ``LR_FLOOR · learning_rate`` over ``epochs`` (:func:`cosine_decay`). A resumed run whose
+    checkpoint planned ``planned`` and trained its first ``done`` epochs: the same plan when
+    ``epochs`` did not change (an interrupted run continues exactly as an uninterrupted one);
+    otherwise (``train.epochs`` extended or shortened) the ``done`` epochs keep the rates they
+    were trained with and the rest decays from the last of them, as a cosine over the remaining
+    epochs towards the same floor, so the rate never jumps up where training resumes.
+    """
+    floor = LR_FLOOR * learning_rate
+    if not planned or done <= 0:
+        return cosine_decay(epochs, learning_rate, LR_FLOOR)
+    plan = [float(v) for v in planned]
+    if len(plan) == epochs:
+        return plan
+    used = plan[:done]
+    if epochs <= done:
+        return used[:epochs]
+    last = used[-1]
+    ratio = min(floor / last, 1.0) if last > 0 else 1.0
+    return used + cosine_decay(epochs - done + 1, last, ratio)[1:]
+
+
 def array_digest(*arrays: np.ndarray | torch.Tensor) -> str:
     """SHA-256 (hex) of the bytes, dtypes and shapes of arrays or tensors (checkpoint fingerprints)."""
     import hashlib
@@ -563,7 +601,9 @@ def train_model(
     A checkpoint (model, optimiser, history) is written atomically to
     ``checkpoint_dir/checkpoint.pt`` after every epoch. If one exists for the same data and
     settings, training continues after its last epoch (more epochs in ``config`` extend a
-    finished run); otherwise it starts from the seeded initialisation, or from ``init_weights``.
+    finished run, the learning rate decaying on from where it stopped: see
+    :func:`learning_rate_schedule`; the checkpoint keeps the per-epoch plan); otherwise it
+    starts from the seeded initialisation, or from ``init_weights``.
 
     Parameters
     ----------
@@ -606,11 +646,8 @@ def train_model(
         inputs["init"] = state_digest(weights)
         logger.info("fine-tuning: %d weight tensors loaded from the initial model", len(weights))
     optimiser = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
-    # cosine decay of the learning rate to 10% over the configured epochs (per epoch, so that a
-    # resumed run follows exactly the schedule of an uninterrupted one)
-    def lr_at(epoch: int) -> float:
-        frac = min(epoch / max(config.epochs, 1), 1.0)
-        return config.learning_rate * (0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
+    # per-epoch learning rates (learning_rate_schedule): planned once, kept in the checkpoint
+    schedule = learning_rate_schedule(config.learning_rate, config.epochs)
     train_idx, val_idx = split_particles(len(source), config.validation_fraction, config.seed)
     fingerprint = _fingerprint(config, len(source), box, inputs)
     history: list[dict[str, float]] = []
@@ -623,7 +660,14 @@ def train_model(
             optimiser.load_state_dict(state["optimizer"])
             history = list(state["history"])
             start_epoch = int(state["epoch"])
+            # checkpoints from before the schedule was kept: the rates their epochs were trained with
+            planned = state.get("lr_schedule") or [float(row["learning_rate"]) for row in history]
+            schedule = learning_rate_schedule(config.learning_rate, config.epochs, planned, start_epoch)
             logger.info("resuming from %s after epoch %d", ckpt_path, start_epoch)
+            if len(planned) != config.epochs and config.epochs > start_epoch:
+                logger.info("train.epochs changed (%d → %d): the learning rate decays from %.3g over the "
+                            "remaining %d epochs", len(planned), config.epochs, schedule[start_epoch - 1],
+                            config.epochs - start_epoch)
         else:
             logger.warning("ignoring %s: it was made for other data or settings", ckpt_path)
     n_batches = math.ceil(len(train_idx) / config.batch_size)
@@ -633,7 +677,7 @@ def train_model(
     for epoch in range(start_epoch, config.epochs):
         model.train()
         for group in optimiser.param_groups:
-            group["lr"] = lr_at(epoch)
+            group["lr"] = schedule[epoch]
         torch.manual_seed(config.seed * 100003 + epoch)
         order = train_idx[np.random.default_rng([config.seed, epoch]).permutation(len(train_idx))]
         t_epoch = time.perf_counter()
@@ -663,10 +707,10 @@ def train_model(
         row["val_image"] = _evaluate(model, source, val_idx, dev, 4 * config.batch_size, use_amp)
         row["seconds"] = elapsed
         row["images_per_s"] = len(train_idx) / elapsed
-        row["learning_rate"] = lr_at(epoch)
+        row["learning_rate"] = schedule[epoch]
         history.append(row)
         state = {"model": model.state_dict(), "optimizer": optimiser.state_dict(), "epoch": epoch + 1,
-                 "history": history, "fingerprint": fingerprint}
+                 "history": history, "fingerprint": fingerprint, "lr_schedule": schedule}
         with atomic_path(ckpt_path) as tmp:
             torch.save(state, tmp)
         logger.info("epoch %d done: train %.4f, validation %.4f, %.0f images/s", epoch + 1,
