@@ -65,7 +65,10 @@ def _config(**kw: object) -> NetworkConfig:
 
 
 def _trainable(model: torch.nn.Module) -> list[torch.Tensor]:
-    return [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    """The learned weights that carry over between rounds (not the decoder's learned reference,
+    which belongs to its point cloud)."""
+    return [p.detach().clone() for name, p in model.named_parameters()
+            if p.requires_grad and not name.startswith("decoder.")]
 
 
 def test_fine_tuning_starts_from_the_given_weights(data: dict[str, Path], tmp_path: Path,
@@ -91,7 +94,12 @@ def test_fine_tuning_starts_from_the_given_weights(data: dict[str, Path], tmp_pa
                                   init_weights=first.state_dict())
     expected = _trainable(first)
     fresh = _trainable(build_model(points2, amps2, BOX, source.pixel_size, cfg))
-    assert len(seen[0]) == len(expected)
+    delta = second.decoder.amplitude_delta
+    assert delta is not None and len(seen[0]) == len(expected) + 1
+    assert not torch.equal(delta.detach(), torch.zeros_like(delta))  # round 2 learns its own map ...
+    seen_delta = [t for t in seen[0] if t.shape == delta.shape]
+    assert len(seen_delta) == 1 and torch.equal(seen_delta[0], torch.zeros_like(delta))  # ... from zero
+    seen[0] = [t for t in seen[0] if t.shape != delta.shape]
     for before, weight, seeded in zip(seen[0], expected, fresh, strict=True):
         torch.testing.assert_close(before, weight, rtol=0, atol=0)
     assert any(not torch.equal(w, s) for w, s in zip(expected, fresh, strict=True))  # not the seeded start
@@ -201,7 +209,8 @@ def test_zart_halves_use_their_own_fields_and_masks(data: dict[str, Path], tmp_p
     small = tmp_path / "small.npz"
     keep = np.abs(cloud["points"]).max(1) <= 5
     write_npz(small, **{**cloud, "points": cloud["points"][keep], "amplitudes": cloud["amplitudes"][keep]})
-    cfg = ZartConfig(iterations=1, batch_size=16, seed=0)
+    # a fixed field scale: "auto" picks one s from both halves' FSC (one number, as the FSC is)
+    cfg = ZartConfig(iterations=1, batch_size=16, seed=0, field_scale=1.0)
     kw = {"degrees": (3, 2), "basis": "xmipp", "config": cfg, "backend": "numpy"}
     a = zart(data["pre_particles"], [data["pre_points"], small], tmp_path / "fields.npy", tmp_path / "a", **kw)
     b = zart(data["pre_particles"], [data["pre_points"], small], tmp_path / "garbage.npy", tmp_path / "b", **kw)

@@ -71,6 +71,7 @@ class NetworkConfig:
     validation_fraction: float = 0.1
     seed: int = 0
     mask_radius: float = 0.9  # image circle (fraction of box / 2) seen by the encoder and the loss
+    learn_reference: bool = True  # the point cloud's amplitudes are learned with the fields
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -81,7 +82,8 @@ class NetworkConfig:
         unknown = set(values) - names
         if unknown:
             raise ValueError(f"unknown network settings {sorted(unknown)}; known: {sorted(names)}")
-        return cls(**values)
+        # models saved before the reference could be learned (z3lib < 0.1.3) hold none
+        return cls(**{"learn_reference": False, **values})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -184,6 +186,18 @@ class PhysicalDecoder(nn.Module):
         self.register_buffer("basis", z.detach().to(torch.float32))
         self.register_buffer("energy_form", energy.to(torch.float32))
         self.register_buffer("smooth_form", smooth.to(torch.float32))
+        # learned reference (3DFlex-like): amplitudes + scale · delta, delta in units of the
+        # largest starting amplitude so that one learning rate suits every map's scale
+        self.amplitude_scale = float(amplitudes.abs().max().clamp_min(1e-12))
+        self.amplitude_delta: nn.Parameter | None = None
+        if config.learn_reference:
+            self.amplitude_delta = nn.Parameter(torch.zeros(n, dtype=torch.float32))
+
+    def values(self) -> torch.Tensor:
+        """``(N,)`` the amplitudes the decoder projects (the starting ones, or the learned ones)."""
+        if self.amplitude_delta is None:
+            return self.amplitudes
+        return self.amplitudes + self.amplitude_scale * self.amplitude_delta
 
     def field_energy(self, coefficients: torch.Tensor) -> torch.Tensor:
         """Mean squared displacement over the points (px²), ``(B, 3K)`` → ``(B,)``."""
@@ -214,7 +228,7 @@ class PhysicalDecoder(nn.Module):
         pos = image_positions(self.points, rotations, shifts, self.box,
                               basis=None if coefficients is None else self.basis,
                               coefficients=coefficients)
-        proj = splat_bilinear(pos, self.amplitudes, self.box)
+        proj = splat_bilinear(pos, self.values(), self.box)
         if transfer is None:
             if ctf is None:
                 return proj
@@ -808,7 +822,10 @@ def train(
     half: int | None = None,
     log: logging.Logger | None = None,
 ) -> dict[str, Path]:
-    """Train Zernike3Deep on preprocessed particles; write ``model.pt`` and ``history.tsv``.
+    """Train Zernike3Deep on preprocessed particles; write ``model.pt``, ``history.tsv`` and
+    ``points.npz`` (the point cloud of ``points`` with the amplitudes the decoder ended with: the
+    learned reference with ``config.learn_reference``, else the input's; refinement works
+    against it).
 
     Parameters
     ----------
@@ -829,7 +846,7 @@ def train(
         ``config.seed``, the split ZART uses), for independent half-set processing; the model
         records its rows (``meta["rows"]``) and never reads another particle's image. None: all.
     """
-    from z3lib.io import read_npz, read_particles, write_table
+    from z3lib.io import read_npz, read_particles, write_npz, write_table
     from z3lib.zart import half_sets
 
     logger = log or logging.getLogger(__name__)
@@ -869,9 +886,16 @@ def train(
                             "original_pixel_size": float(cloud["original_pixel_size"]), "n_particles": len(source),
                             "n_total": n_all, "half": 0 if half is None else int(half),
                             "rows": torch.as_tensor(rows)}
-    paths = {"model": out / "model.pt", "history": out / "history.tsv"}
+    paths = {"model": out / "model.pt", "history": out / "history.tsv", "points": out / "points.npz"}
     save_model(paths["model"], model, meta)
     write_table(paths["history"], history)
+    # the reference the fields refer to: the input cloud, with the learned amplitudes if any
+    learned = {**cloud, "amplitudes": model.decoder.values().detach().cpu().numpy().astype(np.float32)}
+    write_npz(paths["points"], **learned)
+    if config.learn_reference:
+        start = np.asarray(cloud["amplitudes"], np.float64)
+        change = np.linalg.norm(learned["amplitudes"] - start) / max(float(np.linalg.norm(start)), 1e-12)
+        logger.info("learned reference: amplitudes changed by %.1f%% (relative L2)", 100 * change)
     logger.info("training done in %.1f s", time.perf_counter() - t0)
     if torch.device(device).type == "cuda":
         logger.info("GPU peak memory %.2f GiB", torch.cuda.max_memory_allocated() / 2**30)

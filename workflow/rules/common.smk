@@ -113,7 +113,7 @@ STAGE_OUTPUTS = {
         "mask.mrc",
         "points.npz",
     ],
-    "train": ["model.pt", "history.tsv"],
+    "train": ["model.pt", "history.tsv", "points.npz"],
     "predict": ["particles.star", "coefficients.npy"],
     "refine": ["particles.star", "coefficients.npy"],
     "zart": [
@@ -122,6 +122,7 @@ STAGE_OUTPUTS = {
         "corrected_half2.mrc",
         "uncorrected.mrc",
         "fsc.tsv",
+        "field_scale.tsv",
     ],
     # Also written (not declared: their number follows the config and the data): the motion
     # series motion/motion_pc{1,2}_NN.{mrc,pdb} and clusters/cluster_NN.{star,mrc,pdb}.
@@ -240,6 +241,14 @@ def round_points(wildcards):
     if INDEPENDENT and int(wildcards.k) > 1:
         return [reference_files(wildcards, wildcards.k, h)["points"] for h in HALVES]
     return [reference_files(wildcards, wildcards.k)["points"]]
+
+
+def round_network_points(wildcards):
+    """The point clouds the round's networks ended with (the learned reference with
+    train.learn_reference): refinement works against them; one per half in independent mode."""
+    if INDEPENDENT:
+        return [round_path(wildcards, wildcards.k, "train", f"half{h}/points.npz") for h in HALVES]
+    return [round_path(wildcards, wildcards.k, "train", "points.npz")]
 
 
 def round_reference_volume(wildcards):

@@ -9,6 +9,7 @@ rule train:
     output:
         model="results/{run}/rounds/{k}/train/model.pt",
         history="results/{run}/rounds/{k}/train/history.tsv",
+        points="results/{run}/rounds/{k}/train/points.npz",
     log:
         "logs/{run}/rounds/{k}/train.log",
     benchmark:
@@ -36,6 +37,7 @@ use rule train as train_half with:
     output:
         model="results/{run}/rounds/{k}/train/half{half}/model.pt",
         history="results/{run}/rounds/{k}/train/half{half}/history.tsv",
+        points="results/{run}/rounds/{k}/train/half{half}/points.npz",
     log:
         "logs/{run}/rounds/{k}/train_half{half}.log",
     benchmark:

@@ -17,6 +17,7 @@ rule zart:
         uncorrected_half1="results/{run}/rounds/{k}/zart/uncorrected_half1.mrc",
         uncorrected_half2="results/{run}/rounds/{k}/zart/uncorrected_half2.mrc",
         fsc="results/{run}/rounds/{k}/zart/fsc.tsv",
+        field_scale="results/{run}/rounds/{k}/zart/field_scale.tsv",
     log:
         "logs/{run}/rounds/{k}/zart.log",
     benchmark:

@@ -7,7 +7,7 @@ rule refine_chunk:
     input:
         particles="results/{run}/preprocess/particles.star",
         stack="results/{run}/preprocess/particles.mrcs",
-        points=round_points,
+        points=round_network_points,
         prior="results/{run}/rounds/{k}/predict/coefficients.npy",
     output:
         chunk=temp("results/{run}/rounds/{k}/refine/chunks/{scatteritem}.npz"),
