@@ -1,4 +1,4 @@
-"""Classical refinement: recovery of known fields and poses, flags, chunks, resume."""
+"""Classical refinement: recovery of known fields and poses, flags, chunks (resume: test_refine_resume)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from z3lib import zernike as zk
 from z3lib.ctf import CtfParams
 from z3lib.geometry import euler_to_matrix, points_from_volume
-from z3lib.io import read_coefficients, read_particles, read_star_blocks, write_coefficients
+from z3lib.io import read_coefficients, read_star_blocks, write_coefficients
 from z3lib.network import NetworkConfig, PhysicalDecoder
 from z3lib.preprocess import preprocess
 from z3lib.refine import (
@@ -227,22 +227,3 @@ def test_chunks_gather_in_star_order_and_match_one_chunk(small_run: dict[str, Pa
     np.testing.assert_allclose(read_coefficients(out["coefficients"])[flagged], prior[flagged], rtol=1e-6, atol=1e-9)
     with pytest.raises(ValueError, match="missing or repeated"):
         gather_refined(parts[:2], small_run["sim_particles"], root / "bad", degrees=(3, 2), basis="xmipp")
-
-
-def test_chunk_resumes_from_progress(small_run: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    root = small_run["root"]
-    cfg = RefineConfig(steps=5, grid_points=5, batch_size=16)
-    kw = {"chunk": 0, "n_chunks": 2, "degrees": (3, 2), "basis": "xmipp", "config": cfg,
-          "progress_path": root / "progress.npz"}
-    first = refine_chunk(small_run["particles"], small_run["points"], small_run["prior"], root / "r1.npz", **kw)  # type: ignore[arg-type]
-    import z3lib.refine as refine_module
-
-    def boom(*args: object, **kwargs: object) -> None:
-        raise AssertionError("finished batches must not be recomputed")
-
-    monkeypatch.setattr(refine_module, "refine_batch", boom)
-    second = refine_chunk(small_run["particles"], small_run["points"], small_run["prior"], root / "r2.npz", **kw)  # type: ignore[arg-type]
-    from z3lib.io import read_npz
-
-    np.testing.assert_array_equal(read_npz(first)["coefficients"], read_npz(second)["coefficients"])
-    assert len(read_particles(small_run["particles"])) == 60

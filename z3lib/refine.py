@@ -34,10 +34,13 @@ keeps the prediction and is flagged.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +54,10 @@ from z3lib.network import (
     NetworkConfig,
     ParticleBatchSource,
     PhysicalDecoder,
+    array_digest,
     circle_mask,
     image_loss,
+    state_digest,
 )
 
 
@@ -455,6 +460,83 @@ def _local_search(objective: _Objective, start: torch.Tensor, stages: list[np.nd
     return {k: v.detach() for k, v in best.items()}, steps
 
 
+def images_digest(source: ParticleBatchSource, index: np.ndarray, batch_size: int = 256) -> str:
+    """SHA-256 (hex) of the pixels of the images of particles ``index`` of ``source`` (read in
+    batches of ``batch_size``; one pass over those images)."""
+    h = hashlib.sha256()
+    idx = np.asarray(index, dtype=np.int64)
+    rows = idx if source.rows is None else source.rows[idx]
+    for lo in range(0, len(rows), max(1, batch_size)):
+        h.update(array_digest(np.asarray(source.images[rows[lo:lo + batch_size]], dtype=np.float32)).encode())
+    return h.hexdigest()
+
+
+def stack_identity(image_paths: Sequence[str], image_index: np.ndarray) -> str:
+    """SHA-256 (hex) naming the images of some particles without reading them: each particle's
+    stack path and index in it (``(n,)``), and the size and modification time (ns) of every
+    stack file named (a rewritten stack gets a new identity)."""
+    h = hashlib.sha256()
+    paths = [str(p) for p in image_paths]
+    h.update(json.dumps(paths).encode())
+    h.update(array_digest(np.asarray(image_index, dtype=np.int64)).encode())
+    for path in sorted(set(paths)):
+        try:
+            st = os.stat(path)
+            h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{path}\0missing\n".encode())
+    return h.hexdigest()
+
+
+def progress_fingerprint(
+    decoder: PhysicalDecoder,
+    source: ParticleBatchSource,
+    prior: np.ndarray,
+    index: np.ndarray,
+    degrees: tuple[int, int],
+    config: RefineConfig,
+    *,
+    device: str | torch.device,
+    images: str,
+    inputs: Mapping[str, Any] | None = None,
+) -> str:
+    """SHA-256 (hex) of everything the refinement of particles ``index`` depends on: partial
+    results saved under it are reused only on an exact match.
+
+    It covers the library version (``z3lib.__version__``), every :class:`RefineConfig` setting,
+    the degrees, the device type, the rows ``index`` ``(n,)``, all predicted coefficients
+    ``prior`` ``(n_total, 3K)`` (px; the landscape and the population prior are built from all
+    of them), the decoder (point cloud, amplitudes, basis values and regulariser forms, box,
+    pixel size), the particles' poses, shifts, CTF parameters, half-set labels and stack rows
+    at ``index``, ``images`` (the identity of their images: :func:`images_digest` or
+    :func:`stack_identity`) and any further ``inputs`` (JSON-serialisable values).
+    """
+    import z3lib
+
+    idx = np.asarray(index, dtype=np.int64)
+    ti = torch.as_tensor(idx)
+    ctf = source.ctf[ti]
+    rows = idx if source.rows is None else source.rows[idx]
+    subsets = source.subsets[idx] if len(source.subsets) else source.subsets
+    record = {
+        "z3lib": z3lib.__version__,
+        "config": config.to_dict(),
+        "degrees": [int(d) for d in degrees],
+        "device": torch.device(device).type,
+        "index": array_digest(idx),
+        "prior": array_digest(np.asarray(prior)),
+        "decoder": {"state": state_digest(decoder.state_dict()), "box": decoder.box,
+                    "pixel_size": decoder.pixel_size, "ctf_pad": decoder.ctf_pad},
+        "particles": {"angles": array_digest(source.angles[ti]), "shifts": array_digest(source.shifts[ti]),
+                      "ctf": array_digest(*(getattr(ctf, f.name) for f in fields(ctf))),
+                      "subsets": array_digest(subsets), "rows": array_digest(rows),
+                      "pixel_size": source.pixel_size, "phase_flipped": source.phase_flipped},
+        "images": images,
+        "inputs": dict(inputs or {}),
+    }
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
 def refine_particles(
     decoder: PhysicalDecoder,
     source: ParticleBatchSource,
@@ -465,6 +547,8 @@ def refine_particles(
     index: np.ndarray | None = None,
     device: str | torch.device = "cpu",
     progress_path: str | Path | None = None,
+    images: str | None = None,
+    inputs: Mapping[str, Any] | None = None,
     log: logging.Logger | None = None,
 ) -> RefineResult:
     """Refine particles ``index`` (default all) in batches; resumable through ``progress_path``.
@@ -476,8 +560,15 @@ def refine_particles(
         processing box); the landscape and the population prior are built from all of them, so
         every chunk of a scattered run uses the same ones.
     progress_path
-        optional ``.npz`` where finished batches are saved (atomically) after each batch; a rerun
-        skips them.
+        optional ``.npz`` where finished batches are saved (atomically) after each batch, with
+        the :func:`progress_fingerprint` of this call; a rerun skips them only when the
+        fingerprint matches exactly, else it warns and starts afresh. The caller removes the
+        file once it has written the results.
+    images
+        identity of the images of ``index`` for the fingerprint (:func:`stack_identity`); None:
+        :func:`images_digest` (one extra read of them). Only used with ``progress_path``.
+    inputs
+        further values the fingerprint must cover (e.g. the basis name).
     """
     from z3lib.io import read_npz, write_npz
 
@@ -501,13 +592,23 @@ def refine_particles(
         "flagged": np.zeros(n, dtype=bool), "steps": np.zeros(n, dtype=np.int64),
     }
     done = np.zeros(n, dtype=bool)
+    fingerprint = ""
+    if progress_path is not None:
+        image_id = images if images is not None else images_digest(source, idx, config.batch_size)
+        fingerprint = progress_fingerprint(decoder, source, prior, idx, degrees, config, device=dev,
+                                           images=image_id, inputs=inputs)
     if progress_path is not None and Path(progress_path).exists():
         saved = read_npz(progress_path)
-        if np.array_equal(saved.get("index", np.array([])), idx):
+        saved_print = str(saved["fingerprint"]) if "fingerprint" in saved else "(none)"
+        if saved_print == fingerprint and np.array_equal(saved.get("index", np.array([])), idx):
             for key in out:
                 out[key] = saved[key]
             done = saved["done"].astype(bool)
             logger.info("resuming: %d/%d particles already refined", int(done.sum()), n)
+        else:
+            logger.warning("%s holds partial results of other inputs, settings or library version "
+                           "(fingerprint %s…, now %s…): not used, refining these particles afresh",
+                           progress_path, saved_print[:12], fingerprint[:12])
     t0 = time.perf_counter()
     n_done_start = int(done.sum())
     for lo in range(0, n, config.batch_size):
@@ -522,7 +623,7 @@ def refine_particles(
             column[sl] = res[key].cpu().numpy()
         done[sl] = True
         if progress_path is not None:
-            write_npz(progress_path, index=idx, done=done, **out)
+            write_npz(progress_path, index=idx, done=done, fingerprint=np.str_(fingerprint), **out)
         elapsed = time.perf_counter() - t0
         rate = (int(done.sum()) - n_done_start) / max(elapsed, 1e-9)
         logger.info("refined %d/%d particles (%.1f particles/s, ETA %.0f s), %d flagged so far",
@@ -573,6 +674,10 @@ def refine_chunk(
         refine each gold-standard half (:func:`z3lib.zart.half_sets` with ``seed``, the split
         ZART uses) on its own: its own reference, and a landscape and prior built from its own
         particles' predictions only, so that no information crosses the halves.
+    progress_path
+        partial results (:func:`refine_particles`; with ``independent_halves`` one file per half,
+        ``….half1.npz`` and ``….half2.npz``), reused only for the same inputs, settings and
+        library version, and removed once ``out_path`` is written.
     """
     from z3lib.io import read_coefficients, read_npz, read_particles, write_npz
 
@@ -598,12 +703,23 @@ def refine_chunk(
     logger.info("refining chunk %d/%d: particles %d…%d of %d", chunk + 1, n_chunks,
                 rows[0] if len(rows) else 0, rows[-1] if len(rows) else -1, len(parts))
     source = ParticleBatchSource.from_particles(parts)
+    image_paths = parts.table["image_path"].astype(str).to_numpy()
+    image_index = parts.table["image_index"].to_numpy(np.int64)
+
+    def image_id(particle_rows: np.ndarray) -> str:
+        return stack_identity(image_paths[particle_rows].tolist(), image_index[particle_rows])
+
+    inputs: dict[str, Any] = {"basis": basis, "independent_halves": bool(independent_halves)}
+    progress_paths: list[Path] = []
     if not independent_halves:
         decoder = make_decoder(cloud["points"], cloud["amplitudes"], box, float(cloud["pixel_size"]), degrees,
                                basis, device)
         result = refine_particles(decoder, source, prior, degrees, config, index=rows, device=device,
-                                  progress_path=progress_path, log=logger)
+                                  progress_path=progress_path, images=image_id(rows), inputs=inputs,
+                                  log=logger)
         arrays = result.to_arrays()
+        if progress_path is not None:
+            progress_paths.append(Path(progress_path))
     else:
         from z3lib.zart import half_sets
 
@@ -615,8 +731,11 @@ def refine_chunk(
                         h, len(local), len(c["points"]))
             decoder = make_decoder(c["points"], c["amplitudes"], box, float(c["pixel_size"]), degrees, basis, device)
             half_progress = None if progress_path is None else Path(progress_path).with_suffix(f".half{h}.npz")
+            if half_progress is not None:
+                progress_paths.append(half_progress)
             res = refine_particles(decoder, source.take(half_rows), prior[half_rows], degrees, config, index=local,
-                                   device=device, progress_path=half_progress, log=logger).to_arrays()
+                                   device=device, progress_path=half_progress, images=image_id(half_rows[local]),
+                                   inputs={**inputs, "half": h, "seed": int(seed)}, log=logger).to_arrays()
             res["index"] = half_rows[res["index"]]
             pieces.append(res)
         order = np.argsort(np.concatenate([piece["index"] for piece in pieces]), kind="stable")
@@ -624,6 +743,8 @@ def refine_chunk(
     arrays["coefficients"] = zk.rescale_coefficients(arrays["coefficients"], box, orig_box)
     write_npz(out_path, box=np.int64(box), original_box=np.int64(orig_box),
               pixel_size=np.float64(cloud["pixel_size"]), **arrays)
+    for path in progress_paths:  # the results exist: the partial state is spent
+        path.unlink(missing_ok=True)
     source.images.close()
     return Path(out_path)
 
