@@ -164,7 +164,7 @@ def population_precision(coefficients: np.ndarray, *, floor: float = 1e-3) -> np
 def make_decoder(points: np.ndarray, amplitudes: np.ndarray, box: int, pixel_size: float,
                  degrees: tuple[int, int], basis: str, device: str | torch.device = "cpu") -> PhysicalDecoder:
     """The physical decoder (point cloud in px of the processing box) for refinement."""
-    cfg = NetworkConfig(L1=degrees[0], L2=degrees[1], basis=basis)
+    cfg = NetworkConfig(L1=degrees[0], L2=degrees[1], basis=basis, learn_reference=False)  # a fixed map
     return PhysicalDecoder(torch.as_tensor(points, dtype=torch.float32),
                            torch.as_tensor(amplitudes, dtype=torch.float32), box, pixel_size, cfg).to(device)
 
