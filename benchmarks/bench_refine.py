@@ -1,11 +1,12 @@
 """Classical refinement against ground truth, and a derivative-free per-particle baseline.
 
 On the demo simulation (5,000 AdK particles, box 64, SNR 0.1) with the (3, 2) network's
-predictions as the start (trained here if `bench_zernike3deep.py` has not left them in
-benchmarks/work/): displacement RMS error (Å) and |Spearman| after refinement vs after prediction
-alone, next to the representation limit; particles/s of the batched refinement; and the same
-accuracy and time for the original's approach — scipy Powell over the 3K coefficients, one
-particle at a time — on 50 particles, compared with ours on the same 50.
+predictions as the start (trained here unless `bench_zernike3deep.py`'s default setting left
+them in the content-keyed cache of benchmarks/work/: same data, settings and code): displacement
+RMS error (Å) and |Spearman| after refinement vs after prediction alone, next to the
+representation limit; particles/s of the batched refinement; and the same accuracy and time for
+the original's approach — scipy Powell over the 3K coefficients, one particle at a time — on 50
+particles, compared with ours on the same 50.
 
 Usage: python benchmarks/bench_refine.py [--n-refine 5000] [--n-powell 50] [--device cpu] [--out f.jsonl]
 """
@@ -20,7 +21,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import WORK, demo_dataset, displacement_metrics, emit, landscape_metrics, peak_memory_mb
+from common import (
+    demo_dataset,
+    displacement_metrics,
+    emit,
+    landscape_metrics,
+    network_run,
+    peak_memory_mb,
+)
 from scipy.optimize import minimize
 
 from z3lib.conventions import euler_to_matrix
@@ -30,20 +38,18 @@ from z3lib.network import (
     ParticleBatchSource,
     circle_mask,
     image_loss,
-    predict,
-    train,
 )
 from z3lib.refine import RefineConfig, make_decoder, refine_particles
 
+#: The network run whose predictions start the refinement (bench_zernike3deep's default setting).
+PREDICTION_CONFIG = NetworkConfig(L1=3, L2=2, basis="xmipp", epochs=20, batch_size=32, learning_rate=2e-3,
+                                  energy_weight=1e-3, smooth_weight=1e-2)
+
 
 def network_prediction(data: dict[str, Path], device: str) -> np.ndarray:
-    out = WORK / f"z3deep_3_2_xmipp_{device}"
-    coeffs = out / "predict" / "coefficients.npy"
-    if not coeffs.exists():
-        cfg = NetworkConfig(epochs=20, learning_rate=2e-3, energy_weight=1e-3, smooth_weight=1e-2)
-        paths = train(data["pre_particles"], data["pre_points"], out, cfg, device=device)
-        predict(paths["model"], data["pre_particles"], data["sim_particles"], out / "predict", device=device)
-    return read_coefficients(coeffs)
+    """``(n, 3K)`` the predictions (px of the original box) of :data:`PREDICTION_CONFIG` on
+    ``data``, from the content-keyed cache of :func:`common.network_run` (trained when absent)."""
+    return read_coefficients(network_run(data, PREDICTION_CONFIG, device)["coefficients"])
 
 
 def powell_baseline(decoder, source: ParticleBatchSource, prior: np.ndarray, index: np.ndarray,

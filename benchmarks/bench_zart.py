@@ -24,13 +24,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from bench_refine import network_prediction
-from common import WORK, demo_dataset, emit
+from common import cached_array, demo_dataset, emit
 
 from z3lib import zernike as zk
 from z3lib.analysis import fourier_shell_correlation, fsc_area, resolution_at
 from z3lib.geometry import matrix_to_euler, points_from_mask, random_rotations, sphere_mask
 from z3lib.io import read_map, read_npz, read_particles, read_table
-from z3lib.network import ParticleBatchSource
+from z3lib.network import ParticleBatchSource, array_digest
 from z3lib.refine import RefineConfig, make_decoder, refine_particles
 from z3lib.simulate import load_motion
 from z3lib.zart import (
@@ -46,17 +46,24 @@ from z3lib.zart import (
 
 
 def refined_fields(data: dict[str, Path], prior_orig: np.ndarray, device: str = "cpu") -> np.ndarray:
-    path = WORK / "refined_3_2_xmipp.npy"
-    if path.exists():
-        return np.load(path)
-    cloud = read_npz(data["pre_points"])
-    box, orig = int(cloud["box"]), int(cloud["original_box"])
-    dec = make_decoder(cloud["points"], cloud["amplitudes"], box, float(cloud["pixel_size"]), (3, 2), "xmipp", device)
-    src = ParticleBatchSource.from_particles(read_particles(data["pre_particles"]))
-    res = refine_particles(dec, src, prior_orig * box / orig, (3, 2), RefineConfig(), device=device)
-    out = res.coefficients * orig / box
-    np.save(path, out)
-    return out
+    """``(n, 3K)`` refined coefficients (px of the original box) from the predictions
+    ``prior_orig``, cached by content: the data's key, the predictions' digest, the refinement
+    settings, degrees, basis, device and the code (z3lib.refine and what it imports, this file)."""
+    config = RefineConfig()
+    params = {"data": data["key"].parent.name, "prior": array_digest(prior_orig), "config": config.to_dict(),
+              "degrees": [3, 2], "basis": "xmipp", "device": device}
+
+    def make() -> np.ndarray:
+        cloud = read_npz(data["pre_points"])
+        box, orig = int(cloud["box"]), int(cloud["original_box"])
+        dec = make_decoder(cloud["points"], cloud["amplitudes"], box, float(cloud["pixel_size"]), (3, 2), "xmipp",
+                           device)
+        src = ParticleBatchSource.from_particles(read_particles(data["pre_particles"]))
+        res = refine_particles(dec, src, prior_orig * box / orig, (3, 2), config, device=device)
+        out: np.ndarray = res.coefficients * orig / box
+        return out
+
+    return cached_array("refined", params, ["z3lib.refine"], [Path(__file__)], make)
 
 
 def oracle_fields(data: dict[str, Path], t: np.ndarray, box: int) -> np.ndarray:
