@@ -227,3 +227,30 @@ def test_chunks_gather_in_star_order_and_match_one_chunk(small_run: dict[str, Pa
     np.testing.assert_allclose(read_coefficients(out["coefficients"])[flagged], prior[flagged], rtol=1e-6, atol=1e-9)
     with pytest.raises(ValueError, match="missing or repeated"):
         gather_refined(parts[:2], small_run["sim_particles"], root / "bad", degrees=(3, 2), basis="xmipp")
+
+
+def test_refinement_starts_from_and_writes_the_predict_stages_poses(small_run: dict[str, Path]) -> None:
+    """Issue 12, item 3. With ``train.refine_pose`` the predict stage's STAR holds the network's
+    corrected angles and shifts (the particles as given, original box); refine_chunk given it as
+    ``poses`` starts from them, and the refine stage's STAR carries them (angles and shifts not
+    refined here, so they come back exactly; shifts back in px of the original box)."""
+    from z3lib.io import read_particles, write_particles_star
+
+    root = small_run["root"]
+    original = read_particles(small_run["sim_particles"])
+    rng = np.random.default_rng(8)
+    table = original.table.copy()
+    for name in ("rot", "tilt", "psi"):
+        table[name] = table[name] + rng.normal(scale=4.0, size=len(table))
+    for name in ("shift_x", "shift_y"):
+        table[name] = table[name] + rng.normal(scale=1.5, size=len(table))
+    predicted = root / "predict_poses.star"  # metadata only: its images are never read
+    write_particles_star(predicted, original, table=table)
+    cfg = RefineConfig(steps=2, grid_points=3, batch_size=32)
+    chunk = refine_chunk(small_run["particles"], small_run["points"], small_run["prior"], root / "posed.npz",
+                         chunk=0, n_chunks=1, degrees=(3, 2), basis="xmipp", config=cfg, poses=predicted)
+    out = gather_refined([chunk], small_run["sim_particles"], root / "posed", degrees=(3, 2), basis="xmipp")
+    refined = read_particles(out["particles"]).table
+    for name in ("rot", "tilt", "psi", "shift_x", "shift_y", "defocus_u"):
+        np.testing.assert_allclose(refined[name], table[name], rtol=0, atol=1e-3, err_msg=name)
+    assert np.abs(refined["rot"] - original.table["rot"]).max() > 1.0  # not the preprocess STAR's poses

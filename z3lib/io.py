@@ -16,6 +16,7 @@ over the destination only when writing succeeded. Nothing here ever unpickles a 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -50,9 +51,11 @@ __all__ = [
     "MapData",
     "Particles",
     "Z3InputError",
+    "apply_poses",
     "atomic_path",
     "format_coefficient_column",
     "parse_coefficient_column",
+    "particle_identity",
     "read_coefficients",
     "read_map",
     "read_model",
@@ -415,6 +418,63 @@ class Particles:
     def images(self, *, cache_size: int = 64) -> ImageStack:
         """Lazy, memory-mapped access to the particle images (see :class:`ImageStack`)."""
         return ImageStack(self, cache_size=cache_size)
+
+
+def particle_identity(particles: Particles) -> list[str]:
+    """One name per row that traces the particle back to its input image: the
+    ``rlnImageOriginalName`` column when the file has one (a stage that rewrote the images, e.g.
+    preprocess), else ``rlnImageName`` (``image_name``)."""
+    if "rlnImageOriginalName" in particles.raw.columns:
+        return [str(v).strip() for v in particles.raw["rlnImageOriginalName"]]
+    return [str(v).strip() for v in particles.table["image_name"]]
+
+
+def apply_poses(particles: Particles, poses: Particles) -> Particles:
+    """``particles`` with the poses and CTF of ``poses``: the latest ones of the same particles.
+
+    ``particles`` is typically the preprocess stage's STAR (processing box, whose images are
+    read); ``poses`` a later stage's STAR of the same particles in the same order (refine or
+    predict: the user's STAR as given, original box), whose ``rot``/``tilt``/``psi`` (degrees),
+    ``shift_x``/``shift_y`` and ``defocus_u``/``defocus_v`` (Å)/``defocus_angle`` (degrees)
+    replace those of ``particles``. Shifts are converted through Å, row by row: px of ``poses``
+    (its pixel size) → px of ``particles`` (its pixel size). Images, optics, half sets and every
+    other column stay those of ``particles``; ``raw`` is not changed (this is for reading, not
+    for writing a STAR).
+
+    Rows correspond when ``poses``' ``rlnImageName`` (or, for a processing-box STAR, its
+    ``rlnImageOriginalName``) equals :func:`particle_identity` of ``particles``, row for row.
+
+    Raises
+    ------
+    Z3InputError
+        Different particle counts, rows that do not correspond (the first one is named), or
+        ``poses`` without complete poses; the message names both files.
+    """
+    n, m = len(particles), len(poses)
+    both = f"{poses.path} (poses) and {particles.path} (particles)"
+    if n != m:
+        raise Z3InputError(f"{both} hold {m} and {n} particles: the poses must be of the same particles in the same "
+                           "order (the STAR a later stage of the same run wrote)")
+    want = particle_identity(particles)
+    have = [[str(v).strip() for v in poses.table["image_name"]]]
+    if "rlnImageOriginalName" in poses.raw.columns:
+        have.append([str(v).strip() for v in poses.raw["rlnImageOriginalName"]])
+    if not any(names == want for names in have):
+        row = next(i for i in range(n) if all(names[i] != want[i] for names in have))
+        raise Z3InputError(f"{both} do not hold the same particles in the same order: row {row + 1} is "
+                           f"{have[0][row]!r} in the poses but {want[row]!r} in the particles; give the STAR of "
+                           "the same run (same particles, same order)")
+    poses.require_poses(f"the poses of {particles.path} are taken from it")
+    table = particles.table.copy()
+    src = poses.table
+    for name in ("rot", "tilt", "psi", "defocus_u", "defocus_v", "defocus_angle"):
+        table[name] = src[name].to_numpy(np.float64)
+    apix_from = src["pixel_size"].to_numpy(np.float64)
+    apix_to = table["pixel_size"].to_numpy(np.float64)
+    for name in ("shift_x", "shift_y"):
+        angstrom = conventions.shift_pixels_to_angstrom(src[name].to_numpy(np.float64), apix_from)
+        table[name] = conventions.shift_angstrom_to_pixels(angstrom, apix_to)
+    return dataclasses.replace(particles, table=table)
 
 
 def read_particles(

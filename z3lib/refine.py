@@ -657,6 +657,9 @@ def refine_chunk(
     progress_path: str | Path | None = None,
     independent_halves: bool = False,
     seed: int = 0,
+    poses: str | Path | None = None,
+    pixel_size: float | None = None,
+    image_root: str | Path | None = None,
     log: logging.Logger | None = None,
 ) -> Path:
     """Refine one chunk of particles; write its results to ``out_path`` (``.npz``, atomic).
@@ -678,11 +681,21 @@ def refine_chunk(
         partial results (:func:`refine_particles`; with ``independent_halves`` one file per half,
         ``….half1.npz`` and ``….half2.npz``), reused only for the same inputs, settings and
         library version, and removed once ``out_path`` is written.
+    poses
+        the STAR with the particles' latest poses and CTF (the predict stage's ``particles.star``:
+        with ``train.refine_pose`` the network's corrected angles and shifts), same particles and
+        order, original box; refinement starts from them instead of the poses of ``particles``
+        (:func:`z3lib.io.apply_poses`). None: the poses of ``particles``.
+    pixel_size, image_root
+        the overrides the preprocess stage used for the original particles, to read ``poses``.
     """
-    from z3lib.io import read_coefficients, read_npz, read_particles, write_npz
+    from z3lib.io import apply_poses, read_coefficients, read_npz, read_particles, write_npz
 
     logger = log or logging.getLogger(__name__)
     parts = read_particles(particles)
+    if poses is not None:
+        parts = apply_poses(parts, read_particles(poses, pixel_size=pixel_size, image_root=image_root))
+        logger.info("starting from the poses and CTF of %s", poses)
     point_paths = [points] if isinstance(points, (str, Path)) else list(points)
     if not independent_halves and len(point_paths) != 1:
         raise ValueError(f"one point cloud is needed, got {len(point_paths)}: {point_paths}")

@@ -565,6 +565,9 @@ def zart(
     basis: str,
     config: ZartConfig,
     backend: str = "auto",
+    poses: str | Path | None = None,
+    pixel_size: float | None = None,
+    image_root: str | Path | None = None,
     log: logging.Logger | None = None,
 ) -> dict[str, Path]:
     """Gold-standard corrected and uncorrected ZART reconstructions with FSCs.
@@ -587,14 +590,32 @@ def zart(
         ``2 · step · pixel size`` Å: the FSC and the resolution never exceed it.
     coefficients
         ``(n, 3K)`` fields in px of the original box (refine or predict output).
+    poses
+        the STAR holding the particles' latest poses and CTF (the refine stage's
+        ``particles.star`` of the same round: the same particles in the same order, original box,
+        shifts in Å): its angles, shifts (converted to px of the processing box) and defocus are
+        reconstructed with instead of those of ``particles`` (see :func:`z3lib.io.apply_poses`,
+        which refuses a STAR whose rows do not correspond). None: the poses of ``particles``.
+    pixel_size, image_root
+        the overrides the preprocess stage used for the original particles, to read ``poses``.
     """
     from z3lib import zernike as zk
     from z3lib.analysis import fourier_shell_correlation, lowpass_filter, resolution_at
-    from z3lib.io import read_coefficients, read_npz, read_particles, write_map, write_table
+    from z3lib.io import (
+        apply_poses,
+        read_coefficients,
+        read_npz,
+        read_particles,
+        write_map,
+        write_table,
+    )
 
     logger = log or logging.getLogger(__name__)
     be = get_backend(backend, logger)
     parts = read_particles(particles)
+    if poses is not None:
+        parts = apply_poses(parts, read_particles(poses, pixel_size=pixel_size, image_root=image_root))
+        logger.info("poses and CTF of the %d particles from %s", len(parts), poses)
     point_paths = [points] if isinstance(points, (str, Path)) else list(points)
     if len(point_paths) not in (1, 2):
         raise ValueError(f"ZART needs one point cloud, or one per half set; got {point_paths}")

@@ -196,6 +196,11 @@ def test_dry_run_plans_every_round_and_mode(demo_dir: Path, rounds: int, mode: s
                 assert f"half{3 - h}" not in tr["input"]
             (zj,) = [j for j in jobs if j["rule"] == "zart" and f"rounds/{k}/" in j["output"]]
             assert all(f"{run}/rounds/{k}/reference/half{h}/points.npz" in zj["input"] for h in (1, 2))
+    for k in range(1, rounds + 1):  # every stage reads the latest poses and CTF (issue 12, item 3)
+        (zj,) = [j for j in jobs if j["rule"] == "zart" and f"rounds/{k}/" in j["output"]]
+        assert f"{run}/rounds/{k}/refine/particles.star" in zj["input"].split(", ")
+        chunks = [j for j in jobs if j["rule"] == "refine_chunk" and f"rounds/{k}/" in j["output"]]
+        assert chunks and all(f"{run}/rounds/{k}/predict/particles.star" in j["input"].split(", ") for j in chunks)
     (pub,) = [j for j in jobs if j["rule"] == "publish"]
     assert f"{run}/rounds/{rounds}/zart/corrected.mrc" in pub["input"]
     assert f"{run}/zart/corrected.mrc" in pub["output"] and f"{run}/refine/coefficients.npy" in pub["output"]

@@ -1,6 +1,7 @@
 # ZART: the deformation-corrected reconstruction (gold-standard halves, FSC) and, with the same
 # code and zero fields, the uncorrected one, once per refinement round {k}, on the round's mask
-# (each half on its own in independent mode). GPU rule (cupy); numpy on the CPU otherwise.
+# (each half on its own in independent mode), with the particles' latest poses and CTF (the
+# round's refine STAR). GPU rule (cupy); numpy on the CPU otherwise.
 
 
 rule zart:
@@ -9,6 +10,8 @@ rule zart:
         stack="results/{run}/preprocess/particles.mrcs",
         points=round_points,
         coefficients="results/{run}/rounds/{k}/refine/coefficients.npy",
+        # the latest poses and CTF (refined angles, shifts, defocus; the network's corrections)
+        poses="results/{run}/rounds/{k}/refine/particles.star",
     output:
         corrected="results/{run}/rounds/{k}/zart/corrected.mrc",
         half1="results/{run}/rounds/{k}/zart/corrected_half1.mrc",
@@ -34,5 +37,7 @@ rule zart:
         zernike=lookup(dpath="zernike", within=config),
         zart=lookup(dpath="zart", within=config),
         seed=lookup(dpath="seed", within=config),
+        pixel_size=lookup(dpath="pixel_size", within=config),
+        image_root=lookup(dpath="image_root", within=config),
     script:
         "../scripts/zart.py"

@@ -1,5 +1,6 @@
 # Classical per-particle refinement of the predicted fields against the round's reference,
-# scattered over particle chunks and gathered back in STAR order, once per refinement round {k}.
+# scattered over particle chunks and gathered back in STAR order, once per refinement round {k},
+# starting from the poses of the round's predict STAR (the network's pose corrections).
 # GPU rule: runs on the CPU when no GPU is usable (the log says so).
 
 
@@ -9,6 +10,8 @@ rule refine_chunk:
         stack="results/{run}/preprocess/particles.mrcs",
         points=round_network_points,
         prior="results/{run}/rounds/{k}/predict/coefficients.npy",
+        # the latest poses and CTF: the network's pose corrections (train.refine_pose)
+        poses="results/{run}/rounds/{k}/predict/particles.star",
     output:
         chunk=temp("results/{run}/rounds/{k}/refine/chunks/{scatteritem}.npz"),
     log:
@@ -28,6 +31,8 @@ rule refine_chunk:
         refine=lookup(dpath="refine", within=config),
         gold_standard=lookup(dpath="gold_standard", within=config),
         seed=lookup(dpath="seed", within=config),
+        pixel_size=lookup(dpath="pixel_size", within=config),
+        image_root=lookup(dpath="image_root", within=config),
         progress=lambda wildcards: round_path(
             wildcards, wildcards.k, "refine", f"chunks/{wildcards.scatteritem}.progress.npz"
         ),

@@ -34,5 +34,8 @@ with _bootstrap.stage(log, f"refine chunk {item} of {n_items}", params.z3lib, th
         progress_path=params.progress,
         independent_halves=params.gold_standard == "independent",
         seed=params.seed,
+        poses=snakemake.input.poses,
+        pixel_size=params.pixel_size,
+        image_root=params.image_root,
         log=log,
     )

@@ -27,6 +27,9 @@ with _bootstrap.stage(log, "zart", params.z3lib):
         basis=params.zernike["basis"],
         config=config,
         backend=backend,
+        poses=snakemake.input.poses,
+        pixel_size=params.pixel_size,
+        image_root=params.image_root,
         log=log,
     )
     log.info("wrote %s", _bootstrap.written_list(written))
