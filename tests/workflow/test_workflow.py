@@ -363,6 +363,14 @@ def test_tiny_end_to_end_run(tmp_path: Path) -> None:
     assert "landscape_pca.png" in (tmp_path / "report.html").read_text(errors="replace")
 
 
+def default_terms() -> int:
+    """3K, the number of coefficients per particle at the pipeline's default degrees."""
+    from z3lib import zernike as zk
+
+    degrees = yaml.safe_load((REPO / "config.yaml").read_text())["zernike"]
+    return 3 * zk.count_terms(degrees["L1"], degrees["L2"])
+
+
 @pytest.mark.e2e
 def test_rigid_real_toy_set_end_to_end_finds_no_motion(tmp_path: Path) -> None:
     """The whole pipeline on a rigid third-party dataset (noise-free projections with exact poses
@@ -380,7 +388,9 @@ def test_rigid_real_toy_set_end_to_end_finds_no_motion(tmp_path: Path) -> None:
                                          "zart": 1, "publish": 1, "report": 1, "all": 1}
     out = tmp_path / "results" / "toy"
     cloud = read_npz(out / "preprocess" / "points.npz")
-    z = zk.evaluate_basis(np.asarray(cloud["points"], dtype=np.float64), 3, 2, 15.0)
+    degrees = yaml.safe_load((REPO / "config.yaml").read_text())["zernike"]  # the defaults it ran with
+    z = zk.evaluate_basis(np.asarray(cloud["points"], dtype=np.float64), degrees["L1"], degrees["L2"], 15.0,
+                          degrees["basis"])
     for stage in ("predict", "refine"):
         c = read_coefficients(out / stage / "coefficients.npy")
         field = np.einsum("nk,bak->bna", z, c.reshape(len(c), 3, -1))
@@ -425,7 +435,7 @@ def test_real_particles_with_two_optics_groups_end_to_end(tmp_path: Path) -> Non
     assert len(refined) == 17
     assert set(source.raw.columns) < set(refined.raw.columns)
     coefficients = parse_coefficient_column(refined.raw["zernikeCoefficients"])
-    assert coefficients.shape == (17, 39) and np.isfinite(coefficients).all()
+    assert coefficients.shape == (17, default_terms()) and np.isfinite(coefficients).all()
     np.testing.assert_array_equal(refined.table["voltage"], source.table["voltage"])
     assert sorted(set(refined.table["voltage"])) == [200.0, 300.0]
     np.testing.assert_allclose(refined.table[["rot", "tilt", "psi"]], source.table[["rot", "tilt", "psi"]])
@@ -550,7 +560,7 @@ def test_independent_half_sets_end_to_end(tmp_path: Path) -> None:
                 assert f"rounds/1/train/half{h}/model.pt" in log and f"half {h}: training on its" in log
     for h in (1, 2):
         assert (out / f"train/half{h}/model.pt").read_bytes() == (out / f"rounds/2/train/half{h}/model.pt").read_bytes()
-    assert read_coefficients(out / "refine/coefficients.npy").shape == (60, 39)
+    assert read_coefficients(out / "refine/coefficients.npy").shape == (60, default_terms())
     refined = read_particles(out / "refine/particles.star")
     simulated = read_particles(out / "simulate/particles.star")
     assert refined.raw["rlnImageName"].tolist() == simulated.raw["rlnImageName"].tolist()
