@@ -235,17 +235,36 @@ def training_rate(workdir: Path, run: str) -> float | None:
     return round(float(np.mean(rates)), 1) if rates else None
 
 
+def half_average_zart(star: Path, pts: np.ndarray, basis: np.ndarray | None, coeffs: np.ndarray | None, box: int,
+                      apix: float, zc: dict[str, Any], seed: int, label: str) -> np.ndarray:
+    """Average of the two gold-standard half maps that ``reconstruct_zart`` makes from the
+    particles of ``star`` (fields ``coeffs`` on the basis values ``basis``; None = zero fields)."""
+    from z3lib.io import read_particles
+    from z3lib.zart import ZartConfig, get_backend, half_sets, reconstruct_zart, values_to_volume
+
+    parts = read_particles(star)
+    config = ZartConfig(**{**zc, "sigmas": tuple(zc["sigmas"])}, seed=seed)
+    stack = parts.images()
+    halves = []
+    for rows in half_sets(parts.table["random_subset"].to_numpy(), seed):
+        vals, _ = reconstruct_zart(get_backend("numpy"), pts, basis, coeffs, stack, parts.table, rows, box, apix,
+                                   config, log=log, label=label)
+        halves.append(values_to_volume(vals, pts, box))
+    stack.close()
+    return 0.5 * (halves[0] + halves[1])
+
+
 def oracle_map(data: Path, workdir: Path, run: str, reference: Path, mask: Path, cfg: dict[str, Any]
                ) -> np.ndarray:
     """Half-map average of the oracle particles, preprocessed like the pipeline's and reconstructed
     by ``reconstruct_zart`` with zero fields on the pipeline's point cloud and ZART settings."""
-    from z3lib.io import read_npz, read_particles
+    from z3lib.io import read_npz
     from z3lib.preprocess import preprocess
-    from z3lib.zart import ZartConfig, get_backend, half_sets, reconstruct_zart, values_to_volume
 
     pts_path = workdir / "results" / run / "preprocess" / "points.npz"
     zc = dict(cfg["zart"])
-    zc.pop("backend", None)
+    for name in ("backend", "field_scale"):  # neither changes a zero-field reconstruction
+        zc.pop(name, None)
     key = digest({"zart": zc, "pre": cfg["preprocess"], "box": cfg["box"], "seed": cfg["seed"],
                   "points": hashlib.sha256(pts_path.read_bytes()).hexdigest()})
     out = data / f"oracle_{key}"
@@ -255,18 +274,9 @@ def oracle_map(data: Path, workdir: Path, run: str, reference: Path, mask: Path,
     pre = preprocess(data / "oracle" / "particles.star", reference, mask, out / "pre", box=cfg["box"],
                      mask_threshold=cfg["preprocess"]["mask_threshold"],
                      points_step=cfg["preprocess"]["points_step"], log=log)
-    parts = read_particles(pre["particles"])
     cloud = read_npz(pts_path)
     pts, box, apix = np.asarray(cloud["points"], np.float64), int(cloud["box"]), float(cloud["pixel_size"])
-    config = ZartConfig(**{**zc, "sigmas": tuple(zc["sigmas"])}, seed=cfg["seed"])
-    stack = parts.images()
-    halves = []
-    for rows in half_sets(parts.table["random_subset"].to_numpy(), cfg["seed"]):
-        vals, _ = reconstruct_zart(get_backend("numpy"), pts, None, None, stack, parts.table, rows, box, apix,
-                                   config, log=log, label=" oracle")
-        halves.append(values_to_volume(vals, pts, box))
-    stack.close()
-    vol = 0.5 * (halves[0] + halves[1])
+    vol = half_average_zart(pre["particles"], pts, None, None, box, apix, zc, cfg["seed"], " oracle")
     np.save(cached, vol)
     return vol
 
@@ -280,14 +290,13 @@ def true_field_map(data: Path, workdir: Path, run: str, truth: dict[str, np.ndar
     the ceiling of the corrected map for the basis (the oracle is the ceiling of any method)."""
     from scipy.spatial import cKDTree
 
-    from z3lib.io import read_npz, read_particles
-    from z3lib.zart import ZartConfig, get_backend, half_sets, reconstruct_zart, values_to_volume
+    from z3lib.io import read_npz
 
     res = workdir / "results" / run
     pts_path = res / "preprocess" / "points.npz"
     zc = dict(cfg["zart"])
-    for key in ("backend", "field_scale"):
-        zc.pop(key, None)
+    for name in ("backend", "field_scale"):  # the true fields are used as they are
+        zc.pop(name, None)
     key = digest({"zart": zc, "degrees": list(degrees), "basis": basis, "seed": cfg["seed"],
                   "points": hashlib.sha256(pts_path.read_bytes()).hexdigest()})
     cached = data / f"true_fields_{key}.npy"
@@ -303,17 +312,8 @@ def true_field_map(data: Path, workdir: Path, run: str, truth: dict[str, np.ndar
     fits = np.stack([zk.fit_coefficients(pts, np.einsum("nk,nka->na", w, ((coords[k] - coords[ref]) / apix)[idx]),
                                          *degrees, box / 2, basis) for k in range(len(coords))])
     z = zk.evaluate_basis(pts, *degrees, box / 2, basis).astype(np.float32)
-    parts = read_particles(res / "preprocess" / "particles.star")
-    config = ZartConfig(**{**zc, "sigmas": tuple(zc["sigmas"])}, seed=cfg["seed"])
-    coeffs = fits[truth["state"]].astype(np.float32)
-    stack = parts.images()
-    halves = []
-    for rows in half_sets(parts.table["random_subset"].to_numpy(), cfg["seed"]):
-        vals, _ = reconstruct_zart(get_backend("numpy"), pts, z, coeffs, stack, parts.table, rows, box, apix, config,
-                                   log=log, label=" true fields")
-        halves.append(values_to_volume(vals, pts, box))
-    stack.close()
-    vol = 0.5 * (halves[0] + halves[1])
+    vol = half_average_zart(res / "preprocess" / "particles.star", pts, z, fits[truth["state"]].astype(np.float32),
+                            box, apix, zc, cfg["seed"], " true fields")
     np.save(cached, vol)
     return vol
 

@@ -478,6 +478,18 @@ def centre_fields(coefficients: np.ndarray, halves: Sequence[np.ndarray]) -> np.
     return out
 
 
+def masked_fsc(a: np.ndarray, b: np.ndarray, mask: np.ndarray, pixel_size: float, *, step: int = 1) -> pd.DataFrame:
+    """FSC of two ``(N, N, N)`` maps inside ``mask`` (``fourier_shell_correlation`` of
+    :mod:`z3lib.analysis`), set to 0 beyond the Nyquist ``2 · step · pixel size`` Å of a sub-grid point cloud of spacing
+    ``step`` (there both maps hold only the same interpolation round-off)."""
+    from z3lib.analysis import fourier_shell_correlation
+
+    fsc = fourier_shell_correlation(a * mask, b * mask, pixel_size)
+    if step > 1:
+        fsc.loc[fsc["frequency"] > 1.0 / (2.0 * step * pixel_size) + 1e-12, "fsc"] = 0.0
+    return fsc
+
+
 def choose_field_scale(
     backend: Any,
     half_points: Sequence[np.ndarray],
@@ -518,7 +530,7 @@ def choose_field_scale(
     the chosen s and a table (``scale``, ``score``, ``fsc_area``, ``resolution_0143``,
     ``vs_uncorrected``) of every candidate.
     """
-    from z3lib.analysis import fourier_shell_correlation, fsc_area, resolution_at
+    from z3lib.analysis import fsc_area, resolution_at
 
     logger = log or logging.getLogger(__name__)
     rng = np.random.default_rng([config.seed, 7])
@@ -532,12 +544,10 @@ def choose_field_scale(
         for h, rows in enumerate(subsets):
             vals, _ = reconstruct_zart(backend, half_points[h], half_basis[h] if scale > 0 else None, coeffs, images,
                                        table, rows, box, pixel_size, quick)
-            maps[scale].append(values_to_volume(vals, half_points[h], box, step=step) * fsc_mask)
+            maps[scale].append(values_to_volume(vals, half_points[h], box, step=step))
 
     def area(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-        fsc = fourier_shell_correlation(a, b, pixel_size)
-        if step > 1:  # nothing beyond the sub-grid's Nyquist
-            fsc.loc[fsc["frequency"] > 1.0 / (2.0 * step * pixel_size) + 1e-12, "fsc"] = 0.0
+        fsc = masked_fsc(a, b, fsc_mask, pixel_size, step=step)
         return fsc_area(fsc), resolution_at(fsc, 0.143)
 
     records = []
@@ -600,7 +610,7 @@ def zart(
         the overrides the preprocess stage used for the original particles, to read ``poses``.
     """
     from z3lib import zernike as zk
-    from z3lib.analysis import fourier_shell_correlation, lowpass_filter, resolution_at
+    from z3lib.analysis import lowpass_filter, resolution_at
     from z3lib.io import (
         apply_poses,
         read_coefficients,
@@ -673,9 +683,7 @@ def zart(
             halves.append(half)
             paths[f"{name}_half{h}"] = out / f"{name}_half{h}.mrc"
             write_map(paths[f"{name}_half{h}"], halves[-1], apix)
-        fsc = fourier_shell_correlation(halves[0] * fsc_mask, halves[1] * fsc_mask, apix)
-        if step > 1:  # beyond the sub-grid's Nyquist both halves hold only the same round-off
-            fsc.loc[fsc["frequency"] > 1.0 / (2.0 * step * apix) + 1e-12, "fsc"] = 0.0
+        fsc = masked_fsc(halves[0], halves[1], fsc_mask, apix, step=step)
         res = resolution_at(fsc, 0.143)
         curves[name] = fsc
         logger.info("%s: half-map FSC resolution %.2f Å (0.143), %.2f Å (0.5)", name, res, resolution_at(fsc, 0.5))
