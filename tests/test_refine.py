@@ -233,7 +233,9 @@ def test_refinement_starts_from_and_writes_the_predict_stages_poses(small_run: d
     """Issue 12, item 3. With ``train.refine_pose`` the predict stage's STAR holds the network's
     corrected angles and shifts (the particles as given, original box); refine_chunk given it as
     ``poses`` starts from them, and the refine stage's STAR carries them (angles and shifts not
-    refined here, so they come back exactly; shifts back in px of the original box)."""
+    refined here, so they come back exactly; shifts back in px of the original box). In round
+    k >= 2 the predict STAR also carries round k-1's refined defocus: the refine STAR keeps it
+    (the defocus offsets refer to the starting CTF, not to the particles as given)."""
     from z3lib.io import read_particles, write_particles_star
 
     root = small_run["root"]
@@ -244,6 +246,9 @@ def test_refinement_starts_from_and_writes_the_predict_stages_poses(small_run: d
         table[name] = table[name] + rng.normal(scale=4.0, size=len(table))
     for name in ("shift_x", "shift_y"):
         table[name] = table[name] + rng.normal(scale=1.5, size=len(table))
+    defocus_change = rng.normal(scale=300.0, size=len(table))
+    for name in ("defocus_u", "defocus_v"):
+        table[name] = table[name] + defocus_change
     predicted = root / "predict_poses.star"  # metadata only: its images are never read
     write_particles_star(predicted, original, table=table)
     cfg = RefineConfig(steps=2, grid_points=3, batch_size=32)
@@ -251,6 +256,6 @@ def test_refinement_starts_from_and_writes_the_predict_stages_poses(small_run: d
                          chunk=0, n_chunks=1, degrees=(3, 2), basis="xmipp", config=cfg, poses=predicted)
     out = gather_refined([chunk], small_run["sim_particles"], root / "posed", degrees=(3, 2), basis="xmipp")
     refined = read_particles(out["particles"]).table
-    for name in ("rot", "tilt", "psi", "shift_x", "shift_y", "defocus_u"):
+    for name in ("rot", "tilt", "psi", "shift_x", "shift_y", "defocus_u", "defocus_v"):
         np.testing.assert_allclose(refined[name], table[name], rtol=0, atol=1e-3, err_msg=name)
     assert np.abs(refined["rot"] - original.table["rot"]).max() > 1.0  # not the preprocess STAR's poses

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import mrcfile
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -130,6 +131,84 @@ def test_checkpoint_is_not_resumed_for_another_starting_model(data: dict[str, Pa
     train_model(source, cloud["points"][1:], cloud["amplitudes"][1:], BOX, cfg, checkpoint_dir=tmp_path / "b",
                 on_epoch_end=lambda epoch, row: epochs.append(epoch), init_weights=base.state_dict())
     assert epochs == [1, 2]
+
+
+def _refined_star(data: dict[str, Path], path: Path, seed: int) -> pd.DataFrame:
+    """A refine STAR as the next round reads it: the particles as given (original box) with other
+    angles, shifts and defocus; returns its canonical table."""
+    from z3lib.io import write_particles_star
+
+    original = read_particles(data["particles"])
+    rng = np.random.default_rng(seed)
+    table = original.table.copy()
+    n = len(table)
+    for name, scale in (("rot", 5.0), ("tilt", 5.0), ("psi", 5.0), ("shift_x", 1.0), ("shift_y", 1.0)):
+        table[name] = table[name] + rng.normal(scale=scale, size=n)
+    change = rng.normal(scale=300.0, size=n)
+    table["defocus_u"], table["defocus_v"] = table["defocus_u"] + change, table["defocus_v"] + change
+    write_particles_star(path, original, table=table)
+    return table
+
+
+def test_round_network_trains_and_predicts_with_the_latest_poses(data: dict[str, Path], tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 12: train and predict of round k >= 2 get round k-1's refine STAR as ``poses``. The
+    particles the network trains on and encodes carry its angles, shifts (px of the processing
+    box, through Å) and defocus, the predict STAR carries them on to the refinement, and a
+    checkpoint made with other poses is not resumed (the same poses resume it)."""
+    import logging
+
+    from z3lib import network
+
+    latest = _refined_star(data, tmp_path / "refine.star", seed=3)
+    apix_orig = read_particles(data["particles"]).table["pixel_size"].to_numpy()
+    apix_proc = read_particles(data["pre_particles"]).table["pixel_size"].to_numpy()
+    expected_shifts = latest[["shift_x", "shift_y"]].to_numpy() * (apix_orig / apix_proc)[:, None]
+    seen: dict[str, ParticleBatchSource] = {}
+    real_train, real_predict = network.train_model, network.predict_coefficients
+
+    def spy_train(source: ParticleBatchSource, *args: object, **kwargs: object) -> object:
+        seen["train"] = source
+        return real_train(source, *args, **kwargs)  # type: ignore[arg-type]
+
+    def spy_predict(model: object, source: ParticleBatchSource, **kwargs: object) -> object:
+        seen["predict"] = source
+        return real_predict(model, source, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(network, "train_model", spy_train)
+    monkeypatch.setattr(network, "predict_coefficients", spy_predict)
+    log = logging.getLogger("test.latest_poses")
+    out = train(data["pre_particles"], data["pre_points"], tmp_path / "train", _config(),
+                poses=tmp_path / "refine.star", log=log)
+    predicted = predict(out["model"], data["pre_particles"], data["particles"], tmp_path / "predict",
+                        poses=tmp_path / "refine.star", log=log)
+    for stage, source in seen.items():
+        np.testing.assert_allclose(source.angles.numpy(), latest[["rot", "tilt", "psi"]], rtol=0, atol=1e-3,
+                                   err_msg=stage)
+        np.testing.assert_allclose(source.shifts.numpy(), expected_shifts, rtol=0, atol=1e-4, err_msg=stage)
+        for name in ("defocus_u", "defocus_v"):
+            np.testing.assert_allclose(getattr(source.ctf, name).numpy(), latest[name], rtol=1e-6, err_msg=stage)
+    assert set(seen) == {"train", "predict"}
+    star = read_particles(predicted["particles"]).table  # what round k's refinement starts from
+    for name in ("rot", "tilt", "psi", "shift_x", "shift_y", "defocus_u", "defocus_v"):
+        np.testing.assert_allclose(star[name], latest[name], rtol=0, atol=1e-9, err_msg=name)
+    # The checkpoint records the poses it was trained with.
+    with caplog.at_level(logging.INFO, logger="test.latest_poses"):
+        train(data["pre_particles"], data["pre_points"], tmp_path / "train", _config(), log=log)
+        assert "made for other data or settings" in caplog.text and "resuming" not in caplog.text
+        caplog.clear()
+        _refined_star(data, tmp_path / "other.star", seed=4)
+        train(data["pre_particles"], data["pre_points"], tmp_path / "other", _config(),
+              poses=tmp_path / "refine.star", log=log, checkpoint_dir=tmp_path / "ckpt")
+        caplog.clear()
+        train(data["pre_particles"], data["pre_points"], tmp_path / "other", _config(),
+              poses=tmp_path / "other.star", log=log, checkpoint_dir=tmp_path / "ckpt")
+        assert "made for other data or settings" in caplog.text and "resuming" not in caplog.text
+        caplog.clear()
+        train(data["pre_particles"], data["pre_points"], tmp_path / "other", _config(),
+              poses=tmp_path / "other.star", log=log, checkpoint_dir=tmp_path / "ckpt")
+        assert "resuming from" in caplog.text and "other data" not in caplog.text
 
 
 def test_half_network_never_sees_the_other_half(data: dict[str, Path], tmp_path: Path) -> None:

@@ -810,6 +810,22 @@ def select_device(want_gpu: bool, log: logging.Logger | None = None) -> torch.de
     return torch.device("cpu")
 
 
+def _data_digests(source: ParticleBatchSource, parts: Particles, rows: np.ndarray, n_all: int) -> dict[str, str]:
+    """What a training checkpoint depends on besides the settings and the point cloud: the
+    particle rows ``rows`` (of ``n_all``), the poses, shifts, CTF and half-set labels of
+    ``source`` (the particles trained on), the identity of their images and the z3lib version."""
+    import z3lib
+    from z3lib.refine import stack_identity
+
+    t = parts.table.iloc[rows]
+    ctf = source.ctf
+    return {"rows": array_digest(rows), "n_total": str(n_all), "z3lib": z3lib.__version__,
+            "particles": array_digest(source.angles, source.shifts, source.subsets,
+                                      *(getattr(ctf, f.name) for f in fields(ctf))),
+            "optics": f"{source.pixel_size!r} {source.phase_flipped}",
+            "images": stack_identity(t["image_path"].astype(str).tolist(), t["image_index"].to_numpy(np.int64))}
+
+
 def train(
     particles: str | Path,
     points: str | Path,
@@ -820,6 +836,9 @@ def train(
     device: str | torch.device = "cpu",
     init_model: str | Path | None = None,
     half: int | None = None,
+    poses: str | Path | None = None,
+    pixel_size: float | None = None,
+    image_root: str | Path | None = None,
     log: logging.Logger | None = None,
 ) -> dict[str, Path]:
     """Train Zernike3Deep on preprocessed particles; write ``model.pt``, ``history.tsv`` and
@@ -845,13 +864,27 @@ def train(
         1 or 2: train on that gold-standard half set only (:func:`z3lib.zart.half_sets` with
         ``config.seed``, the split ZART uses), for independent half-set processing; the model
         records its rows (``meta["rows"]``) and never reads another particle's image. None: all.
+    poses
+        the STAR with the particles' latest poses and CTF (round k ≥ 2: round k−1's refine
+        ``particles.star``), same particles and order, original box; training uses them instead
+        of the poses of ``particles`` (:func:`z3lib.io.apply_poses`). None: those of ``particles``.
+    pixel_size, image_root
+        the overrides the preprocess stage used for the original particles, to read ``poses``.
+
+    A checkpoint is resumed only when its fingerprint matches: the settings (but ``epochs``), the
+    particle rows, their poses, shifts, CTF and half-set labels, the identity of their images
+    (stack paths, indices, file sizes and modification times), the point cloud, the initial
+    model and the z3lib version.
     """
-    from z3lib.io import read_npz, read_particles, write_npz, write_table
+    from z3lib.io import apply_poses, read_npz, read_particles, write_npz, write_table
     from z3lib.zart import half_sets
 
     logger = log or logging.getLogger(__name__)
     out = Path(out_dir)
     parts = read_particles(particles)
+    if poses is not None:
+        parts = apply_poses(parts, read_particles(poses, pixel_size=pixel_size, image_root=image_root))
+        logger.info("poses and CTF of the %d particles from %s", len(parts), poses)
     cloud = read_npz(points)
     box = int(cloud["box"])
     if parts.box != box:
@@ -880,7 +913,7 @@ def train(
     model, history = train_model(source, cloud["points"], cloud["amplitudes"], box, config,
                                  checkpoint_dir=checkpoint_dir or out / "checkpoint", device=device, log=logger,
                                  init_weights=init_weights,
-                                 data_digests={"rows": array_digest(rows), "n_total": str(n_all)})
+                                 data_digests=_data_digests(source, parts, rows, n_all))
     meta: dict[str, Any] = {"box": box, "pixel_size": float(cloud["pixel_size"]),
                             "original_box": int(cloud["original_box"]),
                             "original_pixel_size": float(cloud["original_pixel_size"]), "n_particles": len(source),
@@ -913,6 +946,7 @@ def predict(
     batch_size: int = 128,
     pixel_size: float | None = None,
     image_root: str | Path | None = None,
+    poses: str | Path | None = None,
     log: logging.Logger | None = None,
 ) -> dict[str, Path]:
     """Coefficients for every particle; write ``particles.star`` and ``coefficients.npy``.
@@ -933,9 +967,15 @@ def predict(
     original_particles
         the user's STAR or ``.cs`` (same particles, same order) the output STAR is built from.
     pixel_size, image_root
-        the overrides the preprocess stage used for ``original_particles``.
+        the overrides the preprocess stage used for ``original_particles`` (and ``poses``).
+    poses
+        the STAR with the particles' latest poses and CTF (round k ≥ 2: round k−1's refine
+        ``particles.star``), same particles and order, original box: the network encodes the
+        particles at these poses (:func:`z3lib.io.apply_poses`) and the output STAR carries them
+        (plus the network's corrections with pose refinement), so that refinement starts from
+        them. None: the poses of ``particles`` and ``original_particles``.
     """
-    from z3lib.io import read_particles, write_coefficients, write_particles_star
+    from z3lib.io import apply_poses, read_particles, write_coefficients, write_particles_star
 
     logger = log or logging.getLogger(__name__)
     out = Path(out_dir)
@@ -947,6 +987,12 @@ def predict(
     if len(parts) != len(original):
         raise ValueError(f"{particles} has {len(parts)} particles but {original_particles} has {len(original)}; "
                          "they must be the same particles in the same order")
+    table = None
+    if poses is not None:
+        latest = read_particles(poses, pixel_size=pixel_size, image_root=image_root)
+        parts = apply_poses(parts, latest)
+        table = apply_poses(original, latest).table  # written back into the output STAR
+        logger.info("poses and CTF of the %d particles from %s", len(parts), poses)
     source = ParticleBatchSource.from_particles(parts)
     n = len(source)
     models = []
@@ -977,10 +1023,9 @@ def predict(
     box, orig_box = int(meta["box"]), int(meta["original_box"])
     coefficients = zk.rescale_coefficients(pred["coefficients"], box, orig_box)
     columns: dict[str, Any] = {"zernikeCoefficients": coefficients}
-    table = None
     cfg = model.config
     if cfg.refine_pose:
-        table = original.table.copy()
+        table = (original.table if table is None else table).copy()
         d_ang = pred["delta_angles"]
         # δ-shifts: px of the processing box → Å → px of the particles as given
         d_shift = shift_angstrom_to_pixels(shift_pixels_to_angstrom(pred["delta_shifts"], float(meta["pixel_size"])),

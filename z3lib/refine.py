@@ -754,6 +754,10 @@ def refine_chunk(
         order = np.argsort(np.concatenate([piece["index"] for piece in pieces]), kind="stable")
         arrays = {key: np.concatenate([piece[key] for piece in pieces])[order] for key in pieces[0]}
     arrays["coefficients"] = zk.rescale_coefficients(arrays["coefficients"], box, orig_box)
+    # the refined defocus itself: the offsets refer to the starting CTF (that of ``poses``, which in
+    # round k >= 2 is already the previous round's refined one), not to the particles as given
+    for name in ("defocus_u", "defocus_v"):
+        arrays[name] = parts.table[name].to_numpy(np.float64)[arrays["index"]] + arrays["defocus_offset"]
     write_npz(out_path, box=np.int64(box), original_box=np.int64(orig_box),
               pixel_size=np.float64(cloud["pixel_size"]), **arrays)
     for path in progress_paths:  # the results exist: the partial state is spent
@@ -804,9 +808,8 @@ def gather_refined(
         table[name] = angles[:, j]
     shifts_px_orig = shift_angstrom_to_pixels(shift_pixels_to_angstrom(stacked("shifts"), apix_proc), original.pixel_size)
     table["shift_x"], table["shift_y"] = shifts_px_orig[:, 0], shifts_px_orig[:, 1]
-    defocus = stacked("defocus_offset")
-    table["defocus_u"] = table["defocus_u"].to_numpy() + defocus
-    table["defocus_v"] = table["defocus_v"].to_numpy() + defocus
+    for name in ("defocus_u", "defocus_v"):  # Å; chunks of z3lib <= 0.1.3 hold the offset only
+        table[name] = stacked(name) if name in chunks[0] else table[name].to_numpy() + stacked("defocus_offset")
     flagged = stacked("flagged").astype(bool)
     columns = {"zernikeCoefficients": coefficients, "zernikeCost": stacked("cost"),
                "zernikeCostPrior": stacked("cost_prior"), "zernikeRefineFlag": flagged.astype(np.int64)}

@@ -201,6 +201,12 @@ def test_dry_run_plans_every_round_and_mode(demo_dir: Path, rounds: int, mode: s
         assert f"{run}/rounds/{k}/refine/particles.star" in zj["input"].split(", ")
         chunks = [j for j in jobs if j["rule"] == "refine_chunk" and f"rounds/{k}/" in j["output"]]
         assert chunks and all(f"{run}/rounds/{k}/predict/particles.star" in j["input"].split(", ") for j in chunks)
+        # the network of round k >= 2 trains and predicts with round k-1's refined poses
+        network = [j for j in jobs if j["rule"] in ("train", "train_half", "predict") and f"rounds/{k}/" in j["output"]]
+        assert len(network) == (3 if mode == "independent" else 2)
+        for job in network:
+            refined = [path for path in job["input"].split(", ") if path.endswith("/refine/particles.star")]
+            assert refined == ([f"{run}/rounds/{k - 1}/refine/particles.star"] if k > 1 else []), job
     (pub,) = [j for j in jobs if j["rule"] == "publish"]
     assert f"{run}/rounds/{rounds}/zart/corrected.mrc" in pub["input"]
     assert f"{run}/zart/corrected.mrc" in pub["output"] and f"{run}/refine/coefficients.npy" in pub["output"]

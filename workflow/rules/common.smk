@@ -259,9 +259,20 @@ def round_reference_volume(wildcards):
     return round_path(wildcards, int(wildcards.k) - 1, "zart", name)
 
 
+def round_poses(wildcards):
+    """The latest poses and CTF that the network of round {k} trains and predicts with: none in
+    round 1 (the preprocess stage's, i.e. the particles as given); from round 2 on, round k-1's
+    refine STAR (its refined angles, shifts and defocus, and the network's pose corrections)."""
+    k = int(wildcards.k)
+    if k == 1:
+        return {}
+    return {"poses": round_path(wildcards, k - 1, "refine", "particles.star")}
+
+
 def train_inputs(wildcards):
     """Particles, the round's point cloud (the half's own in independent mode) and, from round
-    2 on, the previous round's network (of the same half) to fine-tune."""
+    2 on, the previous round's network (of the same half) to fine-tune and the previous round's
+    refined poses (round_poses)."""
     half = wildcards.get("half")
     k = int(wildcards.k)
     pre = f"results/{wildcards.run}/preprocess"
@@ -269,6 +280,7 @@ def train_inputs(wildcards):
         "particles": f"{pre}/particles.star",
         "stack": f"{pre}/particles.mrcs",
         "points": reference_files(wildcards, k, half if k > 1 else None)["points"],
+        **round_poses(wildcards),
     }
     if k > 1:
         inputs["init"] = round_path(

@@ -1,6 +1,7 @@
 # Zernike3Deep: train the network on the preprocessed particles, then predict every particle's
 # Zernike3D coefficients, once per refinement round {k} (round k >= 2 fine-tunes round k-1's
-# network). GPU rules: they run on the CPU when no GPU is usable (the log says so).
+# network, and trains and predicts with the latest poses and CTF: round k-1's refine STAR).
+# GPU rules: they run on the CPU when no GPU is usable (the log says so).
 
 
 rule train:
@@ -26,6 +27,8 @@ rule train:
         zernike=lookup(dpath="zernike", within=config),
         train=lookup(dpath="train", within=config),
         seed=lookup(dpath="seed", within=config),
+        pixel_size=lookup(dpath="pixel_size", within=config),
+        image_root=lookup(dpath="image_root", within=config),
         half=lambda wildcards: train_params(wildcards)["half"],
         checkpoint_dir=lambda wildcards: train_params(wildcards)["checkpoint_dir"],
     script:
@@ -46,6 +49,7 @@ use rule train as train_half with:
 
 rule predict:
     input:
+        unpack(round_poses),  # round k >= 2: the latest poses and CTF
         models=round_models,
         particles="results/{run}/preprocess/particles.star",
         stack="results/{run}/preprocess/particles.mrcs",

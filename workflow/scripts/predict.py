@@ -25,6 +25,7 @@ with _bootstrap.stage(log, "predict", params.z3lib, threads=snakemake.threads):
         batch_size=params.batch_size,
         pixel_size=params.pixel_size,
         image_root=params.image_root,
+        poses=snakemake.input.get("poses"),  # round k >= 2: round k-1's refined poses and CTF
         log=log,
     )
     log.info("wrote %s", _bootstrap.written_list(written))

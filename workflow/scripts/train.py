@@ -26,6 +26,9 @@ with _bootstrap.stage(log, "train", params.z3lib, threads=snakemake.threads):
         device=device,
         init_model=snakemake.input.get("init"),  # round k >= 2: fine-tune round k-1's network
         half=params.half or None,  # independent gold-standard halves: 1 or 2
+        poses=snakemake.input.get("poses"),  # round k >= 2: round k-1's refined poses and CTF
+        pixel_size=params.pixel_size,
+        image_root=params.image_root,
         log=log,
     )
     log.info("wrote %s", _bootstrap.written_list(written))
