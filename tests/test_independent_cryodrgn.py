@@ -6,7 +6,8 @@ made of ``tests/data/cryodrgn/cryosparc_P12_J24_001_particles.cs`` (a real cryoS
 ``write_star`` converts them to; its README gives the command and cryoDRGN's conventions
 (rotations are RELION's ``A`` itself; translations are pixels / box, RELION's sign). Nothing here
 imports cryoDRGN, and nothing compares z3 with itself: the matrices are rebuilt from z3's Euler
-angles with design.md §5's row formula written out below, not with z3's conversion code.
+angles with design.md §5's row formula written out in tests/analytic.py, not with z3's
+conversion code.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from analytic import relion_matrix
 
 from z3lib.io import read_particles
 
@@ -23,33 +25,20 @@ FIXTURE = DATA / "cryodrgn_csparc_poses" / "poses.npz"
 PIXEL_SIZE = 2.95  # Å, blob/psize_A of the .cs (tests/data/README.md)
 
 
-def design_matrix(rot: np.ndarray, tilt: np.ndarray, psi: np.ndarray) -> np.ndarray:
-    """RELION's ``A`` from Euler angles (degrees, ``(n,)`` each), rows exactly as written in
-    design.md §5; ``(n, 3, 3)``. Written here so that the test does not use z3's conversion."""
-    f, t, p = np.deg2rad(rot), np.deg2rad(tilt), np.deg2rad(psi)
-    cf, sf, ct, st, cp, sp = np.cos(f), np.sin(f), np.cos(t), np.sin(t), np.cos(p), np.sin(p)
-    rows = [
-        [cp * ct * cf - sp * sf, cp * ct * sf + sp * cf, -cp * st],
-        [-sp * ct * cf - cp * sf, -sp * ct * sf + cp * cf, sp * st],
-        [st * cf, st * sf, ct],
-    ]
-    return np.stack([np.stack(r, axis=-1) for r in rows], axis=-2)
-
-
 def test_fixture_rotations_are_relion_matrices() -> None:
     """cryoDRGN's own pair (rotations, the RELION angles its write_star makes of them) obeys
     design.md's ``A``: the convention the comparison below relies on (no transpose), checked on
     cryoDRGN's numbers alone."""
     fx = np.load(FIXTURE)
     e = fx["relion_euler_deg"]
-    np.testing.assert_allclose(design_matrix(e[:, 0], e[:, 1], e[:, 2]), fx["rotations"], atol=2e-6)
+    np.testing.assert_allclose(relion_matrix(e[:, 0], e[:, 1], e[:, 2]), fx["rotations"], atol=2e-6)
     assert not np.allclose(fx["rotations"], np.swapaxes(fx["rotations"], 1, 2), atol=1e-2)
 
 
 def test_cs_poses_match_cryodrgn() -> None:
     """z3's RELION-convention poses from the ``.cs`` equal cryoDRGN's reading of the same file.
 
-    Independent of z3's Euler/matrix code (the matrix is design.md's formula above) and of z3's
+    Independent of z3's Euler/matrix code (the matrix is design.md's formula, tests/analytic.py) and of z3's
     cryoSPARC conversion: the reference is cryoDRGN's ``expmap`` + transpose and its
     ``R_to_relion_scipy``. Rotations: ``A`` equals cryoDRGN's matrix (no transpose, see the
     fixture README); Euler angles equal cryoDRGN's mod 360° (all tilts 9–172°, so unique).
@@ -61,7 +50,7 @@ def test_cs_poses_match_cryodrgn() -> None:
     assert len(parts) == len(fx["rotations"]) == 2019 and int(fx["box"]) == parts.box == 180
 
     ours = t[["rot", "tilt", "psi"]].to_numpy()
-    a = design_matrix(ours[:, 0], ours[:, 1], ours[:, 2])
+    a = relion_matrix(ours[:, 0], ours[:, 1], ours[:, 2])
     np.testing.assert_allclose(a, fx["rotations"], atol=2e-6)  # float32 from cryoDRGN's torch
     diff = (ours - fx["relion_euler_deg"] + 180.0) % 360.0 - 180.0
     assert np.abs(diff).max() < 2e-4, np.abs(diff).max(axis=0)
