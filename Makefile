@@ -27,17 +27,19 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m snakemake $(DEMO_ARGS)
 
-## Run the test suite (slow and GPU tests are deselected; see pyproject.toml).
+## Run the test suite (CI runs this): everything but the tests marked slow (kill and resume of
+## whole pipelines, minutes each) and gpu (pyproject.toml's addopts deselects both).
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-## Everything, slow tests included.
+## Everything a CPU can run, slow tests included (-m replaces the default selection).
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m "not gpu"
 
-## GPU tests only (on a machine with a usable CUDA device): cupy tests and torch tests on cuda.
+## GPU tests only (on a machine with a usable CUDA device): cupy tests and torch tests on cuda,
+## slow ones included.
 test-gpu: $(STAMP)
-	$(PY) -m pytest -q -m "gpu or not slow" -k "cuda or cupy" --ignore=tests/workflow tests
+	$(PY) -m pytest -q -m "" -k "cuda or cupy" --ignore=tests/workflow tests
 
 ## Benchmarks (JSON lines on stdout).
 bench: $(STAMP)

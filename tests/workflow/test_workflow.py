@@ -266,6 +266,35 @@ def test_bad_config_is_rejected_naming_the_key(
     assert not (tmp_path / "results").exists()
 
 
+@pytest.mark.e2e
+def test_bad_input_file_ends_in_one_message_with_the_traceback_in_the_log(tmp_path: Path) -> None:
+    """A STAR without rlnAngleTilt (a user's mistake, not a bug): the terminal shows the message
+    naming the file and the column and where the log is, not a Python traceback; the log keeps
+    the traceback; nothing of the stage is written."""
+    import starfile
+
+    source = REPO / "tests/data/cryodrgn/toy_projections_poses.star"
+    star = tmp_path / "notilt.star"
+    starfile.write(starfile.read(source).drop(columns="rlnAngleTilt"), star)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "run": "bad", "particles": str(star), "image_root": str(source.parent), "pixel_size": 1.0, "box": 30,
+        "reference": str(REPO / "tests/data/cryodrgn/toymodel_small_nocenter.mrc"),
+    }))
+    result = snakemake(tmp_path, "--workflow-profile", str(CI_PROFILE), "--configfile", str(config),
+                       "--until", "preprocess")
+    assert result.returncode != 0
+    message = re.search(r"z3 preprocess: (.*)", result.stdout)
+    assert message, result.stdout
+    assert "notilt.star" in message.group(1) and "rlnAngleTilt" in message.group(1), message.group(1)
+    assert "rlnAngleRot" in message.group(1)  # the columns present are named too
+    assert "Traceback" not in result.stdout, result.stdout
+    log = tmp_path / "logs" / "bad" / "preprocess.log"
+    assert str(log) in result.stdout
+    assert "Traceback" in log.read_text() and "Z3InputError" in log.read_text()
+    assert not any((tmp_path / "results" / "bad" / "preprocess").glob("*.star"))
+
+
 def schema_defaults(schema: dict[str, Any], where: str = "") -> dict[str, Any]:
     """Check that every object level is closed and every key described; return the defaults."""
     assert schema.get("additionalProperties") is False, f"{where or 'top level'} is open"

@@ -31,13 +31,31 @@ def written_list(written: dict[str, Path]) -> str:
     return ", ".join(sorted(str(p) for p in written.values()))
 
 
+def log_files() -> list[str]:
+    """The files the root logger writes to (this job's Snakemake log)."""
+    return [h.baseFilename for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+
+
 @contextmanager
 def stage(log: logging.Logger, label: str, version: str, threads: int | None = None) -> Iterator[None]:
-    """Run a rule's work: a failure is logged with its traceback (then raised), success with the
-    z3lib version, the thread count (when given) and the wall time."""
+    """Run a rule's work: a failure is logged with its traceback, success with the z3lib version,
+    the thread count (when given) and the wall time.
+
+    A user's mistake (:class:`z3lib.io.Z3InputError`: a file, column or key to fix) reaches the
+    terminal as its one message and the log's path, and the job exits with status 1; the
+    traceback stays in the log. Any other failure is a bug and is raised with its traceback.
+    """
+    from z3lib.io import Z3InputError
+
     start = time.perf_counter()
     try:
         yield
+    except Z3InputError as error:
+        log.exception("%s failed", label)
+        where = ", ".join(log_files()) or "the job's log"
+        sys.stderr.write(f"z3 {label}: {error}\n(the traceback is in {where})\n")
+        sys.stderr.flush()
+        raise SystemExit(1) from None
     except Exception:
         log.exception("%s failed", label)
         raise
