@@ -157,11 +157,14 @@ def test_gradients_match_finite_differences() -> None:
     assert torch.autograd.gradcheck(f, (c, ang, s), eps=1e-6, atol=1e-5)
 
 
-def test_regularisers_are_field_energy_and_roughness() -> None:
-    """Quadratic forms equal the sampled field's mean |d|² and mean |∇d|² (finite differences)."""
+@pytest.mark.parametrize("roughness", ["strain", "gradient"])
+def test_regularisers_are_field_energy_and_roughness(roughness: str) -> None:
+    """Quadratic forms equal the sampled field's mean |d|² and its mean |sym ∇d|² (strain) or
+    |∇d|² (gradient), the Jacobian taken by finite differences of the field itself."""
     rng = np.random.default_rng(2)
     points = rng.uniform(-8, 8, size=(300, 3))
-    dec = PhysicalDecoder(torch.tensor(points), torch.ones(300), 32, 2.0, NetworkConfig()).double()
+    cfg = NetworkConfig(roughness=roughness)
+    dec = PhysicalDecoder(torch.tensor(points), torch.ones(300), 32, 2.0, cfg).double()
     c = rng.normal(size=39)
     z = zk.evaluate_basis(points, 3, 2, 16.0)
     d = zk.deformation_field(z, c)
@@ -169,8 +172,28 @@ def test_regularisers_are_field_energy_and_roughness() -> None:
     h = 1e-5
     jac = np.stack([(zk.deformation_field(zk.evaluate_basis(points + h * e, 3, 2, 16.0), c)
                      - zk.deformation_field(zk.evaluate_basis(points - h * e, 3, 2, 16.0), c)) / (2 * h)
-                    for e in np.eye(3)], axis=-1)
+                    for e in np.eye(3)], axis=-1)  # (N, 3, 3): J[n, a, j] = ∂d_a/∂x_j
+    if roughness == "strain":
+        jac = 0.5 * (jac + jac.transpose(0, 2, 1))
     assert float(dec.field_roughness(torch.tensor(c[None]))) == pytest.approx((jac**2).sum((1, 2)).mean(), rel=1e-6)
+
+
+def test_strain_roughness_leaves_rigid_motions_free() -> None:
+    """Linear elasticity: a rotation ω × x has zero strain (its gradient norm is 2|ω|²), a
+    uniform stretch ε·x has strain ε·I, so 3ε² under both penalties (analytic values)."""
+    rng = np.random.default_rng(5)
+    points = rng.uniform(-12, 12, size=(2000, 3))
+    omega, eps = np.array([0.02, -0.01, 0.03]), 0.01
+    decs = {r: PhysicalDecoder(torch.tensor(points), torch.ones(2000), 64, 2.0,
+                               NetworkConfig(L1=7, L2=7, basis="orthonormal", roughness=r)).double()
+            for r in ("strain", "gradient")}
+    for field, expected in ((np.cross(omega, points), {"strain": 0.0, "gradient": 2 * float(omega @ omega)}),
+                            (eps * points, {"strain": 3 * eps**2, "gradient": 3 * eps**2})):
+        c = torch.tensor(zk.fit_coefficients(points, field, 7, 7, 32.0, "orthonormal").reshape(1, -1))
+        for name, dec in decs.items():
+            assert float(dec.field_roughness(c)) == pytest.approx(expected[name], abs=1e-9)
+    with pytest.raises(ValueError, match="roughness"):
+        PhysicalDecoder(torch.tensor(points[:10]), torch.ones(10), 64, 2.0, NetworkConfig(roughness="bend"))
 
 
 def test_losses() -> None:
@@ -253,6 +276,48 @@ def test_extending_epochs_resumes_without_a_learning_rate_jump(two_states: dict[
     np.testing.assert_allclose(lr[3:], expected_tail, rtol=1e-12)
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     np.testing.assert_allclose(ckpt["lr_schedule"], lr, rtol=0)
+
+
+def test_checkpoint_of_other_particles_or_points_is_not_resumed(two_states: dict[str, Path], tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """A finished checkpoint, then the same number of particles with other poses, then another
+    point cloud (a new mask): each trains afresh on its own data (a checkpoint keyed by the
+    settings, the count and the box was resumed, training 0 epochs, or crashed on the cloud)."""
+    import logging
+
+    import starfile
+
+    cfg = _small_config(epochs=2)
+    ckpt = tmp_path / "checkpoint"
+    blocks = starfile.read(two_states["pre_particles"], always_dict=True)
+    rows = blocks["particles"].iloc[:48].copy()
+    folder = Path(two_states["pre_particles"]).parent  # the stack paths, made absolute
+    rows["rlnImageName"] = [f"{n.split('@')[0]}@{folder / n.split('@')[1]}" for n in rows["rlnImageName"]]
+    stars = {}
+    for name, turn in (("a", 0.0), ("b", 25.0)):
+        rows["rlnAngleRot"] = blocks["particles"]["rlnAngleRot"].iloc[:48] + turn
+        stars[name] = tmp_path / f"{name}.star"
+        starfile.write({**blocks, "particles": rows}, stars[name])
+    cloud = read_npz(two_states["pre_points"])
+    fewer = tmp_path / "points_fewer.npz"
+    np.savez(fewer, **{**cloud, "points": cloud["points"][::2], "amplitudes": cloud["amplitudes"][::2]})
+    runs = [("a", two_states["pre_points"]), ("a", two_states["pre_points"]), ("b", two_states["pre_points"]),
+            ("b", fewer)]
+    histories, messages = [], []
+    caplog.set_level(logging.INFO, logger="z3.test")
+    for i, (name, points) in enumerate(runs):
+        caplog.clear()
+        paths = train(stars[name], points, tmp_path / f"out{i}", cfg, checkpoint_dir=ckpt,
+                      log=logging.getLogger("z3.test"))
+        histories.append(read_table(paths["history"]))
+        messages.append(" | ".join(caplog.messages))
+    assert "resuming" in messages[1] and "after epoch 2" in messages[1]  # the same data: resumed, finished
+    np.testing.assert_array_equal(histories[1]["train_image"], histories[0]["train_image"])
+    for i in (2, 3):  # other poses; then other points: ignored, two epochs trained on the new data
+        assert "ignoring" in messages[i] and "resuming" not in messages[i], messages[i]
+        assert list(histories[i]["epoch"]) == [1, 2]
+        assert not np.allclose(histories[i]["train_image"], histories[i - 1]["train_image"])
+    assert len(read_npz(tmp_path / "out3" / "points.npz")["points"]) == len(cloud["points"][::2])
 
 
 def test_train_and_predict_files(two_states: dict[str, Path], tmp_path: Path) -> None:

@@ -62,7 +62,8 @@ class NetworkConfig:
     frc_radius: float = 0.85  # FRC loss: fraction of Nyquist
     ctf_pad: int = 2
     energy_weight: float = 1e-4  # mean |d|² over the points (px²)
-    smooth_weight: float = 1e-3  # mean |∇d|² over the points
+    smooth_weight: float = 1e-3  # mean roughness of the field over the points (see ``roughness``)
+    roughness: str = "strain"  # "strain": |sym ∇d|² (rigid motions free) | "gradient": |∇d|²
     pose_weight: float = 1e-3  # mean δ-angle² (deg²) + δ-shift² (px²)
     coefficient_scale: float = 1.0  # px per unit of the coefficient head's output
     epochs: int = 20
@@ -83,7 +84,8 @@ class NetworkConfig:
         if unknown:
             raise ValueError(f"unknown network settings {sorted(unknown)}; known: {sorted(names)}")
         # models saved before the reference could be learned (z3lib < 0.1.3) hold none
-        return cls(**{"learn_reference": False, **values})
+        # ... and penalised the full gradient (z3lib < 0.1.4)
+        return cls(**{"learn_reference": False, "roughness": "gradient", **values})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,6 +163,7 @@ class PhysicalDecoder(nn.Module):
     basis: torch.Tensor
     energy_form: torch.Tensor
     smooth_form: torch.Tensor
+    cross_form: torch.Tensor
 
     def __init__(self, points: torch.Tensor, amplitudes: torch.Tensor, box: int, pixel_size: float,
                  config: NetworkConfig) -> None:
@@ -181,11 +184,17 @@ class PhysicalDecoder(nn.Module):
         n = z.shape[0]
         energy = (z.T @ z / n).detach()
         smooth = torch.einsum("nkj,nlj->kl", grad, grad).detach() / n
+        # Σ_aj J_aj J_ja of the Jacobian J_aj = Σ_k c_ak ∂_j Z_k: X[k, j, l, a] = mean ∂_j Z_k ∂_a Z_l
+        cross = torch.einsum("nkj,nla->kjla", grad, grad).detach() / n
+        if config.roughness not in ("strain", "gradient"):
+            raise ValueError(f"unknown roughness {config.roughness!r}; use 'strain' or 'gradient'")
+        self.strain = config.roughness == "strain"
         self.register_buffer("points", points.to(torch.float32))
         self.register_buffer("amplitudes", amplitudes.to(torch.float32))
         self.register_buffer("basis", z.detach().to(torch.float32))
         self.register_buffer("energy_form", energy.to(torch.float32))
         self.register_buffer("smooth_form", smooth.to(torch.float32))
+        self.register_buffer("cross_form", cross.to(torch.float32) if self.strain else torch.zeros(0), persistent=False)
         # learned reference (3DFlex-like): amplitudes + scale · delta, delta in units of the
         # largest starting amplitude so that one learning rate suits every map's scale
         self.amplitude_scale = float(amplitudes.abs().max().clamp_min(1e-12))
@@ -205,9 +214,20 @@ class PhysicalDecoder(nn.Module):
         return torch.einsum("bak,kl,bal->b", c, self.energy_form, c)
 
     def field_roughness(self, coefficients: torch.Tensor) -> torch.Tensor:
-        """Mean squared Frobenius norm of the field's Jacobian over the points, ``(B,)``."""
+        """Mean roughness of the field over the points, ``(B, 3K)`` px → ``(B,)``.
+
+        ``strain`` (default): the squared Frobenius norm of the strain ``(J + Jᵀ) / 2`` of the
+        field's Jacobian ``J`` — linear elasticity's energy without the volume term. A rigid motion
+        (translation or rotation, of the whole particle or of a domain) costs nothing where it is
+        rigid, so a hinge motion is not shrunk towards a smaller, more spread-out field; only
+        where the field bends or stretches does it pay. ``gradient``: ``|J|²`` (rotations pay too).
+        """
         c = zk.split_axes(coefficients)
-        return torch.einsum("bak,kl,bal->b", c, self.smooth_form, c)
+        grad2 = torch.einsum("bak,kl,bal->b", c, self.smooth_form, c)
+        if not self.strain:
+            return grad2
+        # |sym J|² = (|J|² + Σ_aj J_aj J_ja) / 2
+        return 0.5 * grad2 + 0.5 * torch.einsum("bak,kjla,bjl->b", c, self.cross_form, c)
 
     def transfer(self, ctf: CtfParams, *, phase_flipped: bool = False, dtype: torch.dtype = torch.float32,
                  device: torch.device | None = None) -> torch.Tensor:

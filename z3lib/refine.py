@@ -6,7 +6,7 @@ are optimised at once through the same physical decoder as the network (autograd
 The objective of particle i is
 
     cost_i = (1 − corr(image_i, CTF_i ∗ P(c_i, pose_i)))                    (image term)
-             + prior_weight · prior_i(c_i)  +  smooth_weight · mean_x |∇d(c_i)|²
+             + prior_weight · prior_i(c_i)  +  smooth_weight · mean_x roughness(d(c_i))
              + pose_prior_weight · (|δangles|² + |δshift|²)
 
 Two modes:
@@ -85,7 +85,7 @@ class RefineConfig:
     degree_schedule: bool = False  # free mode: l2 ≤ 1 terms first, then all terms
     free_steps: int = 0  # landscape mode: then this many steps on all 3K coefficients (leave the landscape)
     free_prior_weight: float = 0.01  # that stage: weight of mean |Δd|² (px²) away from the landscape result
-    free_smooth_weight: float = 0.01  # that stage: weight of mean |∇Δd|² (roughness of the change)
+    free_smooth_weight: float = 0.01  # that stage: weight of the mean roughness of the change
     patience: int = 8
     tolerance: float = 1e-6
     batch_size: int = 256
@@ -162,9 +162,12 @@ def population_precision(coefficients: np.ndarray, *, floor: float = 1e-3) -> np
 
 
 def make_decoder(points: np.ndarray, amplitudes: np.ndarray, box: int, pixel_size: float,
-                 degrees: tuple[int, int], basis: str, device: str | torch.device = "cpu") -> PhysicalDecoder:
-    """The physical decoder (point cloud in px of the processing box) for refinement."""
-    cfg = NetworkConfig(L1=degrees[0], L2=degrees[1], basis=basis, learn_reference=False)  # a fixed map
+                 degrees: tuple[int, int], basis: str, device: str | torch.device = "cpu",
+                 roughness: str = NetworkConfig.roughness) -> PhysicalDecoder:
+    """The physical decoder (point cloud in px of the processing box) for refinement; its
+    ``field_roughness`` is the network's measure (``roughness``: ``strain`` or ``gradient``)."""
+    cfg = NetworkConfig(L1=degrees[0], L2=degrees[1], basis=basis, learn_reference=False,  # a fixed map
+                        roughness=roughness)
     return PhysicalDecoder(torch.as_tensor(points, dtype=torch.float32),
                            torch.as_tensor(amplitudes, dtype=torch.float32), box, pixel_size, cfg).to(device)
 
@@ -660,6 +663,7 @@ def refine_chunk(
     poses: str | Path | None = None,
     pixel_size: float | None = None,
     image_root: str | Path | None = None,
+    roughness: str = NetworkConfig.roughness,
     log: logging.Logger | None = None,
 ) -> Path:
     """Refine one chunk of particles; write its results to ``out_path`` (``.npz``, atomic).
@@ -686,6 +690,9 @@ def refine_chunk(
         with ``train.refine_pose`` the network's corrected angles and shifts), same particles and
         order, original box; refinement starts from them instead of the poses of ``particles``
         (:func:`z3lib.io.apply_poses`). None: the poses of ``particles``.
+    roughness
+        the field roughness of ``config.smooth_weight`` and ``config.free_smooth_weight``, the
+        network's measure (``train.roughness``: ``strain`` or ``gradient``).
     pixel_size, image_root
         the overrides the preprocess stage used for the original particles, to read ``poses``.
     """
@@ -722,11 +729,11 @@ def refine_chunk(
     def image_id(particle_rows: np.ndarray) -> str:
         return stack_identity(image_paths[particle_rows].tolist(), image_index[particle_rows])
 
-    inputs: dict[str, Any] = {"basis": basis, "independent_halves": bool(independent_halves)}
+    inputs: dict[str, Any] = {"basis": basis, "independent_halves": bool(independent_halves), "roughness": roughness}
     progress_paths: list[Path] = []
     if not independent_halves:
         decoder = make_decoder(cloud["points"], cloud["amplitudes"], box, float(cloud["pixel_size"]), degrees,
-                               basis, device)
+                               basis, device, roughness)
         result = refine_particles(decoder, source, prior, degrees, config, index=rows, device=device,
                                   progress_path=progress_path, images=image_id(rows), inputs=inputs,
                                   log=logger)
@@ -742,7 +749,8 @@ def refine_chunk(
             local = np.nonzero(np.isin(half_rows, rows))[0]  # this chunk's particles of half h
             logger.info("gold-standard half %d: %d particles of this chunk, against its own reference (%d points)",
                         h, len(local), len(c["points"]))
-            decoder = make_decoder(c["points"], c["amplitudes"], box, float(c["pixel_size"]), degrees, basis, device)
+            decoder = make_decoder(c["points"], c["amplitudes"], box, float(c["pixel_size"]), degrees, basis, device,
+                                   roughness)
             half_progress = None if progress_path is None else Path(progress_path).with_suffix(f".half{h}.npz")
             if half_progress is not None:
                 progress_paths.append(half_progress)

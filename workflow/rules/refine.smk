@@ -29,6 +29,7 @@ rule refine_chunk:
         z3lib=Z3LIB_VERSION,
         zernike=lookup(dpath="zernike", within=config),
         refine=lookup(dpath="refine", within=config),
+        roughness=lookup(dpath="train/roughness", within=config),
         gold_standard=lookup(dpath="gold_standard", within=config),
         seed=lookup(dpath="seed", within=config),
         pixel_size=lookup(dpath="pixel_size", within=config),

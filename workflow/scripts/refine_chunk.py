@@ -37,5 +37,6 @@ with _bootstrap.stage(log, f"refine chunk {item} of {n_items}", params.z3lib, th
         poses=snakemake.input.poses,
         pixel_size=params.pixel_size,
         image_root=params.image_root,
+        roughness=params.roughness,
         log=log,
     )
