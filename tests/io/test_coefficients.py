@@ -1,0 +1,75 @@
+"""Coefficient files (z3lib.io.coefficients): .npy, the zernikeCoefficients column, z_clnm text files.
+
+Expected values come from the data READMEs and from the files read independently (mrcfile,
+starfile, numpy), never from z3lib.io itself (tests/data, see its README).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from z3lib import io
+
+
+def test_coefficient_column_round_trip() -> None:
+    rng = np.random.default_rng(5)
+    c64 = rng.normal(size=(4, 39)) * 10.0 ** rng.integers(-6, 3, size=(4, 39))
+    np.testing.assert_array_equal(
+        io.parse_coefficient_column(io.format_coefficient_column(c64), n_expected=39), c64
+    )
+    c32 = c64.astype(np.float32)
+    back = io.parse_coefficient_column(io.format_coefficient_column(c32), n_expected=39)
+    np.testing.assert_array_equal(back.astype(np.float32), c32)
+    text = io.format_coefficient_column(c64[:1])[0]
+    assert " " not in text and text.count(",") == 38
+    xmipp = ["'" + " ".join(map(repr, row)) + "'" for row in c64.tolist()]
+    np.testing.assert_array_equal(io.parse_coefficient_column(xmipp, n_expected=39), c64)
+    with pytest.raises(io.Z3InputError, match="row 1 has 38"):
+        io.parse_coefficient_column([text, ",".join(text.split(",")[:38])], n_expected=39)
+
+
+def test_coefficients_npy_round_trip(tmp_path: Path) -> None:
+    for dtype in (np.float32, np.float64):
+        c = np.random.default_rng(6).normal(size=(7, 39)).astype(dtype)
+        io.write_coefficients(tmp_path / "c.npy", c)
+        back = io.read_coefficients(tmp_path / "c.npy")
+        assert back.dtype == dtype
+        np.testing.assert_array_equal(back, c)
+    np.save(tmp_path / "one_d.npy", np.zeros(39))
+    with pytest.raises(io.Z3InputError, match="2-D"):
+        io.read_coefficients(tmp_path / "one_d.npy")
+    assert sorted(os.listdir(tmp_path)) == ["c.npy", "one_d.npy"]
+
+
+@pytest.mark.parametrize(("l1", "l2", "k"), [(1, 1, 4), (2, 2, 10), (3, 2, 13), (3, 3, 20),
+                                             (5, 5, 56), (7, 7, 120), (8, 8, 165)])
+def test_term_counts_match_reference_table(l1: int, l2: int, k: int) -> None:
+    assert io._count_terms(l1, l2) == k
+
+
+def test_zernike_file_round_trip(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    c = np.random.default_rng(7).normal(size=(3, 39))
+    io.write_zernike_file(tmp_path / "z_clnm.txt", c, 3, 2, 32.0)
+    lines = (tmp_path / "z_clnm.txt").read_text().splitlines()
+    assert lines[0].split() == ["3", "2", "32.0"] and len(lines) == 4
+    coeffs, l1, l2, rmax = io.read_zernike_file(tmp_path / "z_clnm.txt")
+    assert (l1, l2, rmax) == (3, 2, 32.0)
+    np.testing.assert_array_equal(coeffs, c)
+    io.write_zernike_file(tmp_path / "one.txt", c[0], 3, 2, 32.0)
+    assert io.read_zernike_file(tmp_path / "one.txt")[0].shape == (1, 39)
+    with pytest.raises(io.Z3InputError, match="3K = 60"):
+        io.write_zernike_file(tmp_path / "bad.txt", c, 3, 3, 32.0)
+    old = "3 2 32\n" + " ".join(map(str, list(c[0]) + [0.0] * 8)) + "\n"
+    (tmp_path / "old.txt").write_text(old)
+    with caplog.at_level(logging.WARNING, logger="z3lib.io"):
+        coeffs, *_ = io.read_zernike_file(tmp_path / "old.txt")
+    np.testing.assert_allclose(coeffs[0], c[0])
+    assert "trailing 8" in caplog.text
+    (tmp_path / "wrong.txt").write_text("3 2 32\n1 2 3\n")
+    with pytest.raises(io.Z3InputError, match="line 2 has 3 numbers"):
+        io.read_zernike_file(tmp_path / "wrong.txt")

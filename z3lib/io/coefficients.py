@@ -1,0 +1,250 @@
+"""Zernike3D coefficient files: ``.npy`` arrays, the Flexutils ``zernikeCoefficients`` STAR column
+and Xmipp/Flexutils ``z_clnm`` text files.
+
+Coefficient vectors are ``3K`` long, laid out ``[c_x(K), c_y(K), c_z(K)]``, in pixels of the box
+that ``Rmax`` refers to (:mod:`z3lib.zernike`, which re-exports the column and text-file helpers).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from z3lib.io._common import (
+    _PICKLE_MESSAGE,
+    PathLike,
+    Z3InputError,
+    _check_readable_file,
+    _count_terms,
+    _format_float,
+    _refuse_pickle,
+    atomic_path,
+    logger,
+)
+
+ZERNIKE_COLUMN = "zernikeCoefficients"
+#: Name of the single-row STAR block describing the Zernike3D basis of ``ZERNIKE_COLUMN``.
+ZERNIKE_BLOCK = "zernike3d"
+_ZERNIKE_KEYS = ("L1", "L2", "Rmax", "basis", "box")
+
+
+def write_coefficients(path: PathLike, coefficients: npt.ArrayLike) -> None:
+    """Save an ``(n, 3K)`` coefficient array as ``.npy`` (float32 or float64 kept), atomically."""
+    arr = np.asarray(coefficients)
+    if arr.ndim != 2:
+        raise Z3InputError(f"write_coefficients({path}): expected (n, 3K), got shape {arr.shape}")
+    if arr.dtype not in (np.float32, np.float64):
+        arr = arr.astype(np.float64)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, arr, allow_pickle=False)
+
+
+def read_coefficients(path: PathLike) -> npt.NDArray[np.floating[Any]]:
+    """Load an ``(n, 3K)`` coefficient array from ``.npy`` (never unpickling)."""
+    p = Path(path)
+    _check_readable_file(p, "coefficient file")
+    _refuse_pickle(p)
+    try:
+        arr = np.load(p, allow_pickle=False)
+    except ValueError as exc:
+        raise Z3InputError(f"{p}: could not load the coefficients ({exc}); {_PICKLE_MESSAGE}") from exc
+    except Exception as exc:
+        raise Z3InputError(f"{p}: not a .npy coefficient file ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(arr, np.ndarray) or arr.ndim != 2 or arr.dtype.kind not in "fiu":
+        raise Z3InputError(
+            f"{p}: expected a 2-D (particles × 3K) numeric array, got "
+            f"{getattr(arr, 'shape', None)} {getattr(arr, 'dtype', type(arr))}"
+        )
+    return arr if arr.dtype.kind == "f" else arr.astype(np.float64)
+
+
+def format_coefficient_column(coefficients: npt.ArrayLike, *, digits: int | None = None) -> list[str]:
+    """Format ``(n, 3K)`` coefficients as Flexutils ``zernikeCoefficients`` strings.
+
+    Parameters
+    ----------
+    coefficients
+        ``(n, 3K)`` (or ``(3K,)`` for one particle), layout ``[c_x(K), c_y(K), c_z(K)]``.
+    digits
+        Significant digits; default 9 for float32 and 17 for float64 input (exact round trip).
+
+    Returns
+    -------
+    list of str
+        One comma-separated string per particle (no spaces, so no quoting in STAR).
+    """
+    arr = np.asarray(coefficients)
+    if arr.ndim == 1:
+        arr = arr[None]
+    if arr.ndim != 2:
+        raise Z3InputError(f"format_coefficient_column: expected (n, 3K), got shape {arr.shape}")
+    if digits is None:
+        digits = 9 if arr.dtype == np.float32 else 17
+    fmt = ",".join([f"%.{digits}g"] * arr.shape[1])
+    return [fmt % tuple(row) for row in arr.astype(np.float64).tolist()]
+
+
+def parse_coefficient_column(values: Iterable[Any], *, n_expected: int | None = None) -> npt.NDArray[np.float64]:
+    """Parse a ``zernikeCoefficients`` (or Xmipp ``sphCoefficients``) column.
+
+    Parameters
+    ----------
+    values
+        One entry per particle: comma- or whitespace-separated numbers, optionally quoted.
+    n_expected
+        Expected count (3K). Entries with 3K + 8 numbers (the older Xmipp program) lose their
+        trailing 8 with a logged warning.
+
+    Returns
+    -------
+    ``(n, 3K)`` float64 array.
+    """
+    rows: list[list[float]] = []
+    stripped = 0
+    for i, value in enumerate(values):
+        if value is None or (isinstance(value, float) and not math.isfinite(value)):
+            raise Z3InputError(f"coefficient column: row {i} is empty")
+        text = str(value).strip().strip("'\"").strip().strip("[]")
+        parts = [t for t in re.split(r"[,\s]+", text) if t]
+        try:
+            numbers = [float(t) for t in parts]
+        except ValueError as exc:
+            raise Z3InputError(f"coefficient column: row {i} holds a non-number ({exc})") from exc
+        if n_expected is not None and len(numbers) == n_expected + 8:
+            numbers = numbers[:n_expected]
+            stripped += 1
+        if n_expected is not None and len(numbers) != n_expected:
+            raise Z3InputError(
+                f"coefficient column: row {i} has {len(numbers)} numbers, expected {n_expected} "
+                "(3K for the file's Zernike degrees)"
+            )
+        if rows and len(numbers) != len(rows[0]):
+            raise Z3InputError(
+                f"coefficient column: row {i} has {len(numbers)} numbers but row 0 has {len(rows[0])}"
+            )
+        if not numbers:
+            raise Z3InputError(f"coefficient column: row {i} is empty")
+        rows.append(numbers)
+    if stripped:
+        logger.warning("coefficient column: dropped the trailing 8 numbers of %d row(s) "
+                       "(old Xmipp 3K+8 layout)", stripped)
+    if not rows:
+        return np.zeros((0, n_expected or 0))
+    return np.asarray(rows, dtype=np.float64)
+
+
+def write_zernike_file(
+    path: PathLike, coefficients: npt.ArrayLike, L1: int, L2: int, rmax: float
+) -> None:
+    """Write a Xmipp/Flexutils Zernike coefficient text file (``z_clnm.txt`` style), atomically.
+
+    Line 1 is ``L1 L2 Rmax``; every following line is one space-separated ``3K`` vector
+    ``[c_x, c_y, c_z]`` in pixels of the box that ``Rmax`` refers to.
+
+    Parameters
+    ----------
+    coefficients
+        ``(n, 3K)`` or ``(3K,)``.
+    L1, L2
+        Zernike degrees; ``3K`` must match them.
+    rmax
+        Radius (px) of the unit ball.
+    """
+    arr = np.asarray(coefficients, dtype=np.float64)
+    if arr.ndim == 1:
+        arr = arr[None]
+    k = _count_terms(int(L1), int(L2))
+    if k == 0:
+        raise Z3InputError(f"write_zernike_file({path}): invalid degrees L1={L1}, L2={L2}")
+    if arr.ndim != 2 or arr.shape[1] != 3 * k:
+        raise Z3InputError(
+            f"write_zernike_file({path}): coefficients of shape {arr.shape} but (L1, L2) = "
+            f"({L1}, {L2}) needs 3K = {3 * k} per vector"
+        )
+    lines = [f"{int(L1)} {int(L2)} {_format_float(rmax)}"]
+    lines += [" ".join(repr(v) for v in row) for row in arr.tolist()]
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+
+
+def read_zernike_file(path: PathLike) -> tuple[npt.NDArray[np.float64], int, int, float]:
+    """Read a Xmipp/Flexutils Zernike coefficient text file.
+
+    Returns
+    -------
+    coefficients
+        ``(n, 3K)`` float64 (``n`` may be 0).
+    L1, L2
+        Degrees from line 1.
+    rmax
+        ``Rmax`` from line 1 (px).
+    """
+    p = Path(path)
+    _check_readable_file(p, "Zernike coefficient file")
+    _refuse_pickle(p)
+    try:
+        lines = [ln.strip() for ln in p.read_text().splitlines()]
+    except UnicodeDecodeError as exc:
+        raise Z3InputError(f"{p}: not a text file ({exc})") from exc
+    lines = [ln for ln in lines if ln and not ln.startswith("#")]
+    if not lines:
+        raise Z3InputError(f"{p}: empty; expected 'L1 L2 Rmax' on line 1")
+    head = lines[0].split()
+    try:
+        l1, l2, rmax = int(float(head[0])), int(float(head[1])), float(head[2])
+    except (IndexError, ValueError) as exc:
+        raise Z3InputError(f"{p}: line 1 is {lines[0]!r}; expected 'L1 L2 Rmax'") from exc
+    k = _count_terms(l1, l2)
+    if k == 0:
+        raise Z3InputError(f"{p}: invalid degrees L1={l1}, L2={l2} on line 1")
+    rows: list[list[float]] = []
+    stripped = 0
+    for number, line in enumerate(lines[1:], start=2):
+        try:
+            values = [float(t) for t in line.replace(",", " ").split()]
+        except ValueError as exc:
+            raise Z3InputError(f"{p}: line {number} holds a non-number ({exc})") from exc
+        if len(values) == 3 * k + 8:
+            values = values[: 3 * k]
+            stripped += 1
+        if len(values) != 3 * k:
+            raise Z3InputError(
+                f"{p}: line {number} has {len(values)} numbers; (L1, L2) = ({l1}, {l2}) needs "
+                f"3K = {3 * k}"
+            )
+        rows.append(values)
+    if stripped:
+        logger.warning("%s: dropped the trailing 8 numbers of %d line(s) (old Xmipp 3K+8 layout)",
+                       p, stripped)
+    coeffs = np.asarray(rows, dtype=np.float64).reshape(len(rows), 3 * k)
+    return coeffs, l1, l2, rmax
+
+
+def _validate_zernike(zernike: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``zernike=`` basis description of the STAR and Xmipp writers, checked: ``L1``, ``L2``
+    (valid degrees), ``Rmax`` (px of ``box``), ``basis`` and ``box`` typed, extra keys kept."""
+    missing = [k for k in _ZERNIKE_KEYS if k not in zernike]
+    if missing:
+        raise Z3InputError(
+            f"write_particles_star: zernike= needs the keys {', '.join(_ZERNIKE_KEYS)}; missing "
+            f"{', '.join(missing)}"
+        )
+    out: dict[str, Any] = {
+        "L1": int(zernike["L1"]),
+        "L2": int(zernike["L2"]),
+        "Rmax": float(zernike["Rmax"]),
+        "basis": str(zernike["basis"]),
+        "box": int(zernike["box"]),
+    }
+    if _count_terms(out["L1"], out["L2"]) == 0:
+        raise Z3InputError(f"write_particles_star: invalid Zernike degrees L1={out['L1']}, L2={out['L2']}")
+    for key, value in zernike.items():
+        if key not in out:
+            out[str(key)] = value
+    return out

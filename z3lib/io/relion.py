@@ -1,0 +1,270 @@
+"""RELION STAR files: reading their data blocks, and writing STAR (particle STAR and any blocks).
+
+Reading here is block-level (:func:`read_star_blocks`); :func:`z3lib.io.read_particles` turns a
+particle STAR into :class:`z3lib.io.Particles`. Both writers go through :func:`write_star`: floats
+in their shortest exact form, a ``# version`` line before the ``optics`` and ``particles`` blocks
+as RELION ≥ 3.1 writes, atomically. :func:`write_particles_star` keeps every input column and
+writes changed per-particle values of the canonical table back into the RELION columns
+(shifts in Å for RELION ≥ 3.1 and ``.cs`` input, in px for RELION 3.0 input).
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+import starfile
+
+from z3lib.io._common import (
+    ParticleSet,
+    PathLike,
+    Z3InputError,
+    _check_readable_file,
+    _format_float,
+    _refuse_pickle,
+    atomic_path,
+)
+from z3lib.io.coefficients import ZERNIKE_BLOCK, _validate_zernike, format_coefficient_column
+
+_DEFAULT_RELION_VERSION = "30001"
+
+
+# ==============================================================================================
+# STAR blocks
+# ==============================================================================================
+def _read_star_raw(path: Path) -> dict[str, Any]:
+    _check_readable_file(path, "STAR file")
+    _refuse_pickle(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            blocks = starfile.read(path, always_dict=True)
+    except Exception as exc:  # starfile raises many kinds of errors on malformed text
+        raise Z3InputError(
+            f"could not parse {path} as a STAR file ({type(exc).__name__}: {exc}); "
+            "check that it is a RELION STAR file (text with data_ blocks)"
+        ) from exc
+    if not isinstance(blocks, dict) or not blocks:
+        raise Z3InputError(f"{path} holds no STAR data blocks; check that it is a RELION STAR file")
+    return dict(blocks)
+
+
+def read_star_blocks(path: PathLike) -> dict[str, pd.DataFrame]:
+    """Every data block of a STAR file, as DataFrames.
+
+    Parameters
+    ----------
+    path
+        STAR file.
+
+    Returns
+    -------
+    dict
+        Block name (without ``data_``; ``""`` for an unnamed block) → DataFrame. Loop blocks keep
+        their rows; single-value (non-loop) blocks become one-row DataFrames.
+    """
+    raw = _read_star_raw(Path(path))
+    out: dict[str, pd.DataFrame] = {}
+    for name, block in raw.items():
+        if isinstance(block, pd.DataFrame):
+            out[name] = block
+        else:
+            out[name] = pd.DataFrame({k: [v] for k, v in dict(block).items()})
+    return out
+
+
+def _read_relion_version(path: Path) -> str | None:
+    """The ``# version`` number of a STAR file (e.g. ``"30001"``) from its first 8 KiB, or None."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            head = fh.read(8192)
+    except OSError:
+        return None
+    match = re.search(r"^#\s*version\s+(\d+)", head, flags=re.MULTILINE)
+    return match.group(1) if match else None
+
+
+# ==============================================================================================
+# STAR writing
+# ==============================================================================================
+def write_star(
+    path: PathLike, blocks: Mapping[str, pd.DataFrame | Mapping[str, Any]], *,
+    relion_version: str | None = _DEFAULT_RELION_VERSION,
+) -> None:
+    """Write STAR blocks (``name → DataFrame`` loops or ``name → dict`` single values), atomically.
+
+    Floats are written in their shortest exact form. With ``relion_version``, a
+    ``# version`` line precedes the ``optics`` and ``particles`` blocks, as RELION ≥ 3.1 writes.
+    :func:`write_particles_star` writes its text through this function too.
+    """
+    text = starfile.writer.StarWriter(dict(blocks), float_format=_format_float).to_string()
+    if relion_version:
+        text = re.sub(r"^(data_(optics|particles))$", f"# version {relion_version}\n\n\\1", text,
+                      flags=re.MULTILINE)
+    text = text.replace("# Created by the starfile Python package",
+                        "# Written by z3lib with the starfile Python package", 1)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+#: canonical column → RELION column that carries it per particle (writable back).
+_WRITE_BACK = {
+    "rot": "rlnAngleRot",
+    "tilt": "rlnAngleTilt",
+    "psi": "rlnAnglePsi",
+    "defocus_u": "rlnDefocusU",
+    "defocus_v": "rlnDefocusV",
+    "defocus_angle": "rlnDefocusAngle",
+    "phase_shift": "rlnPhaseShift",
+    "bfactor": "rlnCtfBfactor",
+    "ctf_scale": "rlnCtfScalefactor",
+    "random_subset": "rlnRandomSubset",
+}
+
+
+def _same_values(a: npt.NDArray[Any], b: npt.NDArray[Any]) -> bool:
+    if a.dtype.kind in "fc" or b.dtype.kind in "fc":
+        try:
+            return bool(np.array_equal(a.astype(np.float64), b.astype(np.float64), equal_nan=True))
+        except (TypeError, ValueError):
+            return False
+    return bool(np.array_equal(a, b))
+
+
+def _apply_table(
+    particles: ParticleSet, rows: npt.NDArray[np.int64], out: pd.DataFrame, table: pd.DataFrame
+) -> None:
+    """Write changed canonical values of ``table`` back into the RELION columns of ``out``."""
+    from z3lib import conventions  # imports torch: not at z3lib.io's import
+
+    base = particles.table.iloc[rows].reset_index(drop=True)
+    new = table.reset_index(drop=True)
+    changed = [
+        c for c in new.columns
+        if c in base.columns and not _same_values(new[c].to_numpy(), base[c].to_numpy())
+    ]
+    shift_changed = [c for c in changed if c in ("shift_x", "shift_y")]
+    other = [c for c in changed if c not in _WRITE_BACK and c not in ("shift_x", "shift_y")]
+    if other:
+        raise Z3InputError(
+            f"write_particles_star: the table changes {', '.join(other)}, which live in the optics "
+            "block or in the image names and are not written back from the table; pass them as "
+            "columns= (particle block) or optics= (optics block)"
+        )
+    for canon in changed:
+        if canon in _WRITE_BACK:
+            values = new[canon].to_numpy()
+            out[_WRITE_BACK[canon]] = values.astype(np.int64) if canon == "random_subset" else values
+    if shift_changed:
+        px = base["pixel_size"].to_numpy(dtype=np.float64)
+        use_angstrom = (
+            conventions.SHIFT_COLUMNS_ANGSTROM[0] in out.columns
+            or (conventions.SHIFT_COLUMNS_PIXELS[0] not in out.columns
+                and particles.source_format != "relion3.0")
+        )
+        for axis, canon in enumerate(("shift_x", "shift_y")):
+            shift = new[canon].to_numpy(dtype=np.float64)
+            if use_angstrom:
+                out[conventions.SHIFT_COLUMNS_ANGSTROM[axis]] = (
+                    conventions.shift_pixels_to_angstrom(shift, px)
+                )
+            else:
+                out[conventions.SHIFT_COLUMNS_PIXELS[axis]] = shift
+
+
+def _column_values(name: str, values: Any, n: int) -> Any:
+    arr = values.to_numpy() if isinstance(values, (pd.Series, pd.Index)) else values
+    if isinstance(arr, np.ndarray) and arr.ndim == 2:
+        arr = format_coefficient_column(arr)
+    length = len(arr) if hasattr(arr, "__len__") and not isinstance(arr, str) else None
+    if length is None:
+        return [arr] * n
+    if length != n:
+        raise Z3InputError(
+            f"write_particles_star: column {name!r} has {length} values for {n} particles"
+        )
+    return arr
+
+
+def write_particles_star(
+    path: PathLike,
+    particles: ParticleSet,
+    *,
+    columns: Mapping[str, Any] | pd.DataFrame | None = None,
+    zernike: Mapping[str, Any] | None = None,
+    table: pd.DataFrame | None = None,
+    optics: pd.DataFrame | None = None,
+) -> None:
+    """Write a particle STAR that keeps every input column, plus added or updated columns.
+
+    Parameters
+    ----------
+    path
+        Output STAR file (written atomically).
+    particles
+        What :func:`read_particles` returned. RELION ≥ 3.1 input gives ``data_optics`` +
+        ``data_particles``; RELION 3.0 input keeps its single block (and its name); ``.cs`` input
+        gives the RELION-style ``raw`` block and the optics block built at read time.
+    columns
+        Columns to add (appended, in the given order) or overwrite (in place) in the particle
+        block: a mapping name → values (one per output row; a 2-D ``(n, 3K)`` array is formatted
+        with :func:`format_coefficient_column`), or a DataFrame (matched by position).
+    zernike
+        When given, a ``data_zernike3d`` block (single-value, non-loop) with the keys ``L1``,
+        ``L2``, ``Rmax`` (px of ``box``), ``basis`` and ``box`` (extra keys are kept).
+    table
+        A canonical table like :attr:`Particles.table`: its index selects (and orders) the output
+        rows (a subset is fine, e.g. a cluster), and its changed per-particle values (angles,
+        shifts in px, defocus, phase shift, B-factor, scale, random subset) are written back into
+        the RELION columns (shifts as ``rlnOriginXAngst`` = px × pixel size for RELION ≥ 3.1 and
+        ``.cs`` input, ``rlnOriginX`` for RELION 3.0 input).
+    optics
+        Optics block to write instead of the input's (e.g. after rescaling the images).
+
+    Raises
+    ------
+    Z3InputError
+        Wrong column lengths, invalid ``zernike``, unknown rows in ``table``, or table changes
+        that cannot be written back.
+    """
+    raw = particles.raw
+    if table is not None:
+        idx = pd.Index(table.index)
+        unknown = idx.difference(particles.table.index)
+        if len(unknown):
+            raise Z3InputError(
+                f"write_particles_star: table rows {list(unknown[:5])} are not rows of the particles "
+                f"read from {particles.path} (0…{len(particles) - 1})"
+            )
+        rows = particles.table.index.get_indexer(idx).astype(np.int64)
+    else:
+        rows = np.arange(len(raw), dtype=np.int64)
+    out = raw.iloc[rows].reset_index(drop=True).copy()
+    if table is not None:
+        _apply_table(particles, rows, out, table)
+    n = len(out)
+    if columns is not None:
+        items = (
+            [(str(c), columns[c].to_numpy()) for c in columns.columns]
+            if isinstance(columns, pd.DataFrame) else [(str(k), v) for k, v in columns.items()]
+        )
+        for name, values in items:
+            out[name] = _column_values(name, values, n)
+
+    blocks: dict[str, Any] = {}
+    optics_out = optics if optics is not None else particles.optics
+    if optics_out is not None:
+        blocks["optics"] = optics_out
+        blocks["particles"] = out
+    else:
+        blocks[particles.block] = out
+    if zernike is not None:
+        blocks[ZERNIKE_BLOCK] = _validate_zernike(zernike)
+    version = (particles.relion_version or _DEFAULT_RELION_VERSION) if optics_out is not None else None
+    write_star(path, blocks, relion_version=version)
