@@ -29,6 +29,7 @@ from z3lib.projection import project_volume
 from z3lib.simulate import simulate_dataset
 
 ADK = Path(__file__).parent / "data" / "mdanalysistests_adk"
+XMIPP_32: dict[str, object] = {"L1": 3, "L2": 2, "basis": "xmipp"}  # 39 coefficients: small and fast
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +44,9 @@ def two_states(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _small_config(**kw: object) -> NetworkConfig:
-    args: dict[str, object] = {"epochs": 8, "batch_size": 16, "learning_rate": 2e-3, "encoder_box": 32,
-                               "channels": 8, "hidden": 64, "validation_fraction": 0.1, "seed": 3}
+    args: dict[str, object] = {**XMIPP_32, "epochs": 8, "batch_size": 16, "learning_rate": 2e-3, "encoder_box": 32,
+                               "channels": 8, "hidden": 64, "validation_fraction": 0.1, "seed": 3,
+                               "energy_weight": 1e-4, "smooth_weight": 1e-3}
     args.update(kw)
     return NetworkConfig(**args)  # type: ignore[arg-type]
 
@@ -55,7 +57,7 @@ def test_decoder_zero_field_equals_rigid_projection_with_ctf(device: str) -> Non
     zz, yy, xx = np.meshgrid(*[np.arange(box) - box // 2] * 3, indexing="ij")
     vol = np.exp(-((xx - 2) ** 2 + yy**2 + (zz + 1) ** 2) / 8.0) + 0.5 * np.exp(-((xx + 4) ** 2 + (yy - 3) ** 2 + zz**2) / 4.0)
     points, amps = points_from_volume(vol)
-    dec = PhysicalDecoder(torch.tensor(points), torch.tensor(amps), box, 2.0, NetworkConfig()).to(device)
+    dec = PhysicalDecoder(torch.tensor(points), torch.tensor(amps), box, 2.0, NetworkConfig(L1=3, L2=2, basis="xmipp")).to(device)
     rots = torch.tensor(random_rotations(3, rng), dtype=torch.float32, device=device)
     shifts = torch.tensor(rng.normal(size=(3, 2)), dtype=torch.float32, device=device)
     ctf = CtfParams.create([12000.0, 15000.0, 20000.0], [11000.0, 15000.0, 19000.0], [10.0, 0.0, 80.0], device=device)
@@ -73,7 +75,8 @@ def test_decoder_images_are_the_analytic_projection_with_relion_ctf() -> None:
     centre = np.array([3.0, -2.0, 1.0])
     vol = gaussian_volume(box, [centre], [1.0], sigma)
     points, amps = points_from_volume(vol, mask=vol > 1e-7)
-    dec = PhysicalDecoder(torch.tensor(points), torch.tensor(amps), box, apix, NetworkConfig()).double()
+    dec = PhysicalDecoder(torch.tensor(points), torch.tensor(amps), box, apix,
+                          NetworkConfig(L1=3, L2=2, basis="xmipp")).double()
     rots = np.array([[[0, 1, 0], [0, 0, 1], [1, 0, 0]], [[-1, 0, 0], [0, 0, 1], [0, 1, 0]],
                      [[1, 0, 0], [0, -1, 0], [0, 0, -1]]], dtype=float)  # voxel points stay on pixels
     shifts = np.array([[2.0, -1.0], [-1.0, 3.0], [0.0, -2.0]])
@@ -170,7 +173,7 @@ def test_gradients_match_finite_differences() -> None:
     box = 16
     points = rng.uniform(-5, 5, size=(40, 3))
     dec = PhysicalDecoder(torch.tensor(points), torch.tensor(rng.uniform(0.5, 1.5, 40)), box, 3.0,
-                          NetworkConfig()).double()
+                          NetworkConfig(L1=3, L2=2, basis="xmipp")).double()
     target = torch.tensor(rng.normal(size=(2, box, box)))
     mask = torch.ones(box, box, dtype=torch.float64)
     ctf = CtfParams.create([15000.0, 18000.0], [14000.0, 17000.0], 30.0, dtype=torch.float64)
@@ -192,7 +195,7 @@ def test_regularisers_are_field_energy_and_roughness(roughness: str) -> None:
     |∇d|² (gradient), the Jacobian taken by finite differences of the field itself."""
     rng = np.random.default_rng(2)
     points = rng.uniform(-8, 8, size=(300, 3))
-    cfg = NetworkConfig(roughness=roughness)
+    cfg = NetworkConfig(L1=3, L2=2, basis="xmipp", roughness=roughness)
     dec = PhysicalDecoder(torch.tensor(points), torch.ones(300), 32, 2.0, cfg).double()
     c = rng.normal(size=39)
     z = zk.evaluate_basis(points, 3, 2, 16.0)
@@ -394,8 +397,8 @@ def test_encoder_and_loss_options_train(two_states: dict[str, Path], tmp_path: P
 
 def test_build_model_is_seeded() -> None:
     pts = np.random.default_rng(0).uniform(-5, 5, size=(50, 3))
-    a = build_model(pts, np.ones(50), 16, 2.0, NetworkConfig(seed=5, encoder_box=16))
-    b = build_model(pts, np.ones(50), 16, 2.0, NetworkConfig(seed=5, encoder_box=16))
+    a = build_model(pts, np.ones(50), 16, 2.0, NetworkConfig(seed=5, encoder_box=16, L1=3, L2=2, basis="xmipp"))
+    b = build_model(pts, np.ones(50), 16, 2.0, NetworkConfig(seed=5, encoder_box=16, L1=3, L2=2, basis="xmipp"))
     for v1, v2 in zip(a.state_dict().values(), b.state_dict().values(), strict=True):
         torch.testing.assert_close(v1, v2)
 

@@ -37,7 +37,7 @@ def _phantom_decoder(degrees: tuple[int, int] = (2, 1)) -> PhysicalDecoder:
         c = rng.uniform(-8, 8, 3)
         vol += np.exp(-((xx - c[0]) ** 2 + (yy - c[1]) ** 2 + (zz - c[2]) ** 2) / (2 * 1.8**2))
     pts, amps = points_from_volume(vol, mask=vol > 0.05)
-    cfg = NetworkConfig(L1=degrees[0], L2=degrees[1], learn_reference=False)
+    cfg = NetworkConfig(L1=degrees[0], L2=degrees[1], basis="xmipp", learn_reference=False)
     return PhysicalDecoder(torch.tensor(pts), torch.tensor(amps), BOX, 2.0, cfg).double()
 
 

@@ -59,8 +59,9 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _config(**kw: object) -> NetworkConfig:
-    args: dict[str, object] = {"epochs": 1, "batch_size": 16, "encoder_box": BOX, "channels": 4, "hidden": 32,
-                               "validation_fraction": 0.1, "seed": 0}
+    args: dict[str, object] = {"L1": 3, "L2": 2, "basis": "xmipp", "epochs": 1, "batch_size": 16,
+                               "encoder_box": BOX, "channels": 4, "hidden": 32, "validation_fraction": 0.1,
+                               "seed": 0, "learning_rate": 1e-3, "energy_weight": 1e-4, "smooth_weight": 1e-3}
     args.update(kw)
     return NetworkConfig(**args)  # type: ignore[arg-type]
 

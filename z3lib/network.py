@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -36,8 +36,12 @@ from z3lib.conventions import (
 from z3lib.ctf import CtfParams, compute_ctf, filter_images
 from z3lib.io import ImageStack, Particles
 from z3lib.projection import image_positions, splat_bilinear
+from z3lib.settings import check_choices, from_section
 
 Loss = Literal["corr", "frc", "mse"]
+Encoder = Literal["conv", "mlp"]
+Roughness = Literal["strain", "gradient"]
+PREDICT_BATCH_SIZE = 256  # particles encoded at once by :func:`predict` (the pipeline's predict.batch_size)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -45,12 +49,16 @@ Loss = Literal["corr", "frc", "mse"]
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class NetworkConfig:
-    """Every setting of a Zernike3Deep model and its training (stored inside ``model.pt``)."""
+    """Every setting of a Zernike3Deep model and its training (stored inside ``model.pt``).
 
-    L1: int = 3
-    L2: int = 2
-    basis: str = "xmipp"
-    encoder: str = "conv"  # "conv" | "mlp"
+    The defaults are the pipeline's (``zernike`` and ``train`` of the config schema; a test keeps
+    them equal); the settings the pipeline does not expose are the architecture's.
+    """
+
+    L1: int = 7
+    L2: int = 7
+    basis: zk.Basis = "orthonormal"
+    encoder: Encoder = "conv"
     encoder_box: int = 32  # encoder input low-passed by Fourier cropping to this box (0 = full box)
     encoder_phase_flip: bool = True  # encoder input multiplied by sign(CTF): no contrast inversions
     encoder_reference: bool = True  # 2nd input channel: the reference projected at the particle's pose
@@ -58,21 +66,29 @@ class NetworkConfig:
     channels: int = 16  # first conv layer width (conv encoder)
     hidden: int = 256  # width of the fully connected layers
     refine_pose: bool = False  # predict δ-angles (deg) and δ-shifts (px)
-    loss: str = "corr"  # "corr" | "frc" | "mse"
+    loss: Loss = "corr"
     frc_radius: float = 0.85  # FRC loss: fraction of Nyquist
     ctf_pad: int = 2
-    energy_weight: float = 1e-4  # mean |d|² over the points (px²)
-    smooth_weight: float = 1e-3  # mean roughness of the field over the points (see ``roughness``)
-    roughness: str = "strain"  # "strain": |sym ∇d|² (rigid motions free) | "gradient": |∇d|²
+    energy_weight: float = 1e-3  # mean |d|² over the points (px²)
+    smooth_weight: float = 0.1  # mean roughness of the field over the points (see ``roughness``)
+    roughness: Roughness = "strain"  # "strain": |sym ∇d|² (rigid motions free) | "gradient": |∇d|²
     pose_weight: float = 1e-3  # mean δ-angle² (deg²) + δ-shift² (px²)
     coefficient_scale: float = 1.0  # px per unit of the coefficient head's output
     epochs: int = 20
     batch_size: int = 32
-    learning_rate: float = 1e-3
+    learning_rate: float = 2e-3
     validation_fraction: float = 0.1
     seed: int = 0
     mask_radius: float = 0.9  # image circle (fraction of box / 2) seen by the encoder and the loss
     learn_reference: bool = True  # the point cloud's amplitudes are learned with the fields
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+
+    @classmethod
+    def from_config(cls, zernike: Mapping[str, Any], train: Mapping[str, Any], seed: int = 0) -> NetworkConfig:
+        """From the pipeline config's ``zernike`` and ``train`` sections and its ``seed``."""
+        return from_section(cls, {**zernike, **train}, seed=seed)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -186,8 +202,6 @@ class PhysicalDecoder(nn.Module):
         smooth = torch.einsum("nkj,nlj->kl", grad, grad).detach() / n
         # Σ_aj J_aj J_ja of the Jacobian J_aj = Σ_k c_ak ∂_j Z_k: X[k, j, l, a] = mean ∂_j Z_k ∂_a Z_l
         cross = torch.einsum("nkj,nla->kjla", grad, grad).detach() / n
-        if config.roughness not in ("strain", "gradient"):
-            raise ValueError(f"unknown roughness {config.roughness!r}; use 'strain' or 'gradient'")
         self.strain = config.roughness == "strain"
         self.register_buffer("points", points.to(torch.float32))
         self.register_buffer("amplitudes", amplitudes.to(torch.float32))
@@ -275,10 +289,8 @@ class Zernike3Deep(nn.Module):
         extra = 9 if config.encoder_pose else 0
         if config.encoder == "conv":
             self.encoder: nn.Module = ConvEncoder(self.encoder_box, config.channels, config.hidden, in_ch, extra)
-        elif config.encoder == "mlp":
+        else:  # "mlp" (NetworkConfig checks its choices)
             self.encoder = MlpEncoder(self.encoder_box, config.hidden, in_ch, extra)
-        else:
-            raise ValueError(f"unknown encoder {config.encoder!r}; use 'conv' or 'mlp'")
         self.coefficient_head = nn.Linear(config.hidden, 3 * self.n_terms)
         nn.init.normal_(self.coefficient_head.weight, std=1e-3)
         nn.init.zeros_(self.coefficient_head.bias)
@@ -780,7 +792,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Ze
 
 
 def predict_coefficients(model: Zernike3Deep, source: ParticleBatchSource, *, device: str | torch.device = "cpu",
-                         batch_size: int = 128, log: logging.Logger | None = None) -> dict[str, np.ndarray]:
+                         batch_size: int = PREDICT_BATCH_SIZE, log: logging.Logger | None = None
+                         ) -> dict[str, np.ndarray]:
     """Encode every particle, in order.
 
     Returns
@@ -963,7 +976,7 @@ def predict(
     out_dir: str | Path,
     *,
     device: str | torch.device = "cpu",
-    batch_size: int = 128,
+    batch_size: int = PREDICT_BATCH_SIZE,
     pixel_size: float | None = None,
     image_root: str | Path | None = None,
     poses: str | Path | None = None,

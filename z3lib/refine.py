@@ -42,7 +42,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -51,28 +51,34 @@ from z3lib import zernike as zk
 from z3lib.conventions import euler_to_matrix, shift_angstrom_to_pixels, shift_pixels_to_angstrom
 from z3lib.ctf import CtfParams
 from z3lib.network import (
+    Loss,
     NetworkConfig,
     ParticleBatchSource,
     PhysicalDecoder,
+    Roughness,
     array_digest,
     circle_mask,
     image_loss,
     state_digest,
 )
+from z3lib.settings import check_choices, from_section
 
 
 @dataclass
 class RefineConfig:
-    """Settings of the classical refinement (coefficients in px of the processing box)."""
+    """Settings of the classical refinement (coefficients in px of the processing box).
 
-    mode: str = "landscape"  # "landscape" | "free"
+    The defaults are the pipeline's (``refine`` of the config schema; a test keeps them equal).
+    """
+
+    mode: Literal["landscape", "free"] = "landscape"
     subspace_variance: float = 0.95  # landscape: keep principal directions up to this explained variance
     max_dimensions: int = 4  # landscape: at most this many directions
     grid_points: int = 41  # landscape: global search points per direction
     grid_extent: float = 1.5  # landscape: grid spans the population's score range × this
     steps: int = 40
     learning_rate: float = 0.05  # Adam step: px (free) or population standard deviations (landscape)
-    prior: str = "population"  # free mode: "population" (Mahalanobis) or "field" (mean |Δd|², px²)
+    prior: Literal["population", "field"] = "population"  # free mode: "population" (Mahalanobis) or "field" (mean |Δd|², px²)
     prior_weight: float = 0.001
     smooth_weight: float = 0.0
     refine_angles: bool = False
@@ -89,8 +95,16 @@ class RefineConfig:
     patience: int = 8
     tolerance: float = 1e-6
     batch_size: int = 256
-    loss: str = "corr"
+    loss: Loss = "corr"
     mask_radius: float = 0.9
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+
+    @classmethod
+    def from_config(cls, refine: Mapping[str, Any]) -> RefineConfig:
+        """From the pipeline config's ``refine`` section (``chunks`` is the workflow's)."""
+        return from_section(cls, refine, ignore={"chunks"})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -162,8 +176,8 @@ def population_precision(coefficients: np.ndarray, *, floor: float = 1e-3) -> np
 
 
 def make_decoder(points: np.ndarray, amplitudes: np.ndarray, box: int, pixel_size: float,
-                 degrees: tuple[int, int], basis: str, device: str | torch.device = "cpu",
-                 roughness: str = NetworkConfig.roughness) -> PhysicalDecoder:
+                 degrees: tuple[int, int], basis: zk.Basis, device: str | torch.device = "cpu",
+                 roughness: Roughness = NetworkConfig.roughness) -> PhysicalDecoder:
     """The physical decoder (point cloud in px of the processing box) for refinement; its
     ``field_roughness`` is the network's measure (``roughness``: ``strain`` or ``gradient``)."""
     cfg = NetworkConfig(L1=degrees[0], L2=degrees[1], basis=basis, learn_reference=False,  # a fixed map
@@ -324,8 +338,6 @@ def refine_batch(
             raise ValueError("landscape mode needs the landscape of the network's predictions")
         land_t = tuple(torch.as_tensor(a, dtype=prior.dtype, device=device)
                        for a in (landscape.mean, landscape.directions, landscape.scale))
-    elif config.mode != "free":
-        raise ValueError(f"unknown refinement mode {config.mode!r}; use 'landscape' or 'free'")
     objective = _Objective(decoder, images, angles, shifts, ctf, prior, config, landscape=land_t,  # type: ignore[arg-type]
                            precision=precision if config.mode == "free" else None, phase_flipped=phase_flipped)
     zero3 = torch.zeros(b, 3, device=device)
@@ -585,8 +597,6 @@ def refine_particles(
         logger.info("landscape: %d direction(s) of the predictions' principal components", len(landscape.directions))
     elif config.prior == "population":
         precision = torch.as_tensor(population_precision(prior), dtype=torch.float32, device=dev)
-    elif config.prior != "field":
-        raise ValueError(f"unknown prior {config.prior!r}; use 'population' or 'field'")
     idx = np.arange(len(source)) if index is None else np.asarray(index, dtype=np.int64)
     n, k3 = len(idx), prior.shape[1]
     out = {
@@ -654,7 +664,7 @@ def refine_chunk(
     chunk: int,
     n_chunks: int,
     degrees: tuple[int, int],
-    basis: str,
+    basis: zk.Basis,
     config: RefineConfig,
     device: str | torch.device = "cpu",
     progress_path: str | Path | None = None,
@@ -663,7 +673,7 @@ def refine_chunk(
     poses: str | Path | None = None,
     pixel_size: float | None = None,
     image_root: str | Path | None = None,
-    roughness: str = NetworkConfig.roughness,
+    roughness: Roughness = NetworkConfig.roughness,
     log: logging.Logger | None = None,
 ) -> Path:
     """Refine one chunk of particles; write its results to ``out_path`` (``.npz``, atomic).

@@ -22,10 +22,10 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -33,6 +33,7 @@ import pandas as pd
 
 from z3lib.conventions import box_center
 from z3lib.ctf import ctf_grid
+from z3lib.settings import from_section
 
 # ----------------------------------------------------------------------------------------------
 # Back ends
@@ -253,7 +254,8 @@ def get_backend(name: str = "auto", log: logging.Logger | None = None) -> NumpyB
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class ZartConfig:
-    """Settings of ZART."""
+    """Settings of ZART; the defaults are the pipeline's (``zart`` of the config schema; a test
+    keeps them equal)."""
 
     iterations: int = 4
     batch_size: int = 64  # images per block update (1 = Kaczmarz)
@@ -266,8 +268,17 @@ class ZartConfig:
     # the corrected map uses s · (c − mean of the half set's c): the frame of the population's
     # mean conformation (the consensus), and fields shrunk by s ∈ [0, 1]; "auto" picks s among
     # FIELD_SCALES by half-map FSCs (noisy per-particle fields blur more than they correct)
-    field_scale: float | str = "auto"
+    field_scale: float | Literal["auto"] = "auto"
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, zart: Mapping[str, Any], seed: int = 0) -> ZartConfig:
+        """From the pipeline config's ``zart`` section (its ``backend`` is the caller's to pick,
+        :func:`get_backend`) and its ``seed``."""
+        values = dict(zart)
+        if "sigmas" in values:
+            values["sigmas"] = tuple(float(v) for v in values["sigmas"])
+        return from_section(cls, values, ignore={"backend"}, seed=seed)
 
     def sigma_at(self, iteration: int) -> float:
         if not self.sigmas:

@@ -16,8 +16,6 @@ log = _bootstrap.configure_logging(snakemake.log[0], "z3.refine")
 torch.set_num_threads(snakemake.threads)
 params = snakemake.params
 item, n_items = (int(v) for v in re.fullmatch(r"(\d+)-of-(\d+)", snakemake.wildcards.scatteritem).groups())
-settings = dict(params.refine)
-settings.pop("chunks")
 device = select_device(bool(snakemake.resources.get("gpu", 0)), log)
 with _bootstrap.stage(log, f"refine chunk {item} of {n_items}", params.z3lib, threads=snakemake.threads):
     refine_chunk(
@@ -29,7 +27,7 @@ with _bootstrap.stage(log, f"refine chunk {item} of {n_items}", params.z3lib, th
         n_chunks=n_items,
         degrees=(params.zernike["L1"], params.zernike["L2"]),
         basis=params.zernike["basis"],
-        config=RefineConfig(**settings),
+        config=RefineConfig.from_config(params.refine),
         device=device,
         progress_path=params.progress,
         independent_halves=params.gold_standard == "independent",

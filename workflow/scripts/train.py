@@ -15,7 +15,7 @@ log = _bootstrap.configure_logging(snakemake.log[0], "z3.train")
 torch.set_num_threads(snakemake.threads)
 params = snakemake.params
 device = select_device(bool(snakemake.resources.get("gpu", 0)), log)
-config = NetworkConfig(**params.zernike, **params.train, seed=params.seed)
+config = NetworkConfig.from_config(params.zernike, params.train, seed=params.seed)
 with _bootstrap.stage(log, "train", params.z3lib, threads=snakemake.threads):
     written = train(
         snakemake.input.particles,

@@ -12,11 +12,10 @@ if TYPE_CHECKING:
 
 log = _bootstrap.configure_logging(snakemake.log[0], "z3.zart")
 params = snakemake.params
-settings = dict(params.zart)
-backend = settings.pop("backend")
+backend = params.zart["backend"]
 if not snakemake.resources.get("gpu", 0) and backend == "auto":
     backend = "numpy"  # this job holds no GPU slot
-config = ZartConfig(**{**settings, "sigmas": tuple(settings["sigmas"])}, seed=params.seed)
+config = ZartConfig.from_config(params.zart, seed=params.seed)
 with _bootstrap.stage(log, "zart", params.z3lib):
     written = zart(
         snakemake.input.particles,
