@@ -11,14 +11,13 @@ from analytic import fine_frequencies, gaussian_image, gaussian_volume, relion_c
 
 from z3lib import zernike as zk
 from z3lib.ctf import CtfParams, apply_ctf
+from z3lib.decoder import PhysicalDecoder, image_loss
 from z3lib.geometry import euler_to_matrix, points_from_volume, random_rotations
 from z3lib.io import read_coefficients, read_npz, read_particles, read_star_blocks, read_table
 from z3lib.network import (
     NetworkConfig,
     ParticleBatchSource,
-    PhysicalDecoder,
     build_model,
-    image_loss,
     load_model,
     predict,
     train,

@@ -10,9 +10,10 @@ import torch
 
 from z3lib import zernike as zk
 from z3lib.ctf import CtfParams
+from z3lib.decoder import PhysicalDecoder
 from z3lib.geometry import euler_to_matrix, points_from_volume
 from z3lib.io import read_coefficients, read_star_blocks, write_coefficients
-from z3lib.network import NetworkConfig, PhysicalDecoder
+from z3lib.network import NetworkConfig
 from z3lib.preprocess import preprocess
 from z3lib.refine import (
     RefineConfig,

@@ -28,19 +28,16 @@ from torch import nn
 
 from z3lib import zernike as zk
 from z3lib.conventions import (
-    box_center,
     euler_to_matrix,
     shift_angstrom_to_pixels,
     shift_pixels_to_angstrom,
 )
-from z3lib.ctf import CtfParams, compute_ctf, filter_images
+from z3lib.ctf import CtfParams, compute_ctf
+from z3lib.decoder import Loss, PhysicalDecoder, Roughness, circle_mask, image_loss
 from z3lib.io import ImageStack, Particles
-from z3lib.projection import image_positions, splat_bilinear
 from z3lib.settings import check_choices, from_section
 
-Loss = Literal["corr", "frc", "mse"]
 Encoder = Literal["conv", "mlp"]
-Roughness = Literal["strain", "gradient"]
 PREDICT_BATCH_SIZE = 256  # particles encoded at once by :func:`predict` (the pipeline's predict.batch_size)
 
 
@@ -153,124 +150,6 @@ class MlpEncoder(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# The physical decoder
-# ----------------------------------------------------------------------------------------------
-def circle_mask(box: int, radius_fraction: float, *, device: Any = None,
-                dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``(box, box)`` soft circular mask of radius ``radius_fraction · box / 2`` (2 px cosine edge)."""
-    c = box_center(box)
-    ax = torch.arange(box, device=device, dtype=dtype) - c
-    r = torch.sqrt(ax[:, None] ** 2 + ax[None, :] ** 2)
-    radius = radius_fraction * box / 2
-    edge = 2.0
-    soft = 0.5 * (1 + torch.cos(math.pi * torch.clamp((r - radius) / edge, 0, 1)))
-    return soft
-
-
-class PhysicalDecoder(nn.Module):
-    """Coefficients + pose + CTF → predicted particle images.
-
-    Holds the point cloud (``(N, 3)`` px of the processing box), its amplitudes, the basis values
-    ``Z`` (``(N, K)``) and the quadratic forms of the field regularisers as buffers.
-    """
-
-    points: torch.Tensor
-    amplitudes: torch.Tensor
-    basis: torch.Tensor
-    energy_form: torch.Tensor
-    smooth_form: torch.Tensor
-    cross_form: torch.Tensor
-
-    def __init__(self, points: torch.Tensor, amplitudes: torch.Tensor, box: int, pixel_size: float,
-                 config: NetworkConfig) -> None:
-        super().__init__()
-        self.box = int(box)
-        self.pixel_size = float(pixel_size)
-        self.ctf_pad = int(config.ctf_pad)
-        points = points.detach()
-        amplitudes = amplitudes.detach()
-        pts = points.to(torch.float64).clone().requires_grad_(True)
-        z = zk.evaluate_basis(pts, config.L1, config.L2, box / 2, config.basis)
-        # ∂Z_k/∂x_j at every point, by autograd through the polynomial basis
-        grads = []
-        for k in range(z.shape[1]):
-            (g,) = torch.autograd.grad(z[:, k].sum(), pts, retain_graph=True)
-            grads.append(g)
-        grad = torch.stack(grads, dim=1)  # (N, K, 3)
-        n = z.shape[0]
-        energy = (z.T @ z / n).detach()
-        smooth = torch.einsum("nkj,nlj->kl", grad, grad).detach() / n
-        # Σ_aj J_aj J_ja of the Jacobian J_aj = Σ_k c_ak ∂_j Z_k: X[k, j, l, a] = mean ∂_j Z_k ∂_a Z_l
-        cross = torch.einsum("nkj,nla->kjla", grad, grad).detach() / n
-        self.strain = config.roughness == "strain"
-        self.register_buffer("points", points.to(torch.float32))
-        self.register_buffer("amplitudes", amplitudes.to(torch.float32))
-        self.register_buffer("basis", z.detach().to(torch.float32))
-        self.register_buffer("energy_form", energy.to(torch.float32))
-        self.register_buffer("smooth_form", smooth.to(torch.float32))
-        self.register_buffer("cross_form", cross.to(torch.float32) if self.strain else torch.zeros(0), persistent=False)
-        # learned reference (3DFlex-like): amplitudes + scale · delta, delta in units of the
-        # largest starting amplitude so that one learning rate suits every map's scale
-        self.amplitude_scale = float(amplitudes.abs().max().clamp_min(1e-12))
-        self.amplitude_delta: nn.Parameter | None = None
-        if config.learn_reference:
-            self.amplitude_delta = nn.Parameter(torch.zeros(n, dtype=torch.float32))
-
-    def values(self) -> torch.Tensor:
-        """``(N,)`` the amplitudes the decoder projects (the starting ones, or the learned ones)."""
-        if self.amplitude_delta is None:
-            return self.amplitudes
-        return self.amplitudes + self.amplitude_scale * self.amplitude_delta
-
-    def field_energy(self, coefficients: torch.Tensor) -> torch.Tensor:
-        """Mean squared displacement over the points (px²), ``(B, 3K)`` → ``(B,)``."""
-        c = zk.split_axes(coefficients)
-        return torch.einsum("bak,kl,bal->b", c, self.energy_form, c)
-
-    def field_roughness(self, coefficients: torch.Tensor) -> torch.Tensor:
-        """Mean roughness of the field over the points, ``(B, 3K)`` px → ``(B,)``.
-
-        ``strain`` (default): the squared Frobenius norm of the strain ``(J + Jᵀ) / 2`` of the
-        field's Jacobian ``J`` — linear elasticity's energy without the volume term. A rigid motion
-        (translation or rotation, of the whole particle or of a domain) costs nothing where it is
-        rigid, so a hinge motion is not shrunk towards a smaller, more spread-out field; only
-        where the field bends or stretches does it pay. ``gradient``: ``|J|²`` (rotations pay too).
-        """
-        c = zk.split_axes(coefficients)
-        grad2 = torch.einsum("bak,kl,bal->b", c, self.smooth_form, c)
-        if not self.strain:
-            return grad2
-        # |sym J|² = (|J|² + Σ_aj J_aj J_ja) / 2
-        return 0.5 * grad2 + 0.5 * torch.einsum("bak,kjla,bjl->b", c, self.cross_form, c)
-
-    def transfer(self, ctf: CtfParams, *, phase_flipped: bool = False, dtype: torch.dtype = torch.float32,
-                 device: torch.device | None = None) -> torch.Tensor:
-        """The batch's CTFs on the padded rfft grid, ``(B, pad·box, pad·box // 2 + 1)``; ``|CTF|``
-        for phase-flipped data. Compute once per batch and pass to :meth:`forward` to reuse."""
-        dev = device if device is not None else self.points.device
-        out = compute_ctf(self.ctf_pad * self.box, self.pixel_size, ctf.to(dev, dtype))
-        return out.abs() if phase_flipped else out
-
-    def forward(self, coefficients: torch.Tensor | None, rotations: torch.Tensor, shifts: torch.Tensor,
-                ctf: CtfParams | None, *, phase_flipped: bool = False,
-                transfer: torch.Tensor | None = None) -> torch.Tensor:
-        """``(B, 3K)`` px, ``(B, 3, 3)``, ``(B, 2)`` px, CTF → ``(B, box, box)`` images.
-
-        ``transfer`` is the batch's :meth:`transfer` when already computed (it then replaces
-        ``ctf`` and ``phase_flipped``).
-        """
-        pos = image_positions(self.points, rotations, shifts, self.box,
-                              basis=None if coefficients is None else self.basis,
-                              coefficients=coefficients)
-        proj = splat_bilinear(pos, self.values(), self.box)
-        if transfer is None:
-            if ctf is None:
-                return proj
-            transfer = self.transfer(ctf, phase_flipped=phase_flipped, dtype=proj.dtype, device=proj.device)
-        return filter_images(proj, transfer.to(proj.dtype), pad=self.ctf_pad)
-
-
-# ----------------------------------------------------------------------------------------------
 # The model
 # ----------------------------------------------------------------------------------------------
 class Zernike3Deep(nn.Module):
@@ -377,47 +256,6 @@ class Zernike3Deep(nn.Module):
             return coefficients, self.angle_head(h).float(), self.shift_head(h).float()
         zeros = coefficients.new_zeros(coefficients.shape[0], 1)
         return coefficients, zeros.expand(-1, 3), zeros.expand(-1, 2)
-
-
-def image_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, kind: str,
-               frc_radius: float = 0.85) -> torch.Tensor:
-    """Per-image loss, ``(B,)``.
-
-    ``corr``: 1 − Pearson correlation inside the mask; ``mse``: mean squared error after the
-    least-squares scale of the prediction (the map's scale is arbitrary); ``frc``: 1 − mean
-    Fourier-ring correlation up to ``frc_radius`` of Nyquist.
-    """
-    if kind == "corr" or kind == "mse":
-        w = mask.reshape(1, -1)
-        p = pred.reshape(pred.shape[0], -1)
-        t = target.reshape(target.shape[0], -1)
-        sw = w.sum()
-        p = p - (p * w).sum(1, keepdim=True) / sw
-        t = t - (t * w).sum(1, keepdim=True) / sw
-        pt = (p * t * w).sum(1)
-        pp = (p * p * w).sum(1)
-        tt = (t * t * w).sum(1)
-        if kind == "corr":
-            return 1.0 - pt / torch.sqrt(pp * tt + 1e-12)
-        scale = pt / (pp + 1e-12)
-        return ((scale[:, None] * p - t) ** 2 * w).sum(1) / sw
-    if kind == "frc":
-        box = pred.shape[-1]
-        fp, ft = torch.fft.rfft2(pred), torch.fft.rfft2(target)
-        fy = torch.fft.fftfreq(box, device=pred.device)
-        fx = torch.fft.rfftfreq(box, device=pred.device)
-        ring = torch.round(torch.sqrt(fy[:, None] ** 2 + fx[None, :] ** 2) * box).long()
-        n_rings = int(frc_radius * box / 2)
-        keep = (ring >= 1) & (ring <= n_rings)
-        idx = (ring[keep] - 1)
-        cross = (fp * ft.conj()).real[:, keep]
-        pp = (fp.abs() ** 2)[:, keep]
-        tt = (ft.abs() ** 2)[:, keep]
-        z = pred.new_zeros(pred.shape[0], n_rings)
-        num = z.index_add(1, idx, cross)
-        den = torch.sqrt(z.index_add(1, idx, pp) * z.index_add(1, idx, tt) + 1e-12)
-        return 1.0 - (num / den).mean(1)
-    raise ValueError(f"unknown loss {kind!r}; use 'corr', 'frc' or 'mse'")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -50,15 +50,11 @@ import torch
 from z3lib import zernike as zk
 from z3lib.conventions import euler_to_matrix, shift_angstrom_to_pixels, shift_pixels_to_angstrom
 from z3lib.ctf import CtfParams
+from z3lib.decoder import DecoderSpec, Loss, PhysicalDecoder, Roughness, circle_mask, image_loss
 from z3lib.network import (
-    Loss,
     NetworkConfig,
     ParticleBatchSource,
-    PhysicalDecoder,
-    Roughness,
     array_digest,
-    circle_mask,
-    image_loss,
     state_digest,
 )
 from z3lib.settings import check_choices, from_section
@@ -180,10 +176,10 @@ def make_decoder(points: np.ndarray, amplitudes: np.ndarray, box: int, pixel_siz
                  roughness: Roughness = NetworkConfig.roughness) -> PhysicalDecoder:
     """The physical decoder (point cloud in px of the processing box) for refinement; its
     ``field_roughness`` is the network's measure (``roughness``: ``strain`` or ``gradient``)."""
-    cfg = NetworkConfig(L1=degrees[0], L2=degrees[1], basis=basis, learn_reference=False,  # a fixed map
-                        roughness=roughness)
+    spec = DecoderSpec(L1=degrees[0], L2=degrees[1], basis=basis, roughness=roughness,
+                       ctf_pad=NetworkConfig.ctf_pad, learn_reference=False)  # a fixed map
     return PhysicalDecoder(torch.as_tensor(points, dtype=torch.float32),
-                           torch.as_tensor(amplitudes, dtype=torch.float32), box, pixel_size, cfg).to(device)
+                           torch.as_tensor(amplitudes, dtype=torch.float32), box, pixel_size, spec).to(device)
 
 
 def _stage_masks(n_params: int, degrees: tuple[int, int], schedule: bool, free_mode: bool) -> list[np.ndarray]:
