@@ -13,6 +13,7 @@ from analytic import fine_frequencies, gaussian_image, gaussian_volume, relion_c
 from z3lib import zernike as zk
 from z3lib.analysis import fourier_shell_correlation, fsc_area, resolution_at
 from z3lib.ctf import CtfParams, apply_ctf
+from z3lib.devices import cupy_usable
 from z3lib.geometry import matrix_to_euler, points_from_volume, random_rotations, sphere_mask
 from z3lib.io import read_map, read_table, write_coefficients
 from z3lib.preprocess import preprocess
@@ -21,7 +22,6 @@ from z3lib.simulate import simulate_dataset
 from z3lib.zart import (
     NumpyBackend,
     ZartConfig,
-    cupy_usable,
     get_backend,
     half_sets,
     reconstruct_zart,

@@ -33,6 +33,7 @@ import pandas as pd
 
 from z3lib.conventions import box_center
 from z3lib.ctf import ctf_grid
+from z3lib.devices import choose_zart_backend, cupy_device_name
 from z3lib.settings import from_section
 
 # ----------------------------------------------------------------------------------------------
@@ -215,33 +216,11 @@ class CupyBackend:
         return out
 
 
-def cupy_usable() -> bool:
-    """True when cupy imports *and* can run a kernel on a CUDA device (importing is not enough)."""
-    try:
-        import cupy
-
-        return bool(int(cupy.asnumpy(cupy.arange(3, dtype=cupy.float32).sum())) == 3)
-    except Exception:  # noqa: BLE001 - no driver, no device, no compiler: all mean "not usable"
-        return False
-
-
-def cupy_device_name() -> str:
-    """Name of the current CUDA device as cupy sees it (e.g. ``NVIDIA H200``)."""
-    import cupy
-
-    name = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"]
-    return name.decode() if isinstance(name, bytes) else str(name)
-
-
 def get_backend(name: str = "auto", log: logging.Logger | None = None) -> NumpyBackend | CupyBackend:
-    """``"auto"`` (cupy when a GPU is usable, else numpy), ``"numpy"`` or ``"cupy"``."""
+    """``"auto"`` (cupy when a GPU is usable, else numpy), ``"numpy"`` or ``"cupy"``
+    (:func:`z3lib.devices.choose_zart_backend`)."""
     logger = log or logging.getLogger(__name__)
-    if name not in ("auto", "numpy", "cupy"):
-        raise ValueError(f"unknown ZART back end {name!r}; use 'auto', 'numpy' or 'cupy'")
-    if name == "cupy" or (name == "auto" and cupy_usable()):
-        if name == "cupy" and not cupy_usable():
-            raise RuntimeError("the cupy ZART back end was asked for but no usable CUDA device/cupy was found; "
-                               "use backend 'numpy' or 'auto'")
+    if choose_zart_backend(name) == "cupy":
         backend: NumpyBackend | CupyBackend = CupyBackend()
         logger.info("ZART back end: cupy on %s", cupy_device_name())
         return backend

@@ -5,6 +5,7 @@ from typing import TYPE_CHECKING
 
 import _bootstrap  # repository root on sys.path; logging setup
 
+from z3lib.devices import zart_backend_for_job
 from z3lib.zart import ZartConfig, zart
 
 if TYPE_CHECKING:
@@ -12,9 +13,7 @@ if TYPE_CHECKING:
 
 log = _bootstrap.configure_logging(snakemake.log[0], "z3.zart")
 params = snakemake.params
-backend = params.zart["backend"]
-if not snakemake.resources.get("gpu", 0) and backend == "auto":
-    backend = "numpy"  # this job holds no GPU slot
+backend = zart_backend_for_job(params.zart["backend"], gpu_slot=bool(snakemake.resources.get("gpu", 0)))
 config = ZartConfig.from_config(params.zart, seed=params.seed)
 with _bootstrap.stage(log, "zart", params.z3lib):
     written = zart(
