@@ -34,8 +34,9 @@ from scipy.optimize import minimize
 from z3lib.conventions import euler_to_matrix
 from z3lib.decoder import circle_mask, image_loss
 from z3lib.io import read_coefficients, read_npz, read_particles, read_table
-from z3lib.network import NetworkConfig, ParticleBatchSource
+from z3lib.network import NetworkConfig
 from z3lib.refine import RefineConfig, make_decoder, refine_particles
+from z3lib.training import ParticleBatch, ParticleBatchSource
 
 #: The network run whose predictions start the refinement (bench_zernike3deep's default setting).
 PREDICTION_CONFIG = NetworkConfig(L1=3, L2=2, basis="xmipp", epochs=20, batch_size=32, learning_rate=2e-3,
@@ -56,14 +57,14 @@ def powell_baseline(decoder, source: ParticleBatchSource, prior: np.ndarray, ind
     t0 = time.perf_counter()
     for j, i in enumerate(index):
         b = source.batch(np.array([i]), torch.device("cpu"))
-        rot = euler_to_matrix(b["angles"][:, 0], b["angles"][:, 1], b["angles"][:, 2])
+        rot = euler_to_matrix(b.angles[:, 0], b.angles[:, 1], b.angles[:, 2])
         p0 = torch.as_tensor(prior[i][None], dtype=torch.float32)
 
-        def cost(x: np.ndarray, rot: torch.Tensor = rot, b: dict = b, p0: torch.Tensor = p0) -> float:
+        def cost(x: np.ndarray, rot: torch.Tensor = rot, b: ParticleBatch = b, p0: torch.Tensor = p0) -> float:
             c = torch.as_tensor(x[None], dtype=torch.float32)
             with torch.no_grad():
-                pred = decoder(c, rot, b["shifts"], b["ctf"])
-                img = image_loss(pred, b["images"], mask, "corr")
+                pred = decoder(c, rot, b.shifts, b.ctf)
+                img = image_loss(pred, b.images, mask, "corr")
                 return float(img + prior_weight * decoder.field_energy(c - p0))
 
         res = minimize(cost, prior[i], method="Powell", options={"xtol": 1e-3, "ftol": 1e-6, "maxfev": 20000})

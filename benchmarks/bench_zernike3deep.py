@@ -1,7 +1,7 @@
 """Zernike3Deep quality and speed on the demo simulation, against ground truth.
 
 5,000 AdK particles at box 64 (2 Å/px), SNR 0.1, trained and predicted by the library entry
-points (`z3lib.network.train` / `predict`), at (L1, L2) = (3, 2) and at higher degrees. Prints one
+points (`z3lib.stages.train` / `z3lib.stages.predict`), at (L1, L2) = (3, 2) and at higher degrees. Prints one
 JSON line per setting: |Spearman| of PC1 vs the true motion coordinate t, k-NN R² of t, RMS error of
 predicted vs true atom displacements (Å) next to the zero field and the representation limit,
 training and prediction images/s, wall time and peak memory.

@@ -156,10 +156,11 @@ def network_run(data: dict[str, Path], config: Any, device: str, *, fresh: bool 
     Returns ``{"dir", "model", "history", "coefficients"}`` paths, and ``train_s`` /
     ``predict_s`` (wall seconds; None when read from the cache).
     """
-    from z3lib.network import predict, train
+    from z3lib.stages.predict import predict
+    from z3lib.stages.train import train
 
     params = {"data": data["key"].parent.name, "config": config.to_dict(), "device": device}
-    out = cache_dir("z3deep", params, ["z3lib.network"], [Path(__file__)])
+    out = cache_dir("z3deep", params, ["z3lib.stages.train", "z3lib.stages.predict"], [Path(__file__)])
     times: dict[str, float | None] = {"train_s": None, "predict_s": None}
     if fresh or not is_complete(out):
         start_cache(out)

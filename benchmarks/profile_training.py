@@ -1,6 +1,6 @@
 """Where Zernike3Deep's training time goes: images/s by batch size, and a torch.profiler table.
 
-Trains through the library's own loop (`z3lib.network.train_model`) on the demo simulation at
+Trains through the library's own loop (`z3lib.training.train_model`) on the demo simulation at
 box 64 for a few epochs per batch size and reports the median images/s of the epochs after the
 first; then profiles one epoch at the first batch size and prints the operators with the most
 self CPU and self CUDA time. Meant for a GPU machine (``--device cuda``); runs on the CPU too.
@@ -23,7 +23,8 @@ import torch
 from common import demo_dataset, emit
 
 from z3lib.io import read_npz, read_particles
-from z3lib.network import NetworkConfig, ParticleBatchSource, train_model
+from z3lib.network import NetworkConfig
+from z3lib.training import ParticleBatchSource, train_model
 
 
 def main() -> None:

@@ -14,18 +14,13 @@ from z3lib.ctf import CtfParams, apply_ctf
 from z3lib.decoder import PhysicalDecoder, image_loss
 from z3lib.geometry import euler_to_matrix, points_from_volume, random_rotations
 from z3lib.io import read_coefficients, read_npz, read_particles, read_star_blocks, read_table
-from z3lib.network import (
-    NetworkConfig,
-    ParticleBatchSource,
-    build_model,
-    load_model,
-    predict,
-    train,
-    train_model,
-)
+from z3lib.network import NetworkConfig, build_model, load_model
 from z3lib.preprocess import preprocess
 from z3lib.projection import project_volume
 from z3lib.simulate import simulate_dataset
+from z3lib.stages.predict import predict
+from z3lib.stages.train import train
+from z3lib.training import ParticleBatchSource, train_model
 
 ADK = Path(__file__).parent / "data" / "mdanalysistests_adk"
 XMIPP_32: dict[str, object] = {"L1": 3, "L2": 2, "basis": "xmipp"}  # 39 coefficients: small and fast
@@ -245,7 +240,7 @@ def test_short_training_separates_two_states(two_states: dict[str, Path], tmp_pa
     model, history = train_model(source, cloud["points"], cloud["amplitudes"], 32, _small_config(),
                                  checkpoint_dir=tmp_path)
     assert len(history) == 8 and history["train_image"].iloc[-1] < history["train_image"].iloc[0]
-    from z3lib.network import predict_coefficients
+    from z3lib.training import predict_coefficients
 
     c = predict_coefficients(model, source)["coefficients"]
     pc1 = (c - c.mean(0)) @ np.linalg.svd(c - c.mean(0), full_matrices=False)[2][0]
@@ -373,7 +368,7 @@ def test_train_and_predict_files(two_states: dict[str, Path], tmp_path: Path) ->
     z = blocks["zernike3d"].iloc[0]
     assert int(z["L1"]) == 3 and int(z["L2"]) == 2 and float(z["Rmax"]) == 20.0 and int(z["box"]) == 40
     # coefficients are in px of the original box: the processing-box prediction × 40/32
-    from z3lib.network import predict_coefficients
+    from z3lib.training import predict_coefficients
 
     src = ParticleBatchSource.from_particles(read_particles(two_states["pre_particles"]))
     raw = predict_coefficients(model, src)

@@ -22,18 +22,14 @@ from z3lib.io import (
     write_map,
     write_npz,
 )
-from z3lib.network import (
-    NetworkConfig,
-    ParticleBatchSource,
-    build_model,
-    predict,
-    train,
-    train_model,
-)
+from z3lib.network import NetworkConfig, build_model
 from z3lib.preprocess import preprocess
 from z3lib.refine import RefineConfig, refine_chunk
 from z3lib.rounds import mask_for_round, publish_files, reference_from_map
 from z3lib.simulate import simulate_dataset
+from z3lib.stages.predict import predict
+from z3lib.stages.train import train
+from z3lib.training import ParticleBatchSource, train_model
 from z3lib.zart import ZartConfig, half_sets, zart
 
 ADK = Path(__file__).parent / "data" / "mdanalysistests_adk"
@@ -160,14 +156,15 @@ def test_round_network_trains_and_predicts_with_the_latest_poses(data: dict[str,
     checkpoint made with other poses is not resumed (the same poses resume it)."""
     import logging
 
-    from z3lib import network
+    from z3lib.stages import predict as predict_stage
+    from z3lib.stages import train as train_stage
 
     latest = _refined_star(data, tmp_path / "refine.star", seed=3)
     apix_orig = read_particles(data["particles"]).table["pixel_size"].to_numpy()
     apix_proc = read_particles(data["pre_particles"]).table["pixel_size"].to_numpy()
     expected_shifts = latest[["shift_x", "shift_y"]].to_numpy() * (apix_orig / apix_proc)[:, None]
     seen: dict[str, ParticleBatchSource] = {}
-    real_train, real_predict = network.train_model, network.predict_coefficients
+    real_train, real_predict = train_stage.train_model, predict_stage.predict_coefficients
 
     def spy_train(source: ParticleBatchSource, *args: object, **kwargs: object) -> object:
         seen["train"] = source
@@ -177,8 +174,8 @@ def test_round_network_trains_and_predicts_with_the_latest_poses(data: dict[str,
         seen["predict"] = source
         return real_predict(model, source, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(network, "train_model", spy_train)
-    monkeypatch.setattr(network, "predict_coefficients", spy_predict)
+    monkeypatch.setattr(train_stage, "train_model", spy_train)
+    monkeypatch.setattr(predict_stage, "predict_coefficients", spy_predict)
     log = logging.getLogger("test.latest_poses")
     out = train(data["pre_particles"], data["pre_points"], tmp_path / "train", _config(),
                 poses=tmp_path / "refine.star", log=log)

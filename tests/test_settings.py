@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 import yaml
 
-from z3lib.network import PREDICT_BATCH_SIZE, NetworkConfig
+from z3lib.network import NetworkConfig
 from z3lib.refine import RefineConfig
+from z3lib.training import PREDICT_BATCH_SIZE
 from z3lib.zart import ZartConfig
 
 SCHEMA = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"

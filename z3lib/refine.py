@@ -37,7 +37,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
@@ -51,13 +50,9 @@ from z3lib import zernike as zk
 from z3lib.conventions import euler_to_matrix, shift_angstrom_to_pixels, shift_pixels_to_angstrom
 from z3lib.ctf import CtfParams
 from z3lib.decoder import DecoderSpec, Loss, PhysicalDecoder, Roughness, circle_mask, image_loss
-from z3lib.network import (
-    NetworkConfig,
-    ParticleBatchSource,
-    array_digest,
-    state_digest,
-)
+from z3lib.network import NetworkConfig
 from z3lib.settings import check_choices, from_section
+from z3lib.training import ParticleBatchSource, array_digest, stack_identity, state_digest
 
 
 @dataclass
@@ -482,23 +477,6 @@ def images_digest(source: ParticleBatchSource, index: np.ndarray, batch_size: in
     return h.hexdigest()
 
 
-def stack_identity(image_paths: Sequence[str], image_index: np.ndarray) -> str:
-    """SHA-256 (hex) naming the images of some particles without reading them: each particle's
-    stack path and index in it (``(n,)``), and the size and modification time (ns) of every
-    stack file named (a rewritten stack gets a new identity)."""
-    h = hashlib.sha256()
-    paths = [str(p) for p in image_paths]
-    h.update(json.dumps(paths).encode())
-    h.update(array_digest(np.asarray(image_index, dtype=np.int64)).encode())
-    for path in sorted(set(paths)):
-        try:
-            st = os.stat(path)
-            h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        except OSError:
-            h.update(f"{path}\0missing\n".encode())
-    return h.hexdigest()
-
-
 def progress_fingerprint(
     decoder: PhysicalDecoder,
     source: ParticleBatchSource,
@@ -625,7 +603,7 @@ def refine_particles(
         if done[sl].all():
             continue
         b = source.batch(idx[sl], dev)
-        res = refine_batch(decoder, b["images"], b["angles"], b["shifts"], b["ctf"],
+        res = refine_batch(decoder, b.images, b.angles, b.shifts, b.ctf,
                            torch.as_tensor(prior[idx[sl]], dtype=torch.float32, device=dev), degrees, config,
                            landscape=landscape, precision=precision, phase_flipped=source.phase_flipped)
         for key, column in out.items():

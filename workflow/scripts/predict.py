@@ -1,4 +1,4 @@
-"""Adapter of rule ``predict``: every particle's coefficients (z3lib.network.predict)."""
+"""Adapter of rule ``predict``: every particle's coefficients (z3lib.stages.predict)."""
 
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -6,7 +6,8 @@ from typing import TYPE_CHECKING
 import _bootstrap  # repository root on sys.path; logging setup
 import torch
 
-from z3lib.network import predict, select_device
+from z3lib.devices import select_device
+from z3lib.stages.predict import predict
 
 if TYPE_CHECKING:
     from snakemake.iocontainers import snakemake  # noqa: TC004  (injected by the preamble)

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 import _bootstrap  # repository root on sys.path; logging setup
 import torch
 
-from z3lib.network import select_device
+from z3lib.devices import select_device
 from z3lib.refine import RefineConfig, refine_chunk
 
 if TYPE_CHECKING:

@@ -1,4 +1,4 @@
-"""Adapter of rule ``train``: Zernike3Deep training (z3lib.network.train)."""
+"""Adapter of rule ``train``: Zernike3Deep training (z3lib.stages.train)."""
 
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -6,7 +6,9 @@ from typing import TYPE_CHECKING
 import _bootstrap  # repository root on sys.path; logging setup
 import torch
 
-from z3lib.network import NetworkConfig, select_device, train
+from z3lib.devices import select_device
+from z3lib.network import NetworkConfig
+from z3lib.stages.train import train
 
 if TYPE_CHECKING:
     from snakemake.iocontainers import snakemake  # noqa: TC004  (injected by the preamble)

@@ -1,0 +1,146 @@
+"""Stage ``predict``: every particle's Zernike3D coefficients from the trained network(s)
+(:func:`z3lib.training.predict_coefficients`), written as the particles' STAR and
+``coefficients.npy`` (px of the original box)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from z3lib import zernike as zk
+from z3lib.conventions import shift_angstrom_to_pixels, shift_pixels_to_angstrom
+from z3lib.io import Particles
+from z3lib.network import Zernike3Deep, load_model
+from z3lib.training import PREDICT_BATCH_SIZE, ParticleBatchSource, predict_coefficients
+
+
+def predict(
+    model_path: str | Path | Sequence[str | Path],
+    particles: str | Path,
+    original_particles: str | Path,
+    out_dir: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    batch_size: int = PREDICT_BATCH_SIZE,
+    pixel_size: float | None = None,
+    image_root: str | Path | None = None,
+    poses: str | Path | None = None,
+    log: logging.Logger | None = None,
+) -> dict[str, Path]:
+    """Coefficients for every particle; write ``particles.star`` and ``coefficients.npy``.
+
+    The STAR is the user's input STAR (every input column, input row order) plus
+    ``zernikeCoefficients`` (3K floats, px of the original box, Rmax = original box / 2), the
+    ``data_zernike3d`` block and, with pose refinement, the corrected angles and shifts and the
+    Flexutils ``delta_*`` columns. ``coefficients.npy`` is the same ``(n, 3K)`` array.
+
+    Parameters
+    ----------
+    model_path
+        one ``model.pt``, or one per gold-standard half set (independent halves): each model
+        then encodes exactly the particle rows it was trained on (its ``meta["rows"]``), and the
+        models' rows must cover every particle once.
+    particles
+        the preprocess stage's STAR (processing box), whose images are encoded.
+    original_particles
+        the user's STAR or ``.cs`` (same particles, same order) the output STAR is built from.
+    pixel_size, image_root
+        the overrides the preprocess stage used for ``original_particles`` (and ``poses``).
+    poses
+        the STAR with the particles' latest poses and CTF (round k ≥ 2: round k−1's refine
+        ``particles.star``), same particles and order, original box: the network encodes the
+        particles at these poses (:func:`z3lib.io.apply_poses`) and the output STAR carries them
+        (plus the network's corrections with pose refinement), so that refinement starts from
+        them. None: the poses of ``particles`` and ``original_particles``.
+    """
+    from z3lib.io import apply_poses, read_particles, write_coefficients, write_particles_star
+
+    logger = log or logging.getLogger(__name__)
+    out = Path(out_dir)
+    model_paths = [model_path] if isinstance(model_path, (str, Path)) else list(model_path)
+    if not model_paths:
+        raise ValueError("predict needs at least one model")
+    parts = read_particles(particles)
+    original = read_particles(original_particles, pixel_size=pixel_size, image_root=image_root)
+    if len(parts) != len(original):
+        raise ValueError(f"{particles} has {len(parts)} particles but {original_particles} has {len(original)}; "
+                         "they must be the same particles in the same order")
+    table = None
+    if poses is not None:
+        latest = read_particles(poses, pixel_size=pixel_size, image_root=image_root)
+        parts = apply_poses(parts, latest)
+        table = apply_poses(original, latest).table  # written back into the output STAR
+        logger.info("poses and CTF of the %d particles from %s", len(parts), poses)
+    source = ParticleBatchSource.from_particles(parts)
+    n = len(source)
+    models = _load_models(model_paths, parts, particles, device)
+    model, meta = models[0][0], models[0][1]
+    t0 = time.perf_counter()
+    pred: dict[str, np.ndarray] = {}
+    for net, _, rows in models:
+        part = predict_coefficients(net, source if len(models) == 1 else source.take(rows), device=device,
+                                    batch_size=batch_size, log=logger)
+        for key, values in part.items():
+            pred.setdefault(key, np.zeros((n,) + values.shape[1:], dtype=values.dtype))[rows] = values
+    elapsed = time.perf_counter() - t0
+    logger.info("encoded %d particles in %.1f s (%.0f images/s)", len(source), elapsed, len(source) / max(elapsed, 1e-9))
+    box, orig_box = int(meta["box"]), int(meta["original_box"])
+    coefficients = zk.rescale_coefficients(pred["coefficients"], box, orig_box)
+    columns: dict[str, Any] = {"zernikeCoefficients": coefficients}
+    cfg = model.config
+    if cfg.refine_pose:
+        table = (original.table if table is None else table).copy()
+        columns.update(_apply_pose_corrections(table, pred, float(meta["pixel_size"]), original.pixel_size))
+    zernike = {"L1": cfg.L1, "L2": cfg.L2, "Rmax": orig_box / 2, "basis": cfg.basis, "box": orig_box}
+    paths = {"particles": out / "particles.star", "coefficients": out / "coefficients.npy"}
+    write_coefficients(paths["coefficients"], coefficients)
+    write_particles_star(paths["particles"], original, columns=columns, zernike=zernike, table=table)
+    source.images.close()
+    return paths
+
+
+def _load_models(model_paths: list[str | Path], parts: Particles, particles: str | Path,
+                 device: str | torch.device) -> list[tuple[Zernike3Deep, dict[str, Any], np.ndarray]]:
+    """Each model with its metadata and the particle rows it encodes (all for one model; its
+    ``meta["rows"]`` for one per half set, which must cover every particle once)."""
+    n = len(parts)
+    models = []
+    covered = np.zeros(n, dtype=np.int64)
+    for path in model_paths:
+        net, meta = load_model(path, device)
+        if parts.box != int(meta["box"]):
+            raise ValueError(f"{particles} holds {parts.box} px images but {path} was trained at box {meta['box']}")
+        rows = np.arange(n) if len(model_paths) == 1 else np.asarray(meta.get("rows", np.arange(0)), np.int64)
+        if len(model_paths) > 1 and int(meta.get("n_total", -1)) != n:
+            raise ValueError(f"{path} was trained on a half set of {meta.get('n_total')} particles, not of the "
+                             f"{n} in {particles}")
+        covered[rows] += 1
+        models.append((net, meta, rows))
+    if not np.all(covered == 1):
+        raise ValueError(f"the models {[str(p) for p in model_paths]} cover {int((covered > 0).sum())} of {n} "
+                         "particles (each must be encoded by exactly one model)")
+    return models
+
+
+def _apply_pose_corrections(table: pd.DataFrame, pred: dict[str, np.ndarray], processing_pixel_size: float,
+                            pixel_size: float) -> dict[str, np.ndarray]:
+    """Add the network's δ-angles (deg) and δ-shifts (px of the processing box, written in px of
+    the particles as given, ``pixel_size`` Å) to ``table``'s poses, in place; the Flexutils
+    ``delta_*`` columns."""
+    d_ang = pred["delta_angles"]
+    # δ-shifts: px of the processing box → Å → px of the particles as given
+    d_shift = shift_angstrom_to_pixels(shift_pixels_to_angstrom(pred["delta_shifts"], processing_pixel_size),
+                                       pixel_size)
+    for j, name in enumerate(("rot", "tilt", "psi")):
+        table[name] = table[name].to_numpy() + d_ang[:, j]
+    table["shift_x"] = table["shift_x"].to_numpy() + d_shift[:, 0]
+    table["shift_y"] = table["shift_y"].to_numpy() + d_shift[:, 1]
+    return {"delta_angle_rot": d_ang[:, 0], "delta_angle_tilt": d_ang[:, 1], "delta_angle_psi": d_ang[:, 2],
+            "delta_shift_x": d_shift[:, 0], "delta_shift_y": d_shift[:, 1]}

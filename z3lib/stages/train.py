@@ -1,0 +1,172 @@
+"""Stage ``train`` (rules ``train`` and ``train_half``): Zernike3Deep trained on the preprocessed
+particles (:func:`z3lib.training.train_model`), written as ``model.pt``, ``history.tsv`` and the
+point cloud the fields refer to."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from z3lib.io import Particles
+from z3lib.network import NetworkConfig, Zernike3Deep, load_weights, save_model
+from z3lib.training import ParticleBatchSource, array_digest, stack_identity, train_model
+
+
+def train(
+    particles: str | Path,
+    points: str | Path,
+    out_dir: str | Path,
+    config: NetworkConfig,
+    *,
+    checkpoint_dir: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    init_model: str | Path | None = None,
+    half: int | None = None,
+    poses: str | Path | None = None,
+    pixel_size: float | None = None,
+    image_root: str | Path | None = None,
+    log: logging.Logger | None = None,
+) -> dict[str, Path]:
+    """Train Zernike3Deep on preprocessed particles; write ``model.pt``, ``history.tsv`` and
+    ``points.npz`` (the point cloud of ``points`` with the amplitudes the decoder ended with: the
+    learned reference with ``config.learn_reference``, else the input's; refinement works
+    against it).
+
+    Parameters
+    ----------
+    particles
+        the preprocess stage's ``particles.star`` (processing box).
+    points
+        its ``points.npz`` (point cloud, amplitudes, boxes and pixel sizes).
+    out_dir
+        where ``model.pt`` and ``history.tsv`` are written (atomically).
+    checkpoint_dir
+        resumable checkpoints (default ``out_dir/checkpoint``); a checkpoint is resumed only for
+        the same settings, particle rows, point cloud and initial model.
+    init_model
+        a ``model.pt`` whose learned weights start the training (fine-tuning, e.g. the previous
+        refinement round's network); its decoder is rebuilt from ``points``.
+    half
+        1 or 2: train on that gold-standard half set only (:func:`z3lib.zart.half_sets` with
+        ``config.seed``, the split ZART uses), for independent half-set processing; the model
+        records its rows (``meta["rows"]``) and never reads another particle's image. None: all.
+    poses
+        the STAR with the particles' latest poses and CTF (round k ≥ 2: round k−1's refine
+        ``particles.star``), same particles and order, original box; training uses them instead
+        of the poses of ``particles`` (:func:`z3lib.io.apply_poses`). None: those of ``particles``.
+    pixel_size, image_root
+        the overrides the preprocess stage used for the original particles, to read ``poses``.
+
+    A checkpoint is resumed only when its fingerprint matches: the settings (but ``epochs``), the
+    particle rows, their poses, shifts, CTF and half-set labels, the identity of their images
+    (stack paths, indices, file sizes and modification times), the point cloud, the initial
+    model and the z3lib version.
+    """
+    logger = log or logging.getLogger(__name__)
+    out = Path(out_dir)
+    parts, cloud, source, rows = _training_particles(particles, points, config, half=half, poses=poses,
+                                                     pixel_size=pixel_size, image_root=image_root, log=logger)
+    box, n_all = int(cloud["box"]), len(parts)
+    init_weights = None
+    if init_model is not None:
+        init_weights = load_weights(init_model)
+        logger.info("starting from the weights of %s", init_model)
+    logger.info("Zernike3Deep: %d particles, box %d, %d points, (L1, L2) = (%d, %d) %s basis, %s encoder",
+                len(source), box, len(cloud["points"]), config.L1, config.L2, config.basis, config.encoder)
+    t0 = time.perf_counter()
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    model, history = train_model(source, cloud["points"], cloud["amplitudes"], box, config,
+                                 checkpoint_dir=checkpoint_dir or out / "checkpoint", device=device, log=logger,
+                                 init_weights=init_weights,
+                                 data_digests=_data_digests(source, parts, rows, n_all))
+    meta: dict[str, Any] = {"box": box, "pixel_size": float(cloud["pixel_size"]),
+                            "original_box": int(cloud["original_box"]),
+                            "original_pixel_size": float(cloud["original_pixel_size"]), "n_particles": len(source),
+                            "n_total": n_all, "half": 0 if half is None else int(half),
+                            "rows": torch.as_tensor(rows)}
+    paths = _write_training(out, model, history, cloud, meta, logger)
+    logger.info("training done in %.1f s", time.perf_counter() - t0)
+    if torch.device(device).type == "cuda":
+        logger.info("GPU peak memory %.2f GiB", torch.cuda.max_memory_allocated() / 2**30)
+    source.images.close()
+    return paths
+
+
+def _training_particles(
+    particles: str | Path,
+    points: str | Path,
+    config: NetworkConfig,
+    *,
+    half: int | None,
+    poses: str | Path | None,
+    pixel_size: float | None,
+    image_root: str | Path | None,
+    log: logging.Logger,
+) -> tuple[Particles, dict[str, Any], ParticleBatchSource, np.ndarray]:
+    """The particles (at their latest ``poses``), the point cloud, the batch source of the
+    particles trained on (a gold-standard ``half``, or all) and their rows ``(n,)``."""
+    from z3lib.io import apply_poses, read_npz, read_particles
+    from z3lib.zart import half_sets
+
+    parts = read_particles(particles)
+    if poses is not None:
+        parts = apply_poses(parts, read_particles(poses, pixel_size=pixel_size, image_root=image_root))
+        log.info("poses and CTF of the %d particles from %s", len(parts), poses)
+    cloud = read_npz(points)
+    box = int(cloud["box"])
+    if parts.box != box:
+        raise ValueError(f"{particles} holds {parts.box} px images but {points} was made for box {box}")
+    source = ParticleBatchSource.from_particles(parts)
+    n_all = len(source)
+    rows = np.arange(n_all, dtype=np.int64)
+    if half is not None:
+        if half not in (1, 2):
+            raise ValueError(f"half must be 1 or 2, got {half!r}")
+        rows = half_sets(source.subsets, config.seed)[half - 1]
+        source = source.take(rows)
+        log.info("gold-standard half %d: training on its %d of %d particles only", half, len(rows), n_all)
+    return parts, cloud, source, rows
+
+
+def _write_training(out: Path, model: Zernike3Deep, history: pd.DataFrame, cloud: dict[str, Any],
+                    meta: dict[str, Any], log: logging.Logger) -> dict[str, Path]:
+    """Write ``model.pt``, ``history.tsv`` and ``points.npz`` (the input cloud with the
+    amplitudes the decoder ended with) under ``out``; their paths."""
+    from z3lib.io import write_npz, write_table
+
+    paths = {"model": out / "model.pt", "history": out / "history.tsv", "points": out / "points.npz"}
+    save_model(paths["model"], model, meta)
+    write_table(paths["history"], history)
+    # the reference the fields refer to: the input cloud, with the learned amplitudes if any
+    learned = {**cloud, "amplitudes": model.decoder.values().detach().cpu().numpy().astype(np.float32)}
+    write_npz(paths["points"], **learned)
+    if model.config.learn_reference:
+        start = np.asarray(cloud["amplitudes"], np.float64)
+        change = np.linalg.norm(learned["amplitudes"] - start) / max(float(np.linalg.norm(start)), 1e-12)
+        log.info("learned reference: amplitudes changed by %.1f%% (relative L2)", 100 * change)
+    return paths
+
+
+def _data_digests(source: ParticleBatchSource, parts: Particles, rows: np.ndarray, n_all: int) -> dict[str, str]:
+    """What a training checkpoint depends on besides the settings and the point cloud: the
+    particle rows ``rows`` (of ``n_all``), the poses, shifts, CTF and half-set labels of
+    ``source`` (the particles trained on), the identity of their images and the z3lib version."""
+    import z3lib
+
+    t = parts.table.iloc[rows]
+    ctf = source.ctf
+    return {"rows": array_digest(rows), "n_total": str(n_all), "z3lib": z3lib.__version__,
+            "particles": array_digest(source.angles, source.shifts, source.subsets,
+                                      *(getattr(ctf, f.name) for f in fields(ctf))),
+            "optics": f"{source.pixel_size!r} {source.phase_flipped}",
+            "images": stack_identity(t["image_path"].astype(str).tolist(), t["image_index"].to_numpy(np.int64))}
+
+
