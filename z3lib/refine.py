@@ -192,6 +192,46 @@ def _offset_defocus(ctf: CtfParams, offset: torch.Tensor) -> CtfParams:
                      ctf.amplitude_contrast, ctf.phase_shift, ctf.bfactor, ctf.scale)
 
 
+@dataclass(frozen=True)
+class SearchState:
+    """The refinement parameters of a batch of ``B`` particles: the field's parameters ``(B, P)``
+    (landscape scores in population standard deviations, or coefficients in px) and the pose and
+    defocus offsets from the starting ones: angles ``(B, 3)`` deg, shifts ``(B, 2)`` px, defocus
+    ``(B,)`` Å (added to DefocusU and DefocusV)."""
+
+    params: torch.Tensor
+    angles: torch.Tensor
+    shifts: torch.Tensor
+    defocus: torch.Tensor
+
+    @classmethod
+    def start(cls, params: torch.Tensor) -> SearchState:
+        """``params`` (cloned) at the starting pose and defocus (zero offsets)."""
+        b, dev = params.shape[0], params.device
+        return cls(params.detach().clone(), torch.zeros(b, 3, device=dev), torch.zeros(b, 2, device=dev),
+                   torch.zeros(b, device=dev))
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(params, angles, shifts, defocus)``."""
+        return self.params, self.angles, self.shifts, self.defocus
+
+    def where(self, mask: torch.Tensor, other: SearchState) -> SearchState:
+        """Per particle: this state where ``mask`` (``(B,)`` bool), else ``other``."""
+        return SearchState(*(torch.where(mask.view(-1, *([1] * (t.dim() - 1))), t, o)
+                             for t, o in zip(self.tensors(), other.tensors(), strict=True)))
+
+    def assign(self, other: SearchState, rows: torch.Tensor | None = None) -> None:
+        """Copy ``other`` into these tensors in place (all particles, or the ``rows`` mask ``(B,)``)."""
+        for t, o in zip(self.tensors(), other.tensors(), strict=True):
+            if rows is None:
+                t.copy_(o)
+            else:
+                t[rows] = o[rows]
+
+    def detach(self) -> SearchState:
+        return SearchState(*(t.detach() for t in self.tensors()))
+
+
 class _Objective:
     """Per-particle cost of a batch; parameters map to coefficients by ``origin + z · directions``
     (landscape) or are the coefficients themselves (free)."""
@@ -345,19 +385,19 @@ def refine_batch(
     stages = _stage_masks(start.shape[1], degrees, config.degree_schedule, config.mode == "free")
     best, steps = _local_search(objective, start, stages, config.steps, config)
     with torch.no_grad():
-        coeffs = objective.coefficients(best["p"])
+        coeffs = objective.coefficients(best.params)
     if land_t is not None and config.free_steps > 0:
         # leave the landscape where the image says so: all 3K coefficients, from the landscape
         # result, at its pose, under a prior on the size and roughness of the change
         free_cfg = replace(config, mode="free", prior="field", prior_weight=config.free_prior_weight,
                            smooth_weight=0.0, refine_angles=False, refine_shifts=False, refine_defocus=False)
-        ctf2 = _offset_defocus(ctf, best["d"])
-        free_obj = _Objective(decoder, images, angles + best["a"], shifts + best["s"], ctf2, coeffs, free_cfg,
+        ctf2 = _offset_defocus(ctf, best.defocus)
+        free_obj = _Objective(decoder, images, angles + best.angles, shifts + best.shifts, ctf2, coeffs, free_cfg,
                               landscape=None, precision=None, phase_flipped=phase_flipped,
                               change_smooth_weight=config.free_smooth_weight)
         free_best, free_n = _local_search(free_obj, coeffs, [np.ones(coeffs.shape[1], dtype=bool)],
                                           config.free_steps, free_cfg)
-        coeffs = free_best["p"]
+        coeffs = free_best.params
         steps = steps + free_n
     with torch.no_grad():
         final_img = _image_term_at(objective, coeffs, best)
@@ -365,9 +405,9 @@ def refine_batch(
     fm = flagged[:, None]
     return {
         "coefficients": torch.where(fm, prior, coeffs).detach(),
-        "angles": (angles + torch.where(fm, zero3, best["a"])).detach(),
-        "shifts": (shifts + torch.where(fm, zero2, best["s"])).detach(),
-        "defocus_offset": torch.where(flagged, zero1, best["d"]).detach(),
+        "angles": (angles + torch.where(fm, zero3, best.angles)).detach(),
+        "shifts": (shifts + torch.where(fm, zero2, best.shifts)).detach(),
+        "defocus_offset": torch.where(flagged, zero1, best.defocus).detach(),
         "cost": torch.where(flagged, prior_img, final_img).detach(),
         "cost_prior": prior_img.detach(),
         "flagged": flagged.detach(),
@@ -375,38 +415,34 @@ def refine_batch(
     }
 
 
-def _image_term_at(objective: _Objective, coefficients: torch.Tensor, best: dict[str, torch.Tensor]) -> torch.Tensor:
+def _image_term_at(objective: _Objective, coefficients: torch.Tensor, best: SearchState) -> torch.Tensor:
     """``(B,)`` image term of ``coefficients`` at the refined pose and defocus of ``best``."""
     cfg = objective.config
     if not (cfg.refine_angles or cfg.refine_shifts or cfg.refine_defocus):
         return objective.image_term(coefficients)
-    ang = objective.angles + best["a"]
+    ang = objective.angles + best.angles
     rot = euler_to_matrix(ang[:, 0], ang[:, 1], ang[:, 2]) if cfg.refine_angles else objective.rot0
     c = objective.ctf
     if cfg.refine_defocus:
-        ctf = _offset_defocus(c, best["d"])
-        pred = objective.decoder(coefficients, rot, objective.shifts + best["s"], ctf,
+        ctf = _offset_defocus(c, best.defocus)
+        pred = objective.decoder(coefficients, rot, objective.shifts + best.shifts, ctf,
                                  phase_flipped=objective.phase_flipped)
     else:
-        pred = objective.decoder(coefficients, rot, objective.shifts + best["s"], c, transfer=objective.transfer0)
+        pred = objective.decoder(coefficients, rot, objective.shifts + best.shifts, c, transfer=objective.transfer0)
     return image_loss(pred, objective.images, objective.mask, cfg.loss)
 
 
 def _local_search(objective: _Objective, start: torch.Tensor, stages: list[np.ndarray], steps_total: int,
-                  config: RefineConfig) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+                  config: RefineConfig) -> tuple[SearchState, torch.Tensor]:
     """Per-particle Adam from ``start`` (``(B, P)`` parameters), each particle stopping on its own
     after ``config.patience`` steps without improvement; ``stages`` are the free parameters of
-    successive stages (each restarts from the best point). Returns the best parameters ``p`` and
-    pose/defocus offsets ``a`` (B, 3) deg, ``s`` (B, 2) px, ``d`` (B,) Å, and the steps taken."""
+    successive stages (each restarts from the best point). Returns the best :class:`SearchState`
+    (parameters and pose/defocus offsets) and the steps taken ``(B,)``."""
     device = start.device
     b = start.shape[0]
-    zero3 = torch.zeros(b, 3, device=device)
-    zero2 = torch.zeros(b, 2, device=device)
-    zero1 = torch.zeros(b, device=device)
-    params = start.detach().clone().requires_grad_(True)
-    d_ang = zero3.clone().requires_grad_(True)
-    d_shift = zero2.clone().requires_grad_(True)
-    d_def = zero1.clone().requires_grad_(True)
+    best = SearchState.start(start)
+    current = SearchState(*(t.clone().requires_grad_(True) for t in best.tensors()))
+    params, d_ang, d_shift, d_def = current.tensors()
     groups = [{"params": [params], "lr": config.learning_rate}]
     if config.refine_angles:
         groups.append({"params": [d_ang], "lr": config.angle_learning_rate})
@@ -416,8 +452,7 @@ def _local_search(objective: _Objective, start: torch.Tensor, stages: list[np.nd
         groups.append({"params": [d_def], "lr": config.defocus_learning_rate})
     opt = torch.optim.Adam(groups)
     with torch.no_grad():
-        best_total, _ = objective(params, d_ang, d_shift, d_def)
-    best = {"p": params.detach().clone(), "a": zero3.clone(), "s": zero2.clone(), "d": zero1.clone()}
+        best_total, _ = objective(*current.tensors())
     active = torch.ones(b, dtype=torch.bool, device=device)
     since = torch.zeros(b, dtype=torch.long, device=device)
     steps = torch.zeros(b, dtype=torch.long, device=device)
@@ -428,14 +463,11 @@ def _local_search(objective: _Objective, start: torch.Tensor, stages: list[np.nd
             active[:] = True
             since[:] = 0
             with torch.no_grad():
-                params.copy_(best["p"])
-                d_ang.copy_(best["a"])
-                d_shift.copy_(best["s"])
-                d_def.copy_(best["d"])
+                current.assign(best)
         for _ in range(per_stage):
             if not bool(active.any()):
                 break
-            total, _ = objective(params, d_ang, d_shift, d_def)
+            total, _ = objective(*current.tensors())
             opt.zero_grad(set_to_none=True)
             total.sum().backward()  # type: ignore[no-untyped-call]
             with torch.no_grad():
@@ -447,11 +479,7 @@ def _local_search(objective: _Objective, start: torch.Tensor, stages: list[np.nd
                         t.grad *= keep.view(-1, *([1] * (t.dim() - 1)))
                 better = active & (total < best_total - config.tolerance)
                 best_total = torch.where(better, total, best_total)
-                bm = better[:, None]
-                best["p"] = torch.where(bm, params, best["p"])
-                best["a"] = torch.where(bm, d_ang, best["a"])
-                best["s"] = torch.where(bm, d_shift, best["s"])
-                best["d"] = torch.where(better, d_def, best["d"])
+                best = current.where(better, best)
                 since = torch.where(better, torch.zeros_like(since), since + 1)
                 steps += active.long()
                 active &= since < config.patience
@@ -459,11 +487,8 @@ def _local_search(objective: _Objective, start: torch.Tensor, stages: list[np.nd
             with torch.no_grad():  # frozen particles must not drift through Adam's momentum
                 inactive = ~active
                 if bool(inactive.any()):
-                    params[inactive] = best["p"][inactive]
-                    d_ang[inactive] = best["a"][inactive]
-                    d_shift[inactive] = best["s"][inactive]
-                    d_def[inactive] = best["d"][inactive]
-    return {k: v.detach() for k, v in best.items()}, steps
+                    current.assign(best, inactive)
+    return best.detach(), steps
 
 
 def images_digest(source: ParticleBatchSource, index: np.ndarray, batch_size: int = 256) -> str:
