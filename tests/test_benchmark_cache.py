@@ -31,7 +31,7 @@ def test_sources_of_a_module_include_what_it_imports(common: ModuleType) -> None
     of any of them changes the key of a cache that z3lib.refine makes."""
     names = {p.relative_to(REPO).as_posix() for p in common.z3lib_sources("z3lib.refine")}
     assert {"z3lib/__init__.py", "z3lib/refine.py", "z3lib/network.py", "z3lib/zernike.py", "z3lib/ctf.py"} <= names
-    assert "z3lib/report.py" not in names  # not imported by it: its edits leave the key alone
+    assert not any(n.startswith("z3lib/report") for n in names)  # not imported by it: its edits leave the key alone
 
 
 def test_key_changes_with_settings_code_and_inputs(common: ModuleType, tmp_path: Path) -> None:
