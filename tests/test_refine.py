@@ -18,12 +18,11 @@ from z3lib.preprocess import preprocess
 from z3lib.refine import (
     RefineConfig,
     chunk_rows,
-    gather_refined,
     landscape_from_predictions,
     refine_batch,
-    refine_chunk,
 )
 from z3lib.simulate import simulate_dataset
+from z3lib.stages.refine import gather_refined, refine_chunk
 
 ADK = Path(__file__).parent / "data" / "mdanalysistests_adk"
 BOX = 32

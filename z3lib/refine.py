@@ -38,7 +38,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -47,12 +47,12 @@ import numpy as np
 import torch
 
 from z3lib import zernike as zk
-from z3lib.conventions import euler_to_matrix, shift_angstrom_to_pixels, shift_pixels_to_angstrom
+from z3lib.conventions import euler_to_matrix
 from z3lib.ctf import CtfParams
 from z3lib.decoder import DecoderSpec, Loss, PhysicalDecoder, Roughness, circle_mask, image_loss
 from z3lib.network import NetworkConfig
 from z3lib.settings import check_choices, from_section
-from z3lib.training import ParticleBatchSource, array_digest, stack_identity, state_digest
+from z3lib.training import ParticleBatchSource, array_digest, state_digest
 
 
 @dataclass
@@ -644,7 +644,7 @@ def refine_particles(
 
 
 # ----------------------------------------------------------------------------------------------
-# File-level entry points: one chunk, then the gather
+# Chunks of a scattered run (the stages: z3lib.stages.refine)
 # ----------------------------------------------------------------------------------------------
 def chunk_rows(n: int, chunk: int, n_chunks: int) -> np.ndarray:
     """Contiguous rows of chunk ``chunk`` (0-based) of ``n_chunks`` over ``n`` particles."""
@@ -652,189 +652,3 @@ def chunk_rows(n: int, chunk: int, n_chunks: int) -> np.ndarray:
         raise ValueError(f"chunk {chunk} is not in 0…{n_chunks - 1}")
     bounds = np.linspace(0, n, n_chunks + 1).round().astype(np.int64)
     return np.arange(bounds[chunk], bounds[chunk + 1])
-
-
-def refine_chunk(
-    particles: str | Path,
-    points: str | Path | Sequence[str | Path],
-    prior_coefficients: str | Path,
-    out_path: str | Path,
-    *,
-    chunk: int,
-    n_chunks: int,
-    degrees: tuple[int, int],
-    basis: zk.Basis,
-    config: RefineConfig,
-    device: str | torch.device = "cpu",
-    progress_path: str | Path | None = None,
-    independent_halves: bool = False,
-    seed: int = 0,
-    poses: str | Path | None = None,
-    pixel_size: float | None = None,
-    image_root: str | Path | None = None,
-    roughness: Roughness = NetworkConfig.roughness,
-    log: logging.Logger | None = None,
-) -> Path:
-    """Refine one chunk of particles; write its results to ``out_path`` (``.npz``, atomic).
-
-    Parameters
-    ----------
-    particles
-        the preprocess stage's STAR (processing box).
-    points
-        the point cloud (processing box) of the reference the fields are refined against; with
-        ``independent_halves``, one per gold-standard half (or one for both).
-    prior_coefficients
-        the predict stage's ``coefficients.npy`` (px of the original box), same row order.
-    independent_halves
-        refine each gold-standard half (:func:`z3lib.zart.half_sets` with ``seed``, the split
-        ZART uses) on its own: its own reference, and a landscape and prior built from its own
-        particles' predictions only, so that no information crosses the halves.
-    progress_path
-        partial results (:func:`refine_particles`; with ``independent_halves`` one file per half,
-        ``….half1.npz`` and ``….half2.npz``), reused only for the same inputs, settings and
-        library version, and removed once ``out_path`` is written.
-    poses
-        the STAR with the particles' latest poses and CTF (the predict stage's ``particles.star``:
-        with ``train.refine_pose`` the network's corrected angles and shifts), same particles and
-        order, original box; refinement starts from them instead of the poses of ``particles``
-        (:func:`z3lib.io.apply_poses`). None: the poses of ``particles``.
-    roughness
-        the field roughness of ``config.smooth_weight`` and ``config.free_smooth_weight``, the
-        network's measure (``train.roughness``: ``strain`` or ``gradient``).
-    pixel_size, image_root
-        the overrides the preprocess stage used for the original particles, to read ``poses``.
-    """
-    from z3lib.io import apply_poses, read_coefficients, read_npz, read_particles, write_npz
-
-    logger = log or logging.getLogger(__name__)
-    parts = read_particles(particles)
-    if poses is not None:
-        parts = apply_poses(parts, read_particles(poses, pixel_size=pixel_size, image_root=image_root))
-        logger.info("starting from the poses and CTF of %s", poses)
-    point_paths = [points] if isinstance(points, (str, Path)) else list(points)
-    if not independent_halves and len(point_paths) != 1:
-        raise ValueError(f"one point cloud is needed, got {len(point_paths)}: {point_paths}")
-    if independent_halves and len(point_paths) not in (1, 2):
-        raise ValueError(f"independent halves need one point cloud per half (or one for both), got {point_paths}")
-    clouds = [read_npz(path) for path in point_paths]
-    cloud = clouds[0]
-    box, orig_box = int(cloud["box"]), int(cloud["original_box"])
-    if any(int(c["box"]) != box or int(c["original_box"]) != orig_box for c in clouds):
-        raise ValueError(f"the point clouds {point_paths} were made for different boxes")
-    prior_orig = read_coefficients(prior_coefficients)
-    k3 = 3 * zk.count_terms(*degrees)
-    if prior_orig.shape != (len(parts), k3):
-        raise ValueError(f"{prior_coefficients} holds {prior_orig.shape} coefficients; expected "
-                         f"({len(parts)}, {k3}) for {len(parts)} particles at (L1, L2) = {degrees}")
-    prior = zk.rescale_coefficients(prior_orig, orig_box, box)
-    rows = chunk_rows(len(parts), chunk, n_chunks)
-    logger.info("refining chunk %d/%d: particles %d…%d of %d", chunk + 1, n_chunks,
-                rows[0] if len(rows) else 0, rows[-1] if len(rows) else -1, len(parts))
-    source = ParticleBatchSource.from_particles(parts)
-    image_paths = parts.table["image_path"].astype(str).to_numpy()
-    image_index = parts.table["image_index"].to_numpy(np.int64)
-
-    def image_id(particle_rows: np.ndarray) -> str:
-        return stack_identity(image_paths[particle_rows].tolist(), image_index[particle_rows])
-
-    inputs: dict[str, Any] = {"basis": basis, "independent_halves": bool(independent_halves), "roughness": roughness}
-    progress_paths: list[Path] = []
-    if not independent_halves:
-        decoder = make_decoder(cloud["points"], cloud["amplitudes"], box, float(cloud["pixel_size"]), degrees,
-                               basis, device, roughness)
-        result = refine_particles(decoder, source, prior, degrees, config, index=rows, device=device,
-                                  progress_path=progress_path, images=image_id(rows), inputs=inputs,
-                                  log=logger)
-        arrays = result.to_arrays()
-        if progress_path is not None:
-            progress_paths.append(Path(progress_path))
-    else:
-        from z3lib.zart import half_sets
-
-        pieces = []
-        for h, half_rows in enumerate(half_sets(source.subsets, seed), start=1):
-            c = clouds[min(h, len(clouds)) - 1]
-            local = np.nonzero(np.isin(half_rows, rows))[0]  # this chunk's particles of half h
-            logger.info("gold-standard half %d: %d particles of this chunk, against its own reference (%d points)",
-                        h, len(local), len(c["points"]))
-            decoder = make_decoder(c["points"], c["amplitudes"], box, float(c["pixel_size"]), degrees, basis, device,
-                                   roughness)
-            half_progress = None if progress_path is None else Path(progress_path).with_suffix(f".half{h}.npz")
-            if half_progress is not None:
-                progress_paths.append(half_progress)
-            res = refine_particles(decoder, source.take(half_rows), prior[half_rows], degrees, config, index=local,
-                                   device=device, progress_path=half_progress, images=image_id(half_rows[local]),
-                                   inputs={**inputs, "half": h, "seed": int(seed)}, log=logger).to_arrays()
-            res["index"] = half_rows[res["index"]]
-            pieces.append(res)
-        order = np.argsort(np.concatenate([piece["index"] for piece in pieces]), kind="stable")
-        arrays = {key: np.concatenate([piece[key] for piece in pieces])[order] for key in pieces[0]}
-    arrays["coefficients"] = zk.rescale_coefficients(arrays["coefficients"], box, orig_box)
-    # the refined defocus itself: the offsets refer to the starting CTF (that of ``poses``, which in
-    # round k >= 2 is already the previous round's refined one), not to the particles as given
-    for name in ("defocus_u", "defocus_v"):
-        arrays[name] = parts.table[name].to_numpy(np.float64)[arrays["index"]] + arrays["defocus_offset"]
-    write_npz(out_path, box=np.int64(box), original_box=np.int64(orig_box),
-              pixel_size=np.float64(cloud["pixel_size"]), **arrays)
-    for path in progress_paths:  # the results exist: the partial state is spent
-        path.unlink(missing_ok=True)
-    source.images.close()
-    return Path(out_path)
-
-
-def gather_refined(
-    chunk_paths: list[str | Path],
-    original_particles: str | Path,
-    out_dir: str | Path,
-    *,
-    degrees: tuple[int, int],
-    basis: str,
-    pixel_size: float | None = None,
-    image_root: str | Path | None = None,
-    log: logging.Logger | None = None,
-) -> dict[str, Path]:
-    """Gather refined chunks back in STAR order: ``particles.star`` and ``coefficients.npy``.
-
-    The STAR is the user's input STAR (every column, input order) with the refined
-    ``zernikeCoefficients`` (px of the original box), ``zernikeCost`` (1 − correlation after
-    refinement), ``zernikeCostPrior`` (before), ``zernikeRefineFlag`` (1 = no improvement, prior
-    kept), the ``data_zernike3d`` block, and refined angles, shifts and defocus.
-    """
-    from z3lib.io import read_npz, read_particles, write_coefficients, write_particles_star
-
-    logger = log or logging.getLogger(__name__)
-    original = read_particles(original_particles, pixel_size=pixel_size, image_root=image_root)
-    chunks = [read_npz(p) for p in chunk_paths]
-    index = np.concatenate([c["index"] for c in chunks])
-    n = len(original)
-    if len(index) != n or not np.array_equal(np.sort(index), np.arange(n)):
-        raise ValueError(f"the chunks cover {len(index)} rows ({len(np.unique(index))} distinct) but "
-                         f"{original_particles} has {n} particles: a chunk is missing or repeated")
-    order = np.argsort(index)
-
-    def stacked(key: str) -> np.ndarray:
-        return np.concatenate([c[key] for c in chunks])[order]
-
-    orig_box = int(chunks[0]["original_box"])
-    apix_proc = float(chunks[0]["pixel_size"])
-    coefficients = stacked("coefficients")
-    table = original.table.copy()
-    angles = stacked("angles")
-    for j, name in enumerate(("rot", "tilt", "psi")):
-        table[name] = angles[:, j]
-    shifts_px_orig = shift_angstrom_to_pixels(shift_pixels_to_angstrom(stacked("shifts"), apix_proc), original.pixel_size)
-    table["shift_x"], table["shift_y"] = shifts_px_orig[:, 0], shifts_px_orig[:, 1]
-    for name in ("defocus_u", "defocus_v"):  # Å; chunks of z3lib <= 0.1.3 hold the offset only
-        table[name] = stacked(name) if name in chunks[0] else table[name].to_numpy() + stacked("defocus_offset")
-    flagged = stacked("flagged").astype(bool)
-    columns = {"zernikeCoefficients": coefficients, "zernikeCost": stacked("cost"),
-               "zernikeCostPrior": stacked("cost_prior"), "zernikeRefineFlag": flagged.astype(np.int64)}
-    zernike = {"L1": degrees[0], "L2": degrees[1], "Rmax": orig_box / 2, "basis": basis, "box": orig_box}
-    out = Path(out_dir)
-    paths = {"particles": out / "particles.star", "coefficients": out / "coefficients.npy"}
-    write_coefficients(paths["coefficients"], coefficients)
-    write_particles_star(paths["particles"], original, columns=columns, zernike=zernike, table=table)
-    logger.info("gathered %d particles from %d chunks: %d flagged (prior kept), mean cost %.4f → %.4f",
-                n, len(chunks), int(flagged.sum()), float(stacked("cost_prior").mean()), float(stacked("cost").mean()))
-    return paths

@@ -1,11 +1,11 @@
-"""Adapter of rule ``refine``: gather the refined chunks in STAR order (z3lib.refine)."""
+"""Adapter of rule ``refine``: gather the refined chunks in STAR order (z3lib.stages.refine)."""
 
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import _bootstrap  # repository root on sys.path; logging setup
 
-from z3lib.refine import gather_refined
+from z3lib.stages.refine import gather_refined
 
 if TYPE_CHECKING:
     from snakemake.iocontainers import snakemake  # noqa: TC004  (injected by the preamble)

@@ -1,4 +1,4 @@
-"""Adapter of rule ``refine_chunk``: one chunk of the per-particle refinement (z3lib.refine)."""
+"""Adapter of rule ``refine_chunk``: one chunk of the per-particle refinement (z3lib.stages.refine)."""
 
 import re
 from typing import TYPE_CHECKING
@@ -7,7 +7,8 @@ import _bootstrap  # repository root on sys.path; logging setup
 import torch
 
 from z3lib.devices import select_device
-from z3lib.refine import RefineConfig, refine_chunk
+from z3lib.refine import RefineConfig
+from z3lib.stages.refine import refine_chunk
 
 if TYPE_CHECKING:
     from snakemake.iocontainers import snakemake  # noqa: TC004  (injected by the preamble)
