@@ -30,8 +30,9 @@ from z3lib.simulate import simulate_dataset
 from z3lib.stages.predict import predict
 from z3lib.stages.refine import refine_chunk
 from z3lib.stages.train import train
+from z3lib.stages.zart import zart
 from z3lib.training import ParticleBatchSource, train_model
-from z3lib.zart import ZartConfig, half_sets, zart
+from z3lib.zart import ZartConfig, half_sets
 
 ADK = Path(__file__).parent / "data" / "mdanalysistests_adk"
 BOX = 24

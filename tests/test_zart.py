@@ -19,6 +19,7 @@ from z3lib.io import read_map, read_table, write_coefficients
 from z3lib.preprocess import preprocess
 from z3lib.projection import project_points
 from z3lib.simulate import simulate_dataset
+from z3lib.stages.zart import zart
 from z3lib.zart import (
     NumpyBackend,
     ZartConfig,
@@ -27,7 +28,6 @@ from z3lib.zart import (
     reconstruct_zart,
     soft_support,
     values_to_volume,
-    zart,
 )
 
 ADK = Path(__file__).parent / "data" / "mdanalysistests_adk"

@@ -24,7 +24,6 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -283,6 +282,19 @@ def _gaussian(xp: Any, size: int, sigma: float) -> Any:
     return xp.exp(-2.0 * math.pi**2 * sigma**2 * (fx**2 + fy**2))
 
 
+def _table_columns(table: Any) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray], np.ndarray]:
+    """The particles' angles ``(n, 3)`` deg, shifts ``(n, 2)`` px, CTF columns ``(n,)`` each and
+    phase-flip flags ``(n,)`` from the particle table."""
+    angles = np.asarray(table[["rot", "tilt", "psi"]], dtype=np.float64)
+    shifts = np.asarray(table[["shift_x", "shift_y"]], dtype=np.float64)
+    ctf_cols = {c: np.asarray(table[c], dtype=np.float64) for c in
+                ("defocus_u", "defocus_v", "defocus_angle", "voltage", "cs", "amplitude_contrast", "phase_shift",
+                 "bfactor", "ctf_scale") if c in table}
+    # phase-flipped images (rlnCtfDataArePhaseFlipped) were multiplied by sign(CTF): their model is |CTF|
+    flipped = np.asarray(table["phase_flipped"], dtype=bool) if "phase_flipped" in table else np.zeros(len(angles), bool)
+    return angles, shifts, ctf_cols, flipped
+
+
 def reconstruct_zart(
     backend: Any,
     points: np.ndarray,
@@ -331,13 +343,7 @@ def reconstruct_zart(
     k = basis.shape[1] if basis is not None else 0
     values = xp.zeros(len(points), dtype=xp.float32)
     rng = np.random.default_rng(config.seed)
-    angles = np.asarray(table[["rot", "tilt", "psi"]], dtype=np.float64)
-    shifts_all = np.asarray(table[["shift_x", "shift_y"]], dtype=np.float64)
-    ctf_cols = {c: np.asarray(table[c], dtype=np.float64) for c in
-                ("defocus_u", "defocus_v", "defocus_angle", "voltage", "cs", "amplitude_contrast", "phase_shift",
-                 "bfactor", "ctf_scale") if c in table}
-    # phase-flipped images (rlnCtfDataArePhaseFlipped) were multiplied by sign(CTF): their model is |CTF|
-    flipped = np.asarray(table["phase_flipped"], dtype=bool) if "phase_flipped" in table else np.zeros(len(angles), bool)
+    angles, shifts_all, ctf_cols, flipped = _table_columns(table)
     size = config.ctf_pad * box
     t0 = time.perf_counter()
     n_done = 0
@@ -553,139 +559,3 @@ def choose_field_scale(
     logger.info("field scale %.2f chosen (of %s) on %d + %d particles", best,
                 ", ".join(f"{s:g}" for s in FIELD_SCALES), len(subsets[0]), len(subsets[1]))
     return best, frame
-
-
-def zart(
-    particles: str | Path,
-    points: str | Path | Sequence[str | Path],
-    coefficients: str | Path | None,
-    out_dir: str | Path,
-    *,
-    degrees: tuple[int, int],
-    basis: str,
-    config: ZartConfig,
-    backend: str = "auto",
-    poses: str | Path | None = None,
-    pixel_size: float | None = None,
-    image_root: str | Path | None = None,
-    log: logging.Logger | None = None,
-) -> dict[str, Path]:
-    """Gold-standard corrected and uncorrected ZART reconstructions with FSCs.
-
-    Writes ``corrected.mrc`` (half-map average low-passed at its FSC = 0.143 resolution; the
-    FSC is computed inside a soft version of the mask, see :func:`soft_support`),
-    ``corrected_half1.mrc``, ``corrected_half2.mrc``, the same three for ``uncorrected`` (zero
-    fields: the same code), and ``fsc.tsv`` (both FSC curves) in ``out_dir``.
-
-    Parameters
-    ----------
-    particles
-        the preprocess stage's STAR.
-    points
-        the point cloud whose voxels are reconstructed (the preprocess stage's, or a refinement
-        round's), or one per gold-standard half (independent halves: half h is reconstructed on
-        its own reference's mask); the FSC is then computed inside the union of both supports.
-        A cloud on a sub-grid (``step`` > 1 in the file, ``preprocess.points_step``) gives maps
-        on the full grid (see :func:`values_to_volume`), low-passed at that sub-grid's Nyquist
-        ``2 · step · pixel size`` Å: the FSC and the resolution never exceed it.
-    coefficients
-        ``(n, 3K)`` fields in px of the original box (refine or predict output).
-    poses
-        the STAR holding the particles' latest poses and CTF (the refine stage's
-        ``particles.star`` of the same round: the same particles in the same order, original box,
-        shifts in Å): its angles, shifts (converted to px of the processing box) and defocus are
-        reconstructed with instead of those of ``particles`` (see :func:`z3lib.io.apply_poses`,
-        which refuses a STAR whose rows do not correspond). None: the poses of ``particles``.
-    pixel_size, image_root
-        the overrides the preprocess stage used for the original particles, to read ``poses``.
-    """
-    from z3lib import zernike as zk
-    from z3lib.analysis import lowpass_filter, resolution_at
-    from z3lib.io import (
-        apply_poses,
-        read_coefficients,
-        read_npz,
-        read_particles,
-        write_map,
-        write_table,
-    )
-
-    logger = log or logging.getLogger(__name__)
-    be = get_backend(backend, logger)
-    parts = read_particles(particles)
-    if poses is not None:
-        parts = apply_poses(parts, read_particles(poses, pixel_size=pixel_size, image_root=image_root))
-        logger.info("poses and CTF of the %d particles from %s", len(parts), poses)
-    point_paths = [points] if isinstance(points, (str, Path)) else list(points)
-    if len(point_paths) not in (1, 2):
-        raise ValueError(f"ZART needs one point cloud, or one per half set; got {point_paths}")
-    clouds = [read_npz(path) for path in point_paths]
-    cloud = clouds[0]
-    box, orig = int(cloud["box"]), int(cloud["original_box"])
-    apix = float(cloud["pixel_size"])
-    step = int(cloud["step"]) if "step" in cloud else 1
-    if any(int(c["box"]) != box or int(c["original_box"]) != orig for c in clouds):
-        raise ValueError(f"the point clouds {point_paths} were made for different boxes")
-    if any((int(c["step"]) if "step" in c else 1) != step for c in clouds):
-        raise ValueError(f"the point clouds {point_paths} were made with different `preprocess.points_step`")
-    half_pts = [np.asarray(clouds[min(h, len(clouds)) - 1]["points"], dtype=np.float64) for h in (1, 2)]
-    coeffs = None
-    half_z: list[np.ndarray | None] = [None, None]
-    if coefficients is not None:
-        coeffs = zk.rescale_coefficients(read_coefficients(coefficients), orig, box)
-        if coeffs.shape[0] != len(parts):
-            raise ValueError(f"{coefficients} has {coeffs.shape[0]} rows but {particles} has {len(parts)} particles")
-        half_z = [zk.evaluate_basis(p, *degrees, box / 2, basis).astype(np.float32) for p in half_pts]
-    h1, h2 = half_sets(parts.table["random_subset"].to_numpy(), config.seed)
-    logger.info("ZART: %d particles (halves %d + %d), box %d, %s mask voxels, %d iterations, batch %d",
-                len(parts), len(h1), len(h2), box, " / ".join(str(len(c["points"])) for c in clouds),
-                config.iterations, config.batch_size)
-    stack = parts.images()
-    out = Path(out_dir)
-    paths: dict[str, Path] = {}
-    curves = {}
-    fsc_mask = soft_support(np.unique(np.concatenate(half_pts), axis=0), box, step=step)
-    scale_table = None
-    if coeffs is not None:
-        coeffs = centre_fields(coeffs, (h1, h2))
-        if config.field_scale == "auto":
-            scale, scale_table = choose_field_scale(be, half_pts, [z for z in half_z if z is not None], coeffs, stack,
-                                                    parts.table, (h1, h2), box, apix, config, fsc_mask, step=step,
-                                                    log=logger)
-        else:
-            scale = float(config.field_scale)
-            if not 0.0 <= scale <= 1.0:
-                raise ValueError(f"zart.field_scale must be 'auto' or a number in [0, 1], got {config.field_scale!r}")
-        coeffs = coeffs * scale if scale > 0 else None
-        if scale_table is None:
-            scale_table = pd.DataFrame({"scale": [scale]})
-        scale_table["chosen"] = scale_table["scale"] == scale
-    for name, field_coeffs in (("corrected", coeffs), ("uncorrected", None)):
-        halves = []
-        for h, rows in enumerate((h1, h2), start=1):
-            pts, z = half_pts[h - 1], half_z[h - 1]
-            vals, stats = reconstruct_zart(be, pts, z, field_coeffs, stack, parts.table, rows, box, apix, config,
-                                           log=logger, label=f" {name} half {h}")
-            logger.info("%s half %d: %.0f images/s", name, h, stats["images_per_s"])
-            half = values_to_volume(vals, pts, box, step=step)
-            if step > 1:  # a sub-grid of spacing `step` holds nothing beyond its own Nyquist
-                half = lowpass_filter(half, apix, 2.0 * step * apix)
-            halves.append(half)
-            paths[f"{name}_half{h}"] = out / f"{name}_half{h}.mrc"
-            write_map(paths[f"{name}_half{h}"], halves[-1], apix)
-        fsc = masked_fsc(halves[0], halves[1], fsc_mask, apix, step=step)
-        res = resolution_at(fsc, 0.143)
-        curves[name] = fsc
-        logger.info("%s: half-map FSC resolution %.2f Å (0.143), %.2f Å (0.5)", name, res, resolution_at(fsc, 0.5))
-        paths[name] = out / f"{name}.mrc"
-        write_map(paths[name], lowpass_filter(0.5 * (halves[0] + halves[1]), apix, res), apix)
-    table = curves["corrected"][["shell", "frequency", "resolution"]].copy()
-    table["fsc_corrected"] = curves["corrected"]["fsc"]
-    table["fsc_uncorrected"] = curves["uncorrected"]["fsc"]
-    paths["fsc"] = out / "fsc.tsv"
-    write_table(paths["fsc"], table)
-    if scale_table is not None:
-        paths["field_scale"] = out / "field_scale.tsv"
-        write_table(paths["field_scale"], scale_table)
-    stack.close()
-    return paths

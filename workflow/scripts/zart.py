@@ -1,4 +1,4 @@
-"""Adapter of rule ``zart``: corrected and uncorrected reconstructions (z3lib.zart.zart)."""
+"""Adapter of rule ``zart``: corrected and uncorrected reconstructions (z3lib.stages.zart)."""
 
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -6,7 +6,8 @@ from typing import TYPE_CHECKING
 import _bootstrap  # repository root on sys.path; logging setup
 
 from z3lib.devices import zart_backend_for_job
-from z3lib.zart import ZartConfig, zart
+from z3lib.stages.zart import zart
+from z3lib.zart import ZartConfig
 
 if TYPE_CHECKING:
     from snakemake.iocontainers import snakemake  # noqa: TC004  (injected by the preamble)

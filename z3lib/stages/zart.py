@@ -1,0 +1,206 @@
+"""Stage ``zart``: gold-standard corrected and uncorrected ZART reconstructions with their FSCs
+(:func:`z3lib.zart.reconstruct_zart` on each half set, with and without the fields)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from z3lib.io import ImageStack, Particles
+from z3lib.zart import (
+    ZartConfig,
+    centre_fields,
+    choose_field_scale,
+    get_backend,
+    half_sets,
+    masked_fsc,
+    reconstruct_zart,
+    soft_support,
+    values_to_volume,
+)
+
+
+def zart(
+    particles: str | Path,
+    points: str | Path | Sequence[str | Path],
+    coefficients: str | Path | None,
+    out_dir: str | Path,
+    *,
+    degrees: tuple[int, int],
+    basis: str,
+    config: ZartConfig,
+    backend: str = "auto",
+    poses: str | Path | None = None,
+    pixel_size: float | None = None,
+    image_root: str | Path | None = None,
+    log: logging.Logger | None = None,
+) -> dict[str, Path]:
+    """Gold-standard corrected and uncorrected ZART reconstructions with FSCs.
+
+    Writes ``corrected.mrc`` (half-map average low-passed at its FSC = 0.143 resolution; the
+    FSC is computed inside a soft version of the mask, see :func:`z3lib.zart.soft_support`),
+    ``corrected_half1.mrc``, ``corrected_half2.mrc``, the same three for ``uncorrected`` (zero
+    fields: the same code), and ``fsc.tsv`` (both FSC curves) in ``out_dir``.
+
+    Parameters
+    ----------
+    particles
+        the preprocess stage's STAR.
+    points
+        the point cloud whose voxels are reconstructed (the preprocess stage's, or a refinement
+        round's), or one per gold-standard half (independent halves: half h is reconstructed on
+        its own reference's mask); the FSC is then computed inside the union of both supports.
+        A cloud on a sub-grid (``step`` > 1 in the file, ``preprocess.points_step``) gives maps
+        on the full grid (see :func:`z3lib.zart.values_to_volume`), low-passed at that sub-grid's Nyquist
+        ``2 · step · pixel size`` Å: the FSC and the resolution never exceed it.
+    coefficients
+        ``(n, 3K)`` fields in px of the original box (refine or predict output).
+    poses
+        the STAR holding the particles' latest poses and CTF (the refine stage's
+        ``particles.star`` of the same round: the same particles in the same order, original box,
+        shifts in Å): its angles, shifts (converted to px of the processing box) and defocus are
+        reconstructed with instead of those of ``particles`` (see :func:`z3lib.io.apply_poses`,
+        which refuses a STAR whose rows do not correspond). None: the poses of ``particles``.
+    pixel_size, image_root
+        the overrides the preprocess stage used for the original particles, to read ``poses``.
+    """
+    from z3lib.io import write_table
+
+    logger = log or logging.getLogger(__name__)
+    be = get_backend(backend, logger)
+    parts, clouds, half_pts, step = _zart_inputs(particles, points, poses=poses, pixel_size=pixel_size,
+                                                 image_root=image_root, log=logger)
+    box, orig = int(clouds[0]["box"]), int(clouds[0]["original_box"])
+    apix = float(clouds[0]["pixel_size"])
+    coeffs, half_z = _fields(coefficients, parts, particles, half_pts, degrees, basis, orig, box)
+    h1, h2 = half_sets(parts.table["random_subset"].to_numpy(), config.seed)
+    logger.info("ZART: %d particles (halves %d + %d), box %d, %s mask voxels, %d iterations, batch %d",
+                len(parts), len(h1), len(h2), box, " / ".join(str(len(c["points"])) for c in clouds),
+                config.iterations, config.batch_size)
+    stack = parts.images()
+    out = Path(out_dir)
+    paths: dict[str, Path] = {}
+    curves = {}
+    fsc_mask = soft_support(np.unique(np.concatenate(half_pts), axis=0), box, step=step)
+    scale_table = None
+    if coeffs is not None:
+        coeffs = centre_fields(coeffs, (h1, h2))
+        if config.field_scale == "auto":
+            scale, scale_table = choose_field_scale(be, half_pts, [z for z in half_z if z is not None], coeffs, stack,
+                                                    parts.table, (h1, h2), box, apix, config, fsc_mask, step=step,
+                                                    log=logger)
+        else:
+            scale = float(config.field_scale)
+            if not 0.0 <= scale <= 1.0:
+                raise ValueError(f"zart.field_scale must be 'auto' or a number in [0, 1], got {config.field_scale!r}")
+        coeffs = coeffs * scale if scale > 0 else None
+        if scale_table is None:
+            scale_table = pd.DataFrame({"scale": [scale]})
+        scale_table["chosen"] = scale_table["scale"] == scale
+    for name, field_coeffs in (("corrected", coeffs), ("uncorrected", None)):
+        halves = _half_maps(be, name, half_pts, half_z, field_coeffs,
+                            stack, parts, (h1, h2), box, apix, step, config, out, paths, logger)
+        fsc = masked_fsc(halves[0], halves[1], fsc_mask, apix, step=step)
+        curves[name] = fsc
+        paths[name] = _write_average(out / f"{name}.mrc", name, halves, fsc, apix, logger)
+    table = curves["corrected"][["shell", "frequency", "resolution"]].copy()
+    table["fsc_corrected"] = curves["corrected"]["fsc"]
+    table["fsc_uncorrected"] = curves["uncorrected"]["fsc"]
+    paths["fsc"] = out / "fsc.tsv"
+    write_table(paths["fsc"], table)
+    if scale_table is not None:
+        paths["field_scale"] = out / "field_scale.tsv"
+        write_table(paths["field_scale"], scale_table)
+    stack.close()
+    return paths
+
+
+def _zart_inputs(
+    particles: str | Path,
+    points: str | Path | Sequence[str | Path],
+    *,
+    poses: str | Path | None,
+    pixel_size: float | None,
+    image_root: str | Path | None,
+    log: logging.Logger,
+) -> tuple[Particles, list[dict[str, Any]], list[np.ndarray], int]:
+    """The particles (at their latest ``poses``), the point cloud(s), each half's points
+    ``(N_h, 3)`` px and the clouds' sub-grid step, checked against each other."""
+    from z3lib.io import apply_poses, read_npz, read_particles
+
+    parts = read_particles(particles)
+    if poses is not None:
+        parts = apply_poses(parts, read_particles(poses, pixel_size=pixel_size, image_root=image_root))
+        log.info("poses and CTF of the %d particles from %s", len(parts), poses)
+    point_paths = [points] if isinstance(points, (str, Path)) else list(points)
+    if len(point_paths) not in (1, 2):
+        raise ValueError(f"ZART needs one point cloud, or one per half set; got {point_paths}")
+    clouds = [read_npz(path) for path in point_paths]
+    cloud = clouds[0]
+    box, orig = int(cloud["box"]), int(cloud["original_box"])
+    step = int(cloud["step"]) if "step" in cloud else 1
+    if any(int(c["box"]) != box or int(c["original_box"]) != orig for c in clouds):
+        raise ValueError(f"the point clouds {point_paths} were made for different boxes")
+    if any((int(c["step"]) if "step" in c else 1) != step for c in clouds):
+        raise ValueError(f"the point clouds {point_paths} were made with different `preprocess.points_step`")
+    half_pts = [np.asarray(clouds[min(h, len(clouds)) - 1]["points"], dtype=np.float64) for h in (1, 2)]
+    return parts, clouds, half_pts, step
+
+
+def _fields(coefficients: str | Path | None, parts: Particles, particles: str | Path, half_pts: list[np.ndarray],
+            degrees: tuple[int, int], basis: str, orig: int, box: int
+            ) -> tuple[np.ndarray | None, list[np.ndarray | None]]:
+    """The fields ``(n, 3K)`` in px of the processing box and each half's basis values
+    ``(N_h, K)``; None (and no basis) without ``coefficients``."""
+    from z3lib import zernike as zk
+    from z3lib.io import read_coefficients
+
+    half_z: list[np.ndarray | None] = [None, None]
+    if coefficients is None:
+        return None, half_z
+    coeffs = zk.rescale_coefficients(read_coefficients(coefficients), orig, box)
+    if coeffs.shape[0] != len(parts):
+        raise ValueError(f"{coefficients} has {coeffs.shape[0]} rows but {particles} has {len(parts)} particles")
+    half_z = [zk.evaluate_basis(p, *degrees, box / 2, basis).astype(np.float32) for p in half_pts]
+    return coeffs, half_z
+
+
+def _half_maps(backend: Any, name: str, half_pts: list[np.ndarray], half_z: list[np.ndarray | None],
+               coefficients: np.ndarray | None, stack: ImageStack, parts: Particles,
+               halves: tuple[np.ndarray, np.ndarray], box: int, apix: float, step: int, config: ZartConfig,
+               out: Path, paths: dict[str, Path], log: logging.Logger) -> list[np.ndarray]:
+    """Reconstruct and write ``{name}_half1.mrc`` and ``{name}_half2.mrc`` (their paths into
+    ``paths``); the two half maps ``(box, box, box)``."""
+    from z3lib.analysis import lowpass_filter
+    from z3lib.io import write_map
+
+    maps = []
+    for h, rows in enumerate(halves, start=1):
+        pts, z = half_pts[h - 1], half_z[h - 1]
+        vals, stats = reconstruct_zart(backend, pts, z, coefficients, stack, parts.table, rows, box, apix, config,
+                                       log=log, label=f" {name} half {h}")
+        log.info("%s half %d: %.0f images/s", name, h, stats["images_per_s"])
+        half = values_to_volume(vals, pts, box, step=step)
+        if step > 1:  # a sub-grid of spacing `step` holds nothing beyond its own Nyquist
+            half = lowpass_filter(half, apix, 2.0 * step * apix)
+        maps.append(half)
+        paths[f"{name}_half{h}"] = out / f"{name}_half{h}.mrc"
+        write_map(paths[f"{name}_half{h}"], maps[-1], apix)
+    return maps
+
+
+def _write_average(path: Path, name: str, halves: list[np.ndarray], fsc: pd.DataFrame, apix: float,
+                   log: logging.Logger) -> Path:
+    """Write the half maps' average low-passed at their FSC = 0.143 resolution to ``path``."""
+    from z3lib.analysis import lowpass_filter, resolution_at
+    from z3lib.io import write_map
+
+    res = resolution_at(fsc, 0.143)
+    log.info("%s: half-map FSC resolution %.2f Å (0.143), %.2f Å (0.5)", name, res, resolution_at(fsc, 0.5))
+    write_map(path, lowpass_filter(0.5 * (halves[0] + halves[1]), apix, res), apix)
+    return path
