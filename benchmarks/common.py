@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from z3lib import zernike as zk
-from z3lib.preprocess import preprocess
 from z3lib.simulate import load_motion, simulate_dataset
+from z3lib.stages.preprocess import preprocess
 
 WORK = ROOT / "benchmarks" / "work"
 COMPLETE = "cache_key.json"
@@ -135,7 +135,7 @@ def demo_dataset(n: int = 5000, box: int = 64, snr: float = 0.1, seed: int = 0, 
                          pixel_size=pixel_size, resolution=5.0, snr=snr, seed=seed)
         mark_complete(sim_dir, sim_params)
     pre_params = {"simulation": sim_dir.name, "box": pbox}
-    pre_dir = cache_dir("pre", pre_params, ["z3lib.preprocess"], [Path(__file__)])
+    pre_dir = cache_dir("pre", pre_params, ["z3lib.stages.preprocess"], [Path(__file__)])
     if not is_complete(pre_dir):
         preprocess(sim_dir / "particles.star", sim_dir / "reference.mrc", sim_dir / "mask.mrc", start_cache(pre_dir),
                    box=pbox)

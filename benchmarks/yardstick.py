@@ -259,7 +259,7 @@ def oracle_map(data: Path, workdir: Path, run: str, reference: Path, mask: Path,
     """Half-map average of the oracle particles, preprocessed like the pipeline's and reconstructed
     by ``reconstruct_zart`` with zero fields on the pipeline's point cloud and ZART settings."""
     from z3lib.io import read_npz
-    from z3lib.preprocess import preprocess
+    from z3lib.stages.preprocess import preprocess
 
     pts_path = workdir / "results" / run / "preprocess" / "points.npz"
     zc = dict(cfg["zart"])

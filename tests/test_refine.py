@@ -14,7 +14,6 @@ from z3lib.decoder import PhysicalDecoder
 from z3lib.geometry import euler_to_matrix, points_from_volume
 from z3lib.io import read_coefficients, read_star_blocks, write_coefficients
 from z3lib.network import NetworkConfig
-from z3lib.preprocess import preprocess
 from z3lib.refine import (
     RefineConfig,
     chunk_rows,
@@ -22,6 +21,7 @@ from z3lib.refine import (
     refine_batch,
 )
 from z3lib.simulate import simulate_dataset
+from z3lib.stages.preprocess import preprocess
 from z3lib.stages.refine import gather_refined, refine_chunk
 
 ADK = Path(__file__).parent / "data" / "mdanalysistests_adk"

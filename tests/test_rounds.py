@@ -23,11 +23,11 @@ from z3lib.io import (
     write_npz,
 )
 from z3lib.network import NetworkConfig, build_model
-from z3lib.preprocess import preprocess
 from z3lib.refine import RefineConfig
 from z3lib.rounds import mask_for_round, publish_files, reference_from_map
 from z3lib.simulate import simulate_dataset
 from z3lib.stages.predict import predict
+from z3lib.stages.preprocess import preprocess
 from z3lib.stages.refine import refine_chunk
 from z3lib.stages.train import train
 from z3lib.stages.zart import zart

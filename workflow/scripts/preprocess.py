@@ -1,4 +1,4 @@
-"""Adapter of rule ``preprocess``: inputs at the processing box (z3lib.preprocess.preprocess)."""
+"""Adapter of rule ``preprocess``: inputs at the processing box (z3lib.stages.preprocess)."""
 
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 import _bootstrap  # repository root on sys.path; logging setup
 import torch
 
-from z3lib.preprocess import preprocess
+from z3lib.stages.preprocess import preprocess
 
 if TYPE_CHECKING:
     from snakemake.iocontainers import snakemake  # noqa: TC004  (injected by the preamble)

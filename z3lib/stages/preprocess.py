@@ -1,0 +1,229 @@
+"""Stage ``preprocess``: validated inputs → particles, reference, mask and point cloud at the
+processing box.
+
+The particles are Fourier-cropped to the processing box and normalised chunk by chunk into a
+memory-mapped stack (the input stack is never held in RAM). The reference and the mask are
+Fourier-cropped the same way; the point cloud is the mask's voxels with the reference's values.
+A reference whose pixel size or box disagrees with the particles is an error, never silently
+resampled.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from z3lib.conventions import rescale_factor, shift_pixels_to_angstrom
+from z3lib.geometry import points_from_volume
+from z3lib.io import (
+    ImageStack,
+    Particles,
+    Z3InputError,
+    open_stack_writer,
+    read_map,
+    read_particles,
+    write_map,
+    write_npz,
+    write_particles_star,
+)
+from z3lib.preprocess import PIXEL_SIZE_TOLERANCE, auto_mask, fourier_crop, normalise_images
+
+
+def preprocess(
+    particles: str | Path,
+    reference: str | Path,
+    mask: str | Path | None,
+    out_dir: str | Path,
+    *,
+    box: int,
+    pixel_size: float | None = None,
+    image_root: str | Path | None = None,
+    reference_pixel_size: float | None = None,
+    mask_threshold: float = 0.5,
+    points_step: int = 1,
+    chunk_size: int = 1024,
+    log: logging.Logger | None = None,
+) -> dict[str, Path]:
+    """Validate the inputs and write everything later stages read, at the processing box.
+
+    Parameters
+    ----------
+    particles
+        RELION STAR or cryoSPARC ``.cs`` with poses and CTF.
+    reference, mask
+        consensus map and optional mask (``None``: a mask is derived from the reference), at the
+        particles' box and pixel size.
+    out_dir
+        where ``particles.star``, ``particles.mrcs``, ``reference.mrc``, ``mask.mrc`` and
+        ``points.npz`` are written (each atomically).
+    box
+        processing box (px), ≤ the particles' box.
+    pixel_size, image_root
+        overrides for :func:`z3lib.io.read_particles`.
+    reference_pixel_size
+        override for a map header that is wrong.
+    mask_threshold
+        a voxel belongs to the mask when its (cropped) mask value exceeds this.
+    points_step
+        keep every ``step``-th voxel per axis for the point cloud.
+    chunk_size
+        particles processed per chunk (bounds memory).
+
+    Returns
+    -------
+    name → path of every file written.
+    """
+    logger = log or logging.getLogger(__name__)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    parts = _read_particles(particles, box, pixel_size=pixel_size, image_root=image_root)
+    n_in, apix_in = parts.box, parts.pixel_size
+    apix = apix_in / rescale_factor(n_in, box)  # Fourier cropping N → box px
+    stack = parts.images()
+    stack.validate()
+    ref = read_map(reference, require_isotropic=True)
+    _check_map("reference", Path(reference), ref.data.shape, ref.pixel_size, parts, reference_pixel_size)
+    logger.info("%d particles of %d px at %.4g Å/px → processing box %d px at %.4g Å/px",
+                len(parts), n_in, apix_in, box, apix)
+
+    ref_small = fourier_crop(ref.data, box, ndim=3)
+    mask_small = _processing_mask(mask, ref_small, parts, box, mask_threshold, reference_pixel_size, logger)
+    paths = {name: out / fname for name, fname in (
+        ("particles", "particles.star"), ("stack", "particles.mrcs"), ("reference", "reference.mrc"),
+        ("mask", "mask.mrc"), ("points", "points.npz"),
+    )}
+    _write_stack(paths["stack"], stack, parts, box, apix, chunk_size, logger)
+    stack.close()
+
+    write_map(paths["reference"], ref_small, apix)
+    write_map(paths["mask"], mask_small, apix)
+    points, amplitudes = points_from_volume(ref_small, mask=mask_small, step=points_step)
+    write_npz(paths["points"], points=points.astype(np.float32), amplitudes=amplitudes.astype(np.float32),
+              box=np.int64(box), pixel_size=np.float64(apix), original_box=np.int64(n_in),
+              original_pixel_size=np.float64(apix_in), step=np.int64(points_step))
+    _write_star(paths["particles"], paths["stack"].name, parts, box, apix)
+    logger.info("preprocess done in %.1f s: %d points in the mask", time.perf_counter() - t0, len(points))
+    return paths
+
+
+def _read_particles(particles: str | Path, box: int, *, pixel_size: float | None,
+                    image_root: str | Path | None) -> Particles:
+    """The particles, refused (:class:`z3lib.io.Z3InputError`) without poses, when
+    CTF-premultiplied or smaller than the processing ``box``."""
+    parts = read_particles(particles, pixel_size=pixel_size, image_root=image_root)
+    parts.require_poses("z3 starts from a consensus refinement")
+    premultiplied = parts.table["ctf_premultiplied"].to_numpy(dtype=bool)
+    if premultiplied.any():
+        raise Z3InputError(
+            f"{parts.path}: {int(premultiplied.sum())} particles are CTF-premultiplied "
+            "(rlnCtfDataAreCtfPremultiplied = 1); z3 models images as CTF ∗ projection (or |CTF| ∗ "
+            "projection for phase-flipped data): re-extract the particles without premultiplication"
+        )
+    if box > parts.box:
+        raise Z3InputError(f"processing box {box} px is larger than the particles' box {parts.box} px in "
+                           f"{parts.path}; set `box` to at most {parts.box}")
+    return parts
+
+
+def _processing_mask(mask: str | Path | None, ref_small: np.ndarray, parts: Particles, box: int,
+                     mask_threshold: float, reference_pixel_size: float | None, log: logging.Logger) -> np.ndarray:
+    """The ``(box, box, box)`` float32 0/1 mask: the given one cropped and thresholded, or one
+    derived from the cropped reference ``ref_small``."""
+    if mask is None:
+        mask_small = auto_mask(ref_small)
+        log.info("no mask given: derived one from the reference (%d voxels)", int(mask_small.sum()))
+        return mask_small
+    m = read_map(mask, require_isotropic=True)
+    _check_map("mask", Path(mask), m.data.shape, m.pixel_size, parts, reference_pixel_size)
+    out: np.ndarray = (fourier_crop(m.data, box, ndim=3) > mask_threshold).astype(np.float32)
+    if not out.any():
+        raise Z3InputError(f"mask {mask} is empty after thresholding at {mask_threshold}; "
+                           "lower `preprocess.mask_threshold` or check the mask")
+    return out
+
+
+def _write_stack(path: Path, stack: ImageStack, parts: Particles, box: int, apix: float, chunk_size: int,
+                 log: logging.Logger) -> None:
+    """The particles' images sign-corrected, Fourier-cropped to ``box`` and normalised, chunk by
+    chunk, into the MRCS stack ``path``."""
+    sign = parts.table["image_sign"].to_numpy(dtype=np.float32)
+    n = len(parts)
+    with open_stack_writer(path, n, box, apix) as data:
+        t_start = time.perf_counter()
+        for lo in range(0, n, chunk_size):
+            hi = min(n, lo + chunk_size)
+            imgs = stack[np.arange(lo, hi)] * sign[lo:hi, None, None]
+            data[lo:hi] = normalise_images(fourier_crop(imgs, box, ndim=2))
+            done = time.perf_counter() - t_start
+            rate = hi / done if done > 0 else float("inf")
+            log.info("preprocessed %d/%d particles (%.0f/s, ETA %.0f s)", hi, n, rate, (n - hi) / rate)
+
+
+def _write_star(path: Path, stack_name: str, parts: Particles, box: int, apix: float) -> None:
+    """The processing box's particle STAR: every input column, images in ``stack_name``, the
+    original image names, shifts in Å (and px of the new box for RELION 3.0 files)."""
+    t = parts.table
+    n = len(parts)
+    columns = {
+        "rlnImageName": [f"{i + 1:06d}@{stack_name}" for i in range(n)],
+        "rlnImageOriginalName": t["image_name"].tolist(),
+        "rlnOriginXAngst": shift_pixels_to_angstrom(t["shift_x"].to_numpy(), parts.pixel_size),
+        "rlnOriginYAngst": shift_pixels_to_angstrom(t["shift_y"].to_numpy(), parts.pixel_size),
+        "rlnOpticsGroup": t["optics_group"].to_numpy() if parts.optics is not None else np.ones(n, dtype=int),
+    }
+    if "rlnOriginX" in parts.raw:
+        columns["rlnOriginX"] = columns["rlnOriginXAngst"] / apix  # RELION 3.0 column: px of the new box
+        columns["rlnOriginY"] = columns["rlnOriginYAngst"] / apix
+    write_particles_star(path, parts, columns=columns, optics=_optics_for_output(parts, apix, box))
+
+
+def _check_map(kind: str, path: Path, shape: tuple[int, ...], pixel: float, particles: Particles,
+               override: float | None) -> None:
+    """A map at the particles' box and pixel size (``override``: the config's), else a
+    :class:`z3lib.io.Z3InputError` that says what to give."""
+    n = particles.box
+    if shape != (n, n, n):
+        raise Z3InputError(
+            f"{kind} {path} is {shape[::-1]} voxels but the particles in {particles.path} are {n} px; "
+            f"give a {kind} at the particles' box ({n}³ at {particles.pixel_size:.4g} Å/px). "
+            "z3 does not silently resample maps."
+        )
+    ref_px = override if override is not None else pixel
+    if not math.isclose(ref_px, particles.pixel_size, rel_tol=PIXEL_SIZE_TOLERANCE):
+        raise Z3InputError(
+            f"{kind} {path} has pixel size {ref_px:.4g} Å (from its header) but the particles in "
+            f"{particles.path} have {particles.pixel_size:.4g} Å (from their metadata). If the map "
+            "header is wrong, set `reference_pixel_size` in the config; otherwise resample the map "
+            "to the particles' pixel size."
+        )
+
+
+def _optics_for_output(particles: Particles, pixel_size: float, box: int) -> pd.DataFrame:
+    """The output STAR's optics table: the input's (or one group, RELION 3.0) at ``box`` px of
+    ``pixel_size`` Å."""
+    if particles.optics is not None:
+        optics = particles.optics.copy()
+    else:
+        t = particles.table
+        first = t.iloc[0]
+        for col in ("voltage", "cs", "amplitude_contrast"):
+            if not np.allclose(t[col].to_numpy(), float(first[col])):
+                raise Z3InputError(
+                    f"{particles.path}: RELION 3.0 particles with varying {col} need optics groups; "
+                    "convert the file with RELION 3.1+ (relion_convert_star) first"
+                )
+        optics = pd.DataFrame({
+            "rlnOpticsGroup": [1], "rlnOpticsGroupName": ["opticsGroup1"],
+            "rlnVoltage": [float(first["voltage"])], "rlnSphericalAberration": [float(first["cs"])],
+            "rlnAmplitudeContrast": [float(first["amplitude_contrast"])],
+        })
+    optics["rlnImagePixelSize"] = float(pixel_size)
+    optics["rlnImageSize"] = int(box)
+    optics["rlnImageDimensionality"] = 2
+    return optics
