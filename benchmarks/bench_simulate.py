@@ -18,7 +18,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from z3lib.simulate import simulate_dataset
+from z3lib.stages.simulate import simulate_dataset
 
 
 def main() -> None:

@@ -28,8 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from z3lib import zernike as zk
-from z3lib.simulate import load_motion, simulate_dataset
+from z3lib.simulate import load_motion
 from z3lib.stages.preprocess import preprocess
+from z3lib.stages.simulate import simulate_dataset
 
 WORK = ROOT / "benchmarks" / "work"
 COMPLETE = "cache_key.json"
@@ -129,7 +130,7 @@ def demo_dataset(n: int = 5000, box: int = 64, snr: float = 0.1, seed: int = 0, 
     start, end = ROOT / "resources/demo/adk_closed.pdb", ROOT / "resources/demo/adk_open.pdb"
     sim_params = {"n": n, "box": box, "snr": snr, "seed": seed, "pixel_size": pixel_size, "resolution": 5.0,
                   "start_model": file_digest(start), "end_model": file_digest(end)}
-    sim_dir = cache_dir("sim", sim_params, ["z3lib.simulate"], [Path(__file__)])
+    sim_dir = cache_dir("sim", sim_params, ["z3lib.stages.simulate"], [Path(__file__)])
     if not is_complete(sim_dir):
         simulate_dataset(start_cache(sim_dir), start_model=start, end_model=end, n_particles=n, box=box,
                          pixel_size=pixel_size, resolution=5.0, snr=snr, seed=seed)

@@ -12,7 +12,7 @@ from z3lib.analysis import fourier_shell_correlation, resolution_at
 from z3lib.consensus import consensus_reference, mask_from_map
 from z3lib.geometry import sphere_mask
 from z3lib.io import read_map
-from z3lib.simulate import simulate_dataset
+from z3lib.stages.simulate import simulate_dataset
 
 ADK = Path(__file__).resolve().parents[1] / "resources" / "demo"
 

@@ -16,9 +16,9 @@ from z3lib.geometry import euler_to_matrix, points_from_volume, random_rotations
 from z3lib.io import read_coefficients, read_npz, read_particles, read_star_blocks, read_table
 from z3lib.network import NetworkConfig, build_model, load_model
 from z3lib.projection import project_volume
-from z3lib.simulate import simulate_dataset
 from z3lib.stages.predict import predict
 from z3lib.stages.preprocess import preprocess
+from z3lib.stages.simulate import simulate_dataset
 from z3lib.stages.train import train
 from z3lib.training import ParticleBatchSource, train_model
 

@@ -9,8 +9,8 @@ import pytest
 
 from z3lib.io import Z3InputError, read_map, read_npz, read_particles, write_map
 from z3lib.preprocess import fourier_crop, normalise_images
-from z3lib.simulate import simulate_dataset
 from z3lib.stages.preprocess import preprocess
+from z3lib.stages.simulate import simulate_dataset
 
 ADK = Path(__file__).parent / "data" / "mdanalysistests_adk"
 DATA = Path(__file__).parent / "data"

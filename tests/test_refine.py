@@ -20,9 +20,9 @@ from z3lib.refine import (
     landscape_from_predictions,
     refine_batch,
 )
-from z3lib.simulate import simulate_dataset
 from z3lib.stages.preprocess import preprocess
 from z3lib.stages.refine import gather_refined, refine_chunk
+from z3lib.stages.simulate import simulate_dataset
 
 ADK = Path(__file__).parent / "data" / "mdanalysistests_adk"
 BOX = 32

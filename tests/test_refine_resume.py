@@ -16,9 +16,9 @@ import z3lib
 import z3lib.refine as refine_module
 from z3lib.io import read_npz, write_coefficients, write_npz
 from z3lib.refine import RefineConfig
-from z3lib.simulate import simulate_dataset
 from z3lib.stages.preprocess import preprocess
 from z3lib.stages.refine import refine_chunk
+from z3lib.stages.simulate import simulate_dataset
 
 ADK = Path(__file__).parent / "data" / "mdanalysistests_adk"
 N = 24

@@ -24,11 +24,12 @@ from z3lib.io import (
 )
 from z3lib.network import NetworkConfig, build_model
 from z3lib.refine import RefineConfig
-from z3lib.rounds import mask_for_round, publish_files, reference_from_map
-from z3lib.simulate import simulate_dataset
+from z3lib.rounds import mask_for_round
 from z3lib.stages.predict import predict
 from z3lib.stages.preprocess import preprocess
 from z3lib.stages.refine import refine_chunk
+from z3lib.stages.rounds import publish_files, reference_from_map
+from z3lib.stages.simulate import simulate_dataset
 from z3lib.stages.train import train
 from z3lib.stages.zart import zart
 from z3lib.training import ParticleBatchSource, train_model

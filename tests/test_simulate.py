@@ -19,10 +19,10 @@ from z3lib.simulate import (
     density_from_atoms,
     load_motion,
     project_atoms,
-    simulate_dataset,
     superpose,
     true_displacements,
 )
+from z3lib.stages.simulate import simulate_dataset
 
 ADK = Path(__file__).parent / "data" / "mdanalysistests_adk"
 

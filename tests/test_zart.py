@@ -17,8 +17,8 @@ from z3lib.devices import cupy_usable
 from z3lib.geometry import matrix_to_euler, points_from_volume, random_rotations, sphere_mask
 from z3lib.io import read_map, read_table, write_coefficients
 from z3lib.projection import project_points
-from z3lib.simulate import simulate_dataset
 from z3lib.stages.preprocess import preprocess
+from z3lib.stages.simulate import simulate_dataset
 from z3lib.stages.zart import zart
 from z3lib.zart import (
     NumpyBackend,

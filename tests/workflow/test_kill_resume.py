@@ -218,7 +218,7 @@ def differs(workdir: Path, reference: Path, relative: str) -> bool:
 def clean(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Simulated particles (the user's data), and an uninterrupted two-round run up to round 2's
     ZART (no report), in ``root/clean``."""
-    from z3lib.simulate import simulate_dataset
+    from z3lib.stages.simulate import simulate_dataset
 
     root = tmp_path_factory.mktemp("kill_resume")
     (root / "code").mkdir()

@@ -1,11 +1,11 @@
 """Adapter of rule ``publish``: the final round's files copied to the stage paths
-(z3lib.rounds.publish_files)."""
+(z3lib.stages.rounds)."""
 
 from typing import TYPE_CHECKING
 
 import _bootstrap  # repository root on sys.path; logging setup
 
-from z3lib.rounds import publish_files
+from z3lib.stages.rounds import publish_files
 
 if TYPE_CHECKING:
     from snakemake.iocontainers import snakemake  # noqa: TC004  (injected by the preamble)

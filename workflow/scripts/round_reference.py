@@ -1,12 +1,12 @@
 """Adapter of rules ``round_reference`` and ``round_reference_half``: the next refinement
-round's reference, mask and point cloud from a corrected map (z3lib.rounds.reference_from_map)."""
+round's reference, mask and point cloud from a corrected map (z3lib.stages.rounds)."""
 
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import _bootstrap  # repository root on sys.path; logging setup
 
-from z3lib.rounds import reference_from_map
+from z3lib.stages.rounds import reference_from_map
 
 if TYPE_CHECKING:
     from snakemake.iocontainers import snakemake  # noqa: TC004  (injected by the preamble)

@@ -1,4 +1,4 @@
-"""Adapter of rule ``simulate``: the demo dataset (z3lib.simulate.simulate_dataset)."""
+"""Adapter of rule ``simulate``: the demo dataset (z3lib.stages.simulate)."""
 
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 import _bootstrap  # repository root on sys.path; logging setup
 import torch
 
-from z3lib.simulate import simulate_dataset
+from z3lib.stages.simulate import simulate_dataset
 
 if TYPE_CHECKING:
     from snakemake.iocontainers import snakemake  # noqa: TC004  (injected by the preamble)
