@@ -20,13 +20,17 @@ Summary of the law
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
-import torch
 
-ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
+from z3lib.arrays import is_tensor
+
+if TYPE_CHECKING:
+    import torch
+
+ArrayT = TypeVar("ArrayT", np.ndarray, "torch.Tensor")
 
 #: Relativistic electron-wavelength constants (Å, V): λ = 12.2643247 / sqrt(V (1 + 0.978466e-6 V)).
 WAVELENGTH_NUMERATOR = 12.2643247
@@ -65,8 +69,10 @@ def euler_to_matrix(rot: Any, tilt: Any, psi: Any) -> Any:
     coordinates. Rows: ``[cψcθcφ−sψsφ, cψcθsφ+sψcφ, −cψsθ]``,
     ``[−sψcθcφ−cψsφ, −sψcθsφ+cψcφ, sψsθ]``, ``[sθcφ, sθsφ, cθ]``.
     """
-    if any(isinstance(a, torch.Tensor) for a in (rot, tilt, psi)):
-        ref = next(a for a in (rot, tilt, psi) if isinstance(a, torch.Tensor))
+    if any(is_tensor(a) for a in (rot, tilt, psi)):
+        import torch
+
+        ref = next(a for a in (rot, tilt, psi) if is_tensor(a))
         dtype = ref.dtype if ref.is_floating_point() else torch.float64
         r, t, p = (torch.as_tensor(a, dtype=dtype, device=ref.device) for a in (rot, tilt, psi))
         r, t, p = torch.broadcast_tensors(  # type: ignore[no-untyped-call]
@@ -236,7 +242,9 @@ def electron_wavelength(voltage_kv: ArrayT | float) -> Any:
     λ = 12.2643247 / sqrt(V (1 + 0.978466·10⁻⁶ V)), V in volts. 300 kV → 0.019687 Å.
     """
     v = voltage_kv * 1.0e3
-    if isinstance(v, torch.Tensor):
+    if is_tensor(v):
+        import torch
+
         return WAVELENGTH_NUMERATOR / torch.sqrt(v * (1.0 + WAVELENGTH_RELATIVISTIC * v))
     return WAVELENGTH_NUMERATOR / np.sqrt(v * (1.0 + WAVELENGTH_RELATIVISTIC * v))
 

@@ -1,4 +1,6 @@
 """Contrast transfer function (RELION's model) in torch: evaluation, application, corrections.
+(:func:`ctf_model` and :func:`ctf_grid` serve numpy and cupy too; torch is imported only when
+a torch function runs, so importing this module does not import it.)
 
 Model (reference/zernike3d-family.md §8, RELION ``ctf.h``):
 
@@ -17,12 +19,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from z3lib.conventions import cs_mm_to_angstrom, electron_wavelength
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -57,9 +61,13 @@ class CtfParams:
         scale: Any = 1.0,
         *,
         device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
     ) -> CtfParams:
-        """Build from numbers, arrays or tensors, broadcast to a common ``(B,)`` shape."""
+        """Build from numbers, arrays or tensors, broadcast to a common ``(B,)`` shape
+        (``dtype`` None: float32)."""
+        import torch
+
+        dtype = torch.float32 if dtype is None else dtype
         values = [defocus_u, defocus_v, defocus_angle, voltage, cs, amplitude_contrast,
                   phase_shift, bfactor, scale]
         tensors = [torch.as_tensor(v, dtype=dtype, device=device).reshape(-1) for v in values]
@@ -72,9 +80,10 @@ class CtfParams:
         table: Any,
         *,
         device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
     ) -> CtfParams:
-        """From a particle table with z3's canonical columns (see :func:`z3lib.io.read_particles`)."""
+        """From a particle table with z3's canonical columns (see :func:`z3lib.io.read_particles`);
+        ``dtype`` None: float32."""
         def col(name: str, default: float) -> Any:
             return np.array(table[name], dtype=np.float64) if name in table else default
 
@@ -101,12 +110,16 @@ def frequency_grid(
     *,
     rfft: bool = True,
     device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Spatial frequencies ``(s_x, s_y)`` in cycles/Å of a ``box × box`` image's Fourier transform.
 
-    Returns two ``(box, box // 2 + 1)`` tensors (``rfft=True``) or ``(box, box)`` (``fft2`` order).
+    Returns two ``(box, box // 2 + 1)`` tensors (``rfft=True``) or ``(box, box)`` (``fft2`` order),
+    float32 unless ``dtype`` is given.
     """
+    import torch
+
+    dtype = torch.float32 if dtype is None else dtype
     fy = torch.fft.fftfreq(box, d=pixel_size, device=device, dtype=dtype)
     fx = (torch.fft.rfftfreq if rfft else torch.fft.fftfreq)(box, d=pixel_size, device=device, dtype=dtype)
     sy, sx = torch.meshgrid(fy, fx, indexing="ij")
@@ -131,6 +144,8 @@ def evaluate_ctf(
     -------
     ``(B,) + F`` CTF values (differentiable in every parameter).
     """
+    import torch
+
     extra = (1,) * s_x.dim()
     p = {f.name: getattr(params, f.name).reshape((-1,) + extra) for f in fields(params)}
     out: torch.Tensor = ctf_model(torch, s_x, s_y, **p)
@@ -223,6 +238,8 @@ def filter_images(images: torch.Tensor, transfer: torch.Tensor, *, pad: int = 1)
     -------
     ``(B, N, N)`` filtered images.
     """
+    import torch
+
     n = images.shape[-1]
     size = round(pad * n)
     padded, start = _pad_center(images, size) if size != n else (images, 0)
@@ -255,7 +272,7 @@ def phase_flip(images: torch.Tensor, pixel_size: float, params: CtfParams, *, pa
     """Phase-flip ``(B, N, N)`` images: multiply their spectra by ``sign(CTF)``."""
     size = round(pad * images.shape[-1])
     ctf = compute_ctf(size, pixel_size, params.to(images.device, images.dtype))
-    return filter_images(images, torch.sign(ctf), pad=pad)
+    return filter_images(images, ctf.sign(), pad=pad)
 
 
 def wiener_filter(

@@ -27,7 +27,8 @@ from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
-import torch
+
+from z3lib.arrays import is_tensor
 
 # Coefficient files and the Flexutils column live in z3lib.io (all file I/O does); re-exported here.
 from z3lib.io import (  # noqa: F401
@@ -247,8 +248,10 @@ def evaluate_basis(
     """
     _check_degrees(l1_max, l2_max)
     _check_basis(basis, l1_max, l2_max)
-    is_torch = isinstance(points, torch.Tensor)
+    is_torch = is_tensor(points)
     if is_torch:
+        import torch
+
         out_dtype = points.dtype if points.is_floating_point() else torch.float32
         p = points.to(torch.float64) / float(rmax)
     else:
@@ -260,7 +263,7 @@ def evaluate_basis(
     x, y, z = p[:, 0], p[:, 1], p[:, 2]
     r2 = x * x + y * y + z * z
     # clamped below: the gradient of r at the centre is then 0, the limit of r^l2·Y's (no NaN)
-    r = torch.sqrt(r2.clamp_min(1e-30)) if is_torch else np.sqrt(r2)
+    r = r2.clamp_min(1e-30).sqrt() if is_torch else np.sqrt(r2)
     inside = r2 <= 1.0
     harmonics = _solid_harmonics(x, y, z, l2_max, xmipp_quirk=(basis == "xmipp"))
     columns = []
@@ -314,7 +317,9 @@ def deformation_field(basis_values: Any, coefficients: Any) -> Any:
         raise ValueError(
             f"coefficients have K={c.shape[-1]} per axis but the basis has K={basis_values.shape[-1]}"
         )
-    if isinstance(c, torch.Tensor):
+    if is_tensor(c):
+        import torch
+
         return torch.einsum("nk,...ak->...na", basis_values.to(c.dtype), c)
     return np.einsum("nk,...ak->...na", basis_values, c)
 
@@ -444,7 +449,7 @@ def deformation_rms(basis_values: Any, coefficients: Any) -> Any:
     """RMS of |d| over the points (px), the ``sphDeformation`` statistic. ``(..., 3K)`` → ``(...)``."""
     d = deformation_field(basis_values, coefficients)
     sq = (d * d).sum(-1).mean(-1)
-    return torch.sqrt(sq) if isinstance(sq, torch.Tensor) else np.sqrt(sq)
+    return sq.sqrt() if is_tensor(sq) else np.sqrt(sq)
 
 
 def gram_matrix(basis_values: Any, weights: Any = None) -> Any:

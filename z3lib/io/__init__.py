@@ -37,8 +37,8 @@ The modules, each importing only those above it in this list:
 ``models``
     Atomic models (:func:`read_model`, :func:`write_model_pdb`).
 
-Importing :mod:`z3lib.io` does not import torch (:mod:`z3lib.conventions` does, and is imported
-by the functions that use it).
+Importing :mod:`z3lib.io` does not import torch (nor does :mod:`z3lib.conventions`, which the
+functions that use it import when they run).
 """
 
 from __future__ import annotations

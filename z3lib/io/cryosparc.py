@@ -151,7 +151,7 @@ def _cs_angles(
     """RELION ZYZ Euler angles (degrees) from ``alignments3D/pose``, or None without poses."""
     if "alignments3D/pose" not in fields:
         return None
-    from z3lib import conventions  # imports torch: not at z3lib.io's import
+    from z3lib import conventions  # when needed: z3lib.io imports no other z3lib module
 
     matrices = conventions.cryosparc_pose_to_relion_matrix(arr["alignments3D/pose"].astype(np.float64))
     rot, tilt, psi = conventions.matrix_to_euler(matrices)
@@ -240,7 +240,7 @@ def _cs_raw_block(
 ) -> pd.DataFrame:
     """The RELION-style particle block of ``.cs`` input: the columns the ``.cs`` has values for
     (shifts as ``rlnOriginX/YAngst`` = px × pixel size)."""
-    from z3lib import conventions  # imports torch: not at z3lib.io's import
+    from z3lib import conventions  # when needed: z3lib.io imports no other z3lib module
 
     raw_cols: dict[str, Any] = {"rlnImageName": names}
     if angles is not None:

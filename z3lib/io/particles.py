@@ -205,7 +205,7 @@ def apply_poses(particles: Particles, poses: Particles) -> Particles:
         Different particle counts, rows that do not correspond (the first one is named), or
         ``poses`` without complete poses; the message names both files.
     """
-    from z3lib import conventions  # imports torch: not at z3lib.io's import
+    from z3lib import conventions  # when needed: z3lib.io imports no other z3lib module
 
     n, m = len(particles), len(poses)
     both = f"{poses.path} (poses) and {particles.path} (particles)"
@@ -368,7 +368,7 @@ def _float_column(frame: pd.DataFrame, name: str, default: float) -> npt.NDArray
 
 def _resolve_pixel_sizes(merged: pd.DataFrame) -> npt.NDArray[np.float64]:
     """Per-row pixel size via :func:`conventions.resolve_pixel_size` (NaN where none)."""
-    from z3lib import conventions  # imports torch: not at z3lib.io's import
+    from z3lib import conventions  # when needed: z3lib.io imports no other z3lib module
 
     cols = [c for c in _PIXEL_SIZE_COLUMNS if c in merged.columns]
     n = len(merged)
@@ -411,7 +411,7 @@ def _check_ctf_columns(path: Path, block: str, merged: pd.DataFrame, has_optics:
 def _check_shift_columns(path: Path, block: str, merged: pd.DataFrame) -> None:
     """A half origin-shift pair (e.g. rlnOriginXAngst without rlnOriginYAngst) is an error: the
     shifts would otherwise silently read as zero."""
-    from z3lib import conventions  # imports torch: not at z3lib.io's import
+    from z3lib import conventions  # when needed: z3lib.io imports no other z3lib module
 
     columns = set(map(str, merged.columns))
     if any(all(c in columns for c in pair)
@@ -517,7 +517,7 @@ def _star_shifts(
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     """Origin shifts ``(x, y)`` in pixels: ``rlnOriginX/YAngst`` ÷ pixel size, else
     ``rlnOriginX/Y`` (RELION 3.0, already px), else 0; non-numbers are refused."""
-    from z3lib import conventions  # imports torch: not at z3lib.io's import
+    from z3lib import conventions  # when needed: z3lib.io imports no other z3lib module
 
     n = len(merged)
     if all(c in merged.columns for c in conventions.SHIFT_COLUMNS_ANGSTROM):

@@ -141,7 +141,7 @@ def _apply_table(
     particles: ParticleSet, rows: npt.NDArray[np.int64], out: pd.DataFrame, table: pd.DataFrame
 ) -> None:
     """Write changed canonical values of ``table`` back into the RELION columns of ``out``."""
-    from z3lib import conventions  # imports torch: not at z3lib.io's import
+    from z3lib import conventions  # when needed: z3lib.io imports no other z3lib module
 
     base = particles.table.iloc[rows].reset_index(drop=True)
     new = table.reset_index(drop=True)
