@@ -75,7 +75,7 @@ def simulate_dataset(
     -------
     name → path of every file written.
     """
-    from z3lib.io import open_stack_writer, write_map, write_model_pdb, write_npz, write_table
+    from z3lib.io import open_stack_writer, write_map
 
     logger = log or logging.getLogger(__name__)
     out = Path(out_dir)
@@ -116,18 +116,8 @@ def simulate_dataset(
     else:
         write_map(paths["reference"], maps["truth_reference"], pixel_size)
         write_map(paths["mask"], make_mask(list(maps.values())), pixel_size)
-    write_table(paths["ground_truth"], pd.DataFrame({
-        "particle": np.arange(n_particles), "t": sim.t, "rot": sim.rot, "tilt": sim.tilt, "psi": sim.psi,
-        "shift_x_px": sim.shift_x, "shift_y_px": sim.shift_y, "defocus_u": sim.defocus_u,
-        "defocus_v": sim.defocus_v, "defocus_angle": sim.defocus_angle,
-    }))
-    write_npz(paths["motion"], start=motion.start, end=motion.end, weights=motion.weights,
-              pixel_size=float(pixel_size), box=float(box), reference_t=float(reference_t),
-              sigma=float(sigma_px), snr=float(snr), resolution=float(resolution))
-    # the atomic model of the reference conformation, in the maps' frame (MRC origin at voxel 0,
-    # as ChimeraX and Coot place it): centred coordinates + the box centre in Å
-    centre = box_center(box) * pixel_size
-    write_model_pdb(paths["reference_model"], start, motion.at(reference_t) + centre)
+    _write_truth(paths, sim, start, motion, box=box, pixel_size=pixel_size, reference_t=reference_t,
+                 sigma_px=sigma_px, snr=snr, resolution=resolution)
     logger.info("wrote %s in %.1f s", ", ".join(p.name for p in paths.values()), time.perf_counter() - t0)
     return paths
 
@@ -170,3 +160,23 @@ def _write_star(path: Path, stack_name: str, sim: SimulatedParticles, subset: np
         "rlnRandomSubset": subset, "rlnClassNumber": np.ones(n_particles, dtype=int),
     })
     write_star(path, {"optics": optics, "particles": particles})
+
+
+def _write_truth(paths: dict[str, Path], sim: SimulatedParticles, start: AtomicModel, motion: Motion, *, box: int,
+                 pixel_size: float, reference_t: float, sigma_px: float, snr: float, resolution: float) -> None:
+    """The ground truth: ``ground_truth.tsv`` (per particle), ``motion.npz`` and the atomic
+    model at ``reference_t`` in the maps' frame (``reference_model.pdb``)."""
+    from z3lib.io import write_model_pdb, write_npz, write_table
+
+    write_table(paths["ground_truth"], pd.DataFrame({
+        "particle": np.arange(len(sim.t)), "t": sim.t, "rot": sim.rot, "tilt": sim.tilt, "psi": sim.psi,
+        "shift_x_px": sim.shift_x, "shift_y_px": sim.shift_y, "defocus_u": sim.defocus_u,
+        "defocus_v": sim.defocus_v, "defocus_angle": sim.defocus_angle,
+    }))
+    write_npz(paths["motion"], start=motion.start, end=motion.end, weights=motion.weights,
+              pixel_size=float(pixel_size), box=float(box), reference_t=float(reference_t),
+              sigma=float(sigma_px), snr=float(snr), resolution=float(resolution))
+    # the atomic model of the reference conformation, in the maps' frame (MRC origin at voxel 0,
+    # as ChimeraX and Coot place it): centred coordinates + the box centre in Å
+    centre = box_center(box) * pixel_size
+    write_model_pdb(paths["reference_model"], start, motion.at(reference_t) + centre)
