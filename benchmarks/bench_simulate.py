@@ -1,6 +1,6 @@
 """Simulation throughput: the demo simulator (AdK motion, CTF, noise) at 5,000 particles, box 64.
 
-Prints one JSON line: particles/s and wall time of `z3lib.simulate.simulate_dataset` (files written).
+Prints one JSON line: particles/s and wall time of `z3lib.stages.simulate.simulate_dataset` (files written).
 Usage: python benchmarks/bench_simulate.py [--n 5000] [--box 64] [--out results.jsonl]
 """
 

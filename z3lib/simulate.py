@@ -279,8 +279,8 @@ def true_displacements(motion: Motion, t: npt.ArrayLike, reference_t: float) -> 
 
 
 def load_motion(path: str | Path) -> tuple[Motion, dict[str, float]]:
-    """Read ``motion.npz`` written by :func:`z3lib.stages.simulate.simulate_dataset`: the motion and its scalars
-    (``pixel_size``, ``box``, ``reference_t``, ``sigma`` in px)."""
+    """Read ``motion.npz`` written by :func:`z3lib.stages.simulate.simulate_dataset`: the motion and
+    its scalars (``pixel_size``, ``box``, ``reference_t``, ``sigma`` in px)."""
     from z3lib.io import read_npz
 
     data = read_npz(path)
