@@ -36,7 +36,8 @@ from z3lib.io import (
 )
 from z3lib.preprocess import fourier_crop
 from z3lib.report import chimerax_series_script, make_report, read_stage_timings
-from z3lib.simulate import load_motion, simulate_dataset
+from z3lib.simulate import load_motion
+from z3lib.stages.simulate import simulate_dataset
 
 ADK = Path(__file__).parent / "data" / "mdanalysistests_adk"
 # Debian's chromium package; Z3_CHROMIUM points elsewhere (or at nothing, to check the skip).

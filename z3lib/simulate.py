@@ -288,12 +288,3 @@ def load_motion(path: str | Path) -> tuple[Motion, dict[str, float]]:
     scalars = {k: float(data[k]) for k in ("pixel_size", "box", "reference_t", "sigma")}
     return motion, scalars
 
-
-def __getattr__(name: str) -> object:
-    """``simulate_dataset``, the stage, lives in :mod:`z3lib.stages.simulate`; this name is kept
-    for the importers not yet moved (loaded on first use: no import cycle)."""
-    if name == "simulate_dataset":
-        from z3lib.stages.simulate import simulate_dataset
-
-        return simulate_dataset
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
