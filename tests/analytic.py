@@ -1,7 +1,7 @@
-"""Closed-form references for the tests, written from design.md §5 and textbook formulas only.
+"""Closed-form references for the tests, written from docs/conventions.md and textbook formulas only.
 
 Nothing here imports z3lib: tests compare z3's results with these, so that a test never checks a
-function against itself. Conventions are design.md's: images ``[y, x]``, image centre
+function against itself. Conventions are docs/conventions.md's: images ``[y, x]``, image centre
 ``box // 2``, positions ``(x, y, z)`` px from the centre, RELION's ``A`` and shift sign (a map
 point ``p`` lands at ``(A p)_xy − s``), RELION's CTF with CTF(0) = +Q0.
 """
@@ -14,13 +14,13 @@ import numpy as np
 
 
 def electron_wavelength(voltage_kv: float) -> float:
-    """Relativistic electron wavelength (Å) at ``voltage_kv`` kV: design.md §5's formula."""
+    """Relativistic electron wavelength (Å) at ``voltage_kv`` kV: docs/conventions.md's formula."""
     v = voltage_kv * 1e3
     return float(12.2643247 / np.sqrt(v * (1.0 + 0.978466e-6 * v)))
 
 
 def relion_matrix(rot: np.ndarray, tilt: np.ndarray, psi: np.ndarray) -> np.ndarray:
-    """RELION's ``A`` from Euler angles in degrees (``(n,)`` each), rows exactly as design.md §5
+    """RELION's ``A`` from Euler angles in degrees (``(n,)`` each), rows exactly as docs/conventions.md
     writes them; ``(n, 3, 3)``."""
     f, t, p = np.deg2rad(rot), np.deg2rad(tilt), np.deg2rad(psi)
     cf, sf, ct, st, cp, sp = np.cos(f), np.sin(f), np.cos(t), np.sin(t), np.cos(p), np.sin(p)
@@ -35,7 +35,7 @@ def relion_matrix(rot: np.ndarray, tilt: np.ndarray, psi: np.ndarray) -> np.ndar
 def relion_ctf(kx: np.ndarray, ky: np.ndarray, pixel_size: float, defocus_u: float, defocus_v: float,
                defocus_angle: float, *, voltage: float = 300.0, cs_mm: float = 2.7,
                q0: float = 0.1) -> np.ndarray:
-    """RELION's CTF (its ``ctf.h``; design.md §5) at frequencies ``kx, ky`` in cycles/px.
+    """RELION's CTF (its ``ctf.h``; docs/conventions.md) at frequencies ``kx, ky`` in cycles/px.
 
     ``sin(χ + arcsin Q0)`` with ``χ = πλΔf s² − (π/2) Cs λ³ s⁴``, ``Δf`` the astigmatic defocus
     along the frequency's azimuth (U, V in Å, angle in degrees), ``s`` in 1/Å: CTF(0) = +Q0,

@@ -6,7 +6,7 @@ made of ``tests/data/cryodrgn/cryosparc_P12_J24_001_particles.cs`` (a real cryoS
 ``write_star`` converts them to; its README gives the command and cryoDRGN's conventions
 (rotations are RELION's ``A`` itself; translations are pixels / box, RELION's sign). Nothing here
 imports cryoDRGN, and nothing compares z3 with itself: the matrices are rebuilt from z3's Euler
-angles with design.md §5's row formula written out in tests/analytic.py, not with z3's
+angles with docs/conventions.md's row formula written out in tests/analytic.py, not with z3's
 conversion code.
 """
 
@@ -27,7 +27,7 @@ PIXEL_SIZE = 2.95  # Å, blob/psize_A of the .cs (tests/data/README.md)
 
 def test_fixture_rotations_are_relion_matrices() -> None:
     """cryoDRGN's own pair (rotations, the RELION angles its write_star makes of them) obeys
-    design.md's ``A``: the convention the comparison below relies on (no transpose), checked on
+    docs/conventions.md's ``A``: the convention the comparison below relies on (no transpose), checked on
     cryoDRGN's numbers alone."""
     fx = np.load(FIXTURE)
     e = fx["relion_euler_deg"]
@@ -38,7 +38,7 @@ def test_fixture_rotations_are_relion_matrices() -> None:
 def test_cs_poses_match_cryodrgn() -> None:
     """z3's RELION-convention poses from the ``.cs`` equal cryoDRGN's reading of the same file.
 
-    Independent of z3's Euler/matrix code (the matrix is design.md's formula, tests/analytic.py) and of z3's
+    Independent of z3's Euler/matrix code (the matrix is docs/conventions.md's formula, tests/analytic.py) and of z3's
     cryoSPARC conversion: the reference is cryoDRGN's ``expmap`` + transpose and its
     ``R_to_relion_scipy``. Rotations: ``A`` equals cryoDRGN's matrix (no transpose, see the
     fixture README); Euler angles equal cryoDRGN's mod 360° (all tilts 9–172°, so unique).

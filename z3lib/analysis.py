@@ -5,7 +5,7 @@ Maps are ``[z, y, x]`` numpy arrays; frequencies are in cycles/Å. Point clouds 
 ``(x, y, z)`` in px relative to the box centre ``N // 2``. Zernike3D coefficient vectors are
 ``(3K,)`` (or ``(n, 3K)``) ``[c_x(K), c_y(K), c_z(K)]`` in px of the box whose ``Rmax`` is given;
 the field ``d(x) = Σ_k c_k Z_k(x / Rmax)`` pushes a reference point ``x`` to ``x + d(x)``
-(design.md §5).
+(docs/conventions.md).
 """
 
 from __future__ import annotations

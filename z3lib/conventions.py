@@ -1,6 +1,6 @@
 """Every unit, angle, sign and axis convention of z3, and the conversions between them.
 
-This module is the one place where conventions live (design.md §5). Other modules import from
+This module is the one place where conventions live (docs/conventions.md). Other modules import from
 here; nothing else converts units or builds rotation matrices.
 
 Summary of the law

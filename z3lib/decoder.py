@@ -3,7 +3,7 @@ splat → CTF, the image circle and the image loss.
 
 Units are pixels of the processing box: the point cloud ``(N, 3)`` px relative to the box centre,
 coefficients ``(B, 3K)`` px with ``Rmax = box / 2``, shifts ``(B, 2)`` px, images ``(B, box, box)``
-(design.md §5). Nothing here knows the network: the decoder is built from its point cloud and a
+(docs/conventions.md). Nothing here knows the network: the decoder is built from its point cloud and a
 :class:`DecoderSettings` (degrees, basis, roughness measure, CTF padding, learned reference),
 which :class:`DecoderSpec` and the network's settings both are.
 """

@@ -7,7 +7,7 @@ This module holds the network itself: its settings (:class:`NetworkConfig`), the
 :mod:`z3lib.stages.predict`.
 
 Units inside the network are pixels of the processing box; coefficients leave the module in
-pixels of the original particle box (``Rmax = original box / 2``, design.md §5).
+pixels of the original particle box (``Rmax = original box / 2``, docs/conventions.md).
 
 Improvements over the original (reference/zernike3d-family.md §1): images stream from the
 memory-mapped stack (bounded memory); the image loss is the mean of per-image correlations; the

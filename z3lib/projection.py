@@ -1,6 +1,6 @@
 """Deformed point-cloud projection (bilinear splatting) and its adjoint, in torch.
 
-The forward model of a particle image without CTF (design.md §5):
+The forward model of a particle image without CTF (docs/conventions.md):
 
 1. push every reference point by its field, ``p = x + d(x)`` with ``d = Z · c`` per axis;
 2. rotate, ``q = A p`` (RELION ``A`` from the particle's Euler angles);

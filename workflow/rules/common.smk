@@ -92,7 +92,7 @@ Z3LIB_VERSION = z3lib.__version__
 
 RUN = config["run"]
 
-# Main outputs of each stage (design.md §2): the contract between stages.
+# Main outputs of each stage (docs/architecture.md): the contract between stages.
 STAGE_OUTPUTS = {
     "simulate": [
         "particles.star",
@@ -145,7 +145,7 @@ STAGE_OUTPUTS = {
 # Stages whose outputs `rule all` asks for; earlier ones are pulled in through their inputs.
 FINAL_STAGES = ["report"]
 
-# Flexible refinement rounds (design.md §2): train → predict → refine → zart run once per round
+# Flexible refinement rounds (docs/architecture.md): train → predict → refine → zart run once per round
 # under results/<run>/rounds/<k>/; round k >= 2 fine-tunes round k-1's network against a
 # reference made from round k-1's corrected map (rule round_reference). Rule publish copies the
 # final round's files to the stage paths results/<run>/{train,predict,refine,zart}/.

@@ -1,6 +1,6 @@
 """File input and output of z3: particles, images, maps, coefficients and atomic models.
 
-What lives here (design.md §4): RELION STAR (3.0, 3.1, 4, 5 with optics groups) and cryoSPARC
+What lives here (docs/architecture.md): RELION STAR (3.0, 3.1, 4, 5 with optics groups) and cryoSPARC
 ``.cs`` particle metadata, lazy memory-mapped MRC/MRCS particle stacks, MRC maps, coefficient files
 (``.npy``, the Flexutils ``zernikeCoefficients`` STAR column, Xmipp/Flexutils ``z_clnm`` text
 files) and atomic models (PDB/mmCIF through gemmi).
