@@ -48,7 +48,7 @@ bench: $(STAMP)
 ## Static checks (ruff, mypy --strict on z3lib).
 lint: $(STAMP)
 	$(PIP) install --quiet -e ".[dev]"
-	$(VENV)/bin/ruff check z3lib tests benchmarks
+	$(VENV)/bin/ruff check z3lib tests benchmarks workflow
 	$(VENV)/bin/mypy z3lib
 
 clean:
