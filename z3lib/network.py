@@ -19,7 +19,7 @@ seeded, checkpointed every epoch and resumes where it stopped.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -88,14 +88,9 @@ class NetworkConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> NetworkConfig:
-        names = {f.name for f in fields(cls)}
-        unknown = set(values) - names
-        if unknown:
-            raise ValueError(f"unknown network settings {sorted(unknown)}; known: {sorted(names)}")
         # models saved before the reference could be learned (z3lib < 0.1.3) hold none
         # ... and penalised the full gradient (z3lib < 0.1.4)
-        return cls(**{"learn_reference": False, "roughness": "gradient", **values})
-
+        return from_section(cls, {"learn_reference": False, "roughness": "gradient", **values})
 
 
 # ----------------------------------------------------------------------------------------------
