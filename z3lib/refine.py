@@ -83,6 +83,12 @@ class RefineConfig:
     free_steps: int = 0  # landscape mode: then this many steps on all 3K coefficients (leave the landscape)
     free_prior_weight: float = 0.01  # that stage: weight of mean |Δd|² (px²) away from the landscape result
     free_smooth_weight: float = 0.01  # that stage: weight of the mean roughness of the change
+    population_rounds: int = 2  # landscape: alternations of direction fit (all particles) and scoring; 0 = the network's
+    population_epochs: int = 3  # that fit: passes over all particles per round
+    population_learning_rate: float = 0.02  # that fit: Adam step (px)
+    population_batch_size: int = 64  # that fit: particles per step
+    population_smooth_weight: float = 0.01  # that fit: weight of the fields' mean roughness
+    posterior_mean: bool = True  # scores: posterior mean over the grid (False: the grid's best point)
     patience: int = 8
     tolerance: float = 1e-6
     batch_size: int = 256
@@ -338,6 +344,7 @@ def refine_batch(
     landscape: Landscape | None = None,
     precision: torch.Tensor | None = None,
     phase_flipped: bool = False,
+    fitted: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Refine one batch of particles together (each with its own parameters and stopping).
 
@@ -355,6 +362,11 @@ def refine_batch(
         required in ``"landscape"`` mode (see :func:`landscape_from_predictions`).
     precision
         ``(3K, 3K)`` population precision for the free mode's Mahalanobis prior (None: field prior).
+    fitted
+        ``prior`` holds the population fit's coefficients on ``landscape``
+        (:func:`z3lib.population.fit_population`: each particle's posterior mean already): no grid
+        search, and the local search runs only where poses or defocus are refined (on the scores,
+        it would only move them to the single image's noisier maximum); the free stage as set.
 
     Returns
     -------
@@ -376,14 +388,16 @@ def refine_batch(
     zero1 = torch.zeros(b, device=device)
     with torch.no_grad():  # the baseline every particle must beat: the network's prediction itself
         prior_img = objective.image_term(prior)
-    if land_t is not None:
+    if land_t is not None and not fitted:
         assert landscape is not None
         start = _grid_search(objective, objective.prior_scores, landscape.low / landscape.scale,
                              landscape.high / landscape.scale, config)
     else:
-        start = prior.clone()
+        start = objective.prior_scores.clone() if land_t is not None else prior.clone()
     stages = _stage_masks(start.shape[1], degrees, config.degree_schedule, config.mode == "free")
-    best, steps = _local_search(objective, start, stages, config.steps, config)
+    local = not fitted or config.refine_angles or config.refine_shifts or config.refine_defocus
+    best, steps = _local_search(objective, start, stages, config.steps if local else 0, config)
+    searched = local or config.free_steps > 0
     with torch.no_grad():
         coeffs = objective.coefficients(best.params)
     if land_t is not None and config.free_steps > 0:
@@ -402,6 +416,8 @@ def refine_batch(
     with torch.no_grad():
         final_img = _image_term_at(objective, coeffs, best)
     flagged = ~(final_img < prior_img - config.tolerance)
+    if not searched:  # nothing to improve on: the population fit is the result
+        flagged = torch.zeros_like(flagged)
     fm = flagged[:, None]
     return {
         "coefficients": torch.where(fm, prior, coeffs).detach(),
@@ -564,6 +580,7 @@ def refine_particles(
     images: str | None = None,
     inputs: Mapping[str, Any] | None = None,
     log: logging.Logger | None = None,
+    landscape: Landscape | None = None,
 ) -> RefineResult:
     """Refine particles ``index`` (default all) in batches; resumable through ``progress_path``.
 
@@ -572,7 +589,11 @@ def refine_particles(
     prior
         ``(n_total, 3K)`` the network's coefficients for every particle of ``source`` (px of the
         processing box); the landscape and the population prior are built from all of them, so
-        every chunk of a scattered run uses the same ones.
+        every chunk of a scattered run uses the same ones. With ``landscape``: the population
+        fit's coefficients on it (:func:`z3lib.population.fit_population`).
+    landscape
+        landscape mode: the population's fitted landscape (``prior`` its coefficients; see
+        ``fitted`` of :func:`refine_batch`); None: the principal directions of ``prior``.
     progress_path
         optional ``.npz`` where finished batches are saved (atomically) after each batch, with
         the :func:`progress_fingerprint` of this call; a rerun skips them only when the
@@ -588,9 +609,12 @@ def refine_particles(
 
     logger = log or logging.getLogger(__name__)
     dev = torch.device(device)
-    landscape = None
     precision = None
-    if config.mode == "landscape":
+    fitted = landscape is not None and config.mode == "landscape"
+    if fitted:
+        assert landscape is not None
+        logger.info("landscape: %d direction(s) fitted to the population", len(landscape.directions))
+    elif config.mode == "landscape":
         landscape = landscape_from_predictions(prior, variance=config.subspace_variance,
                                                max_dimensions=config.max_dimensions)
         logger.info("landscape: %d direction(s) of the predictions' principal components", len(landscape.directions))
@@ -605,6 +629,10 @@ def refine_particles(
     }
     done = np.zeros(n, dtype=bool)
     fingerprint = ""
+    if fitted:  # the partial results belong to this landscape only
+        assert landscape is not None
+        inputs = {**dict(inputs or {}), "landscape": array_digest(landscape.mean, landscape.directions,
+                                                                  landscape.scale, landscape.low, landscape.high)}
     if progress_path is not None:
         image_id = images if images is not None else images_digest(source, idx, config.batch_size)
         fingerprint = progress_fingerprint(decoder, source, prior, idx, degrees, config, device=dev,
@@ -630,7 +658,8 @@ def refine_particles(
         b = source.batch(idx[sl], dev)
         res = refine_batch(decoder, b.images, b.angles, b.shifts, b.ctf,
                            torch.as_tensor(prior[idx[sl]], dtype=torch.float32, device=dev), degrees, config,
-                           landscape=landscape, precision=precision, phase_flipped=source.phase_flipped)
+                           landscape=landscape, precision=precision, phase_flipped=source.phase_flipped,
+                           fitted=fitted)
         for key, column in out.items():
             column[sl] = res[key].cpu().numpy()
         done[sl] = True

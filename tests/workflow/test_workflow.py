@@ -127,7 +127,7 @@ def demo_dir(tmp_path: Path) -> Path:
 def test_dry_run_default_config_plans_the_demo(demo_dir: Path) -> None:
     result = snakemake(demo_dir, "-n")
     assert_ok(result)
-    assert job_counts(result.stdout) == {"simulate": 1, "preprocess": 1, "train": 1, "predict": 1, "refine_chunk": 2, "refine": 1, "zart": 1, "publish": 1, "report": 1, "all": 1}
+    assert job_counts(result.stdout) == {"simulate": 1, "preprocess": 1, "train": 1, "predict": 1, "refine_landscape": 1, "refine_chunk": 2, "refine": 1, "zart": 1, "publish": 1, "report": 1, "all": 1}
     for name in PREPROCESS_OUTPUTS:
         assert f"results/demo/preprocess/{name}" in result.stdout
     assert "logs/demo/simulate.log" in result.stdout
@@ -137,7 +137,7 @@ def test_dry_run_default_config_plans_the_demo(demo_dir: Path) -> None:
 def test_dry_run_user_config_plans_preprocess_only(tmp_path: Path) -> None:
     result = snakemake(tmp_path, "-n", "--configfile", str(scenario_config("user", tmp_path)))
     assert_ok(result)
-    assert job_counts(result.stdout) == {"preprocess": 1, "train": 1, "predict": 1, "refine_chunk": 2, "refine": 1, "zart": 1, "publish": 1, "report": 1, "all": 1}
+    assert job_counts(result.stdout) == {"preprocess": 1, "train": 1, "predict": 1, "refine_landscape": 1, "refine_chunk": 2, "refine": 1, "zart": 1, "publish": 1, "report": 1, "all": 1}
     assert "rule simulate" not in result.stdout
     assert str(REPO / "tests/data/cryodrgn/relion31.star") in result.stdout
     assert "results/user/preprocess/points.npz" in result.stdout
@@ -154,7 +154,7 @@ def planned_jobs(output: str) -> list[dict[str, str]]:
     return jobs
 
 
-ROUND_JOBS = {"train": 1, "predict": 1, "refine_chunk": 2, "refine": 1, "zart": 1}
+ROUND_JOBS = {"train": 1, "predict": 1, "refine_landscape": 1, "refine_chunk": 2, "refine": 1, "zart": 1}
 
 
 @pytest.mark.parametrize("rounds", [1, 2, 3])
@@ -201,6 +201,11 @@ def test_dry_run_plans_every_round_and_mode(demo_dir: Path, rounds: int, mode: s
         assert f"{run}/rounds/{k}/refine/particles.star" in zj["input"].split(", ")
         chunks = [j for j in jobs if j["rule"] == "refine_chunk" and f"rounds/{k}/" in j["output"]]
         assert chunks and all(f"{run}/rounds/{k}/predict/particles.star" in j["input"].split(", ") for j in chunks)
+        # the chunks start from the population's landscape of their round (one per half set)
+        names = ["landscape_half1.npz", "landscape_half2.npz"] if mode == "independent" else ["landscape.npz"]
+        (land,) = [j for j in jobs if j["rule"] == "refine_landscape" and f"rounds/{k}/" in j["output"]]
+        assert sorted(land["output"].split(", ")) == [f"{run}/rounds/{k}/refine/{name}" for name in names]
+        assert all(f"{run}/rounds/{k}/refine/{name}" in j["input"].split(", ") for j in chunks for name in names)
         # the network of round k >= 2 trains and predicts with round k-1's refined poses
         network = [j for j in jobs if j["rule"] in ("train", "train_half", "predict") and f"rounds/{k}/" in j["output"]]
         assert len(network) == (3 if mode == "independent" else 2)
@@ -354,7 +359,7 @@ def test_tiny_end_to_end_run(tmp_path: Path) -> None:
     config = scenario_config("tiny", tmp_path)
     result = snakemake(tmp_path, "--workflow-profile", str(CI_PROFILE), "--configfile", str(config))
     assert_ok(result)
-    assert job_counts(result.stdout) == {"simulate": 1, "preprocess": 1, "train": 1, "predict": 1, "refine_chunk": 2, "refine": 1, "zart": 1, "publish": 1, "report": 1, "all": 1}
+    assert job_counts(result.stdout) == {"simulate": 1, "preprocess": 1, "train": 1, "predict": 1, "refine_landscape": 1, "refine_chunk": 2, "refine": 1, "zart": 1, "publish": 1, "report": 1, "all": 1}
     for stage, names in (
         ("simulate", SIMULATE_OUTPUTS),
         ("preprocess", PREPROCESS_OUTPUTS),
@@ -419,7 +424,7 @@ def test_rigid_real_toy_set_end_to_end_finds_no_motion(tmp_path: Path) -> None:
     result = snakemake(tmp_path, "--workflow-profile", str(CI_PROFILE), "--configfile",
                        str(scenario_config("toy", tmp_path)), timeout=300)
     assert_ok(result)
-    assert job_counts(result.stdout) == {"preprocess": 1, "train": 1, "predict": 1, "refine_chunk": 1, "refine": 1,
+    assert job_counts(result.stdout) == {"preprocess": 1, "train": 1, "predict": 1, "refine_landscape": 1, "refine_chunk": 1, "refine": 1,
                                          "zart": 1, "publish": 1, "report": 1, "all": 1}
     out = tmp_path / "results" / "toy"
     cloud = read_npz(out / "preprocess" / "points.npz")
@@ -494,7 +499,7 @@ def test_interrupted_run_resumes_without_redoing_finished_stages(tmp_path: Path)
 
     second = snakemake(tmp_path, *profile)
     assert_ok(second)
-    assert job_counts(second.stdout) == {"preprocess": 1, "train": 1, "predict": 1, "refine_chunk": 2, "refine": 1, "zart": 1, "publish": 1, "report": 1, "all": 1}
+    assert job_counts(second.stdout) == {"preprocess": 1, "train": 1, "predict": 1, "refine_landscape": 1, "refine_chunk": 2, "refine": 1, "zart": 1, "publish": 1, "report": 1, "all": 1}
     assert {name: (simulated / name).stat().st_mtime_ns for name in SIMULATE_OUTPUTS} == mtimes
     for name in PREPROCESS_OUTPUTS:
         assert (tmp_path / "results" / "tiny" / "preprocess" / name).is_file()

@@ -251,6 +251,19 @@ def round_network_points(wildcards):
     return [round_path(wildcards, wildcards.k, "train", "points.npz")]
 
 
+# The population's landscape (written by refine_landscape): one fit, or one per independent half.
+POPULATION = config["refine"]["mode"] == "landscape" and config["refine"]["population_rounds"] > 0
+LANDSCAPE_FILES = [f"landscape_half{h}.npz" for h in HALVES] if INDEPENDENT else ["landscape.npz"]
+LANDSCAPE_OUTPUTS = [f"results/{{run}}/rounds/{{k}}/refine/{name}" for name in LANDSCAPE_FILES]
+
+
+def round_landscapes(wildcards):
+    """The landscape fits refinement of round {k} starts from (none without a population fit)."""
+    if not POPULATION:
+        return []
+    return [round_path(wildcards, wildcards.k, "refine", name) for name in LANDSCAPE_FILES]
+
+
 def round_reference_volume(wildcards):
     """The map the reference of round {k} (>= 2) is made from: round k-1's corrected map, or
     its half {half} (rule round_reference_half)."""

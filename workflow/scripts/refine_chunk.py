@@ -38,4 +38,5 @@ with _bootstrap.stage(log, f"refine chunk {item} of {n_items}", params.z3lib, th
         image_root=params.image_root,
         roughness=params.roughness,
         log=log,
+        landscapes=list(snakemake.input.landscapes),  # the population's fit(s); none without one
     )

@@ -1,5 +1,6 @@
-"""Stages ``refine_chunk`` and ``refine``: the per-particle refinement of one chunk of particles
-(:func:`z3lib.refine.refine_particles`), then the chunks gathered back in STAR order."""
+"""Stages ``refine_landscape``, ``refine_chunk`` and ``refine``: the landscape fitted to all
+particles (:func:`z3lib.population.fit_population`), the per-particle refinement of one chunk of
+particles (:func:`z3lib.refine.refine_particles`), then the chunks gathered back in STAR order."""
 
 from __future__ import annotations
 
@@ -16,8 +17,81 @@ from z3lib.conventions import shift_angstrom_to_pixels, shift_pixels_to_angstrom
 from z3lib.decoder import Roughness
 from z3lib.io import Particles
 from z3lib.network import NetworkConfig
-from z3lib.refine import RefineConfig, chunk_rows, make_decoder, refine_particles
+from z3lib.refine import Landscape, RefineConfig, chunk_rows, make_decoder, refine_particles
 from z3lib.training import ParticleBatchSource, stack_identity
+
+
+def refine_landscape(
+    particles: str | Path,
+    points: str | Path | Sequence[str | Path],
+    prior_coefficients: str | Path,
+    out_paths: str | Path | Sequence[str | Path],
+    *,
+    degrees: tuple[int, int],
+    basis: zk.Basis,
+    config: RefineConfig,
+    device: str | torch.device = "cpu",
+    independent_halves: bool = False,
+    seed: int = 0,
+    poses: str | Path | None = None,
+    pixel_size: float | None = None,
+    image_root: str | Path | None = None,
+    roughness: Roughness = NetworkConfig.roughness,
+    log: logging.Logger | None = None,
+) -> list[Path]:
+    """Fit the landscape to all particles (or, with ``independent_halves``, to each gold-standard
+    half on its own, against its own point cloud); write each fit to ``out_paths`` (one, or one
+    per half; ``.npz``, atomic, :func:`z3lib.population.write_population` plus ``rows``, the
+    particles it covers, ``box`` and ``original_box``).
+
+    Arguments as :func:`refine_chunk`; ``config.population_rounds`` alternations.
+    """
+    from z3lib.population import fit_population, write_population
+    from z3lib.zart import half_sets
+
+    logger = log or logging.getLogger(__name__)
+    parts, clouds, prior = _refine_inputs(particles, points, prior_coefficients, degrees,
+                                          independent_halves=independent_halves, poses=poses,
+                                          pixel_size=pixel_size, image_root=image_root, log=logger)
+    outs = [Path(out_paths)] if isinstance(out_paths, (str, Path)) else [Path(p) for p in out_paths]
+    source = ParticleBatchSource.from_particles(parts)
+    groups = list(half_sets(source.subsets, seed)) if independent_halves else [np.arange(len(parts))]
+    if len(outs) != len(groups):
+        raise ValueError(f"{len(groups)} landscape(s) to write but {len(outs)} paths given: {outs}")
+    for h, (rows, out) in enumerate(zip(groups, outs, strict=True)):
+        c = clouds[min(h, len(clouds) - 1)]
+        box = int(c["box"])
+        if independent_halves:
+            logger.info("gold-standard half %d: %d particles, its own reference (%d points)", h + 1, len(rows),
+                        len(c["points"]))
+        decoder = make_decoder(c["points"], c["amplitudes"], box, float(c["pixel_size"]), degrees, basis, device,
+                               roughness)
+        fit = fit_population(decoder, source.take(rows), prior[rows], config, device=device, seed=seed, log=logger)
+        write_population(out, fit, rows=np.asarray(rows, dtype=np.int64), box=np.int64(box),
+                         original_box=np.int64(c["original_box"]))
+        logger.info("wrote %s: %d direction(s)", out, len(fit.landscape.directions))
+    source.images.close()
+    return outs
+
+
+def _fitted_landscapes(paths: Sequence[str | Path], prior: np.ndarray) -> tuple[np.ndarray, list[Landscape]]:
+    """The population fits of :func:`refine_landscape`: the coefficients ``(n, 3K)`` (px of the
+    processing box; ``prior``'s rows replaced by each fit's) and the landscapes, in file order."""
+    from z3lib.io import Z3InputError, read_npz
+    from z3lib.population import read_population
+
+    out = np.array(prior, copy=True)
+    lands = []
+    for path in paths:
+        land, coeffs = read_population(path)
+        rows = read_npz(path)["rows"]
+        if coeffs.shape[1] != prior.shape[1] or len(rows) != len(coeffs) or rows.max(initial=-1) >= len(prior):
+            raise Z3InputError(f"{path} holds a landscape of other particles or degrees "
+                               f"({coeffs.shape} for rows up to {rows.max(initial=-1)}; the predictions are "
+                               f"{prior.shape}): remake it (rule refine_landscape)")
+        out[rows] = coeffs
+        lands.append(land)
+    return out, lands
 
 
 def refine_chunk(
@@ -40,6 +114,7 @@ def refine_chunk(
     image_root: str | Path | None = None,
     roughness: Roughness = NetworkConfig.roughness,
     log: logging.Logger | None = None,
+    landscapes: Sequence[str | Path] | None = None,
 ) -> Path:
     """Refine one chunk of particles; write its results to ``out_path`` (``.npz``, atomic).
 
@@ -70,6 +145,10 @@ def refine_chunk(
         network's measure (``train.roughness``: ``strain`` or ``gradient``).
     pixel_size, image_root
         the overrides the preprocess stage used for the original particles, to read ``poses``.
+    landscapes
+        landscape mode: the population fits of :func:`refine_landscape` (one, or one per half
+        with ``independent_halves``); the particles start from (and are measured against) their
+        fitted coefficients. None or empty: the landscape of the predictions.
     """
     from z3lib.io import write_npz
 
@@ -77,6 +156,10 @@ def refine_chunk(
     parts, clouds, prior = _refine_inputs(particles, points, prior_coefficients, degrees,
                                           independent_halves=independent_halves, poses=poses,
                                           pixel_size=pixel_size, image_root=image_root, log=logger)
+    fitted: list[Landscape] | None = None
+    if landscapes and config.mode == "landscape":
+        prior, fitted = _fitted_landscapes(landscapes, prior)
+        logger.info("starting from the population's landscape (%s)", ", ".join(str(p) for p in landscapes))
     cloud = clouds[0]
     box, orig_box = int(cloud["box"]), int(cloud["original_box"])
     rows = chunk_rows(len(parts), chunk, n_chunks)
@@ -91,14 +174,14 @@ def refine_chunk(
                                basis, device, roughness)
         result = refine_particles(decoder, source, prior, degrees, config, index=rows, device=device,
                                   progress_path=progress_path, images=image_id(rows), inputs=inputs,
-                                  log=logger)
+                                  log=logger, landscape=fitted[0] if fitted else None)
         arrays = result.to_arrays()
         if progress_path is not None:
             progress_paths.append(Path(progress_path))
     else:
         arrays, progress_paths = _refine_halves(source, clouds, prior, rows, image_id, progress_path, seed=seed,
                                                 degrees=degrees, basis=basis, config=config, device=device,
-                                                roughness=roughness, inputs=inputs, log=logger)
+                                                roughness=roughness, inputs=inputs, log=logger, landscapes=fitted)
     arrays["coefficients"] = zk.rescale_coefficients(arrays["coefficients"], box, orig_box)
     # the refined defocus itself: the offsets refer to the starting CTF (that of ``poses``, which in
     # round k >= 2 is already the previous round's refined one), not to the particles as given
@@ -176,6 +259,7 @@ def _refine_halves(
     roughness: Roughness,
     inputs: dict[str, Any],
     log: logging.Logger,
+    landscapes: list[Landscape] | None = None,
 ) -> tuple[dict[str, np.ndarray], list[Path]]:
     """Refine the chunk's particles ``rows`` of each gold-standard half on their own (its own
     reference, landscape and prior); the results in ``rows`` order and the progress files used."""
@@ -196,7 +280,8 @@ def _refine_halves(
             progress_paths.append(half_progress)
         res = refine_particles(decoder, source.take(half_rows), prior[half_rows], degrees, config, index=local,
                                device=device, progress_path=half_progress, images=image_id(half_rows[local]),
-                               inputs={**inputs, "half": h, "seed": int(seed)}, log=log).to_arrays()
+                               inputs={**inputs, "half": h, "seed": int(seed)}, log=log,
+                               landscape=landscapes[h - 1] if landscapes else None).to_arrays()
         res["index"] = half_rows[res["index"]]
         pieces.append(res)
     order = np.argsort(np.concatenate([piece["index"] for piece in pieces]), kind="stable")

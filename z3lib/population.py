@@ -1,0 +1,296 @@
+"""The landscape fitted by the whole population: shared motion directions, per-particle scores.
+
+The network's predictions give each particle a field, and their principal directions a
+landscape. At low SNR those directions are poor: the encoder's errors shrink the predicted
+fields (regression to the mean) and mix spurious motion of the static parts into every
+direction, and one particle's image cannot correct a direction that all particles share. Here
+the directions are refitted against *all* images at once, alternating two steps:
+
+1. **directions**: with every particle's scores ``z_i`` fixed, the shared mean field and
+   directions minimise the summed image loss of the population,
+
+       min_{μ, D}  Σ_i loss(image_i, CTF_i ∗ P(μ + z_i · D, pose_i)) + w · Σ_i roughness(μ + z_i · D)
+
+   (mini-batch Adam over the particles; ``D`` is ``(k, 3K)``, one row per direction);
+2. **scores**: every particle is scored on a grid along each direction (coordinate-wise, as the
+   landscape refinement does), and its score is the **posterior mean** over that grid: the image
+   likelihood with Gaussian noise of unknown level, scale and offset, profiled, is
+   ``−log L = (N/2) · log(1 − corr²)`` (``N`` pixels inside the mask, ``corr`` the correlation of
+   the image with the projection), and the prior over the grid is the population's own score
+   histogram, estimated by EM (a discrete, non-parametric prior). The posterior mean is the
+   least-squares estimate of each particle's coordinate; the grid's best point (maximum
+   likelihood) scatters wider at low SNR.
+
+The result is a landscape (:class:`z3lib.refine.Landscape`: mean, orthonormal directions, scale
+and range of the scores) and every particle's coefficients ``μ + s_i · U``. This is the linear
+flow model of 3DFlex-like methods with the Zernike3D basis as its generator, fitted by hard
+alternation from the network's landscape as the start.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from z3lib.conventions import euler_to_matrix
+from z3lib.decoder import PhysicalDecoder, circle_mask, image_loss
+from z3lib.refine import Landscape, RefineConfig, _grid_search, _Objective, landscape_from_predictions
+from z3lib.training import ParticleBatchSource
+
+POSTERIOR_EM_ITERATIONS = 50  # EM steps of the grid prior (converges in a few tens)
+
+
+@dataclass(frozen=True)
+class PopulationFit:
+    """The fitted landscape and every particle's result (px of the processing box).
+
+    ``coefficients[i] = landscape.mean + scores[i] · landscape.directions``.
+    """
+
+    landscape: Landscape
+    scores: np.ndarray  # (n, k) px along the orthonormal directions
+    coefficients: np.ndarray  # (n, 3K)
+    history: list[dict[str, float]]  # one entry per round: mean image loss after each step
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The arrays of :func:`write_population` (``landscape_*`` and per-particle ones)."""
+        land = self.landscape
+        return {"landscape_mean": land.mean, "landscape_directions": land.directions, "landscape_scale": land.scale,
+                "landscape_low": land.low, "landscape_high": land.high, "scores": self.scores,
+                "coefficients": self.coefficients}
+
+
+def write_population(path: str | Path, fit: PopulationFit, **extra: np.ndarray) -> Path:
+    """Write a :class:`PopulationFit` (and ``extra`` arrays) to ``path`` (``.npz``, atomic)."""
+    from z3lib.io import write_npz
+
+    write_npz(path, **fit.to_arrays(), **extra)
+    return Path(path)
+
+
+def read_population(path: str | Path) -> tuple[Landscape, np.ndarray]:
+    """The landscape and the per-particle coefficients ``(n, 3K)`` written by :func:`write_population`."""
+    from z3lib.io import Z3InputError, read_npz
+
+    arrays = read_npz(path)
+    keys = ("landscape_mean", "landscape_directions", "landscape_scale", "landscape_low", "landscape_high",
+            "coefficients")
+    missing = [k for k in keys if k not in arrays]
+    if missing:
+        raise Z3InputError(f"{path} is not a population landscape (no {', '.join(missing)}); "
+                           "remake it with the refine_landscape rule")
+    land = Landscape(mean=arrays["landscape_mean"], directions=arrays["landscape_directions"],
+                     scale=arrays["landscape_scale"], low=arrays["landscape_low"], high=arrays["landscape_high"])
+    return land, np.asarray(arrays["coefficients"], dtype=np.float64)
+
+
+def posterior_mean_scores(costs: np.ndarray, grid: np.ndarray, n_pixels: float,
+                          iterations: int = POSTERIOR_EM_ITERATIONS) -> tuple[np.ndarray, np.ndarray]:
+    """Posterior mean and standard deviation of each particle's score on a grid.
+
+    Parameters
+    ----------
+    costs
+        ``(n, G)`` 1 − correlation of each image with the projection at each grid point.
+    grid
+        ``(G,)`` the grid's scores.
+    n_pixels
+        pixels of the mask the correlation is taken over (the likelihood's sample size).
+
+    Returns
+    -------
+    ``(n,)`` posterior means and ``(n,)`` posterior standard deviations, under the prior over the
+    grid that maximises the marginal likelihood of all particles (EM).
+    """
+    corr = np.clip(1.0 - np.asarray(costs, dtype=np.float64), 0.0, 1.0 - 1e-9)
+    nll = 0.5 * float(n_pixels) * np.log1p(-(corr**2))
+    nll -= nll.min(axis=1, keepdims=True)
+    like = np.exp(-nll)  # (n, G), best point 1
+    prior = np.full(len(grid), 1.0 / len(grid))
+    post = like * prior
+    for _ in range(max(1, iterations)):
+        post = like * prior
+        post /= post.sum(axis=1, keepdims=True)
+        prior = post.mean(axis=0) + 1e-12
+        prior /= prior.sum()
+    mean = post @ grid
+    sd = np.sqrt(np.maximum((post * (grid[None, :] - mean[:, None]) ** 2).sum(axis=1), 0.0))
+    return mean, sd
+
+
+def _rotations(batch_angles: torch.Tensor) -> torch.Tensor:
+    return euler_to_matrix(batch_angles[:, 0], batch_angles[:, 1], batch_angles[:, 2])
+
+
+def fit_directions(decoder: PhysicalDecoder, source: ParticleBatchSource, mean: torch.Tensor,
+                   directions: torch.Tensor, scores: np.ndarray, config: RefineConfig, *,
+                   device: torch.device, seed: int = 0, log: logging.Logger | None = None) -> float:
+    """Step 1: refit the shared ``mean`` ``(3K,)`` and ``directions`` ``(k, 3K)`` (px, in place)
+    to all particles' images at fixed ``scores`` ``(n, k)``; returns the last epoch's mean image loss."""
+    logger = log or logging.getLogger(__name__)
+    mean.requires_grad_(True)
+    directions.requires_grad_(True)
+    opt = torch.optim.Adam([mean, directions], lr=config.population_learning_rate)
+    z = torch.as_tensor(scores, dtype=mean.dtype, device=device)
+    mask = circle_mask(decoder.box, config.mask_radius, device=device)
+    rng = np.random.default_rng(seed)
+    n = len(source)
+    last = float("nan")
+    for epoch in range(config.population_epochs):
+        t0 = time.perf_counter()
+        order = rng.permutation(n)
+        total = 0.0
+        for lo in range(0, n, config.population_batch_size):
+            rows = order[lo:lo + config.population_batch_size]
+            b = source.batch(rows, device)
+            coeffs = mean[None] + z[rows] @ directions
+            pred = decoder(coeffs, _rotations(b.angles), b.shifts, b.ctf, phase_flipped=source.phase_flipped)
+            img = image_loss(pred, b.images, mask, config.loss)
+            loss = img.mean() + config.population_smooth_weight * decoder.field_roughness(coeffs).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]
+            opt.step()
+            total += float(img.detach().sum())
+        last = total / max(n, 1)
+        elapsed = time.perf_counter() - t0
+        logger.info("  directions: epoch %d/%d, mean image loss %.6f (%.0f particles/s)", epoch + 1,
+                    config.population_epochs, last, n / max(elapsed, 1e-9))
+    mean.requires_grad_(False)
+    directions.requires_grad_(False)
+    return last
+
+
+def score_particles(decoder: PhysicalDecoder, source: ParticleBatchSource, mean: torch.Tensor,
+                    directions: torch.Tensor, scores: np.ndarray, config: RefineConfig, *,
+                    device: torch.device, log: logging.Logger | None = None) -> tuple[np.ndarray, float]:
+    """Step 2: every particle's scores ``(n, k)`` along ``directions`` (coordinate-wise grid over
+    the population's range × ``grid_extent``, from ``scores``), as posterior means (or the grid's
+    best points with ``posterior_mean`` off); returns them and the mean image loss at them."""
+    logger = log or logging.getLogger(__name__)
+    z = np.array(scores, dtype=np.float64)
+    mask = circle_mask(decoder.box, config.mask_radius, device=device)
+    n_pixels = float(mask.sum())
+    n, k = z.shape
+    t0 = time.perf_counter()
+    for j in range(k):
+        mid = 0.5 * (z[:, j].min() + z[:, j].max())
+        half = 0.5 * (z[:, j].max() - z[:, j].min()) * config.grid_extent
+        grid = np.linspace(mid - half, mid + half, config.grid_points)
+        costs = np.empty((n, len(grid)))
+        with torch.no_grad():
+            for lo in range(0, n, config.batch_size):
+                rows = np.arange(lo, min(n, lo + config.batch_size))
+                b = source.batch(rows, device)
+                rot = _rotations(b.angles)
+                transfer = decoder.transfer(b.ctf, phase_flipped=source.phase_flipped, device=device,
+                                            dtype=decoder.amplitudes.dtype)
+                trial = torch.as_tensor(z[rows], dtype=mean.dtype, device=device)
+                for g, value in enumerate(grid):
+                    trial[:, j] = float(value)
+                    pred = decoder(mean[None] + trial @ directions, rot, b.shifts, b.ctf, transfer=transfer)
+                    costs[rows, g] = image_loss(pred, b.images, mask, "corr").cpu().numpy()
+        if config.posterior_mean:
+            z[:, j], sd = posterior_mean_scores(costs, grid, n_pixels)
+            logger.info("  scores along direction %d: posterior sd %.3f of a spread %.3f (grid %d points)",
+                        j + 1, float(sd.mean()), float(z[:, j].std()), len(grid))
+        else:
+            z[:, j] = grid[np.argmin(costs, axis=1)]
+        rate = n * (j + 1) / max(time.perf_counter() - t0, 1e-9)
+        logger.info("  scored %d particles along %d/%d directions (%.1f particles·directions/s)", n, j + 1, k, rate)
+    loss = _mean_image_loss(decoder, source, mean, directions, z, config, device=device)
+    return z, loss
+
+
+def _mean_image_loss(decoder: PhysicalDecoder, source: ParticleBatchSource, mean: torch.Tensor,
+                     directions: torch.Tensor, scores: np.ndarray, config: RefineConfig, *,
+                     device: torch.device) -> float:
+    mask = circle_mask(decoder.box, config.mask_radius, device=device)
+    total = 0.0
+    with torch.no_grad():
+        for lo in range(0, len(source), config.batch_size):
+            rows = np.arange(lo, min(len(source), lo + config.batch_size))
+            b = source.batch(rows, device)
+            coeffs = mean[None] + torch.as_tensor(scores[rows], dtype=mean.dtype, device=device) @ directions
+            pred = decoder(coeffs, _rotations(b.angles), b.shifts, b.ctf, phase_flipped=source.phase_flipped)
+            total += float(image_loss(pred, b.images, mask, config.loss).sum())
+    return total / max(len(source), 1)
+
+
+def _initial_scores(decoder: PhysicalDecoder, source: ParticleBatchSource, prior: np.ndarray,
+                    land: Landscape, config: RefineConfig, device: torch.device) -> np.ndarray:
+    """Each particle's grid search along the network's landscape (the refinement's first step),
+    ``(n, k)`` in units of the population's spread."""
+    t = {name: torch.as_tensor(getattr(land, name), dtype=torch.float32, device=device)
+         for name in ("mean", "directions", "scale")}
+    out = np.empty((len(source), len(land.directions)))
+    for lo in range(0, len(source), config.batch_size):
+        rows = np.arange(lo, min(len(source), lo + config.batch_size))
+        b = source.batch(rows, device)
+        p = torch.as_tensor(prior[rows], dtype=torch.float32, device=device)
+        objective = _Objective(decoder, b.images, b.angles, b.shifts, b.ctf, p, config,
+                               landscape=(t["mean"], t["directions"], t["scale"]), precision=None,
+                               phase_flipped=source.phase_flipped)
+        out[rows] = _grid_search(objective, objective.prior_scores, land.low / land.scale, land.high / land.scale,
+                                 config).cpu().numpy()
+    return out
+
+
+def fit_population(decoder: PhysicalDecoder, source: ParticleBatchSource, prior: np.ndarray,
+                   config: RefineConfig, *, device: str | torch.device = "cpu", seed: int = 0,
+                   log: logging.Logger | None = None) -> PopulationFit:
+    """Fit the landscape to all particles of ``source`` from the network's predictions.
+
+    Parameters
+    ----------
+    decoder
+        the physical decoder of the reference the fields refer to (px of the processing box).
+    source
+        all particles (their images, poses and CTFs).
+    prior
+        ``(n, 3K)`` the network's coefficients (px of the processing box), same order.
+    config
+        ``subspace_variance``/``max_dimensions`` (the starting directions), ``grid_points``,
+        ``grid_extent``, ``batch_size`` (scoring), ``population_*`` and ``posterior_mean``.
+
+    Returns
+    -------
+    :class:`PopulationFit` after ``config.population_rounds`` alternations (0: the network's
+    landscape and each particle's grid search along it).
+    """
+    logger = log or logging.getLogger(__name__)
+    dev = torch.device(device)
+    land0 = landscape_from_predictions(prior, variance=config.subspace_variance, max_dimensions=config.max_dimensions)
+    k = len(land0.directions)
+    logger.info("population landscape: %d particles, %d direction(s) from the network's predictions", len(source), k)
+    t0 = time.perf_counter()
+    z = _initial_scores(decoder, source, prior, land0, config, dev)
+    logger.info("grid search along the network's directions: %.0f s", time.perf_counter() - t0)
+    mean = torch.as_tensor(land0.mean, dtype=torch.float32, device=dev).clone()
+    dirs = torch.as_tensor(land0.directions * land0.scale[:, None], dtype=torch.float32, device=dev).clone()
+    history: list[dict[str, float]] = []
+    for r in range(config.population_rounds):
+        t_round = time.perf_counter()
+        logger.info("round %d/%d: directions from all particles at fixed scores", r + 1, config.population_rounds)
+        fit_loss = fit_directions(decoder, source, mean, dirs, z, config, device=dev, seed=seed + r, log=logger)
+        logger.info("round %d/%d: every particle's scores along the new directions", r + 1, config.population_rounds)
+        z, score_loss = score_particles(decoder, source, mean, dirs, z, config, device=dev, log=logger)
+        history.append({"round": r + 1, "directions_loss": fit_loss, "scores_loss": score_loss,
+                        "seconds": time.perf_counter() - t_round})
+        logger.info("round %d/%d: mean image loss %.6f after the directions, %.6f after the scores (%.0f s)", r + 1,
+                    config.population_rounds, fit_loss, score_loss, time.perf_counter() - t_round)
+    return _orthonormal_fit(mean.cpu().numpy().astype(np.float64), dirs.cpu().numpy().astype(np.float64), z, history)
+
+
+def _orthonormal_fit(mean: np.ndarray, directions: np.ndarray, scores: np.ndarray,
+                     history: list[dict[str, float]]) -> PopulationFit:
+    """``μ + z · D`` re-expressed as ``μ + s · U`` with orthonormal rows ``U`` (QR of ``D``ᵀ)."""
+    q, r = np.linalg.qr(directions.T)  # D = rᵀ qᵀ
+    u = q.T
+    s = scores @ r.T
+    land = Landscape(mean=mean, directions=u, scale=s.std(0) + 1e-12, low=s.min(0), high=s.max(0))
+    return PopulationFit(landscape=land, scores=s, coefficients=mean + s @ u, history=history)
