@@ -13,7 +13,7 @@ the directions are refitted against *all* images at once, alternating two steps:
 
    (mini-batch Adam over the particles; ``D`` is ``(k, 3K)``, one row per direction);
 2. **scores**: every particle is scored on a grid along each direction (coordinate-wise, as the
-   landscape refinement does), and its score is the **posterior mean** over that grid: the image
+   landscape refinement does; the first round starts from the network's predicted scores), and its score is the **posterior mean** over that grid: the image
    likelihood with Gaussian noise of unknown level, scale and offset, profiled, is
    ``−log L = (N/2) · log(1 − corr²)`` (``N`` pixels inside the mask, ``corr`` the correlation of
    the image with the projection), and the prior over the grid is the population's own score
@@ -39,7 +39,7 @@ import torch
 
 from z3lib.conventions import euler_to_matrix
 from z3lib.decoder import PhysicalDecoder, circle_mask, image_loss
-from z3lib.refine import Landscape, RefineConfig, _grid_search, _Objective, landscape_from_predictions
+from z3lib.refine import Landscape, RefineConfig, landscape_from_predictions
 from z3lib.training import ParticleBatchSource
 
 POSTERIOR_EM_ITERATIONS = 50  # EM steps of the grid prior (converges in a few tens)
@@ -180,7 +180,7 @@ def score_particles(decoder: PhysicalDecoder, source: ParticleBatchSource, mean:
     for j in range(k):
         mid = 0.5 * (z[:, j].min() + z[:, j].max())
         half = 0.5 * (z[:, j].max() - z[:, j].min()) * config.grid_extent
-        grid = np.linspace(mid - half, mid + half, config.grid_points)
+        grid = np.linspace(mid - half, mid + half, config.population_grid_points)
         costs = np.empty((n, len(grid)))
         with torch.no_grad():
             for lo in range(0, n, config.batch_size):
@@ -194,6 +194,11 @@ def score_particles(decoder: PhysicalDecoder, source: ParticleBatchSource, mean:
                     trial[:, j] = float(value)
                     pred = decoder(mean[None] + trial @ directions, rot, b.shifts, b.ctf, transfer=transfer)
                     costs[rows, g] = image_loss(pred, b.images, mask, "corr").cpu().numpy()
+                if (lo // config.batch_size) % 10 == 9:
+                    done = j * n + int(rows[-1]) + 1
+                    rate = done / max(time.perf_counter() - t0, 1e-9)
+                    logger.info("  scoring: %d/%d particle·directions (%.1f/s, ETA %.0f s)", done, n * k, rate,
+                                (n * k - done) / max(rate, 1e-9))
         if config.posterior_mean:
             z[:, j], sd = posterior_mean_scores(costs, grid, n_pixels)
             logger.info("  scores along direction %d: posterior sd %.3f of a spread %.3f (grid %d points)",
@@ -221,25 +226,6 @@ def _mean_image_loss(decoder: PhysicalDecoder, source: ParticleBatchSource, mean
     return total / max(len(source), 1)
 
 
-def _initial_scores(decoder: PhysicalDecoder, source: ParticleBatchSource, prior: np.ndarray,
-                    land: Landscape, config: RefineConfig, device: torch.device) -> np.ndarray:
-    """Each particle's grid search along the network's landscape (the refinement's first step),
-    ``(n, k)`` in units of the population's spread."""
-    t = {name: torch.as_tensor(getattr(land, name), dtype=torch.float32, device=device)
-         for name in ("mean", "directions", "scale")}
-    out = np.empty((len(source), len(land.directions)))
-    for lo in range(0, len(source), config.batch_size):
-        rows = np.arange(lo, min(len(source), lo + config.batch_size))
-        b = source.batch(rows, device)
-        p = torch.as_tensor(prior[rows], dtype=torch.float32, device=device)
-        objective = _Objective(decoder, b.images, b.angles, b.shifts, b.ctf, p, config,
-                               landscape=(t["mean"], t["directions"], t["scale"]), precision=None,
-                               phase_flipped=source.phase_flipped)
-        out[rows] = _grid_search(objective, objective.prior_scores, land.low / land.scale, land.high / land.scale,
-                                 config).cpu().numpy()
-    return out
-
-
 def fit_population(decoder: PhysicalDecoder, source: ParticleBatchSource, prior: np.ndarray,
                    config: RefineConfig, *, device: str | torch.device = "cpu", seed: int = 0,
                    log: logging.Logger | None = None) -> PopulationFit:
@@ -254,22 +240,20 @@ def fit_population(decoder: PhysicalDecoder, source: ParticleBatchSource, prior:
     prior
         ``(n, 3K)`` the network's coefficients (px of the processing box), same order.
     config
-        ``subspace_variance``/``max_dimensions`` (the starting directions), ``grid_points``,
-        ``grid_extent``, ``batch_size`` (scoring), ``population_*`` and ``posterior_mean``.
+        ``subspace_variance``/``max_dimensions`` (the starting directions), ``grid_extent``,
+        ``batch_size`` (scoring), ``population_*`` and ``posterior_mean``.
 
     Returns
     -------
-    :class:`PopulationFit` after ``config.population_rounds`` alternations (0: the network's
-    landscape and each particle's grid search along it).
+    :class:`PopulationFit` after ``config.population_rounds`` alternations, started from the
+    network's landscape and each particle's predicted scores on it (0 rounds: those).
     """
     logger = log or logging.getLogger(__name__)
     dev = torch.device(device)
     land0 = landscape_from_predictions(prior, variance=config.subspace_variance, max_dimensions=config.max_dimensions)
     k = len(land0.directions)
     logger.info("population landscape: %d particles, %d direction(s) from the network's predictions", len(source), k)
-    t0 = time.perf_counter()
-    z = _initial_scores(decoder, source, prior, land0, config, dev)
-    logger.info("grid search along the network's directions: %.0f s", time.perf_counter() - t0)
+    z = land0.scores(np.asarray(prior, dtype=np.float64)) / land0.scale  # the network's own scores, a start only
     mean = torch.as_tensor(land0.mean, dtype=torch.float32, device=dev).clone()
     dirs = torch.as_tensor(land0.directions * land0.scale[:, None], dtype=torch.float32, device=dev).clone()
     history: list[dict[str, float]] = []

@@ -82,6 +82,7 @@ def _fitted_landscapes(paths: Sequence[str | Path], prior: np.ndarray) -> tuple[
 
     out = np.array(prior, copy=True)
     lands = []
+    covered = np.zeros(len(prior), dtype=np.int64)
     for path in paths:
         land, coeffs = read_population(path)
         rows = read_npz(path)["rows"]
@@ -90,7 +91,12 @@ def _fitted_landscapes(paths: Sequence[str | Path], prior: np.ndarray) -> tuple[
                                f"({coeffs.shape} for rows up to {rows.max(initial=-1)}; the predictions are "
                                f"{prior.shape}): remake it (rule refine_landscape)")
         out[rows] = coeffs
+        covered[rows] += 1
         lands.append(land)
+    if not np.all(covered == 1):
+        raise Z3InputError(f"the landscape fits {', '.join(str(p) for p in paths)} cover {int((covered > 0).sum())} "
+                           f"of {len(prior)} particles ({int((covered > 1).sum())} twice): they belong to other "
+                           "particles or another gold-standard setting; remake them (rule refine_landscape)")
     return out, lands
 
 

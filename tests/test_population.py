@@ -1,0 +1,176 @@
+"""The population's landscape: shared directions refitted to all images, posterior-mean scores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from z3lib import zernike as zk
+from z3lib.ctf import CtfParams
+from z3lib.decoder import DecoderSpec, PhysicalDecoder
+from z3lib.geometry import euler_to_matrix, points_from_volume
+from z3lib.io import Z3InputError, read_npz, write_coefficients
+from z3lib.population import fit_population, posterior_mean_scores, read_population
+from z3lib.refine import RefineConfig, landscape_from_predictions, refine_batch
+from z3lib.stages.preprocess import preprocess
+from z3lib.stages.refine import refine_chunk, refine_landscape
+from z3lib.stages.simulate import simulate_dataset
+from z3lib.training import ParticleBatchSource
+
+ADK = Path(__file__).parent / "data" / "mdanalysistests_adk"
+BOX = 32
+DEGREES = (2, 1)
+
+
+class _ArrayStack:
+    """Images in memory with the two things a :class:`ParticleBatchSource` reads of a stack."""
+
+    def __init__(self, images: np.ndarray) -> None:
+        self.data = images.astype(np.float32)
+        self.box = images.shape[-1]
+
+    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
+        return self.data[rows]
+
+    def close(self) -> None:
+        pass
+
+
+def _phantom_decoder() -> PhysicalDecoder:
+    """A textured phantom (Gaussian blobs at several depths) as a point cloud, float32."""
+    rng = np.random.default_rng(0)
+    zz, yy, xx = np.meshgrid(*[np.arange(BOX) - BOX // 2] * 3, indexing="ij")
+    vol = np.zeros((BOX,) * 3)
+    for _ in range(10):
+        c = rng.uniform(-8, 8, 3)
+        vol += np.exp(-((xx - c[0]) ** 2 + (yy - c[1]) ** 2 + (zz - c[2]) ** 2) / (2 * 1.8**2))
+    pts, amps = points_from_volume(vol, mask=vol > 0.05)
+    spec = DecoderSpec(L1=DEGREES[0], L2=DEGREES[1], basis="xmipp", roughness="strain", ctf_pad=1,
+                       learn_reference=False)
+    return PhysicalDecoder(torch.tensor(pts, dtype=torch.float32), torch.tensor(amps, dtype=torch.float32),
+                           BOX, 2.0, spec)
+
+
+def test_posterior_mean_of_a_gaussian_likelihood() -> None:
+    """Costs made from a known Gaussian likelihood (−log L = (z − z₀)²/2s² for each particle, z₀
+    spread evenly over the grid, so that the population's prior comes out flat): the posterior
+    means are z₀ and the posterior standard deviations s, for particles away from the grid's ends."""
+    grid = np.linspace(-3, 3, 121)
+    z0 = np.linspace(-3, 3, 400)
+    s, n_pixels = 0.25, 1000.0
+    nll = (grid[None, :] - z0[:, None]) ** 2 / (2 * s**2)
+    # invert −log L = (N/2)·log(1 − corr²) + const for the correlation, then cost = 1 − corr
+    corr = np.sqrt(1.0 - np.exp(2.0 * (nll - nll.max()) / n_pixels) * (1 - 0.3**2))
+    mean, sd = posterior_mean_scores(1.0 - corr, grid, n_pixels)
+    inner = np.abs(z0) < 2.0
+    np.testing.assert_allclose(mean[inner], z0[inner], atol=0.02)
+    np.testing.assert_allclose(sd[inner], s, rtol=0.1)  # EM's prior sharpens a little towards its NPMLE
+
+
+def _noisy_motion(n: int, seed: int, noise: float) -> dict[str, object]:
+    """``n`` noisy images of one shared motion ``t · direction`` (``t`` uniform in [−1, 1]), and
+    predictions that, like a network at low SNR, shrink it 3× and mix in a spurious direction."""
+    dec = _phantom_decoder()
+    rng = np.random.default_rng(seed)
+    k3 = 3 * zk.count_terms(*DEGREES)
+    direction = rng.normal(size=k3)
+    direction *= 2.0 / np.linalg.norm(direction)
+    spurious = rng.normal(size=k3)
+    spurious -= (spurious @ direction) / (direction @ direction) * direction
+    spurious *= 0.7 / np.linalg.norm(spurious)
+    t = rng.uniform(-1, 1, n)
+    true = np.outer(t, direction)
+    angles = np.column_stack([rng.uniform(-180, 180, n), rng.uniform(20, 160, n), rng.uniform(-180, 180, n)])
+    ctf = CtfParams.create(np.full(n, 15000.0), np.full(n, 14000.0), 20.0)
+    rot = euler_to_matrix(torch.tensor(angles[:, 0]), torch.tensor(angles[:, 1]), torch.tensor(angles[:, 2])).float()
+    with torch.no_grad():
+        clean = dec(torch.tensor(true, dtype=torch.float32), rot, torch.zeros(n, 2), ctf).numpy()
+    clean /= clean.std(axis=(1, 2), keepdims=True)
+    images = clean + rng.normal(scale=noise, size=clean.shape)
+    source = ParticleBatchSource(images=_ArrayStack(images), angles=torch.tensor(angles, dtype=torch.float32),  # type: ignore[arg-type]
+                                 shifts=torch.zeros(n, 2), ctf=ctf, pixel_size=2.0)
+    t_seen = t + rng.normal(scale=0.3, size=n)  # the encoder's error
+    prediction = np.outer(t_seen, direction / 3 + spurious) + rng.normal(scale=0.05, size=(n, k3))
+    return {"decoder": dec, "source": source, "true": true, "prediction": prediction, "angles": angles, "ctf": ctf}
+
+
+def _field_rms(dec: PhysicalDecoder, coefficients: np.ndarray, true: np.ndarray) -> float:
+    z = dec.basis.double().numpy()
+    d = np.einsum("nk,bak->bna", z, (coefficients - true).reshape(len(true), 3, -1))
+    return float(np.sqrt((d**2).sum(-1).mean()))
+
+
+def test_population_fit_recovers_the_direction_a_shrunk_prediction_got_wrong() -> None:
+    """Images of one motion at SNR ≈ 1, predictions shrunk 3× and mixed with a spurious motion:
+    refinement along the predictions' own direction cannot leave it; the population fit finds the
+    true direction and amplitude (field error well below both) and orders the particles by it."""
+    data = _noisy_motion(100, 3, noise=1.0)
+    dec, source, true, prediction = data["decoder"], data["source"], data["true"], data["prediction"]
+    assert isinstance(dec, PhysicalDecoder) and isinstance(source, ParticleBatchSource)
+    assert isinstance(true, np.ndarray) and isinstance(prediction, np.ndarray)
+    cfg = RefineConfig(max_dimensions=1, population_grid_points=21, population_rounds=2, population_epochs=10,
+                       population_learning_rate=0.05, population_batch_size=32, population_smooth_weight=0.0,
+                       batch_size=100)
+    fit = fit_population(dec, source, prediction, cfg)
+    # the old landscape refinement: grid + local search along the predictions' direction
+    land = landscape_from_predictions(prediction, variance=0.95, max_dimensions=1)
+    b = source.batch(np.arange(len(source)), torch.device("cpu"))
+    old = refine_batch(dec, b.images, b.angles, b.shifts, b.ctf, torch.tensor(prediction, dtype=torch.float32),
+                       DEGREES, RefineConfig(grid_points=21, steps=20), landscape=land)["coefficients"].numpy()
+    errors = {name: _field_rms(dec, c, true) for name, c in
+              (("prediction", prediction), ("old", old), ("population", fit.coefficients), ("zero", 0 * true))}
+    assert errors["population"] < 0.5 * errors["old"], errors
+    assert errors["population"] < 0.35 * errors["zero"], errors
+    u = fit.landscape.directions[0]
+    unit = true[-1] / np.linalg.norm(true[-1])
+    assert abs(float(u @ unit)) > 0.95, float(u @ unit)
+    t = true @ unit
+    assert abs(np.corrcoef(fit.scores[:, 0], t)[0, 1]) > 0.9
+    np.testing.assert_allclose(fit.coefficients, fit.landscape.mean + fit.scores @ fit.landscape.directions,
+                               atol=1e-9)
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("population")
+    sim = simulate_dataset(root / "sim", start_model=ADK / "adk_closed.pdb", end_model=ADK / "adk_open.pdb",
+                           n_particles=48, box=32, pixel_size=4.0, resolution=10.0, snr=1.0, seed=4)
+    pre = preprocess(sim["particles"], sim["reference"], sim["mask"], root / "pre", box=24)
+    rng = np.random.default_rng(5)
+    coeffs = np.outer(rng.uniform(-1, 1, 48), rng.normal(size=39)) + 0.05 * rng.normal(size=(48, 39))
+    write_coefficients(root / "prior.npy", coeffs)
+    return {"particles": pre["particles"], "points": pre["points"], "prior": root / "prior.npy", "root": root}
+
+
+@pytest.mark.parametrize("halves", [False, True])
+def test_chunks_start_from_the_population_landscape(small_run: dict[str, Path], halves: bool) -> None:
+    """refine_landscape writes one fit (or one per gold-standard half, each over its own
+    particles only); a chunk given it returns each particle's fitted coefficients (no local
+    stage to run: nothing flagged); a fit of other particles is refused by name."""
+    root = small_run["root"] / ("halves" if halves else "shared")
+    cfg = RefineConfig(population_grid_points=5, batch_size=16, population_rounds=1, population_epochs=1)
+    kw = {"degrees": (3, 2), "basis": "xmipp", "config": cfg, "independent_halves": halves}
+    outs = [root / f"landscape_half{h}.npz" for h in (1, 2)] if halves else [root / "landscape.npz"]
+    refine_landscape(small_run["particles"], small_run["points"], small_run["prior"], outs, **kw)  # type: ignore[arg-type]
+    rows = np.concatenate([read_npz(p)["rows"] for p in outs])
+    np.testing.assert_array_equal(np.sort(rows), np.arange(48))
+    chunk = refine_chunk(small_run["particles"], small_run["points"], small_run["prior"], root / "chunk.npz",
+                         chunk=0, n_chunks=1, landscapes=outs, **kw)  # type: ignore[arg-type]
+    result = read_npz(chunk)
+    fitted = np.zeros((48, 39))
+    for path in outs:
+        _, coeffs = read_population(path)
+        fitted[read_npz(path)["rows"]] = coeffs
+    # the chunk writes px of the original box (32), the fits hold px of the processing box (24)
+    np.testing.assert_allclose(result["coefficients"], zk.rescale_coefficients(fitted, 24, 32), atol=1e-5)
+    assert not result["flagged"].any()
+    if halves:  # one half's fit alone does not cover the particles
+        with pytest.raises(Z3InputError, match="cover 24 of 48 particles"):
+            refine_chunk(small_run["particles"], small_run["points"], small_run["prior"], root / "bad.npz", chunk=0,
+                         n_chunks=1, landscapes=outs[:1], **kw)  # type: ignore[arg-type]
+    np.savez(root / "not_a_landscape.npz", rows=np.arange(48))
+    with pytest.raises(Z3InputError, match="not a population landscape"):
+        read_population(root / "not_a_landscape.npz")
