@@ -65,7 +65,7 @@ class PopulationFit:
                 "coefficients": self.coefficients}
 
 
-def write_population(path: str | Path, fit: PopulationFit, **extra: np.ndarray) -> Path:
+def write_population(path: str | Path, fit: PopulationFit, **extra: np.ndarray | np.generic) -> Path:
     """Write a :class:`PopulationFit` (and ``extra`` arrays) to ``path`` (``.npz``, atomic)."""
     from z3lib.io import write_npz
 
@@ -124,7 +124,9 @@ def posterior_mean_scores(costs: np.ndarray, grid: np.ndarray, n_pixels: float,
 
 
 def _rotations(batch_angles: torch.Tensor) -> torch.Tensor:
-    return euler_to_matrix(batch_angles[:, 0], batch_angles[:, 1], batch_angles[:, 2])
+    """``(B, 3)`` deg (rot, tilt, psi) → ``(B, 3, 3)`` rotation matrices."""
+    rot: torch.Tensor = euler_to_matrix(batch_angles[:, 0], batch_angles[:, 1], batch_angles[:, 2])
+    return rot
 
 
 def fit_directions(decoder: PhysicalDecoder, source: ParticleBatchSource, mean: torch.Tensor,
