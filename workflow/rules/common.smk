@@ -92,54 +92,66 @@ Z3LIB_VERSION = z3lib.__version__
 
 RUN = config["run"]
 
-# Main outputs of each stage (docs/architecture.md): the contract between stages.
+# The files each stage writes under results/<run>/<stage>/ (docs/architecture.md: the contract
+# between stages), by the key of its rule's output. Declared here only: the stage rules build their
+# `output:` from it (declared_outputs), and `all`'s targets (final_targets) and the published
+# copies of the final round (PUBLISHED) come from it too, so they cannot drift apart. The rules keep
+# their wildcard folder in view; the scripts read the files by these keys (snakemake.output.<key>).
 STAGE_OUTPUTS = {
-    "simulate": [
-        "particles.star",
-        "particles.mrcs",
-        "ground_truth.tsv",
-        "motion.npz",
-        "reference.mrc",
-        "mask.mrc",
-        "truth_reference.mrc",
-        "state_start.mrc",
-        "state_end.mrc",
-        "reference_model.pdb",
-    ],
-    "preprocess": [
-        "particles.star",
-        "particles.mrcs",
-        "reference.mrc",
-        "mask.mrc",
-        "points.npz",
-    ],
-    "train": ["model.pt", "history.tsv", "points.npz"],
-    "predict": ["particles.star", "coefficients.npy"],
-    "refine": ["particles.star", "coefficients.npy"],
-    "zart": [
-        "corrected.mrc",
-        "corrected_half1.mrc",
-        "corrected_half2.mrc",
-        "uncorrected.mrc",
-        "fsc.tsv",
-        "field_scale.tsv",
-    ],
+    "simulate": {
+        "particles": "particles.star",
+        "stack": "particles.mrcs",
+        "ground_truth": "ground_truth.tsv",
+        "motion": "motion.npz",
+        "reference": "reference.mrc",
+        "mask": "mask.mrc",
+        "truth_reference": "truth_reference.mrc",
+        "state_start": "state_start.mrc",
+        "state_end": "state_end.mrc",
+        "reference_model": "reference_model.pdb",
+    },
+    "preprocess": {
+        "particles": "particles.star",
+        "stack": "particles.mrcs",
+        "reference": "reference.mrc",
+        "mask": "mask.mrc",
+        "points": "points.npz",
+    },
+    "train": {"model": "model.pt", "history": "history.tsv", "points": "points.npz"},
+    "predict": {"particles": "particles.star", "coefficients": "coefficients.npy"},
+    "refine": {"particles": "particles.star", "coefficients": "coefficients.npy"},
+    "zart": {
+        "corrected": "corrected.mrc",
+        "half1": "corrected_half1.mrc",
+        "half2": "corrected_half2.mrc",
+        "uncorrected": "uncorrected.mrc",
+        "fsc": "fsc.tsv",
+        "field_scale": "field_scale.tsv",
+        "uncorrected_half1": "uncorrected_half1.mrc",
+        "uncorrected_half2": "uncorrected_half2.mrc",
+    },
     # Also written (not declared: their number follows the config and the data): the motion
     # series motion/motion_pc{1,2}_NN.{mrc,pdb} and clusters/cluster_NN.{star,mrc,pdb}.
-    "report": [
-        "report.html",
-        "landscape.tsv",
-        "landscape_pca.png",
-        "landscape_umap.png",
-        "fsc.png",
-        "slices.png",
-        "particles.xmd",
-        "mean_deformation.mrc",
-        "motion/motion_pc1.cxc",
-        "motion/motion_pc2.cxc",
-        "clusters/clusters.cxc",
-        "rounds.tsv",
-    ],
+    # The figures of the Snakemake report are flagged in report.smk (REPORT_FIGURES).
+    "report": {
+        "html": "report.html",
+        "landscape": "landscape.tsv",
+        "landscape_pca": "landscape_pca.png",
+        "landscape_pca_svg": "landscape_pca.svg",
+        "landscape_umap": "landscape_umap.png",
+        "landscape_umap_svg": "landscape_umap.svg",
+        "motions": "motions.png",
+        "deformation": "deformation.png",
+        "fsc": "fsc.png",
+        "fsc_svg": "fsc.svg",
+        "slices": "slices.png",
+        "mean_deformation": "mean_deformation.mrc",
+        "xmd": "particles.xmd",
+        "motion_pc1": "motion/motion_pc1.cxc",
+        "motion_pc2": "motion/motion_pc2.cxc",
+        "clusters": "clusters/clusters.cxc",
+        "rounds": "rounds.tsv",
+    },
 }
 
 # Stages whose outputs `rule all` asks for; earlier ones are pulled in through their inputs.
@@ -156,16 +168,9 @@ INDEPENDENT = config["gold_standard"] == "independent"
 HALVES = [1, 2]
 # Stages that run once per round, and their files inside results/<run>/rounds/<k>/<stage>/.
 ROUND_STAGES = ["train", "predict", "refine", "zart"]
-ROUND_FILES = {
-    "train": (
-        [f"half{h}/{name}" for h in HALVES for name in STAGE_OUTPUTS["train"]]
-        if INDEPENDENT
-        else STAGE_OUTPUTS["train"]
-    ),
-    "predict": STAGE_OUTPUTS["predict"],
-    "refine": STAGE_OUTPUTS["refine"],
-    "zart": STAGE_OUTPUTS["zart"] + ["uncorrected_half1.mrc", "uncorrected_half2.mrc"],
-}
+ROUND_FILES = {stage: list(STAGE_OUTPUTS[stage].values()) for stage in ROUND_STAGES}
+if INDEPENDENT:  # one network per half set, in train/half<h>/
+    ROUND_FILES["train"] = [f"half{h}/{name}" for h in HALVES for name in ROUND_FILES["train"]]
 # The stage paths rule publish writes, in pipeline order (relative to results/<run>/).
 PUBLISHED = [f"{stage}/{name}" for stage in ROUND_STAGES for name in ROUND_FILES[stage]]
 
@@ -176,10 +181,22 @@ wildcard_constraints:
     half=r"[12]",
 
 
-# --- input functions ----------------------------------------------------------------------------
+# --- output and input functions -----------------------------------------------------------------
+def declared_outputs(stage, folder, figures=None):
+    """The output section of the rules of a stage, called once as such a rule is parsed (it is
+    no input function). The files of STAGE_OUTPUTS[stage] in folder (a pattern with wildcards),
+    by key; the keys in figures are flagged for the Snakemake report with the report()
+    arguments given there (caption, category, labels)."""
+    figures = figures or {}
+    paths = {key: f"{folder}/{name}" for key, name in STAGE_OUTPUTS[stage].items()}
+    return {
+        key: report(path, **figures[key]) if key in figures else path for key, path in paths.items()
+    }
+
+
 def stage_outputs(stage, run=RUN):
     """Main output paths of one stage of one run."""
-    return [f"results/{run}/{stage}/{name}" for name in STAGE_OUTPUTS[stage]]
+    return [f"results/{run}/{stage}/{name}" for name in STAGE_OUTPUTS[stage].values()]
 
 
 def final_targets():

@@ -8,9 +8,8 @@ rule train:
     input:
         unpack(train_inputs),
     output:
-        model="results/{run}/rounds/{k}/train/model.pt",
-        history="results/{run}/rounds/{k}/train/history.tsv",
-        points="results/{run}/rounds/{k}/train/points.npz",
+        # STAGE_OUTPUTS["train"] (common.smk), by key
+        **declared_outputs("train", "results/{run}/rounds/{k}/train"),
     log:
         "logs/{run}/rounds/{k}/train.log",
     benchmark:
@@ -38,9 +37,7 @@ rule train:
 # gold_standard: independent — one network per half set, trained on that half's particles only.
 use rule train as train_half with:
     output:
-        model="results/{run}/rounds/{k}/train/half{half}/model.pt",
-        history="results/{run}/rounds/{k}/train/half{half}/history.tsv",
-        points="results/{run}/rounds/{k}/train/half{half}/points.npz",
+        **declared_outputs("train", "results/{run}/rounds/{k}/train/half{half}"),
     log:
         "logs/{run}/rounds/{k}/train_half{half}.log",
     benchmark:
@@ -55,8 +52,8 @@ rule predict:
         stack="results/{run}/preprocess/particles.mrcs",
         original=original_particles,
     output:
-        particles="results/{run}/rounds/{k}/predict/particles.star",
-        coefficients="results/{run}/rounds/{k}/predict/coefficients.npy",
+        # STAGE_OUTPUTS["predict"] (common.smk), by key
+        **declared_outputs("predict", "results/{run}/rounds/{k}/predict"),
     log:
         "logs/{run}/rounds/{k}/predict.log",
     benchmark:

@@ -6,11 +6,8 @@ rule preprocess:
     input:
         unpack(preprocess_inputs),
     output:
-        particles="results/{run}/preprocess/particles.star",
-        stack="results/{run}/preprocess/particles.mrcs",
-        reference="results/{run}/preprocess/reference.mrc",
-        mask="results/{run}/preprocess/mask.mrc",
-        points="results/{run}/preprocess/points.npz",
+        # STAGE_OUTPUTS["preprocess"] (common.smk), by key
+        **declared_outputs("preprocess", "results/{run}/preprocess"),
     log:
         "logs/{run}/preprocess.log",
     benchmark:

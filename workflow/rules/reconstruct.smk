@@ -13,14 +13,8 @@ rule zart:
         # the latest poses and CTF (refined angles, shifts, defocus; the network's corrections)
         poses="results/{run}/rounds/{k}/refine/particles.star",
     output:
-        corrected="results/{run}/rounds/{k}/zart/corrected.mrc",
-        half1="results/{run}/rounds/{k}/zart/corrected_half1.mrc",
-        half2="results/{run}/rounds/{k}/zart/corrected_half2.mrc",
-        uncorrected="results/{run}/rounds/{k}/zart/uncorrected.mrc",
-        uncorrected_half1="results/{run}/rounds/{k}/zart/uncorrected_half1.mrc",
-        uncorrected_half2="results/{run}/rounds/{k}/zart/uncorrected_half2.mrc",
-        fsc="results/{run}/rounds/{k}/zart/fsc.tsv",
-        field_scale="results/{run}/rounds/{k}/zart/field_scale.tsv",
+        # STAGE_OUTPUTS["zart"] (common.smk), by key
+        **declared_outputs("zart", "results/{run}/rounds/{k}/zart"),
     log:
         "logs/{run}/rounds/{k}/zart.log",
     benchmark:

@@ -81,8 +81,8 @@ rule refine:
         chunks=gather.refine("results/{{run}}/rounds/{{k}}/refine/chunks/{scatteritem}.npz"),
         original=original_particles,
     output:
-        particles="results/{run}/rounds/{k}/refine/particles.star",
-        coefficients="results/{run}/rounds/{k}/refine/coefficients.npy",
+        # STAGE_OUTPUTS["refine"] (common.smk), by key
+        **declared_outputs("refine", "results/{run}/rounds/{k}/refine"),
     log:
         "logs/{run}/rounds/{k}/refine.log",
     benchmark:

@@ -3,61 +3,49 @@
 # where Snakemake runs (localrule), on the CPU.
 
 
+# The report stage's figures in the Snakemake report (snakemake --report), by output key
+# (STAGE_OUTPUTS["report"], common.smk): report() arguments.
+REPORT_FIGURES = {
+    "html": {"caption": "../report/report_html.rst", "category": "Report"},
+    "landscape_pca": {
+        "caption": "../report/landscape.rst",
+        "category": "Landscape",
+        "labels": {"figure": "PCA"},
+    },
+    "landscape_umap": {
+        "caption": "../report/landscape.rst",
+        "category": "Landscape",
+        "labels": {"figure": "UMAP"},
+    },
+    "motions": {
+        "caption": "../report/motions.rst",
+        "category": "Motions",
+        "labels": {"figure": "motion series"},
+    },
+    "deformation": {
+        "caption": "../report/deformation.rst",
+        "category": "Motions",
+        "labels": {"figure": "mean deformation"},
+    },
+    "fsc": {
+        "caption": "../report/fsc.rst",
+        "category": "Reconstruction",
+        "labels": {"figure": "FSC"},
+    },
+    "slices": {
+        "caption": "../report/slices.rst",
+        "category": "Reconstruction",
+        "labels": {"figure": "central slices"},
+    },
+}
+
+
 rule report:
     input:
         unpack(report_inputs),
     output:
-        html=report(
-            "results/{run}/report/report.html",
-            caption="../report/report_html.rst",
-            category="Report",
-        ),
-        landscape="results/{run}/report/landscape.tsv",
-        landscape_pca=report(
-            "results/{run}/report/landscape_pca.png",
-            caption="../report/landscape.rst",
-            category="Landscape",
-            labels={"figure": "PCA"},
-        ),
-        landscape_pca_svg="results/{run}/report/landscape_pca.svg",
-        landscape_umap=report(
-            "results/{run}/report/landscape_umap.png",
-            caption="../report/landscape.rst",
-            category="Landscape",
-            labels={"figure": "UMAP"},
-        ),
-        landscape_umap_svg="results/{run}/report/landscape_umap.svg",
-        motions=report(
-            "results/{run}/report/motions.png",
-            caption="../report/motions.rst",
-            category="Motions",
-            labels={"figure": "motion series"},
-        ),
-        deformation=report(
-            "results/{run}/report/deformation.png",
-            caption="../report/deformation.rst",
-            category="Motions",
-            labels={"figure": "mean deformation"},
-        ),
-        fsc=report(
-            "results/{run}/report/fsc.png",
-            caption="../report/fsc.rst",
-            category="Reconstruction",
-            labels={"figure": "FSC"},
-        ),
-        fsc_svg="results/{run}/report/fsc.svg",
-        slices=report(
-            "results/{run}/report/slices.png",
-            caption="../report/slices.rst",
-            category="Reconstruction",
-            labels={"figure": "central slices"},
-        ),
-        mean_deformation="results/{run}/report/mean_deformation.mrc",
-        xmd="results/{run}/report/particles.xmd",
-        motion_pc1="results/{run}/report/motion/motion_pc1.cxc",
-        motion_pc2="results/{run}/report/motion/motion_pc2.cxc",
-        clusters="results/{run}/report/clusters/clusters.cxc",
-        rounds="results/{run}/report/rounds.tsv",
+        # STAGE_OUTPUTS["report"] (common.smk), by key; REPORT_FIGURES flagged for the report
+        **declared_outputs("report", "results/{run}/report", REPORT_FIGURES),
     log:
         "logs/{run}/report.log",
     benchmark:

@@ -7,16 +7,8 @@ rule simulate:
         start_model=lookup(dpath="demo/start_model", within=config),
         end_model=lookup(dpath="demo/end_model", within=config),
     output:
-        particles="results/{run}/simulate/particles.star",
-        stack="results/{run}/simulate/particles.mrcs",
-        ground_truth="results/{run}/simulate/ground_truth.tsv",
-        motion="results/{run}/simulate/motion.npz",
-        reference="results/{run}/simulate/reference.mrc",
-        mask="results/{run}/simulate/mask.mrc",
-        truth_reference="results/{run}/simulate/truth_reference.mrc",
-        state_start="results/{run}/simulate/state_start.mrc",
-        state_end="results/{run}/simulate/state_end.mrc",
-        reference_model="results/{run}/simulate/reference_model.pdb",
+        # STAGE_OUTPUTS["simulate"] (common.smk), by key
+        **declared_outputs("simulate", "results/{run}/simulate"),
     log:
         "logs/{run}/simulate.log",
     benchmark:

@@ -3,15 +3,23 @@
 Snakemake's ``script:`` preamble puts only ``workflow/scripts/`` on ``sys.path``, and conda jobs
 drop ``PYTHONPATH``; importing this module first makes ``import z3lib`` resolve to the code at the
 run's commit, installed or not. It also holds what every rule's script does around its one call
-into z3lib: the log file set-up and :func:`stage` (failure traceback, version and wall time).
+into z3lib, in one place: :func:`job` (the log file, the thread count, the device, and
+:func:`stage`: failure message or traceback, version, threads and wall time).
 """
+
+from __future__ import annotations
 
 import logging
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:
@@ -59,5 +67,45 @@ def stage(log: logging.Logger, label: str, version: str, threads: int | None = N
     except Exception:
         log.exception("%s failed", label)
         raise
-    used = f"{threads} threads, " if threads is not None else ""
+    used = f"{threads} thread{'s' if threads != 1 else ''}, " if threads is not None else ""
     log.info("z3lib %s, %swall time %.1f s", version, used, time.perf_counter() - start)
+
+
+@dataclass(frozen=True)
+class Job:
+    """What a rule's script hands to z3lib: its logger, the rule's params, its thread count,
+    whether it holds a GPU slot (``resources.gpu``) and, when asked for, the torch device."""
+
+    log: logging.Logger
+    params: Any  # snakemake.params
+    threads: int
+    gpu_slot: bool
+    device: torch.device | None = None
+
+
+@contextmanager
+def job(smk: Any, logger_name: str, label: str, *, torch_device: bool = False) -> Iterator[Job]:
+    """Set up one Snakemake job and run its work under :func:`stage`.
+
+    ``smk`` is the ``snakemake`` object of the script. The log records go to ``smk.log[0]``
+    (logger ``logger_name``); torch gets ``smk.threads`` threads when the job uses torch
+    (``torch_device``, or torch already imported by the script's z3lib imports: torch is never
+    imported here otherwise); with ``torch_device`` the yielded :class:`Job` carries the device
+    of :func:`z3lib.devices.select_device` (the GPU when the job holds a GPU slot and one is
+    usable, else the CPU). ``label`` names the work in the terminal message of a user's mistake
+    and in the log.
+    """
+    log = configure_logging(smk.log[0], logger_name)
+    threads = int(smk.threads)
+    if torch_device or "torch" in sys.modules:
+        import torch
+
+        torch.set_num_threads(threads)
+    gpu_slot = bool(smk.resources.get("gpu", 0))
+    with stage(log, label, smk.params.z3lib, threads=threads):
+        device = None
+        if torch_device:
+            from z3lib.devices import select_device
+
+            device = select_device(gpu_slot, log)
+        yield Job(log=log, params=smk.params, threads=threads, gpu_slot=gpu_slot, device=device)

@@ -3,18 +3,15 @@
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import _bootstrap  # repository root on sys.path; logging setup
-import torch
+import _bootstrap  # repository root on sys.path; per-job setup
 
 from z3lib.stages.preprocess import preprocess
 
 if TYPE_CHECKING:
     from snakemake.iocontainers import snakemake  # noqa: TC004  (injected by the preamble)
 
-log = _bootstrap.configure_logging(snakemake.log[0], "z3.preprocess")
-torch.set_num_threads(snakemake.threads)
-params = snakemake.params
-with _bootstrap.stage(log, "preprocess", params.z3lib, threads=snakemake.threads):
+with _bootstrap.job(snakemake, "z3.preprocess", "preprocess") as job:
+    params = job.params
     written = preprocess(
         snakemake.input.particles,
         snakemake.input.reference,
@@ -27,6 +24,6 @@ with _bootstrap.stage(log, "preprocess", params.z3lib, threads=snakemake.threads
         mask_threshold=params.mask_threshold,
         points_step=params.points_step,
         chunk_size=params.chunk_size,
-        log=log,
+        log=job.log,
     )
-    log.info("wrote %s", _bootstrap.written_list(written))
+    job.log.info("wrote %s", _bootstrap.written_list(written))

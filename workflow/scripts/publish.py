@@ -3,13 +3,13 @@
 
 from typing import TYPE_CHECKING
 
-import _bootstrap  # repository root on sys.path; logging setup
+import _bootstrap  # repository root on sys.path; per-job setup
 
 from z3lib.stages.rounds import publish_files
 
 if TYPE_CHECKING:
     from snakemake.iocontainers import snakemake  # noqa: TC004  (injected by the preamble)
 
-log = _bootstrap.configure_logging(snakemake.log[0], "z3.publish")
-with _bootstrap.stage(log, f"publish round {snakemake.params.final_round}", snakemake.params.z3lib):
-    publish_files(list(zip(snakemake.input, snakemake.output, strict=True)), log=log)
+label = f"publish round {snakemake.params.final_round}"
+with _bootstrap.job(snakemake, "z3.publish", label) as job:
+    publish_files(list(zip(snakemake.input, snakemake.output, strict=True)), log=job.log)

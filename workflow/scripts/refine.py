@@ -3,16 +3,15 @@
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import _bootstrap  # repository root on sys.path; logging setup
+import _bootstrap  # repository root on sys.path; per-job setup
 
 from z3lib.stages.refine import gather_refined
 
 if TYPE_CHECKING:
     from snakemake.iocontainers import snakemake  # noqa: TC004  (injected by the preamble)
 
-log = _bootstrap.configure_logging(snakemake.log[0], "z3.refine")
-params = snakemake.params
-with _bootstrap.stage(log, "refine gather", params.z3lib):
+with _bootstrap.job(snakemake, "z3.refine", "refine gather") as job:
+    params = job.params
     written = gather_refined(
         list(snakemake.input.chunks),
         snakemake.input.original,
@@ -21,6 +20,6 @@ with _bootstrap.stage(log, "refine gather", params.z3lib):
         basis=params.zernike["basis"],
         pixel_size=params.pixel_size,
         image_root=params.image_root,
-        log=log,
+        log=job.log,
     )
-    log.info("wrote %s", _bootstrap.written_list(written))
+    job.log.info("wrote %s", _bootstrap.written_list(written))

@@ -3,17 +3,16 @@
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import _bootstrap  # repository root on sys.path; logging setup
+import _bootstrap  # repository root on sys.path; per-job setup
 
 from z3lib.report import make_report
 
 if TYPE_CHECKING:
     from snakemake.iocontainers import snakemake  # noqa: TC004  (injected by the preamble)
 
-log = _bootstrap.configure_logging(snakemake.log[0], "z3.report")
-params = snakemake.params
 inputs = snakemake.input
-with _bootstrap.stage(log, "report", params.z3lib):
+with _bootstrap.job(snakemake, "z3.report", "report") as job:
+    params = job.params
     written = make_report(
         Path(snakemake.output.html).parent,
         particles=inputs.particles,
@@ -40,6 +39,6 @@ with _bootstrap.stage(log, "report", params.z3lib):
         round_fsc=list(inputs.round_fsc),  # every refinement round, round 1 first
         round_coefficients=list(inputs.round_coefficients),
         gold_standard=params.gold_standard,
-        log=log,
+        log=job.log,
     )
-    log.info("wrote %d files, the report is %s", len(written), written["html"])
+    job.log.info("wrote %d files, the report is %s", len(written), written["html"])

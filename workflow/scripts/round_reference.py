@@ -4,19 +4,18 @@ round's reference, mask and point cloud from a corrected map (z3lib.stages.round
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import _bootstrap  # repository root on sys.path; logging setup
+import _bootstrap  # repository root on sys.path; per-job setup
 
 from z3lib.stages.rounds import reference_from_map
 
 if TYPE_CHECKING:
     from snakemake.iocontainers import snakemake  # noqa: TC004  (injected by the preamble)
 
-log = _bootstrap.configure_logging(snakemake.log[0], "z3.rounds")
-with _bootstrap.stage(log, f"reference of round {snakemake.wildcards.k}", snakemake.params.z3lib):
+with _bootstrap.job(snakemake, "z3.rounds", f"reference of round {snakemake.wildcards.k}") as job:
     written = reference_from_map(
         snakemake.input.volume,
         snakemake.input.template,
         Path(snakemake.output.points).parent,
-        log=log,
+        log=job.log,
     )
-    log.info("wrote %s", _bootstrap.written_list(written))
+    job.log.info("wrote %s", _bootstrap.written_list(written))

@@ -3,18 +3,15 @@
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import _bootstrap  # repository root on sys.path; logging setup
-import torch
+import _bootstrap  # repository root on sys.path; per-job setup
 
 from z3lib.stages.simulate import simulate_dataset
 
 if TYPE_CHECKING:
     from snakemake.iocontainers import snakemake  # noqa: TC004  (injected by the preamble)
 
-log = _bootstrap.configure_logging(snakemake.log[0], "z3.simulate")
-torch.set_num_threads(snakemake.threads)
-params = snakemake.params
-with _bootstrap.stage(log, "simulate", params.z3lib, threads=snakemake.threads):
+with _bootstrap.job(snakemake, "z3.simulate", "simulate") as job:
+    params = job.params
     written = simulate_dataset(
         Path(snakemake.output.particles).parent,
         start_model=snakemake.input.start_model,
@@ -26,6 +23,6 @@ with _bootstrap.stage(log, "simulate", params.z3lib, threads=snakemake.threads):
         snr=params.snr,
         seed=params.seed,
         reference_t=params.reference_t,
-        log=log,
+        log=job.log,
     )
-    log.info("wrote %s", _bootstrap.written_list(written))
+    job.log.info("wrote %s", _bootstrap.written_list(written))

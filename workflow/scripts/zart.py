@@ -3,7 +3,7 @@
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import _bootstrap  # repository root on sys.path; logging setup
+import _bootstrap  # repository root on sys.path; per-job setup
 
 from z3lib.devices import zart_backend_for_job
 from z3lib.stages.zart import zart
@@ -12,11 +12,9 @@ from z3lib.zart import ZartConfig
 if TYPE_CHECKING:
     from snakemake.iocontainers import snakemake  # noqa: TC004  (injected by the preamble)
 
-log = _bootstrap.configure_logging(snakemake.log[0], "z3.zart")
-params = snakemake.params
-backend = zart_backend_for_job(params.zart["backend"], gpu_slot=bool(snakemake.resources.get("gpu", 0)))
-config = ZartConfig.from_config(params.zart, seed=params.seed)
-with _bootstrap.stage(log, "zart", params.z3lib):
+# No torch device: ZART runs on cupy or numpy, "auto" meaning numpy in a job without a GPU slot.
+with _bootstrap.job(snakemake, "z3.zart", "zart") as job:
+    params = job.params
     written = zart(
         snakemake.input.particles,
         list(snakemake.input.points),  # one point cloud, or one per half set
@@ -24,11 +22,11 @@ with _bootstrap.stage(log, "zart", params.z3lib):
         Path(snakemake.output.corrected).parent,
         degrees=(params.zernike["L1"], params.zernike["L2"]),
         basis=params.zernike["basis"],
-        config=config,
-        backend=backend,
+        config=ZartConfig.from_config(params.zart, seed=params.seed),
+        backend=zart_backend_for_job(params.zart["backend"], gpu_slot=job.gpu_slot),
         poses=snakemake.input.poses,
         pixel_size=params.pixel_size,
         image_root=params.image_root,
-        log=log,
+        log=job.log,
     )
-    log.info("wrote %s", _bootstrap.written_list(written))
+    job.log.info("wrote %s", _bootstrap.written_list(written))
