@@ -21,15 +21,18 @@ Two modes:
     SNR this is what lets a single image improve on the network: a handful of well-determined
     numbers instead of 3K poorly determined ones. With ``free_steps > 0`` a last local stage
     moves all 3K coefficients from there, under a prior on the size and roughness of the change,
-    so a particle can leave the landscape where its image says so.
+    so a particle can leave the landscape where its image says so. By default the pipeline first
+    refits that landscape to the whole population (:mod:`z3lib.population`, rule
+    ``refine_landscape``); the particles then start from their fitted coefficients, which are
+    their start and the baseline they must beat (``fitted`` of :func:`refine_batch`).
 ``"free"``
     All 3K coefficients are free (Adam from the prediction), with ``prior_i`` the Mahalanobis
     distance under the population covariance (or the mean squared field difference) and an
     optional degree schedule (l2 ≤ 1 terms first).
 
 Each particle stops on its own when its cost has not improved for ``patience`` steps and keeps the
-best parameters it reached. A particle whose image term does not beat the network's prediction
-keeps the prediction and is flagged.
+best parameters it reached. A particle whose image term does not beat its start (the network's
+prediction, or the population fit) keeps it and is flagged.
 """
 
 from __future__ import annotations
@@ -387,7 +390,7 @@ def refine_batch(
     zero3 = torch.zeros(b, 3, device=device)
     zero2 = torch.zeros(b, 2, device=device)
     zero1 = torch.zeros(b, device=device)
-    with torch.no_grad():  # the baseline every particle must beat: the network's prediction itself
+    with torch.no_grad():  # the baseline every particle must beat: its start (prediction or population fit)
         prior_img = objective.image_term(prior)
     if land_t is not None and not fitted:
         assert landscape is not None
