@@ -571,6 +571,23 @@ def progress_fingerprint(
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
+def _search_space(prior: np.ndarray, config: RefineConfig, landscape: Landscape | None, device: torch.device,
+                  log: logging.Logger) -> tuple[Landscape | None, torch.Tensor | None]:
+    """The landscape (given: the population's; else, in landscape mode, the predictions'
+    principal directions) or the free mode's population precision, whichever the mode uses."""
+    if config.mode == "landscape":
+        if landscape is not None:
+            log.info("landscape: %d direction(s) fitted to the population", len(landscape.directions))
+            return landscape, None
+        landscape = landscape_from_predictions(prior, variance=config.subspace_variance,
+                                               max_dimensions=config.max_dimensions)
+        log.info("landscape: %d direction(s) of the predictions' principal components", len(landscape.directions))
+        return landscape, None
+    if config.prior == "population":
+        return None, torch.as_tensor(population_precision(prior), dtype=torch.float32, device=device)
+    return None, None
+
+
 def refine_particles(
     decoder: PhysicalDecoder,
     source: ParticleBatchSource,
@@ -613,17 +630,8 @@ def refine_particles(
 
     logger = log or logging.getLogger(__name__)
     dev = torch.device(device)
-    precision = None
     fitted = landscape is not None and config.mode == "landscape"
-    if fitted:
-        assert landscape is not None
-        logger.info("landscape: %d direction(s) fitted to the population", len(landscape.directions))
-    elif config.mode == "landscape":
-        landscape = landscape_from_predictions(prior, variance=config.subspace_variance,
-                                               max_dimensions=config.max_dimensions)
-        logger.info("landscape: %d direction(s) of the predictions' principal components", len(landscape.directions))
-    elif config.prior == "population":
-        precision = torch.as_tensor(population_precision(prior), dtype=torch.float32, device=dev)
+    landscape, precision = _search_space(prior, config, landscape, dev, logger)
     idx = np.arange(len(source)) if index is None else np.asarray(index, dtype=np.int64)
     n, k3 = len(idx), prior.shape[1]
     out = {
