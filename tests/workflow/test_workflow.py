@@ -422,7 +422,7 @@ def test_rigid_real_toy_set_end_to_end_finds_no_motion(tmp_path: Path) -> None:
     from z3lib.io import read_coefficients, read_map, read_npz, read_table
 
     result = snakemake(tmp_path, "--workflow-profile", str(CI_PROFILE), "--configfile",
-                       str(scenario_config("toy", tmp_path)), timeout=300)
+                       str(scenario_config("toy", tmp_path)), timeout=900)
     assert_ok(result)
     assert job_counts(result.stdout) == {"preprocess": 1, "train": 1, "predict": 1, "refine_landscape": 1, "refine_chunk": 1, "refine": 1,
                                          "zart": 1, "publish": 1, "report": 1, "all": 1}
