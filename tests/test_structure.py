@@ -80,3 +80,26 @@ def test_no_function_is_over_100_lines() -> None:
                 if (n := node.end_lineno - first + 1) > MAX_FUNCTION_LINES:
                     long[f"{path.relative_to(REPO)}:{node.lineno} {node.name}"] = n
     assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {long}"
+
+
+def test_every_rule_carries_its_output_version() -> None:
+    """Each workflow rule that writes results carries ``z3lib.OUTPUT_VERSIONS[rule]`` in its
+    params, and no entry is newer than the library (or all older: the last bump named its rule),
+    so a library change reruns the stages it changes and Snakemake sees it."""
+    import re
+
+    import z3lib
+
+    def parse(version: str) -> tuple[int, ...]:
+        return tuple(int(x) for x in version.split("."))
+
+    carried = {}
+    for path in sorted((REPO / "workflow" / "rules").glob("*.smk")):
+        for block in re.split(r"^(?=rule )", path.read_text(), flags=re.MULTILINE)[1:]:
+            name = block.split(":", 1)[0].split()[1]
+            if (m := re.search(r'z3lib=output_version\("(\w+)"\)', block)) is not None:
+                carried[name] = m.group(1)
+    assert carried == {name: name for name in carried}, "a rule carries another rule's version"
+    assert set(carried) == set(z3lib.OUTPUT_VERSIONS), (set(carried) ^ set(z3lib.OUTPUT_VERSIONS))
+    versions = [parse(v) for v in z3lib.OUTPUT_VERSIONS.values()]
+    assert max(versions) == parse(z3lib.__version__)

@@ -361,8 +361,8 @@ def test_zart_on_a_sub_grid_point_cloud_matches_the_full_grid(tmp_path: Path) ->
 
 @pytest.mark.parametrize("fields_are", ["true", "noise"])
 def test_field_scale_keeps_true_fields_and_drops_noisy_ones(fields_are: str) -> None:
-    """zart.field_scale auto, judged by half-map FSCs alone (no truth): with the particles' true
-    fields it keeps them (s >= 0.75); with fields that are pure noise on an undeformed
+    """zart.field_scale auto, judged by held-out image prediction (no truth): with the particles'
+    true fields it keeps them (s >= 0.75); with fields that are pure noise on an undeformed
     population it drops them (s <= 0.25), so that the corrected map is not blurred by them."""
     from z3lib.zart import FIELD_SCALES, centre_fields, choose_field_scale
 

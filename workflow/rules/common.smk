@@ -86,9 +86,12 @@ check_config(config)
 sys.path.insert(0, str(Path(workflow.basedir).resolve()))
 import z3lib  # noqa: E402
 
-# Goes into every rule's params: bump z3lib.__version__ whenever numerical output changes, so
-# that library edits rerun exactly the affected results (Snakemake cannot see library code).
-Z3LIB_VERSION = z3lib.__version__
+
+def output_version(rule_name):
+    """The z3lib version at which `rule_name`'s numerical output last changed, for its params
+    (z3lib.OUTPUT_VERSIONS): library edits rerun exactly the affected results."""
+    return z3lib.OUTPUT_VERSIONS[rule_name]
+
 
 RUN = config["run"]
 

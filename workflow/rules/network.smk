@@ -22,7 +22,7 @@ rule train:
         mem_mb=16000,
         runtime="8h",
     params:
-        z3lib=Z3LIB_VERSION,
+        z3lib=output_version("train"),
         zernike=lookup(dpath="zernike", within=config),
         train=lookup(dpath="train", within=config),
         seed=lookup(dpath="seed", within=config),
@@ -66,7 +66,7 @@ rule predict:
         mem_mb=8000,
         runtime="2h",
     params:
-        z3lib=Z3LIB_VERSION,
+        z3lib=output_version("predict"),
         batch_size=lookup(dpath="predict/batch_size", within=config),
         pixel_size=lookup(dpath="pixel_size", within=config),
         image_root=lookup(dpath="image_root", within=config),

@@ -19,7 +19,7 @@ rule preprocess:
         mem_mb=8000,
         runtime="1h",
     params:
-        z3lib=Z3LIB_VERSION,
+        z3lib=output_version("preprocess"),
         box=lookup(dpath="box", within=config),
         pixel_size=lookup(dpath="pixel_size", within=config),
         reference_pixel_size=lookup(dpath="reference_pixel_size", within=config),

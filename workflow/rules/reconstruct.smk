@@ -27,7 +27,7 @@ rule zart:
         mem_mb=16000,
         runtime="4h",
     params:
-        z3lib=Z3LIB_VERSION,
+        z3lib=output_version("zart"),
         zernike=lookup(dpath="zernike", within=config),
         zart=lookup(dpath="zart", within=config),
         seed=lookup(dpath="seed", within=config),

@@ -26,7 +26,7 @@ rule refine_landscape:
         mem_mb=8000,
         runtime="4h",
     params:
-        z3lib=Z3LIB_VERSION,
+        z3lib=output_version("refine_landscape"),
         zernike=lookup(dpath="zernike", within=config),
         refine=lookup(dpath="refine", within=config),
         roughness=lookup(dpath="train/roughness", within=config),
@@ -61,7 +61,7 @@ rule refine_chunk:
         mem_mb=8000,
         runtime="4h",
     params:
-        z3lib=Z3LIB_VERSION,
+        z3lib=output_version("refine_chunk"),
         zernike=lookup(dpath="zernike", within=config),
         refine=lookup(dpath="refine", within=config),
         roughness=lookup(dpath="train/roughness", within=config),
@@ -95,7 +95,7 @@ rule refine:
         mem_mb=4000,
         runtime="30m",
     params:
-        z3lib=Z3LIB_VERSION,
+        z3lib=output_version("refine"),
         zernike=lookup(dpath="zernike", within=config),
         pixel_size=lookup(dpath="pixel_size", within=config),
         image_root=lookup(dpath="image_root", within=config),

@@ -58,7 +58,7 @@ rule report:
         mem_mb=8000,
         runtime="1h",
     params:
-        z3lib=Z3LIB_VERSION,
+        z3lib=output_version("report"),
         zernike=lookup(dpath="zernike", within=config),
         report=lookup(dpath="report", within=config),
         seed=lookup(dpath="seed", within=config),

@@ -23,7 +23,7 @@ rule round_reference:
         mem_mb=4000,
         runtime="30m",
     params:
-        z3lib=Z3LIB_VERSION,
+        z3lib=output_version("round_reference"),
     script:
         "../scripts/round_reference.py"
 
@@ -57,7 +57,7 @@ rule publish:
         mem_mb=1000,
         runtime="30m",
     params:
-        z3lib=Z3LIB_VERSION,
+        z3lib=output_version("publish"),
         final_round=ROUNDS,
     script:
         "../scripts/publish.py"

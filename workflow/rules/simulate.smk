@@ -20,7 +20,7 @@ rule simulate:
         mem_mb=4000,
         runtime="30m",
     params:
-        z3lib=Z3LIB_VERSION,
+        z3lib=output_version("simulate"),
         n_particles=lookup(dpath="demo/n_particles", within=config),
         box=lookup(dpath="demo/box", within=config),
         pixel_size=lookup(dpath="demo/pixel_size", within=config),
