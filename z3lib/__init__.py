@@ -1,4 +1,4 @@
-__version__ = "0.1.6"
+__version__ = "0.1.7"
 
 #: The library version at which each pipeline rule's numerical output last changed. Snakemake
 #: cannot see library code, so every rule carries its entry in its params: a library change that
@@ -14,7 +14,7 @@ OUTPUT_VERSIONS: dict[str, str] = {
     "refine_landscape": "0.1.5",
     "refine_chunk": "0.1.5",
     "refine": "0.1.5",
-    "zart": "0.1.6",  # field scale chosen by held-out image prediction
+    "zart": "0.1.7",  # the medoid frame (0.1.6: the field scale by held-out image prediction)
     "round_reference": "0.1.5",
     "publish": "0.1.5",
     "report": "0.1.5",

@@ -243,9 +243,11 @@ class ZartConfig:
     wiener_epsilon: float = 0.1  # ε = this × mean CTF² of the batch
     ctf_pad: int = 2
     seed: int = 0
-    # the corrected map uses s · (c − mean of the half set's c): the frame of the population's
-    # mean conformation (the consensus), and fields shrunk by s ∈ [0, 1]; "auto" picks s among
-    # FIELD_SCALES by half-map FSCs (noisy per-particle fields blur more than they correct)
+    # the corrected map uses s · (c − c₀), c₀ the half set's frame (centre_fields): "medoid", the
+    # mean field of the particles nearest the landscape's geometric median (a conformation the
+    # particles take), or "mean" (the average field, off a curved landscape); fields shrunk by
+    # s ∈ [0, 1]; "auto" picks s among FIELD_SCALES by held-out image prediction
+    frame: Literal["medoid", "mean"] = "medoid"
     field_scale: float | Literal["auto"] = "auto"
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -463,14 +465,49 @@ SCALE_PARTICLES = 1000  # particles per half set that choose the field scale (fe
 SCALE_ITERATIONS = 2  # ZART iterations of each candidate's half maps
 
 
-def centre_fields(coefficients: np.ndarray, halves: Sequence[np.ndarray]) -> np.ndarray:
-    """``(n, 3K)`` coefficients minus the mean of their gold-standard half set (each half on
-    its own, so no information crosses them): fields relative to the population's mean
-    conformation, the frame the consensus map is an average in."""
+MEDOID_FRACTION = 0.05  # share of a half set whose mean field is the "medoid" frame
+
+
+def geometric_median(points: np.ndarray, *, iterations: int = 200, tol: float = 1e-10) -> np.ndarray:
+    """The point ``(D,)`` that minimises the summed Euclidean distance to ``points`` ``(n, D)``
+    (Weiszfeld's iteration from the coordinate-wise median; a point that coincides with a
+    sample is kept away from a division by zero)."""
+    x = np.asarray(points, dtype=np.float64)
+    m = np.median(x, axis=0)
+    for _ in range(iterations):
+        w = 1.0 / np.maximum(np.linalg.norm(x - m, axis=1), 1e-12)
+        new = (w[:, None] * x).sum(0) / w.sum()
+        if np.linalg.norm(new - m) <= tol * (1.0 + np.linalg.norm(m)):
+            return new
+        m = new
+    return m
+
+
+def medoid_field(coefficients: np.ndarray, *, fraction: float = MEDOID_FRACTION) -> np.ndarray:
+    """The mean ``(3K,)`` of the coefficient vectors ``(n, 3K)`` nearest (Euclidean: for the
+    orthonormal basis, the RMS field difference over the ball) to their geometric median, at
+    least one and ``fraction`` of them: a conformation that particles take, at the centre of the
+    landscape. On a landscape that is a straight, symmetric segment it is the mean; on a curved
+    one (a path through an intermediate) the mean lies off the path, where no particle is, and
+    a map in that frame is an average of conformations instead of one."""
+    c = np.asarray(coefficients, dtype=np.float64)
+    centre = geometric_median(c)
+    k = min(len(c), max(1, round(fraction * len(c))))
+    nearest = np.argsort(np.linalg.norm(c - centre, axis=1), kind="stable")[:k]
+    return c[nearest].mean(0)
+
+
+def centre_fields(coefficients: np.ndarray, halves: Sequence[np.ndarray], frame: str = "medoid") -> np.ndarray:
+    """``(n, 3K)`` coefficients minus their gold-standard half set's frame field (each half on
+    its own, so no information crosses them): ``"medoid"`` (:func:`medoid_field`, the frame of
+    a conformation at the landscape's centre) or ``"mean"`` (the population's average field).
+    The corrected map is then the map of that conformation."""
+    if frame not in ("medoid", "mean"):
+        raise ValueError(f"zart.frame must be 'medoid' or 'mean', got {frame!r}")
     out = np.array(coefficients, dtype=np.float64, copy=True)
     for rows in halves:
         if len(rows):
-            out[rows] -= out[rows].mean(0)
+            out[rows] -= medoid_field(out[rows]) if frame == "medoid" else out[rows].mean(0)
     return out
 
 

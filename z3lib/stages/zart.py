@@ -89,7 +89,7 @@ def zart(
     fsc_mask = soft_support(np.unique(np.concatenate(half_pts), axis=0), box, step=step)
     scale_table = None
     if coeffs is not None:
-        coeffs = centre_fields(coeffs, (h1, h2))
+        coeffs = centre_fields(coeffs, (h1, h2), config.frame)
         if config.field_scale == "auto":
             scale, scale_table = choose_field_scale(be, half_pts, [z for z in half_z if z is not None], coeffs, stack,
                                                     parts.table, (h1, h2), box, apix, config, fsc_mask, step=step,
