@@ -476,7 +476,7 @@ def geometric_median(points: np.ndarray, *, iterations: int = 200, tol: float = 
     m = np.median(x, axis=0)
     for _ in range(iterations):
         w = 1.0 / np.maximum(np.linalg.norm(x - m, axis=1), 1e-12)
-        new = (w[:, None] * x).sum(0) / w.sum()
+        new: np.ndarray = (w[:, None] * x).sum(0) / w.sum()
         if np.linalg.norm(new - m) <= tol * (1.0 + np.linalg.norm(m)):
             return new
         m = new
@@ -494,7 +494,8 @@ def medoid_field(coefficients: np.ndarray, *, fraction: float = MEDOID_FRACTION)
     centre = geometric_median(c)
     k = min(len(c), max(1, round(fraction * len(c))))
     nearest = np.argsort(np.linalg.norm(c - centre, axis=1), kind="stable")[:k]
-    return c[nearest].mean(0)
+    frame: np.ndarray = c[nearest].mean(0)
+    return frame
 
 
 def centre_fields(coefficients: np.ndarray, halves: Sequence[np.ndarray], frame: str = "medoid") -> np.ndarray:
