@@ -31,6 +31,7 @@ from common import (
 )
 from scipy.optimize import minimize
 
+from z3lib import zernike as zk
 from z3lib.conventions import euler_to_matrix
 from z3lib.decoder import circle_mask, image_loss
 from z3lib.io import read_coefficients, read_npz, read_particles, read_table
@@ -88,12 +89,12 @@ def main() -> None:
     prior = prior_orig * box / orig
     parts = read_particles(data["pre_particles"])
     source = ParticleBatchSource.from_particles(parts)
-    decoder = make_decoder(cloud["points"], cloud["amplitudes"], box, float(cloud["pixel_size"]), (3, 2), "xmipp",
-                           args.device)
+    decoder = make_decoder(cloud["points"], cloud["amplitudes"], zk.ZernikeSpec(3, 2, "xmipp", box),
+                           float(cloud["pixel_size"]), args.device)
     cfg = RefineConfig()
     idx = np.arange(min(args.n_refine, len(parts)))
     t0 = time.perf_counter()
-    res = refine_particles(decoder, source, prior, (3, 2), cfg, index=idx, device=args.device)
+    res = refine_particles(decoder, source, prior, cfg, index=idx, device=args.device)
     t_ref = time.perf_counter() - t0
     ours = res.coefficients * orig / box
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.machine()} x{torch.get_num_threads()} threads"

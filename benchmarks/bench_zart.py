@@ -55,10 +55,10 @@ def refined_fields(data: dict[str, Path], prior_orig: np.ndarray, device: str = 
     def make() -> np.ndarray:
         cloud = read_npz(data["pre_points"])
         box, orig = int(cloud["box"]), int(cloud["original_box"])
-        dec = make_decoder(cloud["points"], cloud["amplitudes"], box, float(cloud["pixel_size"]), (3, 2), "xmipp",
-                           device)
+        dec = make_decoder(cloud["points"], cloud["amplitudes"], zk.ZernikeSpec(3, 2, "xmipp", box),
+                           float(cloud["pixel_size"]), device)
         src = ParticleBatchSource.from_particles(read_particles(data["pre_particles"]))
-        res = refine_particles(dec, src, prior_orig * box / orig, (3, 2), config, device=device)
+        res = refine_particles(dec, src, prior_orig * box / orig, config, device=device)
         out: np.ndarray = res.coefficients * orig / box
         return out
 

@@ -51,7 +51,7 @@ def test_decoder_zero_field_equals_rigid_projection_with_ctf(device: str) -> Non
     zz, yy, xx = np.meshgrid(*[np.arange(box) - box // 2] * 3, indexing="ij")
     vol = np.exp(-((xx - 2) ** 2 + yy**2 + (zz + 1) ** 2) / 8.0) + 0.5 * np.exp(-((xx + 4) ** 2 + (yy - 3) ** 2 + zz**2) / 4.0)
     points, amps = points_from_volume(vol)
-    dec = PhysicalDecoder(torch.tensor(points), torch.tensor(amps), box, 2.0, NetworkConfig(L1=3, L2=2, basis="xmipp")).to(device)
+    dec = PhysicalDecoder(torch.tensor(points), torch.tensor(amps), zk.ZernikeSpec(3, 2, "xmipp", box), 2.0, NetworkConfig()).to(device)
     rots = torch.tensor(random_rotations(3, rng), dtype=torch.float32, device=device)
     shifts = torch.tensor(rng.normal(size=(3, 2)), dtype=torch.float32, device=device)
     ctf = CtfParams.create([12000.0, 15000.0, 20000.0], [11000.0, 15000.0, 19000.0], [10.0, 0.0, 80.0], device=device)
@@ -69,8 +69,8 @@ def test_decoder_images_are_the_analytic_projection_with_relion_ctf() -> None:
     centre = np.array([3.0, -2.0, 1.0])
     vol = gaussian_volume(box, [centre], [1.0], sigma)
     points, amps = points_from_volume(vol, mask=vol > 1e-7)
-    dec = PhysicalDecoder(torch.tensor(points), torch.tensor(amps), box, apix,
-                          NetworkConfig(L1=3, L2=2, basis="xmipp")).double()
+    dec = PhysicalDecoder(torch.tensor(points), torch.tensor(amps), zk.ZernikeSpec(3, 2, "xmipp", box), apix,
+                          NetworkConfig()).double()
     rots = np.array([[[0, 1, 0], [0, 0, 1], [1, 0, 0]], [[-1, 0, 0], [0, 0, 1], [0, 1, 0]],
                      [[1, 0, 0], [0, -1, 0], [0, 0, -1]]], dtype=float)  # voxel points stay on pixels
     shifts = np.array([[2.0, -1.0], [-1.0, 3.0], [0.0, -2.0]])
@@ -166,8 +166,8 @@ def test_gradients_match_finite_differences() -> None:
     rng = np.random.default_rng(1)
     box = 16
     points = rng.uniform(-5, 5, size=(40, 3))
-    dec = PhysicalDecoder(torch.tensor(points), torch.tensor(rng.uniform(0.5, 1.5, 40)), box, 3.0,
-                          NetworkConfig(L1=3, L2=2, basis="xmipp")).double()
+    dec = PhysicalDecoder(torch.tensor(points), torch.tensor(rng.uniform(0.5, 1.5, 40)), zk.ZernikeSpec(3, 2, "xmipp", box), 3.0,
+                          NetworkConfig()).double()
     target = torch.tensor(rng.normal(size=(2, box, box)))
     mask = torch.ones(box, box, dtype=torch.float64)
     ctf = CtfParams.create([15000.0, 18000.0], [14000.0, 17000.0], 30.0, dtype=torch.float64)
@@ -190,7 +190,7 @@ def test_regularisers_are_field_energy_and_roughness(roughness: str) -> None:
     rng = np.random.default_rng(2)
     points = rng.uniform(-8, 8, size=(300, 3))
     cfg = NetworkConfig(L1=3, L2=2, basis="xmipp", roughness=roughness)
-    dec = PhysicalDecoder(torch.tensor(points), torch.ones(300), 32, 2.0, cfg).double()
+    dec = PhysicalDecoder(torch.tensor(points), torch.ones(300), zk.ZernikeSpec(3, 2, "xmipp", 32), 2.0, cfg).double()
     c = rng.normal(size=39)
     z = zk.evaluate_basis(points, 3, 2, 16.0)
     d = zk.deformation_field(z, c)
@@ -210,8 +210,8 @@ def test_strain_roughness_leaves_rigid_motions_free() -> None:
     rng = np.random.default_rng(5)
     points = rng.uniform(-12, 12, size=(2000, 3))
     omega, eps = np.array([0.02, -0.01, 0.03]), 0.01
-    decs = {r: PhysicalDecoder(torch.tensor(points), torch.ones(2000), 64, 2.0,
-                               NetworkConfig(L1=7, L2=7, basis="orthonormal", roughness=r)).double()
+    decs = {r: PhysicalDecoder(torch.tensor(points), torch.ones(2000), zk.ZernikeSpec(7, 7, "orthonormal", 64), 2.0,
+                               NetworkConfig(roughness=r)).double()
             for r in ("strain", "gradient")}
     for field, expected in ((np.cross(omega, points), {"strain": 0.0, "gradient": 2 * float(omega @ omega)}),
                             (eps * points, {"strain": 3 * eps**2, "gradient": 3 * eps**2})):
@@ -219,7 +219,8 @@ def test_strain_roughness_leaves_rigid_motions_free() -> None:
         for name, dec in decs.items():
             assert float(dec.field_roughness(c)) == pytest.approx(expected[name], abs=1e-9)
     with pytest.raises(ValueError, match="roughness"):
-        PhysicalDecoder(torch.tensor(points[:10]), torch.ones(10), 64, 2.0, NetworkConfig(roughness="bend"))
+        PhysicalDecoder(torch.tensor(points[:10]), torch.ones(10), zk.ZernikeSpec(7, 7, "orthonormal", 64), 2.0,
+                        NetworkConfig(roughness="bend"))
 
 
 def test_losses() -> None:

@@ -10,7 +10,7 @@ import torch
 
 from z3lib import zernike as zk
 from z3lib.ctf import CtfParams
-from z3lib.decoder import DecoderSpec, PhysicalDecoder
+from z3lib.decoder import DecoderOptions, PhysicalDecoder
 from z3lib.geometry import euler_to_matrix, points_from_volume
 from z3lib.io import Z3InputError, read_npz, write_coefficients
 from z3lib.population import fit_population, posterior_mean_scores, read_population
@@ -48,10 +48,9 @@ def _phantom_decoder() -> PhysicalDecoder:
         c = rng.uniform(-8, 8, 3)
         vol += np.exp(-((xx - c[0]) ** 2 + (yy - c[1]) ** 2 + (zz - c[2]) ** 2) / (2 * 1.8**2))
     pts, amps = points_from_volume(vol, mask=vol > 0.05)
-    spec = DecoderSpec(L1=DEGREES[0], L2=DEGREES[1], basis="xmipp", roughness="strain", ctf_pad=1,
-                       learn_reference=False)
+    options = DecoderOptions(roughness="strain", ctf_pad=1, learn_reference=False)
     return PhysicalDecoder(torch.tensor(pts, dtype=torch.float32), torch.tensor(amps, dtype=torch.float32),
-                           BOX, 2.0, spec)
+                           zk.ZernikeSpec(DEGREES[0], DEGREES[1], "xmipp", BOX), 2.0, options)
 
 
 def test_posterior_mean_of_a_gaussian_likelihood() -> None:
@@ -119,7 +118,7 @@ def test_population_fit_recovers_the_direction_a_shrunk_prediction_got_wrong() -
     land = landscape_from_predictions(prediction, variance=0.95, max_dimensions=1)
     b = source.batch(np.arange(len(source)), torch.device("cpu"))
     old = refine_batch(dec, b.images, b.angles, b.shifts, b.ctf, torch.tensor(prediction, dtype=torch.float32),
-                       DEGREES, RefineConfig(grid_points=21, steps=20), landscape=land)["coefficients"].numpy()
+                       RefineConfig(grid_points=21, steps=20), landscape=land)["coefficients"].numpy()
     errors = {name: _field_rms(dec, c, true) for name, c in
               (("prediction", prediction), ("old", old), ("population", fit.coefficients), ("zero", 0 * true))}
     assert errors["population"] < 0.5 * errors["old"], errors
@@ -152,7 +151,7 @@ def test_chunks_start_from_the_population_landscape(small_run: dict[str, Path], 
     stage to run: nothing flagged); a fit of other particles is refused by name."""
     root = small_run["root"] / ("halves" if halves else "shared")
     cfg = RefineConfig(population_grid_points=5, batch_size=16, population_rounds=1, population_epochs=1)
-    kw = {"degrees": (3, 2), "basis": "xmipp", "config": cfg, "independent_halves": halves}
+    kw = {"zernike": {"L1": 3, "L2": 2, "basis": "xmipp"}, "config": cfg, "independent_halves": halves}
     outs = [root / f"landscape_half{h}.npz" for h in (1, 2)] if halves else [root / "landscape.npz"]
     refine_landscape(small_run["particles"], small_run["points"], small_run["prior"], outs, **kw)  # type: ignore[arg-type]
     rows = np.concatenate([read_npz(p)["rows"] for p in outs])

@@ -26,6 +26,7 @@ from z3lib.stages.simulate import simulate_dataset
 
 ADK = Path(__file__).parent / "data" / "mdanalysistests_adk"
 BOX = 32
+ZERNIKE_32 = {"L1": 3, "L2": 2, "basis": "xmipp"}  # the config's zernike section
 
 
 def _phantom_decoder(degrees: tuple[int, int] = (2, 1)) -> PhysicalDecoder:
@@ -37,8 +38,9 @@ def _phantom_decoder(degrees: tuple[int, int] = (2, 1)) -> PhysicalDecoder:
         c = rng.uniform(-8, 8, 3)
         vol += np.exp(-((xx - c[0]) ** 2 + (yy - c[1]) ** 2 + (zz - c[2]) ** 2) / (2 * 1.8**2))
     pts, amps = points_from_volume(vol, mask=vol > 0.05)
-    cfg = NetworkConfig(L1=degrees[0], L2=degrees[1], basis="xmipp", learn_reference=False)
-    return PhysicalDecoder(torch.tensor(pts), torch.tensor(amps), BOX, 2.0, cfg).double()
+    cfg = NetworkConfig(learn_reference=False)
+    spec = zk.ZernikeSpec(degrees[0], degrees[1], "xmipp", BOX)
+    return PhysicalDecoder(torch.tensor(pts), torch.tensor(amps), spec, 2.0, cfg).double()
 
 
 def _ctf(n: int) -> CtfParams:
@@ -63,7 +65,7 @@ def test_known_field_recovered_from_perturbed_start() -> None:
     images = dec(true, rot, shifts, _ctf(3))
     start = true + torch.tensor(rng.normal(scale=0.8, size=(3, k3)))
     cfg = RefineConfig(mode="free", prior="field", prior_weight=0.0, steps=400, learning_rate=0.02, patience=50)
-    out = refine_batch(dec, images, angles, shifts, _ctf(3), start, (2, 1), cfg)
+    out = refine_batch(dec, images, angles, shifts, _ctf(3), start, cfg)
     err_start = (_inplane_field(dec, start, rot) - _inplane_field(dec, true, rot)).pow(2).sum(-1).mean().sqrt()
     err_end = (_inplane_field(dec, out["coefficients"], rot) - _inplane_field(dec, true, rot)).pow(2).sum(-1).mean().sqrt()
     assert float(err_start) > 0.5
@@ -84,7 +86,7 @@ def test_pose_refinement_recovers_angle_and_shift_errors() -> None:
     cfg = RefineConfig(mode="free", prior="field", prior_weight=1e3, steps=300, learning_rate=1e-9, refine_angles=True,
                        refine_shifts=True, angle_learning_rate=0.1, shift_learning_rate=0.02, patience=40,
                        pose_prior_weight=0.0)
-    out = refine_batch(dec, images, true_ang + d_ang, true_shift + d_shift, _ctf(2), c, (2, 1), cfg)
+    out = refine_batch(dec, images, true_ang + d_ang, true_shift + d_shift, _ctf(2), c, cfg)
     a_err = (out["angles"] - true_ang).abs()
     # tilt 0/180-free views: rot and psi compensate only near the poles, so compare rotations too
     r_out = euler_to_matrix(out["angles"][:, 0], out["angles"][:, 1], out["angles"][:, 2])
@@ -105,7 +107,7 @@ def test_particle_that_cannot_improve_keeps_its_prior_and_is_flagged() -> None:
     prior = true.clone()
     prior[1] += torch.tensor(rng.normal(scale=0.8, size=k3))  # particle 1 can improve, particle 0 cannot
     cfg = RefineConfig(mode="free", prior="field", prior_weight=0.0, steps=50, learning_rate=0.02)
-    out = refine_batch(dec, images, angles, shifts, _ctf(2), prior, (2, 1), cfg)
+    out = refine_batch(dec, images, angles, shifts, _ctf(2), prior, cfg)
     assert bool(out["flagged"][0]) and not bool(out["flagged"][1])
     torch.testing.assert_close(out["coefficients"][0], prior[0], rtol=0, atol=0)
     assert float(out["cost"][0]) == float(out["cost_prior"][0])
@@ -136,7 +138,7 @@ def test_landscape_refinement_never_ends_worse_than_an_exact_prediction() -> Non
     images = dec(true, rot, shifts, _ctf(n))
     landscape = landscape_from_predictions(true.numpy(), variance=0.5, max_dimensions=1)
     cfg = RefineConfig(steps=20, grid_points=9)
-    out = refine_batch(dec, images, data["angles"], shifts, _ctf(n), true, (2, 1), cfg, landscape=landscape)
+    out = refine_batch(dec, images, data["angles"], shifts, _ctf(n), true, cfg, landscape=landscape)
     exact = (1 - torch.nn.functional.cosine_similarity(images.flatten(1), images.flatten(1))).abs()
     assert float(out["cost_prior"].max()) < 1e-6 + float(exact.max())  # the baseline is the exact prediction
     assert torch.all(out["cost"] <= out["cost_prior"])
@@ -163,11 +165,11 @@ def test_free_stage_leaves_the_landscape_when_the_image_says_so() -> None:
         return float((_inplane_field(dec, c, rot) - _inplane_field(dec, true, rot)).pow(2).sum(-1).mean().sqrt())
 
     base = RefineConfig(steps=30, grid_points=9, patience=20)
-    inside = refine_batch(dec, images, data["angles"], shifts, _ctf(n), prediction, (2, 1), base,
+    inside = refine_batch(dec, images, data["angles"], shifts, _ctf(n), prediction, base,
                           landscape=landscape)
     leave = RefineConfig(steps=30, grid_points=9, patience=20, free_steps=200, learning_rate=0.02,
                          free_prior_weight=0.0, free_smooth_weight=0.0)
-    outside = refine_batch(dec, images, data["angles"], shifts, _ctf(n), prediction, (2, 1), leave,
+    outside = refine_batch(dec, images, data["angles"], shifts, _ctf(n), prediction, leave,
                            landscape=landscape)
     assert error(outside["coefficients"]) < 0.6 * error(inside["coefficients"]), (
         error(prediction), error(inside["coefficients"]), error(outside["coefficients"]))
@@ -207,13 +209,13 @@ def small_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def test_chunks_gather_in_star_order_and_match_one_chunk(small_run: dict[str, Path]) -> None:
     root = small_run["root"]
     cfg = RefineConfig(steps=5, grid_points=5, batch_size=16)
-    kw = {"degrees": (3, 2), "basis": "xmipp", "config": cfg}
+    kw = {"zernike": {"L1": 3, "L2": 2, "basis": "xmipp"}, "config": cfg}
     whole = refine_chunk(small_run["particles"], small_run["points"], small_run["prior"], root / "whole.npz",
                          chunk=0, n_chunks=1, **kw)  # type: ignore[arg-type]
     parts = [refine_chunk(small_run["particles"], small_run["points"], small_run["prior"], root / f"c{k}.npz",
                           chunk=k, n_chunks=3, **kw) for k in (2, 0, 1)]  # type: ignore[arg-type]
-    out = gather_refined(parts, small_run["sim_particles"], root / "gathered", degrees=(3, 2), basis="xmipp")
-    one = gather_refined([whole], small_run["sim_particles"], root / "one", degrees=(3, 2), basis="xmipp")
+    out = gather_refined(parts, small_run["sim_particles"], root / "gathered", zernike=ZERNIKE_32)
+    one = gather_refined([whole], small_run["sim_particles"], root / "one", zernike=ZERNIKE_32)
     star = read_star_blocks(out["particles"])["particles"]
     original = read_star_blocks(small_run["sim_particles"])["particles"]
     assert star["rlnImageName"].tolist() == original["rlnImageName"].tolist()
@@ -226,7 +228,7 @@ def test_chunks_gather_in_star_order_and_match_one_chunk(small_run: dict[str, Pa
     prior = read_coefficients(small_run["prior"])
     np.testing.assert_allclose(read_coefficients(out["coefficients"])[flagged], prior[flagged], rtol=1e-6, atol=1e-9)
     with pytest.raises(ValueError, match="missing or repeated"):
-        gather_refined(parts[:2], small_run["sim_particles"], root / "bad", degrees=(3, 2), basis="xmipp")
+        gather_refined(parts[:2], small_run["sim_particles"], root / "bad", zernike=ZERNIKE_32)
 
 
 def test_refinement_starts_from_and_writes_the_predict_stages_poses(small_run: dict[str, Path]) -> None:
@@ -253,8 +255,8 @@ def test_refinement_starts_from_and_writes_the_predict_stages_poses(small_run: d
     write_particles_star(predicted, original, table=table)
     cfg = RefineConfig(steps=2, grid_points=3, batch_size=32)
     chunk = refine_chunk(small_run["particles"], small_run["points"], small_run["prior"], root / "posed.npz",
-                         chunk=0, n_chunks=1, degrees=(3, 2), basis="xmipp", config=cfg, poses=predicted)
-    out = gather_refined([chunk], small_run["sim_particles"], root / "posed", degrees=(3, 2), basis="xmipp")
+                         chunk=0, n_chunks=1, zernike=ZERNIKE_32, config=cfg, poses=predicted)
+    out = gather_refined([chunk], small_run["sim_particles"], root / "posed", zernike=ZERNIKE_32)
     refined = read_particles(out["particles"]).table
     for name in ("rot", "tilt", "psi", "shift_x", "shift_y", "defocus_u", "defocus_v"):
         np.testing.assert_allclose(refined[name], table[name], rtol=0, atol=1e-3, err_msg=name)

@@ -23,7 +23,7 @@ from z3lib.stages.simulate import simulate_dataset
 ADK = Path(__file__).parent / "data" / "mdanalysistests_adk"
 N = 24
 CFG = RefineConfig(steps=5, grid_points=5, batch_size=8)  # 3 batches of 8 in one chunk
-KW: dict[str, Any] = {"chunk": 0, "n_chunks": 1, "degrees": (3, 2), "basis": "xmipp"}
+KW: dict[str, Any] = {"chunk": 0, "n_chunks": 1, "zernike": {"L1": 3, "L2": 2, "basis": "xmipp"}}
 
 
 @pytest.fixture(scope="module")

@@ -111,7 +111,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         out, particles=data["refine"] / "particles.star", coefficients=data["refine"] / "coefficients.npy",
         points=data["pre"] / "points.npz", reference=data["pre"] / "reference.mrc", mask=data["pre"] / "mask.mrc",
         corrected=data["zart"] / "corrected.mrc", uncorrected=data["zart"] / "uncorrected.mrc",
-        fsc=data["zart"] / "fsc.tsv", degrees=DEGREES, basis="xmipp", clusters=3, motion_steps=5,
+        fsc=data["zart"] / "fsc.tsv", zernike={"L1": DEGREES[0], "L2": DEGREES[1], "basis": "xmipp"}, clusters=3, motion_steps=5,
         use_umap=True, model=data["sim"]["reference_model"], ground_truth=data["sim"]["ground_truth"],
         benchmarks=data["bench"], run_config={"run": "tiny", "report": {"clusters": 3}}, run_name="tiny", seed=0,
     )
@@ -178,9 +178,9 @@ def test_deform_map_zero_field_is_identity_and_mass_is_conserved() -> None:
     vol = _blob(box, (2.0, -1.0, 3.0)) + 0.1 * _blob(box, (-6.0, 5.0, 0.0), 3.0)
     mask = sphere_mask(box, 10)
     k = zk.count_terms(3, 2)
-    np.testing.assert_allclose(an.deform_map(vol, np.zeros(3 * k), mask, 3, 2), vol, atol=1e-6)
+    np.testing.assert_allclose(an.deform_map(vol, np.zeros(3 * k), mask, zk.ZernikeSpec(3, 2, "xmipp", box)), vol, atol=1e-6)
     c = np.random.default_rng(4).normal(scale=0.3, size=3 * k)  # |d| < 1.2 px: stays inside
-    out = an.deform_map(vol, c, mask, 3, 2, "xmipp")
+    out = an.deform_map(vol, c, mask, zk.ZernikeSpec(3, 2, "xmipp", box))
     assert out.sum() == pytest.approx(vol.sum(), rel=1e-5)  # nothing pushed out of the box here
     outside = ~mask
     np.testing.assert_allclose(out[outside] - vol[outside] >= -1e-6, True)  # unmasked voxels only gain
@@ -188,7 +188,7 @@ def test_deform_map_zero_field_is_identity_and_mass_is_conserved() -> None:
     pt = np.zeros((box,) * 3)
     pt[box // 2 + 3, box // 2 - 2, box // 2 + 1] = 1.0  # (x, y, z) = (1, -2, 3)
     d = zk.deformation_field(zk.evaluate_basis(np.array([[1.0, -2.0, 3.0]]), 3, 2, box / 2, "xmipp"), c)[0]
-    np.testing.assert_allclose(_centroid_xyz(an.deform_map(pt, c, mask, 3, 2)), [1, -2, 3] + d, atol=1e-6)
+    np.testing.assert_allclose(_centroid_xyz(an.deform_map(pt, c, mask, zk.ZernikeSpec(3, 2, "xmipp", box))), [1, -2, 3] + d, atol=1e-6)
 
 
 def test_maps_along_a_known_motion_come_out_in_order() -> None:
@@ -208,7 +208,7 @@ def test_maps_along_a_known_motion_come_out_in_order() -> None:
     blob_at = (4.0, -2.0, 1.0)
     vol = _blob(box, blob_at)
     mask = sphere_mask(box, 12)
-    maps = an.deform_maps(vol, path, mask, 3, 2, "xmipp")
+    maps = an.deform_maps(vol, path, mask, zk.ZernikeSpec(3, 2, "xmipp", box))
     centroids = np.array([_centroid_xyz(m) for m in maps])
     z = zk.evaluate_basis(np.array([blob_at]), 3, 2, box / 2, "xmipp")
     direction = zk.deformation_field(z, v)[0]
@@ -240,7 +240,7 @@ def test_deforming_the_reference_model_by_its_true_field_reproduces_the_end_stat
         truth = motion.at(t_end) + centre
         coeffs = zk.fit_coefficients(ref_px, (t_end - 0.5) * (motion.end - motion.start) / apix, 7, 7, box / 2,
                                      "orthonormal")
-        moved = an.deform_model(model.coords, coeffs, 7, 7, "orthonormal", box, apix)
+        moved = an.deform_model(model.coords, coeffs, zk.ZernikeSpec(7, 7, "orthonormal", box), apix)
 
         def rmsd(a: np.ndarray, sel: np.ndarray, truth: np.ndarray = truth) -> float:
             return math.sqrt(((a[sel] - truth[sel]) ** 2).sum(1).mean())
@@ -249,7 +249,8 @@ def test_deforming_the_reference_model_by_its_true_field_reproduces_the_end_stat
         assert rmsd(moved, ca) < 0.6
         assert rmsd(moved, np.ones(len(ca), bool)) < 1.2
     # a batch of fields gives a batch of models; a zero field moves nothing
-    zero = an.deform_model(model.coords, np.zeros((2, 3 * zk.count_terms(3, 2))), 3, 2, "xmipp", box, apix)
+    zero = an.deform_model(model.coords, np.zeros((2, 3 * zk.count_terms(3, 2))), zk.ZernikeSpec(3, 2, "xmipp", box),
+                           apix)
     np.testing.assert_allclose(zero, np.broadcast_to(model.coords, zero.shape), atol=1e-9)
 
 
@@ -260,7 +261,7 @@ def test_mean_deformation_map_of_a_translation_is_its_length() -> None:
     c = np.zeros((2, 3 * k))
     c[0, 0], c[1, k] = 1.0 / z0, 3.0 / z0  # |d| = 1 px and 3 px everywhere
     mask = sphere_mask(box, 6)
-    out = an.mean_deformation_map(c, mask, 3, 2, "xmipp", pixel_size=2.0)
+    out = an.mean_deformation_map(c, mask, zk.ZernikeSpec(3, 2, "xmipp", box), pixel_size=2.0)
     np.testing.assert_allclose(out[mask], 4.0, rtol=1e-6)  # mean(1, 3) px × 2 Å/px
     assert not out[~mask].any()
 

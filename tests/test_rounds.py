@@ -258,7 +258,7 @@ def test_independent_refinement_keeps_the_halves_apart(data: dict[str, Path], tm
     write_coefficients(tmp_path / "prior.npy", prior)
     write_coefficients(tmp_path / "other.npy", other)
     cfg = RefineConfig(steps=3, grid_points=5, batch_size=64)
-    kw = {"chunk": 0, "n_chunks": 1, "degrees": (3, 2), "basis": "xmipp", "config": cfg, "seed": 0}
+    kw = {"chunk": 0, "n_chunks": 1, "zernike": {"L1": 3, "L2": 2, "basis": "xmipp"}, "config": cfg, "seed": 0}
     results = {}
     for mode in (True, False):
         for name, prior_file in (("pre", "prior.npy"), ("noisy", "other.npy")):
@@ -291,7 +291,7 @@ def test_zart_halves_use_their_own_fields_and_masks(data: dict[str, Path], tmp_p
     write_npz(small, **{**cloud, "points": cloud["points"][keep], "amplitudes": cloud["amplitudes"][keep]})
     # a fixed field scale: "auto" picks one s from both halves' FSC (one number, as the FSC is)
     cfg = ZartConfig(iterations=1, batch_size=16, seed=0, field_scale=1.0)
-    kw = {"degrees": (3, 2), "basis": "xmipp", "config": cfg, "backend": "numpy"}
+    kw = {"zernike": {"L1": 3, "L2": 2, "basis": "xmipp"}, "config": cfg, "backend": "numpy"}
     a = zart(data["pre_particles"], [data["pre_points"], small], tmp_path / "fields.npy", tmp_path / "a", **kw)
     b = zart(data["pre_particles"], [data["pre_points"], small], tmp_path / "garbage.npy", tmp_path / "b", **kw)
     c = zart(data["pre_particles"], data["pre_points"], tmp_path / "fields.npy", tmp_path / "c", **kw)

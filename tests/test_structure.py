@@ -63,6 +63,12 @@ def test_light_modules_do_not_import_torch(module: str) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+def test_zernike_does_not_import_the_file_layer() -> None:
+    """The basis is below the file layer: ``z3lib.io`` imports ``z3lib.zernike``, never the reverse."""
+    result = _run("import sys, z3lib.zernike; assert 'z3lib.io' not in sys.modules, sorted(sys.modules)")
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 def test_no_file_is_over_800_lines() -> None:
     long = {str(p.relative_to(REPO)): n for p in sorted(LIBRARY.rglob("*.py"))
             if (n := len(p.read_text().splitlines())) > MAX_FILE_LINES}

@@ -32,6 +32,7 @@ from z3lib.zart import (
 
 ADK = Path(__file__).parent / "data" / "mdanalysistests_adk"
 BOX = 32
+ZERNIKE_32 = {"L1": 3, "L2": 2, "basis": "xmipp"}  # the config's zernike section
 
 
 def _phantom(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -179,8 +180,8 @@ def test_zart_files_with_cupy_equal_numpy(tmp_path: Path) -> None:
     cfg = ZartConfig(iterations=2, batch_size=16)
     maps = {}
     for backend in ("numpy", "cupy"):
-        out = zart(pre["particles"], pre["points"], tmp_path / "c.npy", tmp_path / backend, degrees=(3, 2),
-                   basis="xmipp", config=cfg, backend=backend)
+        out = zart(pre["particles"], pre["points"], tmp_path / "c.npy", tmp_path / backend,
+                   zernike=ZERNIKE_32, config=cfg, backend=backend)
         maps[backend] = read_map(out["corrected_half1"]).data
     scale = float(np.abs(maps["numpy"]).max())
     np.testing.assert_allclose(maps["cupy"], maps["numpy"], atol=1e-3 * scale)
@@ -303,7 +304,7 @@ def test_zart_files_with_zero_fields_reconstruct_the_analytic_map(tmp_path: Path
     projector, CTF and simulator."""
     truth, apix = _analytic_project(tmp_path, 160, seed=9)
     out = zart(tmp_path / "particles.star", tmp_path / "points.npz", tmp_path / "c.npy", tmp_path / "zart",
-               degrees=(3, 2), basis="xmipp", backend="numpy",
+               zernike=ZERNIKE_32, backend="numpy",
                config=ZartConfig(iterations=4, batch_size=16, relaxation=1.0, field_scale=1.0))
     for name in ("corrected", "corrected_half1", "corrected_half2", "uncorrected", "uncorrected_half1",
                  "uncorrected_half2"):
@@ -347,8 +348,8 @@ def test_zart_on_a_sub_grid_point_cloud_matches_the_full_grid(tmp_path: Path) ->
     for step in (1, 2):
         pre = preprocess(sim["particles"], sim["reference"], sim["mask"], tmp_path / f"pre{step}", box=32,
                          points_step=step)
-        out = zart(pre["particles"], pre["points"], tmp_path / "c.npy", tmp_path / f"zart{step}", degrees=(3, 2),
-                   basis="xmipp", config=ZartConfig(iterations=3, batch_size=16), backend="numpy")
+        out = zart(pre["particles"], pre["points"], tmp_path / "c.npy", tmp_path / f"zart{step}",
+                   zernike=ZERNIKE_32, config=ZartConfig(iterations=3, batch_size=16), backend="numpy")
         maps[step] = read_map(out["corrected"]).data
         fscs[step] = read_table(out["fsc"])
     mask = read_map(tmp_path / "pre1" / "mask.mrc").data > 0
@@ -439,8 +440,8 @@ def test_zart_reconstructs_with_the_latest_poses_of_a_later_stage(tmp_path: Path
     apix = 4.0 * 32 / 24
     scores = {}
     for label, poses in (("preprocess", None), ("latest", sim["particles"])):
-        out = zart(pre["particles"], pre["points"], tmp_path / "c.npy", tmp_path / f"zart_{label}", degrees=(3, 2),
-                   basis="xmipp", config=ZartConfig(iterations=3, batch_size=32, field_scale=0.0), backend="numpy",
+        out = zart(pre["particles"], pre["points"], tmp_path / "c.npy", tmp_path / f"zart_{label}",
+                   zernike=ZERNIKE_32, config=ZartConfig(iterations=3, batch_size=32, field_scale=0.0), backend="numpy",
                    poses=poses)
         half = read_map(out["corrected_half1"]).data
         scores[label] = (fsc_area(fourier_shell_correlation(half, truth, apix)),
@@ -474,7 +475,7 @@ def test_zart_refuses_poses_of_other_rows_naming_both_files(tmp_path: Path, chan
     write_coefficients(tmp_path / "c.npy", np.zeros((20, 39)))
     bad = _perturbed_copy(sim["particles"], tmp_path / "sim" / "bad.star", seed=0, **{change: True})
     with pytest.raises(Z3InputError) as caught:
-        zart(pre["particles"], pre["points"], tmp_path / "c.npy", tmp_path / "zart", degrees=(3, 2), basis="xmipp",
+        zart(pre["particles"], pre["points"], tmp_path / "c.npy", tmp_path / "zart", zernike=ZERNIKE_32,
              config=ZartConfig(iterations=1, batch_size=16), backend="numpy", poses=bad)
     message = str(caught.value)
     assert str(bad) in message and str(pre["particles"]) in message, message

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
+import starfile
 import torch
 
 from z3lib import zernike as zk
 from z3lib.geometry import points_from_mask, sphere_mask
 
+DATA = Path(__file__).parent / "data"
 PI = math.pi
 S = math.sqrt
 
@@ -240,7 +243,7 @@ def test_refit_basis_is_the_least_squares_fit_of_each_field() -> None:
     pts, _ = points_from_mask(sphere_mask(24, 10))
     pts = pts.astype(np.float64)
     c = rng.normal(size=(4, 3 * zk.count_terms(5, 5)))
-    out, residual = zk.refit_basis(c, pts, (5, 5), "orthonormal", (5, 4), "xmipp", 12.0)
+    out, residual = zk.refit_basis(c, pts, zk.ZernikeSpec(5, 5, "orthonormal", 24), zk.ZernikeSpec(5, 4, "xmipp", 24))
     z_from = zk.evaluate_basis(pts, 5, 5, 12.0, "orthonormal")
     z_to = zk.evaluate_basis(pts, 5, 4, 12.0, "xmipp")
     errors, norms = 0.0, 0.0
@@ -252,6 +255,67 @@ def test_refit_basis_is_the_least_squares_fit_of_each_field() -> None:
         norms += float((field**2).sum())
     assert residual == pytest.approx(np.sqrt(errors / norms), rel=1e-6)
     assert 0 < residual < 1
-    same, zero = zk.refit_basis(c[:, : 3 * zk.count_terms(3, 2)], pts, (3, 2), "xmipp", (3, 2), "xmipp", 12.0)
+    same, zero = zk.refit_basis(c[:, : 3 * zk.count_terms(3, 2)], pts, zk.ZernikeSpec(3, 2, "xmipp", 24),
+                                 zk.ZernikeSpec(3, 2, "xmipp", 24))
     np.testing.assert_allclose(same, c[:, : 3 * zk.count_terms(3, 2)], atol=1e-9)
     assert zero < 1e-10
+
+
+# ----------------------------------------------------------------------------------------------
+# ZernikeSpec: the basis as one value
+# ----------------------------------------------------------------------------------------------
+def test_spec_on_another_box_describes_the_same_physical_field() -> None:
+    """A field in Å fitted on box 64 by its spec and converted to the spec on box 128 (half the
+    pixel size) gives, on the 128 grid, the same field in Å: Rmax and the unit follow the box."""
+    apix64 = 2.0
+    spec64 = zk.ZernikeSpec(5, 3, "orthonormal", 64)
+    rng = np.random.default_rng(8)
+    true_px64 = rng.normal(scale=0.5, size=spec64.n_coefficients)
+    assert spec64.rmax == 32.0 and spec64.n_coefficients == 3 * zk.count_terms(5, 3)
+
+    def field_angstrom(points_angstrom: np.ndarray) -> np.ndarray:  # analytic: basis at Rmax 64 Å
+        return zk.deformation_field(zk.evaluate_basis(points_angstrom, 5, 3, 64.0, "orthonormal"), true_px64) * apix64
+
+    p64, _ = points_from_mask(sphere_mask(64, radius=30))
+    fitted = spec64.fit(p64, field_angstrom(p64 * apix64) / apix64)
+    spec128 = spec64.rescaled(128)
+    assert (spec128.degrees, spec128.basis, spec128.rmax) == ((5, 3), "orthonormal", 64.0)
+    c128 = spec64.convert(fitted, spec128)
+    p128, _ = points_from_mask(sphere_mask(128, radius=60), step=3)
+    np.testing.assert_allclose(zk.deformation_field(spec128.evaluate(p128), c128) * apix64 / 2,
+                               field_angstrom(p128 * apix64 / 2), atol=1e-8)
+    with pytest.raises(ValueError, match="refit_basis"):
+        spec64.convert(fitted, zk.ZernikeSpec(5, 3, "xmipp", 128))
+
+
+def test_spec_block_is_what_a_star_reader_finds(tmp_path: Path) -> None:
+    """The ``data_zernike3d`` block written from a spec, read back by ``starfile`` (not ours),
+    holds Rmax = box / 2 and gives the same spec; blocks we cannot honour are refused by name."""
+    from z3lib.io import read_particles, write_particles_star
+
+    spec = zk.ZernikeSpec(7, 7, "orthonormal", 180)
+    parts = read_particles(DATA / "cryodrgn" / "cryosparc_P12_J24_001_particles.cs")
+    out = tmp_path / "p.star"
+    write_particles_star(out, parts, zernike=spec)
+    block = starfile.read(out, always_dict=True)["zernike3d"]
+    values = dict(block) if isinstance(block, dict) else block.iloc[0].to_dict()
+    assert float(values["Rmax"]) == 90.0 and int(values["box"]) == 180 and values["basis"] == "orthonormal"
+    assert zk.ZernikeSpec.from_block(values) == spec
+    with pytest.raises(ValueError, match="Rmax 60"):
+        zk.ZernikeSpec.from_block({**values, "Rmax": 60})
+    with pytest.raises(ValueError, match="missing basis"):
+        zk.ZernikeSpec.from_block({k: v for k, v in values.items() if k != "basis"})
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ((5, 5, "xmipp", 64), "L2 <= 4"),
+    ((2, 3, "orthonormal", 64), "L1 >= L2"),
+    ((3, 2, "legendre", 64), "unknown Zernike3D basis"),
+    ((3, 2, "xmipp", 1), "box must be at least 2"),
+    ((3.5, 2, "xmipp", 64), "L1 must be an integer"),
+])
+def test_spec_refuses_a_basis_that_does_not_exist(args: tuple[object, ...], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        zk.ZernikeSpec(*args)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="missing L2"):
+        zk.ZernikeSpec.from_config({"L1": 3, "basis": "xmipp"}, 64)

@@ -400,14 +400,18 @@ def splat_trilinear(positions: npt.ArrayLike, values: npt.ArrayLike, shape: tupl
     return out.reshape(shape)
 
 
+def _check_box(spec: zk.ZernikeSpec, box: int) -> None:
+    """Raise ``ValueError`` unless ``spec`` is on a box of ``box`` px (the map's)."""
+    if spec.box != box:
+        raise ValueError(f"the Zernike3D basis is on a {spec.box} px box but the map is {box} px: "
+                         f"use spec.rescaled({box}) and convert the coefficients")
+
+
 def deform_maps(
     volume: npt.ArrayLike,
     coefficients: npt.ArrayLike,
     mask: npt.ArrayLike,
-    l1: int,
-    l2: int,
-    basis: str = "xmipp",
-    rmax: float | None = None,
+    spec: zk.ZernikeSpec,
 ) -> np.ndarray:
     """Deform a map by several fields (push mapping), evaluating the basis once.
 
@@ -419,15 +423,13 @@ def deform_maps(
     volume
         ``[z, y, x]`` map (cubic box).
     coefficients
-        ``(m, 3K)`` fields in px of this map's box (rescale original-box coefficients with
-        :func:`z3lib.zernike.rescale_coefficients` first).
+        ``(m, 3K)`` fields in px of ``spec.box`` (convert original-box coefficients with
+        :meth:`z3lib.zernike.ZernikeSpec.convert` first).
     mask
         ``[z, y, x]`` mask of the voxels to move (values > 0.5), or ``(N, 3)`` integer
         ``(x, y, z)`` voxel positions relative to the centre.
-    l1, l2, basis
-        Zernike3D degrees and basis of the coefficients.
-    rmax
-        Radius (px) of the unit ball; default ``box / 2``.
+    spec
+        Zernike3D basis of the coefficients, on this map's box (``Rmax = box / 2``).
 
     Returns
     -------
@@ -437,9 +439,9 @@ def deform_maps(
     if vol.ndim != 3:
         raise ValueError(f"expected a [z, y, x] volume, got shape {vol.shape}")
     c = np.atleast_2d(np.asarray(coefficients, dtype=np.float64))
+    _check_box(spec, vol.shape[-1])
     idx, points = _mask_voxels(mask, vol.shape)
-    radius = 0.5 * vol.shape[-1] if rmax is None else float(rmax)
-    z = zk.evaluate_basis(points, l1, l2, radius, basis)
+    z = spec.evaluate(points)
     values = vol[idx[:, 0], idx[:, 1], idx[:, 2]]
     still = vol.copy()
     still[idx[:, 0], idx[:, 1], idx[:, 2]] = 0.0
@@ -454,10 +456,7 @@ def deform_map(
     volume: npt.ArrayLike,
     coefficients: npt.ArrayLike,
     mask: npt.ArrayLike,
-    l1: int,
-    l2: int,
-    basis: str = "xmipp",
-    rmax: float | None = None,
+    spec: zk.ZernikeSpec,
 ) -> np.ndarray:
     """Deform a map by one field (push mapping): see :func:`deform_maps`.
 
@@ -473,17 +472,14 @@ def deform_map(
     c = np.asarray(coefficients, dtype=np.float64)
     if c.ndim != 1:
         raise ValueError(f"deform_map takes one (3K,) coefficient vector, got shape {c.shape}")
-    out: np.ndarray = deform_maps(volume, c[None], mask, l1, l2, basis, rmax)[0]
+    out: np.ndarray = deform_maps(volume, c[None], mask, spec)[0]
     return out
 
 
 def deform_model(
     coords: npt.ArrayLike,
     coefficients: npt.ArrayLike,
-    l1: int,
-    l2: int,
-    basis: str,
-    box: int,
+    spec: zk.ZernikeSpec,
     pixel_size: float,
     *,
     origin: Sequence[float] = (0.0, 0.0, 0.0),
@@ -497,12 +493,12 @@ def deform_model(
         of voxel ``[0, 0, 0]`` (0 for RELION and cryoSPARC maps), so an atom sits at
         ``(xyz − origin) / pixel_size − box // 2`` px from the box centre.
     coefficients
-        ``(3K,)`` field, or ``(m, 3K)`` fields, in px of ``box`` with ``Rmax = box / 2`` (the
-        refine stage's coefficients with the original box and pixel size).
-    l1, l2, basis
-        Zernike3D degrees and basis.
-    box, pixel_size
-        Box (px) and pixel size (Å) of the coefficients.
+        ``(3K,)`` field, or ``(m, 3K)`` fields, in px of ``spec.box`` (the refine stage's
+        coefficients with the original box and pixel size).
+    spec
+        Zernike3D basis of the coefficients (its box: the map's, px).
+    pixel_size
+        Pixel size (Å) of the coefficients' box.
 
     Returns
     -------
@@ -513,9 +509,9 @@ def deform_model(
     if xyz.ndim != 2 or xyz.shape[1] != 3:
         raise ValueError(f"coords must be (N, 3) positions in Å, got shape {xyz.shape}")
     org = np.asarray(origin, dtype=np.float64)
-    centre = float(box_center(box))
+    centre = float(box_center(spec.box))
     px = (xyz - org) / pixel_size - centre
-    z = zk.evaluate_basis(px, l1, l2, 0.5 * float(box), basis)
+    z = spec.evaluate(px)
     moved = px + zk.deformation_field(z, np.asarray(coefficients, dtype=np.float64))
     out: np.ndarray = (moved + centre) * pixel_size + org
     return out
@@ -524,10 +520,7 @@ def deform_model(
 def mean_deformation_map(
     coefficients: npt.ArrayLike,
     mask: npt.ArrayLike,
-    l1: int,
-    l2: int,
-    basis: str = "xmipp",
-    rmax: float | None = None,
+    spec: zk.ZernikeSpec,
     *,
     pixel_size: float = 1.0,
     batch: int = 256,
@@ -540,8 +533,8 @@ def mean_deformation_map(
         ``(n, 3K)`` fields in px of the mask's box.
     mask
         ``[z, y, x]`` mask (voxels > 0.5 are evaluated).
-    rmax
-        Radius (px) of the unit ball; default ``box / 2``.
+    spec
+        Zernike3D basis of the coefficients, on the mask's box.
     pixel_size
         Å per px: the output is ``mean_i |d_i(x)| · pixel_size`` (Å with the map's pixel size;
         the default 1 gives px).
@@ -556,9 +549,9 @@ def mean_deformation_map(
     if m.ndim != 3:
         raise ValueError(f"mask must be a [z, y, x] array, got shape {m.shape}")
     c = np.atleast_2d(np.asarray(coefficients, dtype=np.float64))
+    _check_box(spec, m.shape[-1])
     idx, points = _mask_voxels(m, m.shape)
-    radius = 0.5 * m.shape[-1] if rmax is None else float(rmax)
-    z = zk.evaluate_basis(points, l1, l2, radius, basis)
+    z = spec.evaluate(points)
     total = np.zeros(len(points))
     for lo in range(0, len(c), batch):
         d = zk.deformation_field(z, c[lo:lo + batch])  # (b, N, 3)
@@ -569,8 +562,7 @@ def mean_deformation_map(
 
 
 def deformation_rms(
-    coefficients: npt.ArrayLike, points: npt.ArrayLike, l1: int, l2: int, basis: str, rmax: float,
-    *, batch: int = 256,
+    coefficients: npt.ArrayLike, points: npt.ArrayLike, spec: zk.ZernikeSpec, *, batch: int = 256,
 ) -> np.ndarray:
     """RMS of ``|d|`` over a point cloud per particle (Xmipp's ``sphDeformation``).
 
@@ -580,13 +572,17 @@ def deformation_rms(
         ``(n, 3K)`` in px of the points' box.
     points
         ``(N, 3)`` ``(x, y, z)`` px relative to the centre (e.g. the mask's point cloud).
+    spec
+        Zernike3D basis of the coefficients, on the points' box.
+    batch
+        Particles per block.
 
     Returns
     -------
     ``(n,)`` float64, px.
     """
     c = np.atleast_2d(np.asarray(coefficients, dtype=np.float64))
-    z = zk.evaluate_basis(np.asarray(points, dtype=np.float64), l1, l2, rmax, basis)
+    z = spec.evaluate(np.asarray(points, dtype=np.float64))
     parts = [np.asarray(zk.deformation_rms(z, c[lo:lo + batch])) for lo in range(0, len(c), batch)]
     return np.concatenate(parts) if parts else np.zeros(0)
 

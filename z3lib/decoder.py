@@ -3,9 +3,10 @@ splat → CTF, the image circle and the image loss.
 
 Units are pixels of the processing box: the point cloud ``(N, 3)`` px relative to the box centre,
 coefficients ``(B, 3K)`` px with ``Rmax = box / 2``, shifts ``(B, 2)`` px, images ``(B, box, box)``
-(docs/conventions.md). Nothing here knows the network: the decoder is built from its point cloud and a
-:class:`DecoderSettings` (degrees, basis, roughness measure, CTF padding, learned reference),
-which :class:`DecoderSpec` and the network's settings both are.
+(docs/conventions.md). Nothing here knows the network: the decoder is built from its point cloud, a
+:class:`~z3lib.zernike.ZernikeSpec` on the processing box and :class:`DecoderSettings` (roughness
+measure, CTF padding, learned reference), which :class:`DecoderOptions` and the network's settings
+both are.
 """
 
 from __future__ import annotations
@@ -28,15 +29,11 @@ Roughness = Literal["strain", "gradient"]
 
 
 class DecoderSettings(Protocol):
-    """What :class:`PhysicalDecoder` needs to know: any object with these attributes
-    (:class:`DecoderSpec`, or a :class:`z3lib.network.NetworkConfig`)."""
+    """What :class:`PhysicalDecoder` needs besides its basis: any object with these attributes.
 
-    @property
-    def L1(self) -> int: ...
-    @property
-    def L2(self) -> int: ...
-    @property
-    def basis(self) -> zk.Basis: ...
+    :class:`DecoderOptions`, or a :class:`z3lib.network.NetworkConfig`.
+    """
+
     @property
     def roughness(self) -> Roughness: ...
     @property
@@ -46,12 +43,9 @@ class DecoderSettings(Protocol):
 
 
 @dataclass(frozen=True)
-class DecoderSpec:
+class DecoderOptions:
     """The settings of a :class:`PhysicalDecoder` on their own (refinement's fixed map)."""
 
-    L1: int
-    L2: int
-    basis: zk.Basis
     roughness: Roughness  # "strain": |sym ∇d|² (rigid motions free) | "gradient": |∇d|²
     ctf_pad: int  # the CTF is applied on a box padded this many times
     learn_reference: bool  # the amplitudes are a parameter (amplitudes + scale · delta)
@@ -82,11 +76,13 @@ class PhysicalDecoder(nn.Module):
     ----------
     points, amplitudes
         ``(N, 3)`` px of the processing box and ``(N,)`` the reference point cloud.
-    box, pixel_size
-        the processing box (px) and its pixel size (Å).
+    spec
+        The Zernike3D basis on the processing box (its ``box`` is the image size, px).
+    pixel_size
+        Pixel size (Å) of the processing box.
     settings
-        degrees ``L1``, ``L2``, ``basis``, ``roughness``, ``ctf_pad`` and ``learn_reference``
-        (:class:`DecoderSpec`, or the network's settings).
+        ``roughness``, ``ctf_pad`` and ``learn_reference`` (:class:`DecoderOptions`, or the
+        network's settings).
     """
 
     points: torch.Tensor
@@ -96,16 +92,17 @@ class PhysicalDecoder(nn.Module):
     smooth_form: torch.Tensor
     cross_form: torch.Tensor
 
-    def __init__(self, points: torch.Tensor, amplitudes: torch.Tensor, box: int, pixel_size: float,
+    def __init__(self, points: torch.Tensor, amplitudes: torch.Tensor, spec: zk.ZernikeSpec, pixel_size: float,
                  settings: DecoderSettings) -> None:
         super().__init__()
-        self.box = int(box)
+        self.spec = spec
+        self.box = spec.box
         self.pixel_size = float(pixel_size)
         self.ctf_pad = int(settings.ctf_pad)
         points = points.detach()
         amplitudes = amplitudes.detach()
         pts = points.to(torch.float64).clone().requires_grad_(True)
-        z = zk.evaluate_basis(pts, settings.L1, settings.L2, box / 2, settings.basis)
+        z = spec.evaluate(pts)
         # ∂Z_k/∂x_j at every point, by autograd through the polynomial basis
         grads = []
         for k in range(z.shape[1]):

@@ -83,6 +83,10 @@ class NetworkConfig:
         """From the pipeline config's ``zernike`` and ``train`` sections and its ``seed``."""
         return from_section(cls, {**zernike, **train}, seed=seed)
 
+    def zernike_spec(self, box: int) -> zk.ZernikeSpec:
+        """Return the network's Zernike3D basis on ``box`` px (the processing box)."""
+        return zk.ZernikeSpec(self.L1, self.L2, self.basis, box)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -155,7 +159,7 @@ class Zernike3Deep(nn.Module):
         super().__init__()
         self.config = config
         self.box = int(box)
-        self.n_terms = zk.count_terms(config.L1, config.L2)
+        self.n_terms = config.zernike_spec(box).n_terms
         self.encoder_box = min(config.encoder_box, box) if config.encoder_box > 0 else box
         in_ch = 2 if config.encoder_reference else 1
         extra = 9 if config.encoder_pose else 0
@@ -172,7 +176,7 @@ class Zernike3Deep(nn.Module):
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
             head.requires_grad_(config.refine_pose)
-        self.decoder = PhysicalDecoder(points, amplitudes, box, pixel_size, config)
+        self.decoder = PhysicalDecoder(points, amplitudes, config.zernike_spec(box), pixel_size, config)
         self.register_buffer("image_mask", circle_mask(box, config.mask_radius))
 
     def flip_signs(self, ctf: CtfParams | None, *, phase_flipped: bool = False,

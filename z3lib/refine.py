@@ -52,7 +52,7 @@ import torch
 from z3lib import zernike as zk
 from z3lib.conventions import euler_to_matrix
 from z3lib.ctf import CtfParams
-from z3lib.decoder import DecoderSpec, Loss, PhysicalDecoder, Roughness, circle_mask, image_loss
+from z3lib.decoder import DecoderOptions, Loss, PhysicalDecoder, Roughness, circle_mask, image_loss
 from z3lib.network import NetworkConfig
 from z3lib.settings import check_choices, from_section
 from z3lib.training import ParticleBatchSource, array_digest, state_digest
@@ -176,23 +176,34 @@ def population_precision(coefficients: np.ndarray, *, floor: float = 1e-3) -> np
     return inv
 
 
-def make_decoder(points: np.ndarray, amplitudes: np.ndarray, box: int, pixel_size: float,
-                 degrees: tuple[int, int], basis: zk.Basis, device: str | torch.device = "cpu",
-                 roughness: Roughness = NetworkConfig.roughness) -> PhysicalDecoder:
-    """The physical decoder (point cloud in px of the processing box) for refinement; its
-    ``field_roughness`` is the network's measure (``roughness``: ``strain`` or ``gradient``)."""
-    spec = DecoderSpec(L1=degrees[0], L2=degrees[1], basis=basis, roughness=roughness,
-                       ctf_pad=NetworkConfig.ctf_pad, learn_reference=False)  # a fixed map
+def make_decoder(points: np.ndarray, amplitudes: np.ndarray, spec: zk.ZernikeSpec, pixel_size: float,
+                 device: str | torch.device = "cpu", roughness: Roughness = NetworkConfig.roughness) -> PhysicalDecoder:
+    """Build the physical decoder of refinement: a fixed map, the network's roughness measure.
+
+    Parameters
+    ----------
+    points, amplitudes
+        ``(N, 3)`` px of the processing box and ``(N,)``: the reference point cloud.
+    spec
+        The Zernike3D basis on the processing box.
+    pixel_size
+        Å per px of the processing box.
+    device
+        Torch device of the decoder's buffers.
+    roughness
+        ``strain`` or ``gradient``: the measure of ``field_roughness`` (the network's).
+    """
+    options = DecoderOptions(roughness=roughness, ctf_pad=NetworkConfig.ctf_pad, learn_reference=False)
     return PhysicalDecoder(torch.as_tensor(points, dtype=torch.float32),
-                           torch.as_tensor(amplitudes, dtype=torch.float32), box, pixel_size, spec).to(device)
+                           torch.as_tensor(amplitudes, dtype=torch.float32), spec, pixel_size, options).to(device)
 
 
-def _stage_masks(n_params: int, degrees: tuple[int, int], schedule: bool, free_mode: bool) -> list[np.ndarray]:
+def _stage_masks(n_params: int, spec: zk.ZernikeSpec, schedule: bool, free_mode: bool) -> list[np.ndarray]:
     """Which parameters are free in each stage (``(n_params,)`` bool per stage)."""
     full = np.ones(n_params, dtype=bool)
-    if not (free_mode and schedule) or degrees[1] <= 1:
+    if not (free_mode and schedule) or spec.L2 <= 1:
         return [full]
-    idx = zk.basis_indices(*degrees)
+    idx = spec.indices()
     return [np.tile(idx[:, 2] <= 1, 3), full]
 
 
@@ -342,7 +353,6 @@ def refine_batch(
     shifts: torch.Tensor,
     ctf: CtfParams,
     prior: torch.Tensor,
-    degrees: tuple[int, int],
     config: RefineConfig,
     *,
     landscape: Landscape | None = None,
@@ -398,7 +408,7 @@ def refine_batch(
                              landscape.high / landscape.scale, config)
     else:
         start = objective.prior_scores.clone() if land_t is not None else prior.clone()
-    stages = _stage_masks(start.shape[1], degrees, config.degree_schedule, config.mode == "free")
+    stages = _stage_masks(start.shape[1], decoder.spec, config.degree_schedule, config.mode == "free")
     local = not fitted or config.refine_angles or config.refine_shifts or config.refine_defocus
     best, steps = _local_search(objective, start, stages, config.steps if local else 0, config)
     searched = local or config.free_steps > 0
@@ -527,7 +537,6 @@ def progress_fingerprint(
     source: ParticleBatchSource,
     prior: np.ndarray,
     index: np.ndarray,
-    degrees: tuple[int, int],
     config: RefineConfig,
     *,
     device: str | torch.device,
@@ -538,7 +547,7 @@ def progress_fingerprint(
     results saved under it are reused only on an exact match.
 
     It covers the library version (``z3lib.__version__``), every :class:`RefineConfig` setting,
-    the degrees, the device type, the rows ``index`` ``(n,)``, all predicted coefficients
+    the decoder's Zernike3D basis, the device type, the rows ``index`` ``(n,)``, all predicted coefficients
     ``prior`` ``(n_total, 3K)`` (px; the landscape and the population prior are built from all
     of them), the decoder (point cloud, amplitudes, basis values and regulariser forms, box,
     pixel size), the particles' poses, shifts, CTF parameters, half-set labels and stack rows
@@ -555,7 +564,7 @@ def progress_fingerprint(
     record = {
         "z3lib": z3lib.__version__,
         "config": config.to_dict(),
-        "degrees": [int(d) for d in degrees],
+        "zernike": decoder.spec.to_block(),
         "device": torch.device(device).type,
         "index": array_digest(idx),
         "prior": array_digest(np.asarray(prior)),
@@ -592,7 +601,6 @@ def refine_particles(
     decoder: PhysicalDecoder,
     source: ParticleBatchSource,
     prior: np.ndarray,
-    degrees: tuple[int, int],
     config: RefineConfig,
     *,
     index: np.ndarray | None = None,
@@ -624,7 +632,7 @@ def refine_particles(
         identity of the images of ``index`` for the fingerprint (:func:`stack_identity`); None:
         :func:`images_digest` (one extra read of them). Only used with ``progress_path``.
     inputs
-        further values the fingerprint must cover (e.g. the basis name).
+        further values the fingerprint must cover (JSON-serialisable).
     """
     from z3lib.io import read_npz, write_npz
 
@@ -647,7 +655,7 @@ def refine_particles(
                                                                   landscape.scale, landscape.low, landscape.high)}
     if progress_path is not None:
         image_id = images if images is not None else images_digest(source, idx, config.batch_size)
-        fingerprint = progress_fingerprint(decoder, source, prior, idx, degrees, config, device=dev,
+        fingerprint = progress_fingerprint(decoder, source, prior, idx, config, device=dev,
                                            images=image_id, inputs=inputs)
     if progress_path is not None and Path(progress_path).exists():
         saved = read_npz(progress_path)
@@ -669,7 +677,7 @@ def refine_particles(
             continue
         b = source.batch(idx[sl], dev)
         res = refine_batch(decoder, b.images, b.angles, b.shifts, b.ctf,
-                           torch.as_tensor(prior[idx[sl]], dtype=torch.float32, device=dev), degrees, config,
+                           torch.as_tensor(prior[idx[sl]], dtype=torch.float32, device=dev), config,
                            landscape=landscape, precision=precision, phase_flipped=source.phase_flipped,
                            fitted=fitted)
         for key, column in out.items():

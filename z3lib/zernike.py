@@ -14,6 +14,10 @@ Two bases share one index set and ordering (reference/zernike3d-family.md §3):
 
 Both vanish outside the unit ball (|x̃| > 1): such points are not deformed (Flexutils' choice).
 
+:class:`ZernikeSpec` is the basis as one value (degrees, basis, box; ``Rmax = box / 2``): the stages,
+the decoder and the files pass it around instead of loose degrees, radius and basis. Coefficient
+files live in :mod:`z3lib.io` (which imports this module, never the reverse).
+
 Coefficient vectors are laid out ``[c_x(K), c_y(K), c_z(K)]`` and are in pixels of the box in which
 ``Rmax`` is given. The field is ``d(x) = Σ_k c_k Z_k(x / Rmax)`` and the mapping is push:
 a reference point ``x`` moves to ``x + d(x)``.
@@ -22,21 +26,16 @@ a reference point ``x`` moves to ``x + d(x)``.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import numpy.typing as npt
 
 from z3lib.arrays import is_tensor
-
-# Coefficient files and the Flexutils column live in z3lib.io (all file I/O does); re-exported here.
-from z3lib.io import (  # noqa: F401
-    format_coefficient_column,
-    parse_coefficient_column,
-    read_zernike_file,
-    write_zernike_file,
-)
+from z3lib.conventions import default_rmax
 
 Basis = Literal["xmipp", "orthonormal"]
 BASES: tuple[str, ...] = ("xmipp", "orthonormal")
@@ -365,11 +364,8 @@ def fit_coefficients(
 def refit_basis(
     coefficients: npt.ArrayLike,
     points: npt.ArrayLike,
-    degrees_from: tuple[int, int],
-    basis_from: Basis | str,
-    degrees_to: tuple[int, int],
-    basis_to: Basis | str,
-    rmax: float,
+    source: ZernikeSpec,
+    target: ZernikeSpec,
 ) -> tuple[np.ndarray, float]:
     """Re-express fields in another basis (or degree set) by least squares on a point cloud.
 
@@ -379,19 +375,24 @@ def refit_basis(
     Parameters
     ----------
     coefficients
-        ``(n, 3K_from)`` coefficients (any displacement unit; the result has the same unit).
+        ``(n, 3K_from)`` coefficients of ``source`` (any displacement unit; the result has the
+        same unit).
     points
-        ``(N, 3)`` positions in the unit of ``rmax`` (e.g. the mask voxels in px).
+        ``(N, 3)`` positions in px of the specs' box (e.g. the mask voxels).
+    source, target
+        The two bases, on the same box.
 
     Returns
     -------
     ``(n, 3K_to)`` coefficients and the relative RMS residual of the refitted fields over all
     particles and points (0 = exact).
     """
+    if source.box != target.box:
+        raise ValueError(f"refit_basis: the bases are on different boxes ({source.box} and {target.box} px)")
     c = np.asarray(coefficients, dtype=np.float64)
     pts = np.asarray(points, dtype=np.float64)
-    z_from = evaluate_basis(pts, *degrees_from, rmax, basis_from)
-    z_to = evaluate_basis(pts, *degrees_to, rmax, basis_to)
+    z_from = source.evaluate(pts)
+    z_to = target.evaluate(pts)
     m, *_ = np.linalg.lstsq(z_to, z_from, rcond=None)  # (K_to, K_from)
     blocks = c.reshape(len(c), 3, z_from.shape[1])
     out = np.einsum("lk,bak->bal", m, blocks)
@@ -462,3 +463,133 @@ def gram_matrix(basis_values: Any, weights: Any = None) -> Any:
         return basis_values.T @ basis_values / basis_values.shape[0]
     w = weights / weights.sum()
     return (basis_values * w[:, None]).T @ basis_values
+
+
+# ----------------------------------------------------------------------------------------------
+# The basis as one value
+# ----------------------------------------------------------------------------------------------
+#: Keys of the STAR ``data_zernike3d`` block, in file order.
+BLOCK_KEYS: tuple[str, ...] = ("L1", "L2", "Rmax", "basis", "box")
+
+
+@dataclass(frozen=True)
+class ZernikeSpec:
+    """A Zernike3D basis on a box: degrees, basis and the box its coefficients are in.
+
+    Degrees ``L1 >= L2``, ``basis`` and the ``box`` (px) whose coefficients it describes, with
+    ``Rmax = box / 2`` (docs/conventions.md). Coefficients of this spec are ``(..., 3K)`` px of ``box``, layout ``[c_x, c_y, c_z]``; point
+    clouds are ``(N, 3)`` px of ``box`` relative to its centre. Invalid degrees, an unknown basis
+    or a degree the xmipp basis does not define raise ``ValueError`` at construction.
+    """
+
+    L1: int
+    L2: int
+    basis: Basis
+    box: int
+
+    def __post_init__(self) -> None:
+        for name in ("L1", "L2", "box"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or int(value) != value:
+                raise ValueError(f"ZernikeSpec.{name} must be an integer, got {value!r}")
+            object.__setattr__(self, name, int(value))
+        _check_degrees(self.L1, self.L2)
+        _check_basis(self.basis, self.L1, self.L2)
+        if self.box < 2:
+            raise ValueError(f"ZernikeSpec.box must be at least 2 px, got {self.box}")
+
+    @classmethod
+    def from_config(cls, zernike: Mapping[str, Any], box: int) -> ZernikeSpec:
+        """Build the spec of a config's ``zernike`` section (keys ``L1``, ``L2``, ``basis``) on ``box`` px."""
+        missing = [key for key in ("L1", "L2", "basis") if key not in zernike]
+        if missing:
+            raise ValueError(f"the zernike settings need the keys L1, L2 and basis; missing {', '.join(missing)}")
+        return cls(int(zernike["L1"]), int(zernike["L2"]), cast(Basis, str(zernike["basis"])), int(box))
+
+    @classmethod
+    def from_block(cls, block: Mapping[str, Any]) -> ZernikeSpec:
+        """Read the spec of a STAR ``data_zernike3d`` block (``L1``, ``L2``, ``Rmax``, ``basis``, ``box``).
+
+        ``ValueError`` names a missing key, and an ``Rmax`` other than ``box / 2`` (the only radius
+        this project writes or reads: the fields would be evaluated on another ball).
+        """
+        missing = [key for key in BLOCK_KEYS if key not in block]
+        if missing:
+            raise ValueError(f"a data_zernike3d block needs the keys {', '.join(BLOCK_KEYS)}; "
+                             f"missing {', '.join(missing)}")
+        spec = cls(int(block["L1"]), int(block["L2"]), cast(Basis, str(block["basis"])), int(block["box"]))
+        if not math.isclose(float(block["Rmax"]), spec.rmax, rel_tol=1e-6):
+            raise ValueError(f"a data_zernike3d block with Rmax {block['Rmax']} px for box {spec.box} px: "
+                             f"coefficients here always use Rmax = box / 2 = {spec.rmax:g} px")
+        return spec
+
+    @property
+    def degrees(self) -> tuple[int, int]:
+        """``(L1, L2)``."""
+        return self.L1, self.L2
+
+    @property
+    def rmax(self) -> float:
+        """Radius (px of ``box``) of the ball that maps to the unit ball: ``box / 2`` (the convention)."""
+        return default_rmax(self.box)
+
+    @property
+    def n_terms(self) -> int:
+        """K, basis functions per axis."""
+        return count_terms(self.L1, self.L2)
+
+    @property
+    def n_coefficients(self) -> int:
+        """3K, the length of one coefficient vector."""
+        return 3 * self.n_terms
+
+    def indices(self) -> np.ndarray:
+        """Return the ``(K, 4)`` int64 ``(l1, n, l2, m)`` of the basis functions (:func:`basis_indices`)."""
+        return basis_indices(self.L1, self.L2)
+
+    def evaluate(self, points: Any) -> Any:
+        """Evaluate the ``(N, K)`` basis values at ``(N, 3)`` points (px of ``box``; numpy or torch alike)."""
+        return evaluate_basis(points, self.L1, self.L2, self.rmax, self.basis)
+
+    def fit(self, points: npt.ArrayLike, displacements: npt.ArrayLike,
+            weights: npt.ArrayLike | None = None) -> np.ndarray:
+        """Fit ``(3K,)`` least-squares coefficients (px) to displacements (:func:`fit_coefficients`).
+
+        Parameters
+        ----------
+        points
+            ``(N, 3)`` px of ``box`` relative to its centre.
+        displacements
+            ``(N, 3)`` px at those points.
+        weights
+            Optional ``(N,)`` non-negative weights.
+        """
+        return fit_coefficients(points, displacements, self.L1, self.L2, self.rmax, self.basis, weights)
+
+    def rescaled(self, box: int) -> ZernikeSpec:
+        """Return the same basis on another box (``Rmax`` follows it)."""
+        return ZernikeSpec(self.L1, self.L2, self.basis, int(box))
+
+    def convert(self, coefficients: Any, to: ZernikeSpec) -> Any:
+        """Express coefficients ``(..., 3K)`` of this spec in px of ``to``'s box (the same field).
+
+        Only the box may differ: another degree set or basis is a refit (:func:`refit_basis`).
+        """
+        if (to.L1, to.L2, to.basis) != (self.L1, self.L2, self.basis):
+            raise ValueError(f"cannot convert coefficients of {self} to {to} by rescaling: the degrees or the "
+                             "basis differ (use refit_basis)")
+        return rescale_coefficients(coefficients, self.box, to.box)
+
+    def check(self, coefficients: Any, what: str = "coefficients") -> None:
+        """Raise ``ValueError`` unless ``coefficients`` is ``(..., 3K)`` for this spec (``what`` names them)."""
+        width = int(coefficients.shape[-1]) if getattr(coefficients, "ndim", 0) else -1
+        if width != self.n_coefficients:
+            raise ValueError(f"{what}: shape {tuple(getattr(coefficients, 'shape', ()))}, but (L1, L2) = "
+                             f"({self.L1}, {self.L2}) needs 3K = {self.n_coefficients} per vector")
+
+    def to_block(self) -> dict[str, Any]:
+        """Return the STAR ``data_zernike3d`` block: ``L1``, ``L2``, ``Rmax`` (px of ``box``), ``basis``, ``box``."""
+        return {"L1": self.L1, "L2": self.L2, "Rmax": self.rmax, "basis": self.basis, "box": self.box}
+
+    def __str__(self) -> str:
+        return f"(L1, L2) = ({self.L1}, {self.L2}) {self.basis} on box {self.box}"

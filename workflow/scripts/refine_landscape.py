@@ -17,8 +17,7 @@ with _bootstrap.job(snakemake, "z3.refine", "population landscape", torch_device
         list(snakemake.input.points),  # one point cloud, or one per half set
         snakemake.input.prior,
         list(snakemake.output.landscapes),
-        degrees=(params.zernike["L1"], params.zernike["L2"]),
-        basis=params.zernike["basis"],
+        zernike=params.zernike,
         config=RefineConfig.from_config(params.refine),
         device=job.device,
         independent_halves=params.gold_standard == "independent",

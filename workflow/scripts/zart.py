@@ -20,8 +20,7 @@ with _bootstrap.job(snakemake, "z3.zart", "zart") as job:
         list(snakemake.input.points),  # one point cloud, or one per half set
         snakemake.input.coefficients,
         Path(snakemake.output.corrected).parent,
-        degrees=(params.zernike["L1"], params.zernike["L2"]),
-        basis=params.zernike["basis"],
+        zernike=params.zernike,
         config=ZartConfig.from_config(params.zart, seed=params.seed),
         backend=zart_backend_for_job(params.zart["backend"], gpu_slot=job.gpu_slot),
         poses=snakemake.input.poses,

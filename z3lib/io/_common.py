@@ -24,6 +24,8 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
+from z3lib.zernike import count_terms
+
 #: The one logger of the package (records keep the name ``z3lib.io`` whichever module logs).
 logger = logging.getLogger("z3lib.io")
 
@@ -181,8 +183,6 @@ def _count_terms(l1: int, l2: int) -> int:
     """Zernike3D terms per axis: K = Σ_{h=0}^{L2} (2h+1)(⌊(L1−h)/2⌋+1) (0 for invalid degrees)."""
     if l1 < 0 or l2 < 0 or l2 > l1:
         return 0
-    from z3lib.zernike import count_terms  # z3lib.zernike re-exports this module's file helpers
-
     return count_terms(l1, l2)
 
 

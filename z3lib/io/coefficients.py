@@ -27,11 +27,11 @@ from z3lib.io._common import (
     atomic_path,
     logger,
 )
+from z3lib.zernike import ZernikeSpec
 
 ZERNIKE_COLUMN = "zernikeCoefficients"
 #: Name of the single-row STAR block describing the Zernike3D basis of ``ZERNIKE_COLUMN``.
 ZERNIKE_BLOCK = "zernike3d"
-_ZERNIKE_KEYS = ("L1", "L2", "Rmax", "basis", "box")
 
 
 def write_coefficients(path: PathLike, coefficients: npt.ArrayLike) -> None:
@@ -226,24 +226,18 @@ def read_zernike_file(path: PathLike) -> tuple[npt.NDArray[np.float64], int, int
     return coeffs, l1, l2, rmax
 
 
-def _validate_zernike(zernike: Mapping[str, Any]) -> dict[str, Any]:
-    """The ``zernike=`` basis description of the STAR and Xmipp writers, checked: ``L1``, ``L2``
-    (valid degrees), ``Rmax`` (px of ``box``), ``basis`` and ``box`` typed, extra keys kept."""
-    missing = [k for k in _ZERNIKE_KEYS if k not in zernike]
-    if missing:
-        raise Z3InputError(
-            f"write_particles_star: zernike= needs the keys {', '.join(_ZERNIKE_KEYS)}; missing "
-            f"{', '.join(missing)}"
-        )
-    out: dict[str, Any] = {
-        "L1": int(zernike["L1"]),
-        "L2": int(zernike["L2"]),
-        "Rmax": float(zernike["Rmax"]),
-        "basis": str(zernike["basis"]),
-        "box": int(zernike["box"]),
-    }
-    if _count_terms(out["L1"], out["L2"]) == 0:
-        raise Z3InputError(f"write_particles_star: invalid Zernike degrees L1={out['L1']}, L2={out['L2']}")
+def _validate_zernike(zernike: ZernikeSpec | Mapping[str, Any]) -> dict[str, Any]:
+    """Check the ``zernike=`` basis of the STAR and Xmipp writers and return its block.
+
+    A :class:`~z3lib.zernike.ZernikeSpec`, or a mapping with ``L1``, ``L2`` (valid degrees), ``Rmax``
+    (``box / 2``), ``basis`` and ``box``; a mapping's extra keys are kept.
+    """
+    if isinstance(zernike, ZernikeSpec):
+        return zernike.to_block()
+    try:
+        out = ZernikeSpec.from_block(zernike).to_block()
+    except ValueError as exc:
+        raise Z3InputError(f"write_particles_star: zernike= {exc}") from exc
     for key, value in zernike.items():
         if key not in out:
             out[str(key)] = value

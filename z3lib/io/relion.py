@@ -31,6 +31,7 @@ from z3lib.io._common import (
     atomic_path,
 )
 from z3lib.io.coefficients import ZERNIKE_BLOCK, _validate_zernike, format_coefficient_column
+from z3lib.zernike import ZernikeSpec
 
 _DEFAULT_RELION_VERSION = "30001"
 
@@ -197,7 +198,7 @@ def write_particles_star(
     particles: ParticleSet,
     *,
     columns: Mapping[str, Any] | pd.DataFrame | None = None,
-    zernike: Mapping[str, Any] | None = None,
+    zernike: ZernikeSpec | Mapping[str, Any] | None = None,
     table: pd.DataFrame | None = None,
     optics: pd.DataFrame | None = None,
 ) -> None:
@@ -216,8 +217,9 @@ def write_particles_star(
         block: a mapping name → values (one per output row; a 2-D ``(n, 3K)`` array is formatted
         with :func:`format_coefficient_column`), or a DataFrame (matched by position).
     zernike
-        When given, a ``data_zernike3d`` block (single-value, non-loop) with the keys ``L1``,
-        ``L2``, ``Rmax`` (px of ``box``), ``basis`` and ``box`` (extra keys are kept).
+        When given, a ``data_zernike3d`` block (single-value, non-loop): a
+        :class:`~z3lib.zernike.ZernikeSpec`, or a mapping with the keys ``L1``, ``L2``, ``Rmax``
+        (``box / 2``), ``basis`` and ``box`` (extra keys are kept).
     table
         A canonical table like :attr:`Particles.table`: its index selects (and orders) the output
         rows (a subset is fine, e.g. a cluster), and its changed per-particle values (angles,

@@ -15,6 +15,7 @@ import pandas as pd
 
 from z3lib.io._common import PathLike, Z3InputError, _format_float, atomic_path
 from z3lib.io.coefficients import _validate_zernike
+from z3lib.zernike import ZernikeSpec
 
 #: canonical table column → Xmipp label (reference/zernike3d-family.md §7.1, §7.5): same ZYZ
 #: angles, shifts in px with RELION's sign, defocus in Å, Cs in mm, voltage in kV, Q0.
@@ -40,7 +41,7 @@ def write_xmipp_particles(
     *,
     deformation: npt.ArrayLike | None = None,
     cost: npt.ArrayLike | None = None,
-    zernike: Mapping[str, Any] | None = None,
+    zernike: ZernikeSpec | Mapping[str, Any] | None = None,
 ) -> None:
     """Write particles with Zernike3D coefficients as Xmipp metadata (``.xmd``), atomically.
 
@@ -56,11 +57,12 @@ def write_xmipp_particles(
     table
         Canonical particle table (:attr:`Particles.table` or rows of it), in output order.
     coefficients
-        ``(n, 3K)`` in px of the box that ``zernike["Rmax"]`` refers to.
+        ``(n, 3K)`` in px of the box of ``zernike`` (``Rmax = box / 2``).
     deformation, cost
         Optional ``(n,)`` values.
     zernike
-        Optional ``L1``, ``L2``, ``Rmax``, ``basis``, ``box``: recorded in a comment line
+        Optional :class:`~z3lib.zernike.ZernikeSpec` (or a mapping with ``L1``, ``L2``, ``Rmax``,
+        ``basis``, ``box``): recorded in a comment line
         (Xmipp keeps them outside the metadata: Scipion's FlexInfo or ``z_clnm.txt``).
     """
     coeffs = np.asarray(coefficients, dtype=np.float64)

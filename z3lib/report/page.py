@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from z3lib import zernike as zk
 from z3lib.report.records import (
     ClusterSet,
     Landscape,
@@ -181,10 +180,10 @@ Section = tuple[str, str, str]
 def _summary(c: ReportContent) -> Section:
     """Run, particles, degrees, boxes, deformation, resolutions, clusters, rounds, gold standard."""
     d, land, summary = c.data, c.landscape, c.reconstruction.summary
-    (l1, l2), rms_a = d.degrees, land.rms_a
+    spec, rms_a = d.spec, land.rms_a
     overview = pd.DataFrame([
         ("run", c.inputs.run_name or "-"), ("particles", f"{d.n}"),
-        ("Zernike3D degrees", f"L1 = {l1}, L2 = {l2} ({d.basis} basis, 3K = {3 * zk.count_terms(l1, l2)})"),
+        ("Zernike3D degrees", f"L1 = {spec.L1}, L2 = {spec.L2} ({spec.basis} basis, 3K = {spec.n_coefficients})"),
         ("boxes", (f"original {d.original_box} px at {d.original_pixel_size:.4g} Å/px; processing {d.box} px "
                    f"at {d.pixel_size:.4g} Å/px")),
         ("RMS deformation", f"median {np.median(rms_a):.2f} Å, 95th percentile {np.percentile(rms_a, 95):.2f} Å"),

@@ -44,10 +44,8 @@ class ReportInputs:
         ``original_pixel_size``), reference map and mask at the processing box.
     corrected, uncorrected, fsc
         The ZART maps (MRC) and ``fsc.tsv``.
-    degrees
-        Zernike3D degrees ``(L1, L2)`` of the coefficients.
-    basis
-        Zernike3D basis of the coefficients (``xmipp`` or ``orthonormal``).
+    zernike
+        The config's ``zernike`` section (``L1``, ``L2``, ``basis``): the basis of the coefficients.
     clusters
         k of k-means (capped at the number of particles).
     motion_steps
@@ -86,8 +84,7 @@ class ReportInputs:
     corrected: str | Path
     uncorrected: str | Path
     fsc: str | Path
-    degrees: tuple[int, int]
-    basis: str
+    zernike: Mapping[str, Any]
     clusters: int = 3
     motion_steps: int = 5
     use_umap: bool = True
@@ -113,19 +110,14 @@ class ReportData:
     ----------
     particles
         The refine STAR's particles (``n`` rows, STAR order).
-    zernike_block
-        The STAR's ``data_zernike3d`` block as a dict (``L1``, ``L2``, ``Rmax``, ``basis``,
-        ``box``), or None when it has none.
     coefficients
         ``(n, 3K)`` float64 coefficients, px of the original box (``Rmax`` = original box / 2).
     points
         ``(P, 3)`` point cloud of the reference (px of the processing box, from its centre).
-    degrees
-        ``(L1, L2)``.
-    basis
-        Zernike3D basis of the coefficients.
-    box, original_box
-        Processing and original box (px).
+    spec
+        Zernike3D basis of the coefficients, on the original box (the STAR's ``data_zernike3d``).
+    box
+        Processing box (px); :attr:`original_box` is ``spec.box``.
     pixel_size, original_pixel_size
         Their pixel sizes (Å/px).
     reference, mask
@@ -139,13 +131,10 @@ class ReportData:
     """
 
     particles: Particles
-    zernike_block: dict[str, Any] | None
     coefficients: npt.NDArray[np.float64]
     points: np.ndarray
-    degrees: tuple[int, int]
-    basis: str
+    spec: zk.ZernikeSpec
     box: int
-    original_box: int
     pixel_size: float
     original_pixel_size: float
     reference: np.ndarray
@@ -158,31 +147,38 @@ class ReportData:
         """Number of particles."""
         return len(self.particles)
 
+    @property
+    def original_box(self) -> int:
+        """Original box (px), the box of the coefficients."""
+        return self.spec.box
+
+    @property
+    def processing_spec(self) -> zk.ZernikeSpec:
+        """The basis on the processing box (that of :attr:`points`, :attr:`reference` and :attr:`mask`)."""
+        return self.spec.rescaled(self.box)
+
     def processing(self, coefficients: npt.ArrayLike) -> np.ndarray:
-        """``(..., 3K)`` coefficients in px of the original box, rescaled to the processing box."""
-        rescaled: np.ndarray = zk.rescale_coefficients(coefficients, self.original_box, self.box)
+        """Rescale ``(..., 3K)`` coefficients in px of the original box to the processing box."""
+        rescaled: np.ndarray = self.spec.convert(np.asarray(coefficients, dtype=np.float64), self.processing_spec)
         return rescaled
 
     def deformation_rms(self, coefficients: npt.ArrayLike) -> np.ndarray:
-        """``(m,)`` RMS of |d| over the point cloud (px of the processing box) of ``(m, 3K)``
-        coefficients in px of the original box."""
-        l1, l2 = self.degrees
-        return an.deformation_rms(self.processing(coefficients), self.points, l1, l2, self.basis,
-                                  self.box / 2)
+        """Return the ``(m,)`` RMS of |d| (px of the processing box) over the point cloud.
+
+        ``coefficients`` are ``(m, 3K)`` px of the original box.
+        """
+        return an.deformation_rms(self.processing(coefficients), self.points, self.processing_spec)
 
     def deform_reference(self, coefficients: npt.ArrayLike) -> np.ndarray:
-        """``(m, box, box, box)`` reference deformed by each of ``(m, 3K)`` fields (px of the
-        original box)."""
-        l1, l2 = self.degrees
-        return an.deform_maps(self.reference, self.processing(coefficients), self.mask, l1, l2, self.basis,
-                              self.box / 2)
+        """Return the ``(m, box, box, box)`` reference deformed by each of ``(m, 3K)`` fields (px of the original box)."""
+        return an.deform_maps(self.reference, self.processing(coefficients), self.mask, self.processing_spec)
 
     def deform_model(self, model: AtomicModel, coefficients: npt.ArrayLike, origin: Sequence[float]) -> np.ndarray:
-        """``(N, 3)`` atom positions (Å) of ``model`` moved by a ``(3K,)`` field (px of the
-        original box); ``origin``: position (Å) of voxel ``[0, 0, 0]`` of the original map."""
-        l1, l2 = self.degrees
-        return an.deform_model(model.coords, coefficients, l1, l2, self.basis, self.original_box,
-                               self.original_pixel_size, origin=origin)
+        """Move the atoms of ``model`` by a ``(3K,)`` field (px of the original box): ``(N, 3)`` Å.
+
+        ``origin`` is the position (Å) of voxel ``[0, 0, 0]`` of the original map.
+        """
+        return an.deform_model(model.coords, coefficients, self.spec, self.original_pixel_size, origin=origin)
 
     def write_map(self, path: Path, volume: np.ndarray) -> None:
         """Write a ``(box, box, box)`` map at the processing pixel size and :attr:`origin`."""

@@ -19,6 +19,7 @@ from z3lib import analysis as an
 from z3lib import zernike as zk
 from z3lib.conventions import box_center
 from z3lib.io import (
+    ZERNIKE_BLOCK,
     AtomicModel,
     read_coefficients,
     read_map,
@@ -65,7 +66,7 @@ _BOTH = ("png", "svg")
 def make_report(
     out_dir: str | Path, *, particles: str | Path, coefficients: str | Path, points: str | Path,
     reference: str | Path, mask: str | Path, corrected: str | Path, uncorrected: str | Path, fsc: str | Path,
-    degrees: tuple[int, int], basis: str, clusters: int = 3, motion_steps: int = 5, use_umap: bool = True,
+    zernike: Mapping[str, Any], clusters: int = 3, motion_steps: int = 5, use_umap: bool = True,
     model: str | Path | None = None, model_origin: Sequence[float] = (0.0, 0.0, 0.0),
     ground_truth: str | Path | None = None, benchmarks: str | Path | None = None,
     run_config: Mapping[str, Any] | None = None, run_name: str = "", seed: int = 0,
@@ -90,8 +91,8 @@ def make_report(
         fields were estimated against).
     corrected, uncorrected, fsc
         The ZART maps and ``fsc.tsv``.
-    degrees, basis
-        Zernike3D degrees ``(L1, L2)`` and basis of the coefficients.
+    zernike
+        The config's ``zernike`` section (``L1``, ``L2``, ``basis``): the basis of the coefficients.
     clusters
         k of k-means (capped at the number of particles).
     motion_steps
@@ -131,8 +132,8 @@ def make_report(
     """
     inputs = ReportInputs(
         out_dir=Path(out_dir), particles=particles, coefficients=coefficients, points=points, reference=reference,
-        mask=mask, corrected=corrected, uncorrected=uncorrected, fsc=fsc, degrees=(int(degrees[0]), int(degrees[1])),
-        basis=basis, clusters=clusters, motion_steps=motion_steps, use_umap=use_umap, model=model,
+        mask=mask, corrected=corrected, uncorrected=uncorrected, fsc=fsc, zernike=dict(zernike),
+        clusters=clusters, motion_steps=motion_steps, use_umap=use_umap, model=model,
         model_origin=model_origin, ground_truth=ground_truth, benchmarks=benchmarks, run_config=run_config,
         run_name=run_name, seed=seed, pixel_size=pixel_size, image_root=image_root, round_fsc=tuple(round_fsc),
         round_coefficients=tuple(round_coefficients), gold_standard=gold_standard)
@@ -197,7 +198,7 @@ def load_data(inputs: ReportInputs, logger: logging.Logger) -> ReportData:
     Parameters
     ----------
     inputs
-        The run's files and settings (degrees, basis, particle overrides).
+        The run's files and settings (Zernike3D basis, particle overrides).
     logger
         Where the summary line goes.
 
@@ -207,28 +208,25 @@ def load_data(inputs: ReportInputs, logger: logging.Logger) -> ReportData:
         Coefficients of another shape than ``(n, 3K)``, fewer than 2 particles, or a
         ``data_zernike3d`` block that disagrees with the run.
     """
-    l1, l2 = inputs.degrees
-    basis = inputs.basis
     parts = read_particles(inputs.particles, pixel_size=inputs.pixel_size, image_root=inputs.image_root)
     blocks = read_star_blocks(inputs.particles)
     coeffs = np.asarray(read_coefficients(inputs.coefficients), dtype=np.float64)
     n = len(parts)
-    k_terms = zk.count_terms(l1, l2)
-    if coeffs.shape != (n, 3 * k_terms):
-        raise ValueError(f"{inputs.coefficients} has shape {coeffs.shape}; {inputs.particles} has {n} particles and "
-                         f"(L1, L2) = ({l1}, {l2}) needs 3K = {3 * k_terms} coefficients each")
-    if n < 2:
-        raise ValueError(f"{inputs.particles} has {n} particle(s): the landscape needs at least 2")
     cloud = read_npz(inputs.points)
     box, orig_box = int(cloud["box"]), int(cloud["original_box"])
     apix, orig_apix = float(cloud["pixel_size"]), float(cloud["original_pixel_size"])
-    zblock = _zernike_block(blocks, inputs, orig_box)
+    spec = zk.ZernikeSpec.from_config(inputs.zernike, orig_box)
+    if coeffs.shape != (n, spec.n_coefficients):
+        raise ValueError(f"{inputs.coefficients} has shape {coeffs.shape}; {inputs.particles} has {n} particles and "
+                         f"(L1, L2) = {spec.degrees} needs 3K = {spec.n_coefficients} coefficients each")
+    if n < 2:
+        raise ValueError(f"{inputs.particles} has {n} particle(s): the landscape needs at least 2")
+    _check_zernike_block(blocks, inputs, spec)
     ref = read_map(inputs.reference).data
     msk = read_map(inputs.mask).data
-    logger.info("report: %d particles, (L1, L2) = (%d, %d) %s, box %d px (original %d px)", n, l1, l2, basis,
-                box, orig_box)
-    return ReportData(particles=parts, zernike_block=zblock, coefficients=coeffs, points=cloud["points"],
-                      degrees=(l1, l2), basis=basis, box=box, original_box=orig_box, pixel_size=apix,
+    logger.info("report: %d particles, %s px (processing box %d px)", n, spec, box)
+    return ReportData(particles=parts, coefficients=coeffs, points=cloud["points"], spec=spec, box=box,
+                      pixel_size=apix,
                       original_pixel_size=orig_apix, reference=ref, mask=msk,
                       origin=_map_origin(box, apix, orig_box, orig_apix), contour_level=_contour_level(ref, msk))
 
@@ -319,7 +317,7 @@ def write_clusters(folder: Path, inputs: ReportInputs, data: ReportData, landsca
         stem = f"cluster_{j + 1:02d}"
         star, mrc = folder / f"{stem}.star", folder / f"{stem}.mrc"
         write_particles_star(star, parts, table=parts.table.iloc[np.nonzero(labels == j)[0]],
-                             zernike=data.zernike_block)
+                             zernike=data.spec)
         data.write_map(mrc, cluster_maps[j])
         files = {"star": star, "mrc": mrc}
         if atomic is not None:
@@ -409,25 +407,24 @@ def write_exports(out: Path, data: ReportData, landscape: Landscape,
     -------
     The ``(box, box, box)`` mean |d| map (Å) and name → path of the two files.
     """
-    (l1, l2), basis, box, orig_box = data.degrees, data.basis, data.box, data.original_box
+    spec, box, orig_box = data.spec, data.box, data.original_box
     paths = {"mean_deformation": out / "mean_deformation.mrc"}
-    mean_def = an.mean_deformation_map(data.processing(data.coefficients), data.mask, l1, l2, basis, box / 2,
+    mean_def = an.mean_deformation_map(data.processing(data.coefficients), data.mask, data.processing_spec,
                                        pixel_size=data.pixel_size)
     data.write_map(paths["mean_deformation"], mean_def)
     paths["xmd"] = out / "particles.xmd"
     raw = data.particles.raw
     cost = raw["zernikeCost"].to_numpy(dtype=np.float64) if "zernikeCost" in raw else None
-    zinfo = data.zernike_block or {"L1": l1, "L2": l2, "Rmax": orig_box / 2, "basis": basis, "box": orig_box}
-    xmd_coeffs = data.coefficients
-    if basis != "xmipp":  # Xmipp/Scipion read sphCoefficients in their own basis (L2 <= 4)
-        l2_x = min(l2, 4)
-        xmd_coeffs, residual = zk.refit_basis(data.coefficients, data.points, (l1, l2), basis, (l1, l2_x), "xmipp",
-                                              box / 2)
-        zinfo = {**zinfo, "L2": l2_x, "basis": "xmipp"}
+    xmd_spec, xmd_coeffs = spec, data.coefficients
+    if spec.basis != "xmipp":  # Xmipp/Scipion read sphCoefficients in their own basis (L2 <= 4)
+        xmd_spec = zk.ZernikeSpec(spec.L1, min(spec.L2, zk.XMIPP_MAX_L2), "xmipp", orig_box)
+        # the same linear refit in any box unit: fitted on the processing box's points
+        xmd_coeffs, residual = zk.refit_basis(data.coefficients, data.points, data.processing_spec,
+                                              xmd_spec.rescaled(box))
         logger.info("particles.xmd: fields refitted from the %s (%d, %d) basis to Xmipp's (%d, %d): %.1f%% "
-                    "relative RMS residual", basis, l1, l2, l1, l2_x, 100 * residual)
+                    "relative RMS residual", spec.basis, spec.L1, spec.L2, xmd_spec.L1, xmd_spec.L2, 100 * residual)
     write_xmipp_particles(paths["xmd"], data.particles.table, xmd_coeffs, deformation=landscape.rms_px * orig_box / box,
-                          cost=cost, zernike=zinfo)
+                          cost=cost, zernike=xmd_spec)
     return mean_def, paths
 
 
@@ -555,18 +552,17 @@ def round_landscapes(rounds: RefinementRounds,
 # ==============================================================================================
 # Helpers
 # ==============================================================================================
-def _zernike_block(blocks: Mapping[str, pd.DataFrame], inputs: ReportInputs, orig_box: int) -> dict[str, Any] | None:
-    """The STAR's ``data_zernike3d`` block as a dict (None when absent), checked against the run's
-    degrees, basis and original box (``ValueError`` when they disagree)."""
-    if "zernike3d" not in blocks:
-        return None
-    (l1, l2), basis = inputs.degrees, inputs.basis
-    zblock = {str(k): (v.item() if hasattr(v, "item") else v) for k, v in blocks["zernike3d"].iloc[0].items()}
-    if (int(zblock["L1"]), int(zblock["L2"]), str(zblock["basis"]), int(zblock["box"])) != (l1, l2, basis, orig_box):
-        raise ValueError(f"{inputs.particles}: its data_zernike3d block (L1 {zblock['L1']}, L2 {zblock['L2']}, basis "
-                         f"{zblock['basis']}, box {zblock['box']}) disagrees with this run (L1 {l1}, L2 {l2}, "
-                         f"basis {basis}, original box {orig_box})")
-    return zblock
+def _check_zernike_block(blocks: Mapping[str, pd.DataFrame], inputs: ReportInputs, spec: zk.ZernikeSpec) -> None:
+    """Raise ``ValueError`` when the STAR's ``data_zernike3d`` block (if any) is not the run's basis ``spec``."""
+    if ZERNIKE_BLOCK not in blocks:
+        return
+    zblock = {str(k): (v.item() if hasattr(v, "item") else v) for k, v in blocks[ZERNIKE_BLOCK].iloc[0].items()}
+    try:
+        found = zk.ZernikeSpec.from_block(zblock)
+    except ValueError as exc:
+        raise ValueError(f"{inputs.particles}: its data_zernike3d block is not usable: {exc}") from exc
+    if found != spec:
+        raise ValueError(f"{inputs.particles}: its data_zernike3d block ({found}) disagrees with this run ({spec})")
 
 
 def _read_truth(ground_truth: str | Path | None, n: int, logger: logging.Logger) -> np.ndarray | None:

@@ -14,7 +14,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from z3lib import zernike as zk
 from z3lib.conventions import shift_angstrom_to_pixels, shift_pixels_to_angstrom
 from z3lib.io import Particles
 from z3lib.network import Zernike3Deep, load_model
@@ -91,17 +90,17 @@ def predict(
             pred.setdefault(key, np.zeros((n,) + values.shape[1:], dtype=values.dtype))[rows] = values
     elapsed = time.perf_counter() - t0
     logger.info("encoded %d particles in %.1f s (%.0f images/s)", len(source), elapsed, len(source) / max(elapsed, 1e-9))
-    box, orig_box = int(meta["box"]), int(meta["original_box"])
-    coefficients = zk.rescale_coefficients(pred["coefficients"], box, orig_box)
-    columns: dict[str, Any] = {"zernikeCoefficients": coefficients}
     cfg = model.config
+    spec = cfg.zernike_spec(int(meta["box"]))
+    spec_orig = spec.rescaled(int(meta["original_box"]))
+    coefficients = spec.convert(pred["coefficients"], spec_orig)
+    columns: dict[str, Any] = {"zernikeCoefficients": coefficients}
     if cfg.refine_pose:
         table = (original.table if table is None else table).copy()
         columns.update(_apply_pose_corrections(table, pred, float(meta["pixel_size"]), original.pixel_size))
-    zernike = {"L1": cfg.L1, "L2": cfg.L2, "Rmax": orig_box / 2, "basis": cfg.basis, "box": orig_box}
     paths = {"particles": out / "particles.star", "coefficients": out / "coefficients.npy"}
     write_coefficients(paths["coefficients"], coefficients)
-    write_particles_star(paths["particles"], original, columns=columns, zernike=zernike, table=table)
+    write_particles_star(paths["particles"], original, columns=columns, zernike=spec_orig, table=table)
     source.images.close()
     return paths
 

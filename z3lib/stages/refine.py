@@ -5,7 +5,7 @@ particles (:func:`z3lib.refine.refine_particles`), then the chunks gathered back
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,7 @@ def refine_landscape(
     prior_coefficients: str | Path,
     out_paths: str | Path | Sequence[str | Path],
     *,
-    degrees: tuple[int, int],
-    basis: zk.Basis,
+    zernike: Mapping[str, Any],
     config: RefineConfig,
     device: str | torch.device = "cpu",
     independent_halves: bool = False,
@@ -50,9 +49,9 @@ def refine_landscape(
     from z3lib.zart import half_sets
 
     logger = log or logging.getLogger(__name__)
-    parts, clouds, prior = _refine_inputs(particles, points, prior_coefficients, degrees,
-                                          independent_halves=independent_halves, poses=poses,
-                                          pixel_size=pixel_size, image_root=image_root, log=logger)
+    parts, clouds, prior, spec = _refine_inputs(particles, points, prior_coefficients, zernike,
+                                                independent_halves=independent_halves, poses=poses,
+                                                pixel_size=pixel_size, image_root=image_root, log=logger)
     outs = [Path(out_paths)] if isinstance(out_paths, (str, Path)) else [Path(p) for p in out_paths]
     source = ParticleBatchSource.from_particles(parts)
     groups = list(half_sets(source.subsets, seed)) if independent_halves else [np.arange(len(parts))]
@@ -64,8 +63,7 @@ def refine_landscape(
         if independent_halves:
             logger.info("gold-standard half %d: %d particles, its own reference (%d points)", h + 1, len(rows),
                         len(c["points"]))
-        decoder = make_decoder(c["points"], c["amplitudes"], box, float(c["pixel_size"]), degrees, basis, device,
-                               roughness)
+        decoder = make_decoder(c["points"], c["amplitudes"], spec, float(c["pixel_size"]), device, roughness)
         fit = fit_population(decoder, source.take(rows), prior[rows], config, device=device, seed=seed, log=logger)
         write_population(out, fit, rows=np.asarray(rows, dtype=np.int64), box=np.int64(box),
                          original_box=np.int64(c["original_box"]))
@@ -108,8 +106,7 @@ def refine_chunk(
     *,
     chunk: int,
     n_chunks: int,
-    degrees: tuple[int, int],
-    basis: zk.Basis,
+    zernike: Mapping[str, Any],
     config: RefineConfig,
     device: str | torch.device = "cpu",
     progress_path: str | Path | None = None,
@@ -133,6 +130,8 @@ def refine_chunk(
         ``independent_halves``, one per gold-standard half (or one for both).
     prior_coefficients
         the predict stage's ``coefficients.npy`` (px of the original box), same row order.
+    zernike
+        the config's ``zernike`` section (``L1``, ``L2``, ``basis``): the basis of the coefficients.
     independent_halves
         refine each gold-standard half (:func:`z3lib.zart.half_sets` with ``seed``, the split
         ZART uses) on its own: its own reference, and a landscape and prior built from its own
@@ -159,9 +158,9 @@ def refine_chunk(
     from z3lib.io import write_npz
 
     logger = log or logging.getLogger(__name__)
-    parts, clouds, prior = _refine_inputs(particles, points, prior_coefficients, degrees,
-                                          independent_halves=independent_halves, poses=poses,
-                                          pixel_size=pixel_size, image_root=image_root, log=logger)
+    parts, clouds, prior, spec = _refine_inputs(particles, points, prior_coefficients, zernike,
+                                                independent_halves=independent_halves, poses=poses,
+                                                pixel_size=pixel_size, image_root=image_root, log=logger)
     fitted: list[Landscape] | None = None
     if landscapes and config.mode == "landscape":
         prior, fitted = _fitted_landscapes(landscapes, prior)
@@ -173,12 +172,12 @@ def refine_chunk(
                 rows[0] if len(rows) else 0, rows[-1] if len(rows) else -1, len(parts))
     source = ParticleBatchSource.from_particles(parts)
     image_id = _image_identity(parts)
-    inputs: dict[str, Any] = {"basis": basis, "independent_halves": bool(independent_halves), "roughness": roughness}
+    inputs: dict[str, Any] = {"independent_halves": bool(independent_halves), "roughness": roughness}
     progress_paths: list[Path] = []
     if not independent_halves:
-        decoder = make_decoder(cloud["points"], cloud["amplitudes"], box, float(cloud["pixel_size"]), degrees,
-                               basis, device, roughness)
-        result = refine_particles(decoder, source, prior, degrees, config, index=rows, device=device,
+        decoder = make_decoder(cloud["points"], cloud["amplitudes"], spec, float(cloud["pixel_size"]), device,
+                               roughness)
+        result = refine_particles(decoder, source, prior, config, index=rows, device=device,
                                   progress_path=progress_path, images=image_id(rows), inputs=inputs,
                                   log=logger, landscape=fitted[0] if fitted else None)
         arrays = result.to_arrays()
@@ -186,9 +185,9 @@ def refine_chunk(
             progress_paths.append(Path(progress_path))
     else:
         arrays, progress_paths = _refine_halves(source, clouds, prior, rows, image_id, progress_path, seed=seed,
-                                                degrees=degrees, basis=basis, config=config, device=device,
+                                                spec=spec, config=config, device=device,
                                                 roughness=roughness, inputs=inputs, log=logger, landscapes=fitted)
-    arrays["coefficients"] = zk.rescale_coefficients(arrays["coefficients"], box, orig_box)
+    arrays["coefficients"] = spec.convert(arrays["coefficients"], spec.rescaled(orig_box))
     # the refined defocus itself: the offsets refer to the starting CTF (that of ``poses``, which in
     # round k >= 2 is already the previous round's refined one), not to the particles as given
     for name in ("defocus_u", "defocus_v"):
@@ -205,16 +204,19 @@ def _refine_inputs(
     particles: str | Path,
     points: str | Path | Sequence[str | Path],
     prior_coefficients: str | Path,
-    degrees: tuple[int, int],
+    zernike: Mapping[str, Any],
     *,
     independent_halves: bool,
     poses: str | Path | None,
     pixel_size: float | None,
     image_root: str | Path | None,
     log: logging.Logger,
-) -> tuple[Particles, list[dict[str, Any]], np.ndarray]:
-    """The particles (at their latest ``poses``), the point cloud(s) and the predicted
-    coefficients ``(n, 3K)`` in px of the processing box, checked against each other."""
+) -> tuple[Particles, list[dict[str, Any]], np.ndarray, zk.ZernikeSpec]:
+    """Read the particles (at their latest ``poses``), the point cloud(s), the predicted coefficients.
+
+    The coefficients come back ``(n, 3K)`` in px of the processing box, checked against the particles
+    and the basis, with the basis on the processing box.
+    """
     from z3lib.io import apply_poses, read_coefficients, read_npz, read_particles
 
     parts = read_particles(particles)
@@ -231,11 +233,13 @@ def _refine_inputs(
     if any(int(c["box"]) != box or int(c["original_box"]) != orig_box for c in clouds):
         raise ValueError(f"the point clouds {point_paths} were made for different boxes")
     prior_orig = read_coefficients(prior_coefficients)
-    k3 = 3 * zk.count_terms(*degrees)
+    spec_orig = zk.ZernikeSpec.from_config(zernike, orig_box)
+    k3 = spec_orig.n_coefficients
     if prior_orig.shape != (len(parts), k3):
         raise ValueError(f"{prior_coefficients} holds {prior_orig.shape} coefficients; expected "
-                         f"({len(parts)}, {k3}) for {len(parts)} particles at (L1, L2) = {degrees}")
-    return parts, clouds, zk.rescale_coefficients(prior_orig, orig_box, box)
+                         f"({len(parts)}, {k3}) for {len(parts)} particles at (L1, L2) = {spec_orig.degrees}")
+    spec = spec_orig.rescaled(box)
+    return parts, clouds, spec_orig.convert(prior_orig, spec), spec
 
 
 def _image_identity(parts: Particles) -> Callable[[np.ndarray], str]:
@@ -258,8 +262,7 @@ def _refine_halves(
     progress_path: str | Path | None,
     *,
     seed: int,
-    degrees: tuple[int, int],
-    basis: zk.Basis,
+    spec: zk.ZernikeSpec,
     config: RefineConfig,
     device: str | torch.device,
     roughness: Roughness,
@@ -271,7 +274,6 @@ def _refine_halves(
     reference, landscape and prior); the results in ``rows`` order and the progress files used."""
     from z3lib.zart import half_sets
 
-    box = int(clouds[0]["box"])
     pieces = []
     progress_paths: list[Path] = []
     for h, half_rows in enumerate(half_sets(source.subsets, seed), start=1):
@@ -279,12 +281,11 @@ def _refine_halves(
         local = np.nonzero(np.isin(half_rows, rows))[0]  # this chunk's particles of half h
         log.info("gold-standard half %d: %d particles of this chunk, against its own reference (%d points)",
                  h, len(local), len(c["points"]))
-        decoder = make_decoder(c["points"], c["amplitudes"], box, float(c["pixel_size"]), degrees, basis, device,
-                               roughness)
+        decoder = make_decoder(c["points"], c["amplitudes"], spec, float(c["pixel_size"]), device, roughness)
         half_progress = None if progress_path is None else Path(progress_path).with_suffix(f".half{h}.npz")
         if half_progress is not None:
             progress_paths.append(half_progress)
-        res = refine_particles(decoder, source.take(half_rows), prior[half_rows], degrees, config, index=local,
+        res = refine_particles(decoder, source.take(half_rows), prior[half_rows], config, index=local,
                                device=device, progress_path=half_progress, images=image_id(half_rows[local]),
                                inputs={**inputs, "half": h, "seed": int(seed)}, log=log,
                                landscape=landscapes[h - 1] if landscapes else None).to_arrays()
@@ -299,8 +300,7 @@ def gather_refined(
     original_particles: str | Path,
     out_dir: str | Path,
     *,
-    degrees: tuple[int, int],
-    basis: str,
+    zernike: Mapping[str, Any],
     pixel_size: float | None = None,
     image_root: str | Path | None = None,
     log: logging.Logger | None = None,
@@ -310,7 +310,8 @@ def gather_refined(
     The STAR is the user's input STAR (every column, input order) with the refined
     ``zernikeCoefficients`` (px of the original box), ``zernikeCost`` (1 − correlation after
     refinement), ``zernikeCostPrior`` (before), ``zernikeRefineFlag`` (1 = no improvement, prior
-    kept), the ``data_zernike3d`` block, and refined angles, shifts and defocus.
+    kept), the ``data_zernike3d`` block (``zernike``: the config's section, ``L1``, ``L2`` and
+    ``basis``, on the original box), and refined angles, shifts and defocus.
     """
     from z3lib.io import read_npz, read_particles, write_coefficients, write_particles_star
 
@@ -341,11 +342,12 @@ def gather_refined(
     flagged = stacked("flagged").astype(bool)
     columns = {"zernikeCoefficients": coefficients, "zernikeCost": stacked("cost"),
                "zernikeCostPrior": stacked("cost_prior"), "zernikeRefineFlag": flagged.astype(np.int64)}
-    zernike = {"L1": degrees[0], "L2": degrees[1], "Rmax": orig_box / 2, "basis": basis, "box": orig_box}
+    spec = zk.ZernikeSpec.from_config(zernike, orig_box)
+    spec.check(coefficients, f"the refined chunks {chunk_paths[0]}…")
     out = Path(out_dir)
     paths = {"particles": out / "particles.star", "coefficients": out / "coefficients.npy"}
     write_coefficients(paths["coefficients"], coefficients)
-    write_particles_star(paths["particles"], original, columns=columns, zernike=zernike, table=table)
+    write_particles_star(paths["particles"], original, columns=columns, zernike=spec, table=table)
     logger.info("gathered %d particles from %d chunks: %d flagged (prior kept), mean cost %.4f → %.4f",
                 n, len(chunks), int(flagged.sum()), float(stacked("cost_prior").mean()), float(stacked("cost").mean()))
     return paths

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from z3lib.zart import (
     soft_support,
     values_to_volume,
 )
+from z3lib.zernike import ZernikeSpec
 
 
 def zart(
@@ -31,8 +32,7 @@ def zart(
     coefficients: str | Path | None,
     out_dir: str | Path,
     *,
-    degrees: tuple[int, int],
-    basis: str,
+    zernike: Mapping[str, Any],
     config: ZartConfig,
     backend: str = "auto",
     poses: str | Path | None = None,
@@ -60,6 +60,8 @@ def zart(
         ``2 · step · pixel size`` Å: the FSC and the resolution never exceed it.
     coefficients
         ``(n, 3K)`` fields in px of the original box (refine or predict output).
+    zernike
+        the config's ``zernike`` section (``L1``, ``L2``, ``basis``): the basis of ``coefficients``.
     poses
         the STAR holding the particles' latest poses and CTF (the refine stage's
         ``particles.star`` of the same round: the same particles in the same order, original box,
@@ -77,7 +79,8 @@ def zart(
                                                  image_root=image_root, log=logger)
     box, orig = int(clouds[0]["box"]), int(clouds[0]["original_box"])
     apix = float(clouds[0]["pixel_size"])
-    coeffs, half_z = _fields(coefficients, parts, particles, half_pts, degrees, basis, orig, box)
+    spec = ZernikeSpec.from_config(zernike, orig)
+    coeffs, half_z = _fields(coefficients, parts, particles, half_pts, spec, box)
     h1, h2 = half_sets(parts.table["random_subset"].to_numpy(), config.seed)
     logger.info("ZART: %d particles (halves %d + %d), box %d, %s mask voxels, %d iterations, batch %d",
                 len(parts), len(h1), len(h2), box, " / ".join(str(len(c["points"])) for c in clouds),
@@ -153,20 +156,25 @@ def _zart_inputs(
 
 
 def _fields(coefficients: str | Path | None, parts: Particles, particles: str | Path, half_pts: list[np.ndarray],
-            degrees: tuple[int, int], basis: str, orig: int, box: int
-            ) -> tuple[np.ndarray | None, list[np.ndarray | None]]:
-    """The fields ``(n, 3K)`` in px of the processing box and each half's basis values
-    ``(N_h, K)``; None (and no basis) without ``coefficients``."""
-    from z3lib import zernike as zk
+            spec: ZernikeSpec, box: int) -> tuple[np.ndarray | None, list[np.ndarray | None]]:
+    """Read the fields and evaluate each half's basis on the processing box.
+
+    The fields ``(n, 3K)`` come back in px of the processing box ``box`` (``spec`` is their basis
+    on the original box), each half's basis values ``(N_h, K)``; None (and no basis) without
+    ``coefficients``.
+    """
     from z3lib.io import read_coefficients
 
     half_z: list[np.ndarray | None] = [None, None]
     if coefficients is None:
         return None, half_z
-    coeffs = zk.rescale_coefficients(read_coefficients(coefficients), orig, box)
+    original = read_coefficients(coefficients)
+    spec.check(original, str(coefficients))
+    processing = spec.rescaled(box)
+    coeffs = spec.convert(original, processing)
     if coeffs.shape[0] != len(parts):
         raise ValueError(f"{coefficients} has {coeffs.shape[0]} rows but {particles} has {len(parts)} particles")
-    half_z = [zk.evaluate_basis(p, *degrees, box / 2, basis).astype(np.float32) for p in half_pts]
+    half_z = [processing.evaluate(p).astype(np.float32) for p in half_pts]
     return coeffs, half_z
 
 
