@@ -24,14 +24,14 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from z3lib import zernike as zk
 from z3lib.simulate import load_motion
 from z3lib.stages.preprocess import preprocess
 from z3lib.stages.simulate import simulate_dataset
 
+ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "benchmarks" / "work"
 COMPLETE = "cache_key.json"
 
