@@ -219,7 +219,7 @@ def _cs_images(
             for v in arr["blob/path"].tolist()
         ]
         index = arr["blob/idx"].astype(np.int64) if "blob/idx" in fields else np.zeros(n, np.int64)
-        names = [f"{i + 1:06d}@{s}" if s else "" for i, s in zip(index.tolist(), stacks)]
+        names = [f"{i + 1:06d}@{s}" if s else "" for i, s in zip(index.tolist(), stacks, strict=True)]
     else:
         stacks = [""] * n
         index = np.zeros(n, dtype=np.int64)

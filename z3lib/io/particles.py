@@ -430,7 +430,7 @@ def _check_shift_columns(path: Path, block: str, merged: pd.DataFrame) -> None:
 
 
 def _check_finite(path: Path, what: str, names: Sequence[str], arrays: Sequence[npt.NDArray[Any]]) -> None:
-    for name, arr in zip(names, arrays):
+    for name, arr in zip(names, arrays, strict=True):
         bad = ~np.isfinite(arr)
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
