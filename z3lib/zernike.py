@@ -186,18 +186,18 @@ def _solid_harmonics(x: Any, y: Any, z: Any, l2_max: int, xmipp_quirk: bool) -> 
             pi_cur = z * float(2 * m + 1) * pi_prev
             pis[m + 1] = pi_cur
             pi_prev2, pi_prev = pi_prev, pi_cur
-            for l in range(m + 2, l2_max + 1):
-                pi_cur = (z * float(2 * l - 1) * pi_prev - r2 * float(l + m - 1) * pi_prev2) / float(l - m)
-                pis[l] = pi_cur
+            for ell in range(m + 2, l2_max + 1):
+                pi_cur = (z * float(2 * ell - 1) * pi_prev - r2 * float(ell + m - 1) * pi_prev2) / float(ell - m)
+                pis[ell] = pi_cur
                 pi_prev2, pi_prev = pi_prev, pi_cur
-        for l, pi_lm in pis.items():
-            norm = math.sqrt((2 * l + 1) / (4 * math.pi) * math.factorial(l - m) / math.factorial(l + m))
+        for ell, pi_lm in pis.items():
+            norm = math.sqrt((2 * ell + 1) / (4 * math.pi) * math.factorial(ell - m) / math.factorial(ell + m))
             if m == 0:
-                out[(l, 0)] = pi_lm * norm
+                out[(ell, 0)] = pi_lm * norm
             else:
                 norm *= math.sqrt(2.0)
-                out[(l, m)] = pi_lm * cos_m[m] * norm
-                out[(l, -m)] = pi_lm * sin_m[m] * norm
+                out[(ell, m)] = pi_lm * cos_m[m] * norm
+                out[(ell, -m)] = pi_lm * sin_m[m] * norm
     if xmipp_quirk and l2_max >= 4:
         z2 = z * z
         out[(4, 0)] = (35.0 * z2 * z2 - 30.0 * z2 + 3.0) * math.sqrt(9.0 / (256.0 * math.pi))
