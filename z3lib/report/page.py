@@ -287,7 +287,7 @@ def _rounds(c: ReportContent) -> Section:
                    "refines against the consensus reference; each later round fine-tunes the previous round's "
                    "network against the previous round's corrected map (and a mask made from it).</p>"
                    + _table(rounds_table.astype(object).where(rounds_table.notna(), "–"),
-                            formats={col: ".2f" for col in rounds_table.columns} | {"round": ".0f", "wall time (s)": ".1f"})
+                            formats=dict.fromkeys(rounds_table.columns, ".2f") | {"round": ".0f", "wall time (s)": ".1f"})
                    + "<p>Half-map FSC resolutions of each round's ZART maps; wall time: the round's jobs "
                      "summed from the Snakemake benchmark files (– when missing). Table: "
                    + _link(c.paths["rounds"], c.out) + ".</p>")
