@@ -316,7 +316,9 @@ def cluster_means(coefficients: npt.ArrayLike, labels: npt.ArrayLike, k: int) ->
     return out
 
 
-def component_path(pca: PcaResult, component: int, steps: int = 5, extent: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
+def component_path(
+    pca: PcaResult, component: int, steps: int = 5, extent: float = 2.0
+) -> tuple[np.ndarray, np.ndarray]:
     """Coefficient vectors along one principal axis, from ``−extent σ`` to ``+extent σ``.
 
     Parameters

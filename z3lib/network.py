@@ -112,7 +112,9 @@ class ConvEncoder(nn.Module):
             size, width = (size + 1) // 2, out
         layers += [nn.Conv2d(width, width, 3, padding=1), nn.SiLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten()]
         self.features = nn.Sequential(*layers)
-        self.dense = nn.Sequential(nn.Linear(16 * width + extra, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU())
+        self.dense = nn.Sequential(
+            nn.Linear(16 * width + extra, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU()
+        )
 
     def forward(self, images: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
         x = images if images.dim() == 4 else images.unsqueeze(1)

@@ -13,7 +13,8 @@ the directions are refitted against *all* images at once, alternating two steps:
 
    (mini-batch Adam over the particles; ``D`` is ``(k, 3K)``, one row per direction);
 2. **scores**: every particle is scored on a grid along each direction (coordinate-wise, as the
-   landscape refinement does; the first round starts from the network's predicted scores), and its score is the **posterior mean** over that grid: the image
+   landscape refinement does; the first round starts from the network's predicted scores), and
+   its score is the **posterior mean** over that grid: the image
    likelihood with Gaussian noise of unknown level, scale and offset, profiled, is
    ``−log L = (N/2) · log(1 − corr²)`` (``N`` pixels inside the mask, ``corr`` the correlation of
    the image with the projection), and the prior over the grid is the population's own score

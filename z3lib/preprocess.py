@@ -90,8 +90,11 @@ def normalise_images(images: np.ndarray, *, radius_fraction: float = 0.8) -> np.
     peak = np.abs(images).reshape(len(images), -1).max(axis=1)
     flat = std <= 1e-4 * peak
     if flat.any():
-        logging.getLogger(__name__).warning("%d of %d images have a flat (noise-free) background: centred but not rescaled",
-                       int(flat.sum()), len(images))
+        logging.getLogger(__name__).warning(
+            "%d of %d images have a flat (noise-free) background: centred but not rescaled",
+            int(flat.sum()),
+            len(images),
+        )
     std = np.where(flat, 1.0, std)
     out: np.ndarray = ((images - mean[:, None, None]) / std[:, None, None]).astype(np.float32)
     return out

@@ -72,7 +72,8 @@ class RefineConfig:
     grid_extent: float = 1.5  # landscape: grid spans the population's score range × this
     steps: int = 40
     learning_rate: float = 0.05  # Adam step: px (free) or population standard deviations (landscape)
-    prior: Literal["population", "field"] = "population"  # free mode: "population" (Mahalanobis) or "field" (mean |Δd|², px²)
+    # free mode: "population" (Mahalanobis) or "field" (mean |Δd|², px²)
+    prior: Literal["population", "field"] = "population"
     prior_weight: float = 0.001
     smooth_weight: float = 0.0
     refine_angles: bool = False
@@ -86,7 +87,8 @@ class RefineConfig:
     free_steps: int = 0  # landscape mode: then this many steps on all 3K coefficients (leave the landscape)
     free_prior_weight: float = 0.01  # that stage: weight of mean |Δd|² (px²) away from the landscape result
     free_smooth_weight: float = 0.01  # that stage: weight of the mean roughness of the change
-    population_rounds: int = 2  # landscape: alternations of direction fit (all particles) and scoring; 0 = the network's
+    # landscape: alternations of direction fit (all particles) and scoring; 0 = the network's
+    population_rounds: int = 2
     population_epochs: int = 3  # that fit: passes over all particles per round
     population_learning_rate: float = 0.02  # that fit: Adam step (px)
     population_batch_size: int = 64  # that fit: particles per step

@@ -29,7 +29,8 @@ from z3lib.decoder import image_loss
 from z3lib.io import ImageStack, Particles
 from z3lib.network import NetworkConfig, Zernike3Deep, build_model, transferable_weights
 
-PREDICT_BATCH_SIZE = 256  # particles encoded at once by :func:`predict_coefficients` (the pipeline's predict.batch_size)
+# particles encoded at once by :func:`predict_coefficients` (the pipeline's predict.batch_size)
+PREDICT_BATCH_SIZE = 256
 
 
 # ----------------------------------------------------------------------------------------------

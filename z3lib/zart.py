@@ -293,7 +293,8 @@ def _table_columns(table: Any) -> tuple[np.ndarray, np.ndarray, dict[str, np.nda
                 ("defocus_u", "defocus_v", "defocus_angle", "voltage", "cs", "amplitude_contrast", "phase_shift",
                  "bfactor", "ctf_scale") if c in table}
     # phase-flipped images (rlnCtfDataArePhaseFlipped) were multiplied by sign(CTF): their model is |CTF|
-    flipped = np.asarray(table["phase_flipped"], dtype=bool) if "phase_flipped" in table else np.zeros(len(angles), bool)
+    flipped = (np.asarray(table["phase_flipped"], dtype=bool) if "phase_flipped" in table
+               else np.zeros(len(angles), bool))
     return angles, shifts, ctf_cols, flipped
 
 

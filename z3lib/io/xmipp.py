@@ -85,7 +85,9 @@ def write_xmipp_particles(
             columns[label] = [_format_float(v) for v in arr]
     bad = [v for v in columns["image"] if not v or any(ch.isspace() for ch in v)]
     if bad:
-        raise Z3InputError(f"write_xmipp_particles({path}): image names must be non-empty without spaces, got {bad[0]!r}")
+        raise Z3InputError(
+            f"write_xmipp_particles({path}): image names must be non-empty without spaces, got {bad[0]!r}"
+        )
     lines = ["# XMIPP_STAR_1 *", "# Written by z3lib"]
     if zernike is not None:
         z = _validate_zernike(zernike)

@@ -243,7 +243,8 @@ def _motions(c: ReportContent) -> Section:
             rows.append({"motion": m.name, "steps": len(s), "range": f"{s[0]:+g}σ … {s[-1]:+g}σ",
                          "ChimeraX movie": _link(cxc, out),
                          "maps": f"{_link(cxc.parent / map_names[0], out, map_names[0])} … {esc(map_names[-1])}",
-                         "models": (f"{_link(cxc.parent / model_names[0], out, model_names[0])} … {esc(model_names[-1])}"
+                         "models": (f"{_link(cxc.parent / model_names[0], out, model_names[0])} … "
+                                    f"{esc(model_names[-1])}"
                                     if model_names else "no model given")})
         motion_html = (_img(c.pngs["motions"], "motion series",
                             "The reference deformed along PC1 and PC2 (projections along z).")
@@ -269,7 +270,8 @@ def _deformation(c: ReportContent) -> Section:
 def _reconstruction(c: ReportContent) -> Section:
     """FSC figure and table, central slices."""
     fsc_rows = c.reconstruction.fsc[["shell", "resolution", "fsc_corrected", "fsc_uncorrected"]].rename(
-        columns={"resolution": "resolution (Å)", "fsc_corrected": "FSC corrected", "fsc_uncorrected": "FSC uncorrected"})
+        columns={"resolution": "resolution (Å)", "fsc_corrected": "FSC corrected",
+                 "fsc_uncorrected": "FSC uncorrected"})
     recon = (_img(c.pngs["fsc"], "FSC curves",
                   "Half-map FSC of the ZART reconstructions with (corrected) and without (uncorrected) the "
                   "deformation fields. SVG: " + _link(c.paths["fsc_svg"], c.out) + ".")
@@ -287,7 +289,8 @@ def _rounds(c: ReportContent) -> Section:
                    "refines against the consensus reference; each later round fine-tunes the previous round's "
                    "network against the previous round's corrected map (and a mask made from it).</p>"
                    + _table(rounds_table.astype(object).where(rounds_table.notna(), "–"),
-                            formats=dict.fromkeys(rounds_table.columns, ".2f") | {"round": ".0f", "wall time (s)": ".1f"})
+                            formats=dict.fromkeys(rounds_table.columns, ".2f")
+                            | {"round": ".0f", "wall time (s)": ".1f"})
                    + "<p>Half-map FSC resolutions of each round's ZART maps; wall time: the round's jobs "
                      "summed from the Snakemake benchmark files (– when missing). Table: "
                    + _link(c.paths["rounds"], c.out) + ".</p>")

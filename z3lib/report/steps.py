@@ -600,7 +600,9 @@ def _spearman(landscape: Landscape) -> float | None:
     return float(abs(spearmanr(landscape.pca.scores[:, 0], landscape.truth).statistic))
 
 
-def _map_origin(box: int, pixel_size: float, original_box: int, original_pixel_size: float) -> tuple[float, float, float]:
+def _map_origin(
+    box: int, pixel_size: float, original_box: int, original_pixel_size: float
+) -> tuple[float, float, float]:
     """MRC origin (Å) that puts a processing-box map's centre on the original box's centre."""
     shift = box_center(original_box) * original_pixel_size - box_center(box) * pixel_size
     return (shift, shift, shift)

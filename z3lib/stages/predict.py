@@ -90,7 +90,8 @@ def predict(
         for key, values in part.items():
             pred.setdefault(key, np.zeros((n,) + values.shape[1:], dtype=values.dtype))[rows] = values
     elapsed = time.perf_counter() - t0
-    logger.info("encoded %d particles in %.1f s (%.0f images/s)", len(source), elapsed, len(source) / max(elapsed, 1e-9))
+    rate = len(source) / max(elapsed, 1e-9)
+    logger.info("encoded %d particles in %.1f s (%.0f images/s)", len(source), elapsed, rate)
     box, orig_box = int(meta["box"]), int(meta["original_box"])
     coefficients = zk.rescale_coefficients(pred["coefficients"], box, orig_box)
     columns: dict[str, Any] = {"zernikeCoefficients": coefficients}

@@ -334,7 +334,8 @@ def gather_refined(
     angles = stacked("angles")
     for j, name in enumerate(("rot", "tilt", "psi")):
         table[name] = angles[:, j]
-    shifts_px_orig = shift_angstrom_to_pixels(shift_pixels_to_angstrom(stacked("shifts"), apix_proc), original.pixel_size)
+    shifts_angstrom = shift_pixels_to_angstrom(stacked("shifts"), apix_proc)
+    shifts_px_orig = shift_angstrom_to_pixels(shifts_angstrom, original.pixel_size)
     table["shift_x"], table["shift_y"] = shifts_px_orig[:, 0], shifts_px_orig[:, 1]
     for name in ("defocus_u", "defocus_v"):  # Å; chunks of z3lib <= 0.1.3 hold the offset only
         table[name] = stacked(name) if name in chunks[0] else table[name].to_numpy() + stacked("defocus_offset")
