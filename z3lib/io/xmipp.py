@@ -53,6 +53,8 @@ def write_xmipp_particles(
 
     Parameters
     ----------
+    path
+        Destination ``.xmd`` file.
     table
         Canonical particle table (:attr:`Particles.table` or rows of it), in output order.
     coefficients
