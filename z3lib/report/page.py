@@ -1,6 +1,8 @@
-"""The report's HTML page: one self-contained HTML5 file (figures embedded as PNG data URIs, no
-script, no external file), its sections in a fixed order, each made by one function of
-:class:`ReportContent`."""
+"""The report's HTML page: one self-contained HTML5 file, its sections in a fixed order.
+
+Figures are embedded as PNG data URIs; there is no script and no external file. Each section is
+made by one function of :class:`ReportContent`.
+"""
 
 from __future__ import annotations
 
@@ -54,7 +56,7 @@ code { background: #f3f6f8; padding: 0 3px; }
 
 
 def _img(png: bytes, alt: str, caption: str) -> str:
-    """A ``<figure>`` with the PNG embedded as a data URI; ``caption`` is HTML."""
+    """Return a ``<figure>`` with the PNG embedded as a data URI; ``caption`` is HTML."""
     data = base64.b64encode(png).decode("ascii")
     return (f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
             f"<figcaption>{caption}</figcaption></figure>")
@@ -62,7 +64,7 @@ def _img(png: bytes, alt: str, caption: str) -> str:
 
 def _table(frame: pd.DataFrame, *, left: Sequence[str] = (), formats: Mapping[str, str] | None = None,
            raw_html: Sequence[str] = ()) -> str:
-    """An HTML table of ``frame``.
+    """Render ``frame`` as an HTML table.
 
     Parameters
     ----------
@@ -95,14 +97,16 @@ def _table(frame: pd.DataFrame, *, left: Sequence[str] = (), formats: Mapping[st
 
 
 def _link(path: Path, root: Path, text: str | None = None) -> str:
-    """An ``<a>`` to ``path`` relative to ``root`` (the report's folder), showing ``text`` or the
-    relative path."""
+    """Return an ``<a>`` to ``path`` relative to ``root`` (the report's folder).
+
+    It shows ``text``, or the relative path.
+    """
     rel = path.relative_to(root).as_posix()
     return f'<a href="{html.escape(rel)}">{html.escape(text or rel)}</a>'
 
 
 def render_html(sections: Sequence[tuple[str, str, str]], *, title: str) -> str:
-    """A complete, self-contained HTML5 page.
+    """Render a complete, self-contained HTML5 page.
 
     Parameters
     ----------
@@ -234,7 +238,7 @@ def _landscape(c: ReportContent) -> Section:
 
 
 def _motions(c: ReportContent) -> Section:
-    """The motion figure and a table of the series' files (or why there are none)."""
+    """Make the motion section: the figure and a table of the series' files (or why there are none)."""
     esc, out = html.escape, c.out
     if c.series:
         rows = []
@@ -260,7 +264,7 @@ def _motions(c: ReportContent) -> Section:
 
 
 def _deformation(c: ReportContent) -> Section:
-    """The mean deformation figure."""
+    """Make the mean deformation section (its figure)."""
     return ("deformation", "Mean deformation", _img(
         c.pngs["deformation"], "mean deformation magnitude",
         "Mean |d| over particles at every mask voxel (Å), central slices: "
@@ -283,7 +287,7 @@ def _reconstruction(c: ReportContent) -> Section:
 
 
 def _rounds(c: ReportContent) -> Section:
-    """The gold-standard mode, the table of rounds and (with several rounds) their landscapes."""
+    """Make the rounds section: the gold-standard mode, the table of rounds and (with several) their landscapes."""
     gold, rounds_table = c.inputs.gold_standard, c.rounds
     rounds_html = (f"<p>Gold standard: {html.escape(GOLD_STANDARD_NOTES.get(gold, gold))}. Round 1 "
                    "refines against the consensus reference; each later round fine-tunes the previous round's "
@@ -302,7 +306,7 @@ def _rounds(c: ReportContent) -> Section:
 
 
 def _timings(c: ReportContent) -> Section:
-    """The per-stage timing table (or a note that there is none)."""
+    """Make the timing section: the per-stage table (or a note that there is none)."""
     if len(c.timings):
         timing_html = _table(c.timings.rename(columns={"wall_s": "wall (s)", "cpu_s": "CPU (s)",
                                                        "max_rss_mb": "max RSS (MB)"}),
@@ -315,7 +319,7 @@ def _timings(c: ReportContent) -> Section:
 
 
 def _parameters(c: ReportContent) -> Section:
-    """The run's configuration as JSON."""
+    """Make the parameters section: the run's configuration as JSON."""
     run_config = c.inputs.run_config
     config_text = json.dumps(run_config, indent=2, default=str) if run_config is not None else "(not given)"
     return ("parameters", "Run parameters", f"<pre>{html.escape(config_text)}</pre>")
@@ -334,7 +338,7 @@ SECTIONS: tuple[Callable[[ReportContent], Section], ...] = (
 
 
 def report_sections(content: ReportContent) -> list[Section]:
-    """The report's sections, ``(id, heading, body html)`` in page order.
+    """Return the report's sections, ``(id, heading, body html)`` in page order.
 
     Parameters
     ----------
@@ -345,7 +349,7 @@ def report_sections(content: ReportContent) -> list[Section]:
 
 
 def render_report(content: ReportContent) -> str:
-    """The report's page (:func:`render_html` of :func:`report_sections`), titled with the run.
+    """Render the report's page (:func:`render_html` of :func:`report_sections`), titled with the run.
 
     Parameters
     ----------

@@ -164,22 +164,29 @@ class ReportData:
         return rescaled
 
     def deformation_rms(self, coefficients: npt.ArrayLike) -> np.ndarray:
-        """``(m,)`` RMS of |d| over the point cloud (px of the processing box) of ``(m, 3K)``
-        coefficients in px of the original box."""
+        """Return the ``(m,)`` RMS of |d| over the point cloud (px of the processing box).
+
+        ``coefficients`` are ``(m, 3K)`` in px of the original box.
+        """
         l1, l2 = self.degrees
         return an.deformation_rms(self.processing(coefficients), self.points, l1, l2, self.basis,
                                   self.box / 2)
 
     def deform_reference(self, coefficients: npt.ArrayLike) -> np.ndarray:
-        """``(m, box, box, box)`` reference deformed by each of ``(m, 3K)`` fields (px of the
-        original box)."""
+        """Return the ``(m, box, box, box)`` reference deformed by each of ``(m, 3K)`` fields.
+
+        The fields are in px of the original box.
+        """
         l1, l2 = self.degrees
         return an.deform_maps(self.reference, self.processing(coefficients), self.mask, l1, l2, self.basis,
                               self.box / 2)
 
     def deform_model(self, model: AtomicModel, coefficients: npt.ArrayLike, origin: Sequence[float]) -> np.ndarray:
-        """``(N, 3)`` atom positions (Å) of ``model`` moved by a ``(3K,)`` field (px of the
-        original box); ``origin``: position (Å) of voxel ``[0, 0, 0]`` of the original map."""
+        """Return the ``(N, 3)`` atom positions (Å) of ``model`` moved by a ``(3K,)`` field.
+
+        The field is in px of the original box; ``origin``: position (Å) of voxel ``[0, 0, 0]`` of the
+        original map.
+        """
         l1, l2 = self.degrees
         return an.deform_model(model.coords, coefficients, l1, l2, self.basis, self.original_box,
                                self.original_pixel_size, origin=origin)
