@@ -89,7 +89,7 @@ def _check_degrees(l1_max: int, l2_max: int) -> None:
 
 
 def count_terms(l1_max: int, l2_max: int) -> int:
-    """Number K of basis functions per axis: ``Σ_{h=0}^{L2} (2h+1)(⌊(L1−h)/2⌋+1)``.
+    """Count the basis functions per axis, K: ``Σ_{h=0}^{L2} (2h+1)(⌊(L1−h)/2⌋+1)``.
 
     (3, 2) → 13, (5, 5) → 56, (7, 7) → 120. The coefficient vector has 3K entries.
     """
@@ -165,8 +165,10 @@ def _double_factorial(n: int) -> int:
 
 
 def _solid_harmonics(x: Any, y: Any, z: Any, l2_max: int, xmipp_quirk: bool) -> dict[tuple[int, int], Any]:
-    """Real regular solid harmonics ``r^l Y_l^m`` (orthonormal on the sphere, no Condon–Shortley
-    phase, m < 0 sine type) as polynomials in (x, y, z), by the Legendre recurrence.
+    """Evaluate the real regular solid harmonics ``r^l Y_l^m`` as polynomials in (x, y, z).
+
+    Orthonormal on the sphere, no Condon–Shortley phase, m < 0 sine type; by the Legendre
+    recurrence.
 
     Works at r = 0 and for numpy or torch arrays alike.
     """
@@ -343,6 +345,10 @@ def fit_coefficients(
         ``(N, 3)`` positions in px relative to the box centre.
     displacements
         ``(N, 3)`` displacements (px) at those points.
+    l1_max, l2_max, basis
+        Zernike3D degrees and basis.
+    rmax
+        Radius (px) of the unit ball.
     weights
         optional ``(N,)`` non-negative weights (e.g. amplitudes).
 
@@ -382,6 +388,12 @@ def refit_basis(
         ``(n, 3K_from)`` coefficients (any displacement unit; the result has the same unit).
     points
         ``(N, 3)`` positions in the unit of ``rmax`` (e.g. the mask voxels in px).
+    degrees_from, basis_from
+        Degrees ``(L1, L2)`` and basis of ``coefficients``.
+    degrees_to, basis_to
+        Degrees and basis of the result.
+    rmax
+        Radius of the unit ball, in the unit of ``points``.
 
     Returns
     -------
@@ -423,6 +435,8 @@ def convert_degrees(
     ----------
     coefficients
         ``(..., 3 K_from)``.
+    degrees_from, degrees_to
+        Degrees ``(L1, L2)`` of ``coefficients`` and of the result.
 
     Returns
     -------
