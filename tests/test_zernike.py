@@ -14,7 +14,7 @@ from z3lib.geometry import points_from_mask, sphere_mask
 PI = math.pi
 S = math.sqrt
 
-# Closed-form radials for l1 <= 5 (reference/zernike3d-family.md §3.2), keyed by (l1, l2).
+# Closed-form radials for l1 <= 5 (docs/algorithms.md §1.2), keyed by (l1, l2).
 RADIALS = {
     (0, 0): lambda r: S(3) + 0 * r,
     (1, 1): lambda r: S(5) * r,

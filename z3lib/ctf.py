@@ -3,7 +3,7 @@
 :func:`ctf_model` and :func:`ctf_grid` serve numpy and cupy too; torch is imported only when a
 torch function runs, so importing this module does not import it.
 
-Model (reference/zernike3d-family.md §8, RELION ``ctf.h``):
+Model (docs/algorithms.md §2, RELION ``ctf.h``):
 
 * ``λ`` from :func:`z3lib.conventions.electron_wavelength`, Cs in Å, angles in radians inside.
 * ``Δf(α) = (dU + dV)/2 + (dU − dV)/2 · cos 2(α − α_ast)``, underfocus positive, α the azimuth of

@@ -11,7 +11,7 @@ This module holds the network itself: its settings (:class:`NetworkConfig`), the
 Units inside the network are pixels of the processing box; coefficients leave the module in
 pixels of the original particle box (``Rmax = original box / 2``, docs/conventions.md).
 
-Improvements over the original (reference/zernike3d-family.md §1): images stream from the
+Improvements over the original (docs/algorithms.md §4): images stream from the
 memory-mapped stack (bounded memory); the image loss is the mean of per-image correlations; the
 field regularisers are true field energy and smoothness (quadratic forms on the point cloud, so
 they mean the same thing in either basis); points leaving the image are dropped; training is

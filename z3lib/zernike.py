@@ -1,6 +1,6 @@
 """The Zernike3D deformation basis: index set, evaluation, fields, fitting and rescaling.
 
-Two bases share one index set and ordering (reference/zernike3d-family.md §3):
+Two bases share one index set and ordering (docs/algorithms.md §1):
 
 ``"xmipp"``
     The functions used by Xmipp/Flexutils, so that coefficients interoperate:
@@ -47,7 +47,7 @@ XMIPP_MAX_L2 = 4
 XMIPP_MAX_L1 = 15
 
 # Xmipp's hand-rounded radial tables for l1 = 6…10: coefficients of r^{l1}, r^{l1-2}, …, r^{l2}
-# (reference/zernike3d-family.md §3.2). Every other degree equals the closed form.
+# (docs/algorithms.md §1.4). Every other degree equals the closed form.
 _XMIPP_ROUNDED_RADIALS: dict[tuple[int, int], tuple[float, ...]] = {
     (6, 0): (103.8, -167.7, 76.25, -8.472),
     (6, 2): (69.23, -95.86, 30.5),

@@ -16,7 +16,7 @@ import pandas as pd
 from z3lib.io._common import PathLike, Z3InputError, _format_float, atomic_path
 from z3lib.io.coefficients import _validate_zernike
 
-#: canonical table column → Xmipp label (reference/zernike3d-family.md §7.1, §7.5): same ZYZ
+#: canonical table column → Xmipp label (docs/algorithms.md §3): same ZYZ
 #: angles, shifts in px with RELION's sign, defocus in Å, Cs in mm, voltage in kV, Q0.
 _XMIPP_LABELS = (
     ("rot", "angleRot"),
