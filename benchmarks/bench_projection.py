@@ -61,7 +61,8 @@ def bench(box: int, degrees: tuple[int, int], basis: str, device: str, batch: in
         forward().mul(target).sum().backward()
         _sync(device)
         t_fb = min(t_fb, time.perf_counter() - t0)
-    name = torch.cuda.get_device_name() if device == "cuda" else f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+    cpu = f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+    name = torch.cuda.get_device_name() if device == "cuda" else cpu
     return {
         "benchmark": "projection",
         "device": device,

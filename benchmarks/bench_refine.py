@@ -97,7 +97,8 @@ def main() -> None:
     res = refine_particles(decoder, source, prior, cfg, index=idx, device=args.device)
     t_ref = time.perf_counter() - t0
     ours = res.coefficients * orig / box
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.machine()} x{torch.get_num_threads()} threads"
+    cpu = f"{platform.machine()} x{torch.get_num_threads()} threads"
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else cpu
 
     def metrics(c: np.ndarray, rows: np.ndarray) -> dict[str, float]:
         m = displacement_metrics(c, t[rows], data["sim_motion"], (3, 2), "xmipp", box)

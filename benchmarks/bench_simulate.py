@@ -15,10 +15,11 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from z3lib.stages.simulate import simulate_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:

@@ -109,7 +109,8 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     if not args.skip_quality:
         quality(args)
-    backends = args.speed_backends if args.speed_backends is not None else ["numpy"] + (["cupy"] if cupy_usable() else [])
+    backends = (args.speed_backends if args.speed_backends is not None
+                else ["numpy"] + (["cupy"] if cupy_usable() else []))
     for backend in backends:
         device = (cupy_device_name() if backend == "cupy" else
                   f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)")
@@ -160,7 +161,8 @@ def quality(args: argparse.Namespace) -> None:
     closed = {name: round((r["fsc_area_vs_truth"] - rows["uncorrected (zero fields)"]["fsc_area_vs_truth"]) / gap, 3)
               for name, r in rows.items() if name.startswith("corrected")}
     digest = hashlib.md5(Path(data["sim_ground_truth"]).read_bytes()).hexdigest()  # same simulation everywhere
-    emit({"benchmark": "zart_quality", "particles": len(parts), "ground_truth_md5": digest, "box": box, "iterations": args.iterations,
+    emit({"benchmark": "zart_quality", "particles": len(parts), "ground_truth_md5": digest, "box": box,
+          "iterations": args.iterations,
           "backend": args.backend, "device_name": cupy_device_name() if args.backend == "cupy" else "CPU",
           "reconstructions": rows, "fsc_area_gap_closed": closed}, args.out)
 

@@ -56,7 +56,8 @@ def main() -> None:
         history = read_table(run["history"])
         coeffs = read_coefficients(run["coefficients"])
         row = {"benchmark": "zernike3deep", "L1": int(l1), "L2": int(l2), "basis": basis, "particles": args.n,
-               "box": args.box, "snr": 0.1, "epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": args.learning_rate, "device": args.device,
+               "box": args.box, "snr": 0.1, "epochs": args.epochs, "batch_size": args.batch_size,
+               "learning_rate": args.learning_rate, "device": args.device,
                "device_name": torch.cuda.get_device_name() if args.device == "cuda" else
                f"{platform.machine()} x{torch.get_num_threads()} threads"}
         row.update(landscape_metrics(coeffs, t))

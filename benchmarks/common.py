@@ -24,14 +24,14 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from z3lib import zernike as zk
 from z3lib.simulate import load_motion
 from z3lib.stages.preprocess import preprocess
 from z3lib.stages.simulate import simulate_dataset
 
+ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "benchmarks" / "work"
 COMPLETE = "cache_key.json"
 
@@ -144,7 +144,8 @@ def demo_dataset(n: int = 5000, box: int = 64, snr: float = 0.1, seed: int = 0, 
     names = ("particles.star", "ground_truth.tsv", "motion.npz", "reference.mrc", "mask.mrc", "truth_reference.mrc",
              "state_start.mrc", "state_end.mrc")
     out = {f"sim_{p.split('.')[0]}": sim_dir / p for p in names}
-    out.update({f"pre_{p.split('.')[0]}": pre_dir / p for p in ("particles.star", "points.npz", "reference.mrc", "mask.mrc")})
+    out.update({f"pre_{p.split('.')[0]}": pre_dir / p
+                for p in ("particles.star", "points.npz", "reference.mrc", "mask.mrc")})
     out["key"] = pre_dir / COMPLETE
     return out
 

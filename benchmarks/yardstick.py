@@ -217,7 +217,7 @@ def stage_times(workdir: Path, run: str, n: int) -> dict[str, dict[str, float]]:
         if len(lines) < 2:
             continue
         head, vals = lines[0].split("\t"), lines[1].split("\t")
-        rec = dict(zip(head, vals))
+        rec = dict(zip(head, vals, strict=True))
         cur = out.setdefault(rule, {"wall_s": 0.0, "max_rss_mb": 0.0})
         cur["wall_s"] = round(cur["wall_s"] + float(rec["s"]), 1)
         if rec.get("max_rss", "NA") not in ("NA", "-"):
@@ -339,7 +339,7 @@ def dataset_checks(data: Path, params: SimParams, truth: dict[str, np.ndarray]) 
             "_rlnDefocusAngle": t["defocus_angle"].to_numpy()[:k]}
     ref = z3_images(replace(params, n=k), truth["coords"], load_atoms().elements, truth["state"][:k], meta)
     sim = truth["clean_sample"][:k]
-    corr = [float(np.corrcoef(a.ravel(), b.ravel())[0, 1]) for a, b in zip(sim, ref)]
+    corr = [float(np.corrcoef(a.ravel(), b.ravel())[0, 1]) for a, b in zip(sim, ref, strict=True)]
     rot_err = float(np.abs(euler_to_matrix(t["rot"], t["tilt"], t["psi"])
                            - euler_to_matrix(truth["rot"], truth["tilt"], truth["psi"])).max())
     return {"pose_matrix_max_abs_diff": round(rot_err, 6),

@@ -278,7 +278,7 @@ def render_maps(coords: np.ndarray, elements: list[str], box: int, pixel_size: f
     out = np.empty((len(coords), box, box, box), dtype=np.float32)
     centre = (box // 2) * pixel_size
     for k, xyz in enumerate(coords):
-        for atom, p in zip(atom_list, xyz + centre):
+        for atom, p in zip(atom_list, xyz + centre, strict=True):
             atom.pos = gemmi.Position(*p)
         dc.grid.fill(0.0)
         dc.add_model_density_to_grid(model)
@@ -328,7 +328,7 @@ def aspire_images(params: SimParams, maps: np.ndarray, states: np.ndarray, acq: 
 
         filters = [CTFFilter(voltage=params.voltage, defocus_u=float(u), defocus_v=float(v),
                              defocus_ang=float(a), Cs=params.cs, alpha=params.amplitude_contrast)
-                   for u, v, a in zip(acq.defocus_u, acq.defocus_v, acq.defocus_angle)]
+                   for u, v, a in zip(acq.defocus_u, acq.defocus_v, acq.defocus_angle, strict=True)]
         sim = Simulation(
             n=params.n, vols=Volume(maps, pixel_size=params.pixel_size),
             states=np.asarray(states) + 1,  # ASPIRE's states are 1-based

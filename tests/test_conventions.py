@@ -81,7 +81,8 @@ def test_euler_torch_matches_numpy_and_is_differentiable(device: str) -> None:
     np.testing.assert_allclose(out.detach().cpu().numpy(), ref, atol=1e-12)
     out[..., 0, 2].sum().backward()  # -cos(psi) sin(tilt)
     g = t.grad.cpu().numpy()
-    np.testing.assert_allclose(g[1], -np.cos(np.deg2rad(angles[2])) * np.cos(np.deg2rad(angles[1])) * np.pi / 180, atol=1e-12)
+    expected = -np.cos(np.deg2rad(angles[2])) * np.cos(np.deg2rad(angles[1])) * np.pi / 180
+    np.testing.assert_allclose(g[1], expected, atol=1e-12)
 
 
 def test_rotvec_matches_axis_angle() -> None:
@@ -103,14 +104,16 @@ def test_shift_units() -> None:
 def test_pixel_size_rules() -> None:
     assert cv.resolve_pixel_size({"rlnImagePixelSize": 2.806, "rlnMicrographOriginalPixelSize": 1.403}) == 2.806
     # RELION 3.0: detector pixel (um) * 1e4 / magnification
-    assert cv.resolve_pixel_size({"rlnDetectorPixelSize": 5.0, "rlnMagnification": 37369.0}) == pytest.approx(1.338, abs=5e-4)
+    apix = cv.resolve_pixel_size({"rlnDetectorPixelSize": 5.0, "rlnMagnification": 37369.0})
+    assert apix == pytest.approx(1.338, abs=5e-4)
     assert cv.resolve_pixel_size({"rlnMicrographPixelSize": 1.0}) is None
     assert cv.rescale_factor(256, 64) == 0.25
 
 
 def test_electron_wavelength_reference_values() -> None:
     # Tabulated relativistic wavelengths: 300 kV 0.01969 Å, 200 kV 0.02508 Å, 100 kV 0.03701 Å
-    np.testing.assert_allclose(cv.electron_wavelength(np.array([300.0, 200.0, 100.0])), [0.019687, 0.025079, 0.037014], atol=2e-6)
+    np.testing.assert_allclose(cv.electron_wavelength(np.array([300.0, 200.0, 100.0])),
+                               [0.019687, 0.025079, 0.037014], atol=2e-6)
     assert float(cv.electron_wavelength(torch.tensor(300.0))) == pytest.approx(0.019687, abs=2e-6)
 
 

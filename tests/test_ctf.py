@@ -121,7 +121,8 @@ def test_wiener_inverts_ctf_where_it_is_strong() -> None:
 
 def test_ctf_is_differentiable_in_defocus() -> None:
     du = torch.tensor([15000.0], dtype=torch.float64, requires_grad=True)
-    p = CtfParams(du, du * 1.0, *(torch.tensor([v], dtype=torch.float64) for v in (0.0, 300.0, 2.7, 0.1, 0.0, 0.0, 1.0)))
+    p = CtfParams(du, du * 1.0,
+                  *(torch.tensor([v], dtype=torch.float64) for v in (0.0, 300.0, 2.7, 0.1, 0.0, 0.0, 1.0)))
     s = torch.tensor([0.05], dtype=torch.float64)
     val = evaluate_ctf(s, torch.zeros(1, dtype=torch.float64), p).sum()
     val.backward()

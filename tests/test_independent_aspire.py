@@ -42,8 +42,8 @@ def _correlations(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def test_aspire_images_reproduced_with_z3_shift_sign_projector_and_ctf() -> None:
     """Every ASPIRE image is reproduced (correlation ≥ 0.99) by z3 from the STAR alone, with one
-    common scale (within 3 %: ASPIRE's projection normalisation, about 1/64 for its 64² box); the same with the shifts' sign reversed
-    fails, so the comparison does see the shift convention."""
+    common scale (within 3 %: ASPIRE's projection normalisation, about 1/64 for its 64² box); the
+    same with the shifts' sign reversed fails, so the comparison does see the shift convention."""
     parts = read_particles(FIXTURE / "particles.star")
     shifts = parts.table[["shift_x", "shift_y"]].to_numpy()
     assert len(parts) == 8 and parts.box == 32 and parts.pixel_size == 3.0

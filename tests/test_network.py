@@ -49,7 +49,8 @@ def test_decoder_zero_field_equals_rigid_projection_with_ctf(device: str) -> Non
     rng = np.random.default_rng(0)
     box = 24
     zz, yy, xx = np.meshgrid(*[np.arange(box) - box // 2] * 3, indexing="ij")
-    vol = np.exp(-((xx - 2) ** 2 + yy**2 + (zz + 1) ** 2) / 8.0) + 0.5 * np.exp(-((xx + 4) ** 2 + (yy - 3) ** 2 + zz**2) / 4.0)
+    vol = (np.exp(-((xx - 2) ** 2 + yy**2 + (zz + 1) ** 2) / 8.0)
+           + 0.5 * np.exp(-((xx + 4) ** 2 + (yy - 3) ** 2 + zz**2) / 4.0))
     points, amps = points_from_volume(vol)
     dec = PhysicalDecoder(torch.tensor(points), torch.tensor(amps), zk.ZernikeSpec(3, 2, "xmipp", box), 2.0, NetworkConfig()).to(device)
     rots = torch.tensor(random_rotations(3, rng), dtype=torch.float32, device=device)
@@ -228,7 +229,8 @@ def test_losses() -> None:
     a = torch.tensor(rng.normal(size=(4, 16, 16)))
     mask = torch.ones(16, 16, dtype=torch.float64)
     for kind in ("corr", "mse", "frc"):
-        np.testing.assert_allclose(image_loss(3.0 * a + 1.0 if kind != "frc" else 3.0 * a, a, mask, kind).numpy(), 0.0, atol=1e-9)
+        scaled = 3.0 * a + 1.0 if kind != "frc" else 3.0 * a
+        np.testing.assert_allclose(image_loss(scaled, a, mask, kind).numpy(), 0.0, atol=1e-9)
     assert torch.all(image_loss(a, -a, mask, "corr") > 1.99)
     with pytest.raises(ValueError, match="unknown loss"):
         image_loss(a, a, mask, "l1")
@@ -375,7 +377,8 @@ def test_train_and_predict_files(two_states: dict[str, Path], tmp_path: Path) ->
     raw = predict_coefficients(model, src)
     np.testing.assert_allclose(coeffs, raw["coefficients"] * 40 / 32, rtol=1e-5, atol=1e-7)
     # pose corrections are applied to the angles and recorded
-    np.testing.assert_allclose(star["rlnAngleRot"] - original["particles"]["rlnAngleRot"], star["delta_angle_rot"], atol=1e-6)
+    np.testing.assert_allclose(star["rlnAngleRot"] - original["particles"]["rlnAngleRot"], star["delta_angle_rot"],
+                               atol=1e-6)
     assert {"delta_shift_x", "delta_shift_y"} <= set(star.columns)
 
 

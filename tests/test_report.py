@@ -344,7 +344,8 @@ def test_stage_timings_are_read_from_benchmark_files(run: dict[str, Any]) -> Non
 
 
 class _HtmlChecker(html.parser.HTMLParser):
-    VOID: ClassVar[set[str]] = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
+    VOID: ClassVar[set[str]] = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source",
+                                "track", "wbr"}
 
     def __init__(self) -> None:
         super().__init__()
@@ -426,7 +427,8 @@ _CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-bac
 # script errors, in attributes that --dump-dom shows. The report itself has no script.
 _PROBE = """<script>
 window.addEventListener('error', function () {
-  document.documentElement.setAttribute('data-errors', String(1 + Number(document.documentElement.getAttribute('data-errors') || 0)));
+  var root = document.documentElement;
+  root.setAttribute('data-errors', String(1 + Number(root.getAttribute('data-errors') || 0)));
 }, true);
 window.addEventListener('load', function () {
   var imgs = document.images, bad = 0;

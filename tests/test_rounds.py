@@ -101,7 +101,7 @@ def test_fine_tuning_starts_from_the_given_weights(data: dict[str, Path], tmp_pa
     seen_delta = [t for t in seen[0] if t.shape == delta.shape]
     assert len(seen_delta) == 1 and torch.equal(seen_delta[0], torch.zeros_like(delta))  # ... from zero
     seen[0] = [t for t in seen[0] if t.shape != delta.shape]
-    for before, weight, seeded in zip(seen[0], expected, fresh, strict=True):
+    for before, weight, _seeded in zip(seen[0], expected, fresh, strict=True):
         torch.testing.assert_close(before, weight, rtol=0, atol=0)
     assert any(not torch.equal(w, s) for w, s in zip(expected, fresh, strict=True))  # not the seeded start
     torch.testing.assert_close(second.decoder.points, torch.as_tensor(points2, dtype=torch.float32))

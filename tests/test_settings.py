@@ -71,7 +71,8 @@ def test_from_config_passes_settings_and_refuses_unknown_keys(defaults: dict[str
 @pytest.mark.parametrize(("make", "message"), [
     (lambda: NetworkConfig(loss="l2"), r"NetworkConfig.loss = 'l2'; use one of \['corr', 'frc', 'mse'\]"),
     (lambda: NetworkConfig(encoder="resnet"), r"NetworkConfig.encoder = 'resnet'"),
-    (lambda: NetworkConfig(basis="legendre"), r"NetworkConfig.basis = 'legendre'; use one of \['xmipp', 'orthonormal'\]"),
+    (lambda: NetworkConfig(basis="legendre"),
+     r"NetworkConfig.basis = 'legendre'; use one of \['xmipp', 'orthonormal'\]"),
     (lambda: NetworkConfig(roughness="bend"), r"NetworkConfig.roughness = 'bend'"),
     (lambda: RefineConfig(mode="global"), r"RefineConfig.mode = 'global'; use one of \['landscape', 'free'\]"),
     (lambda: RefineConfig(prior="flat"), r"RefineConfig.prior = 'flat'"),

@@ -17,7 +17,7 @@ DATA = Path(__file__).parent / "data"
 PI = math.pi
 S = math.sqrt
 
-# Closed-form radials for l1 <= 5 (reference/zernike3d-family.md §3.2), keyed by (l1, l2).
+# Closed-form radials for l1 <= 5 (docs/algorithms.md §1.2), keyed by (l1, l2).
 RADIALS = {
     (0, 0): lambda r: S(3) + 0 * r,
     (1, 1): lambda r: S(5) * r,
@@ -135,12 +135,14 @@ def test_xmipp_l2_4_quirks_and_rounded_tables() -> None:
     values = zk.evaluate_basis(pts, 6, 4, 1.0, basis="xmipp")
     # l2 = 4, m = 0 uses 35z^4 - 30z^2 + 3 (rho^2 replaced by 1)
     col = idx.index((4, 4, 4, 0))
-    np.testing.assert_allclose(values[:, col], S(11) * r**4 * S(9 / (256 * PI)) * (35 * z**4 - 30 * z**2 + 3), atol=1e-10)
+    expected = S(11) * r**4 * S(9 / (256 * PI)) * (35 * z**4 - 30 * z**2 + 3)
+    np.testing.assert_allclose(values[:, col], expected, atol=1e-10)
     col = idx.index((4, 4, 4, -4))
     np.testing.assert_allclose(values[:, col], S(11) * r**4 * S(315 / (16 * PI)) * x * y * (x**2 - y**2), atol=1e-10)
     # l1 = 6 uses the hand-rounded table: R_6^0 = 103.8 r^6 - 167.7 r^4 + 76.25 r^2 - 8.472
     col = idx.index((6, 0, 0, 0))
-    np.testing.assert_allclose(values[:, col], (103.8 * r**6 - 167.7 * r**4 + 76.25 * r**2 - 8.472) / (2 * S(PI)), atol=1e-10)
+    expected = (103.8 * r**6 - 167.7 * r**4 + 76.25 * r**2 - 8.472) / (2 * S(PI))
+    np.testing.assert_allclose(values[:, col], expected, atol=1e-10)
 
 
 def test_xmipp_gram_matches_documented_non_orthonormality() -> None:

@@ -1,3 +1,8 @@
+"""Zernike3D flexibility analysis for cryo-EM: Zernike3Deep, classical refinement and ZART.
+
+The library behind the z3 Snakemake workflow; ``__version__`` and the per-rule output versions
+live here.
+"""
 __version__ = "0.1.7"
 
 #: The library version at which each pipeline rule's numerical output last changed. Snakemake

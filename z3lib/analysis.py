@@ -1,5 +1,7 @@
-"""Analysis of maps and landscapes: FSC and resolution, filtering, the conformational landscape
-(PCA, UMAP, k-means), maps and atomic models along the landscape, mean deformation maps.
+"""Analysis of maps and landscapes: FSC, filtering, the conformational landscape, maps along it.
+
+FSC and resolution, filtering, the conformational landscape (PCA, UMAP, k-means), maps and
+atomic models along the landscape, mean deformation maps.
 
 Maps are ``[z, y, x]`` numpy arrays; frequencies are in cycles/Å. Point clouds are ``(N, 3)``
 ``(x, y, z)`` in px relative to the box centre ``N // 2``. Zernike3D coefficient vectors are
@@ -58,8 +60,10 @@ def fourier_shell_correlation(a: npt.ArrayLike, b: npt.ArrayLike, pixel_size: fl
 
 
 def resolution_at(fsc: pd.DataFrame, threshold: float = 0.143) -> float:
-    """Resolution (Å) where the FSC first falls below ``threshold`` (linear interpolation between
-    shells); Nyquist if it never does."""
+    """Return the resolution (Å) where the FSC first falls below ``threshold``.
+
+    Linear interpolation between shells; Nyquist if the FSC never falls below it.
+    """
     f, c = fsc["frequency"].to_numpy(), fsc["fsc"].to_numpy()
     below = np.nonzero(c < threshold)[0]
     if len(below) == 0:
@@ -254,6 +258,10 @@ def cluster_kmeans(
         re-seeded at the point farthest from its centre).
     seed
         Seed of the starts: the same input and seed give the same labels.
+    n_init
+        Number of k-means++ starts; the one of lowest inertia is kept.
+    max_iter
+        Most Lloyd iterations per start.
     order_by
         Optional ``(n,)`` values (e.g. PC1 scores): clusters are numbered by increasing mean of
         these values. Default: by decreasing size (ties by first member).
@@ -305,8 +313,10 @@ def cluster_kmeans(
 
 
 def cluster_means(coefficients: npt.ArrayLike, labels: npt.ArrayLike, k: int) -> np.ndarray:
-    """Mean coefficient vector of each cluster: ``(n, D)``, labels ``(n,)`` → ``(k, D)``
-    (zeros for an empty cluster)."""
+    """Return the mean coefficient vector of each cluster.
+
+    ``(n, D)`` coefficients and labels ``(n,)`` → ``(k, D)`` (zeros for an empty cluster).
+    """
     c = np.asarray(coefficients, dtype=np.float64)
     lab = np.asarray(labels)
     out = np.zeros((k, c.shape[1]))
@@ -316,7 +326,9 @@ def cluster_means(coefficients: npt.ArrayLike, labels: npt.ArrayLike, k: int) ->
     return out
 
 
-def component_path(pca: PcaResult, component: int, steps: int = 5, extent: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
+def component_path(
+    pca: PcaResult, component: int, steps: int = 5, extent: float = 2.0
+) -> tuple[np.ndarray, np.ndarray]:
     """Coefficient vectors along one principal axis, from ``−extent σ`` to ``+extent σ``.
 
     Parameters
@@ -327,6 +339,8 @@ def component_path(pca: PcaResult, component: int, steps: int = 5, extent: float
         0-based axis index (0 = PC1).
     steps
         Number of points (≥ 2), equally spaced; the mean is included when ``steps`` is odd.
+    extent
+        Half-length of the path in units of σ (the axis' standard deviation).
 
     Returns
     -------
@@ -345,8 +359,11 @@ def component_path(pca: PcaResult, component: int, steps: int = 5, extent: float
 # Maps and models deformed by a field
 # ==============================================================================================
 def _mask_voxels(mask: npt.ArrayLike, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """``(N, 3)`` integer ``(z, y, x)`` indices and ``(N, 3)`` centred ``(x, y, z)`` px positions of a
-    mask given as a ``[z, y, x]`` array (voxels > 0.5) or as ``(N, 3)`` integer point positions."""
+    """Return the voxel indices and centred positions of a mask.
+
+    ``(N, 3)`` integer ``(z, y, x)`` indices and ``(N, 3)`` centred ``(x, y, z)`` px positions of a
+    mask given as a ``[z, y, x]`` array (voxels > 0.5) or as ``(N, 3)`` integer point positions.
+    """
     m = np.asarray(mask)
     centre = np.array([box_center(n) for n in shape])
     if m.ndim == 3:
@@ -462,8 +479,15 @@ def deform_map(
 
     Parameters
     ----------
+    volume
+        ``[z, y, x]`` map (cubic box).
     coefficients
         ``(3K,)`` field in px of the map's box.
+    mask
+        ``[z, y, x]`` mask of the voxels to move (values > 0.5), or ``(N, 3)`` integer
+        ``(x, y, z)`` voxel positions relative to the centre.
+    spec
+        Zernike3D basis of the coefficients, on this map's box.
 
     Returns
     -------
@@ -499,6 +523,8 @@ def deform_model(
         Zernike3D basis of the coefficients (its box: the map's, px).
     pixel_size
         Pixel size (Å) of the coefficients' box.
+    origin
+        ``(x, y, z)`` position (Å) of voxel ``[0, 0, 0]`` of the map frame of ``coords``.
 
     Returns
     -------
@@ -575,7 +601,7 @@ def deformation_rms(
     spec
         Zernike3D basis of the coefficients, on the points' box.
     batch
-        Particles per block.
+        Particles per block (bounds memory to ``batch × N × 3`` floats).
 
     Returns
     -------
@@ -588,7 +614,10 @@ def deformation_rms(
 
 
 def fsc_summary(fsc: pd.DataFrame, column: str) -> dict[str, float]:
-    """Resolutions (Å) at FSC 0.143 and 0.5 of one curve of a ``fsc.tsv`` table (columns
-    ``frequency`` and ``column``): ``{"fsc_0.143": …, "fsc_0.5": …}``."""
+    """Return the resolutions (Å) at FSC 0.143 and 0.5 of one curve of a ``fsc.tsv`` table.
+
+    The table has columns ``frequency`` and ``column``; the result is
+    ``{"fsc_0.143": …, "fsc_0.5": …}``.
+    """
     curve = pd.DataFrame({"frequency": fsc["frequency"], "fsc": fsc[column]})
     return {"fsc_0.143": resolution_at(curve, 0.143), "fsc_0.5": resolution_at(curve, 0.5)}

@@ -15,7 +15,9 @@ if TYPE_CHECKING:
 
 
 def is_tensor(value: Any) -> TypeGuard[torch.Tensor]:
-    """``isinstance(value, torch.Tensor)``, without importing torch: a value can only be a
-    tensor once torch has been imported."""
+    """Tell whether ``value`` is a ``torch.Tensor``, without importing torch.
+
+    A value can only be a tensor once torch has been imported.
+    """
     torch = sys.modules.get("torch")
     return torch is not None and isinstance(value, torch.Tensor)

@@ -46,6 +46,8 @@ def mask_from_map(
         Å.
     fraction
         threshold as a fraction of the low-passed map's maximum (0 < fraction < 1).
+    min_dilate
+        Least dilation, in voxels (applies when ``dilate`` is under this many voxels).
 
     Returns
     -------
@@ -112,6 +114,12 @@ def reconstruct_consensus(
         ZART iterations.
     lowpass
         an extra low-pass (Å) after the FSC = 0.143 filter; ``None`` for none.
+    seed
+        Seed of the half-set split (where ``subsets`` does not give it) and of ZART's image order.
+    backend
+        ZART back end: ``"auto"``, ``"numpy"`` or ``"cupy"`` (:func:`z3lib.zart.get_backend`).
+    log
+        Logger for progress; default this module's.
 
     Returns
     -------
@@ -177,6 +185,8 @@ def consensus_reference(
         overrides for :func:`z3lib.io.read_particles`.
     radius_fraction, iterations, lowpass, seed, backend
         see :func:`reconstruct_consensus`.
+    log
+        Logger for progress; default this module's.
 
     Returns
     -------

@@ -162,7 +162,7 @@ def rotvec_to_matrix(rotvec: npt.ArrayLike) -> np.ndarray:
 
 
 def cryosparc_pose_to_relion_matrix(rotvec: npt.ArrayLike) -> np.ndarray:
-    """cryoSPARC ``alignments3D/pose`` to RELION's projection matrix ``A``.
+    """CryoSPARC ``alignments3D/pose`` to RELION's projection matrix ``A``.
 
     cryoSPARC stores the axis-angle vector of the rotation that takes projection coordinates back
     to the reference frame; RELION's ``A`` (reference → projection) is its transpose. pyem's

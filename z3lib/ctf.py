@@ -1,8 +1,9 @@
 """Contrast transfer function (RELION's model) in torch: evaluation, application, corrections.
-(:func:`ctf_model` and :func:`ctf_grid` serve numpy and cupy too; torch is imported only when
-a torch function runs, so importing this module does not import it.)
 
-Model (reference/zernike3d-family.md §8, RELION ``ctf.h``):
+:func:`ctf_model` and :func:`ctf_grid` serve numpy and cupy too; torch is imported only when a
+torch function runs, so importing this module does not import it.
+
+Model (docs/algorithms.md §2, RELION ``ctf.h``):
 
 * ``λ`` from :func:`z3lib.conventions.electron_wavelength`, Cs in Å, angles in radians inside.
 * ``Δf(α) = (dU + dV)/2 + (dU − dV)/2 · cos 2(α − α_ast)``, underfocus positive, α the azimuth of
@@ -63,8 +64,10 @@ class CtfParams:
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> CtfParams:
-        """Build from numbers, arrays or tensors, broadcast to a common ``(B,)`` shape
-        (``dtype`` None: float32)."""
+        """Build from numbers, arrays or tensors, broadcast to a common ``(B,)`` shape.
+
+        ``dtype`` None: float32.
+        """
         import torch
 
         dtype = torch.float32 if dtype is None else dtype
@@ -82,8 +85,10 @@ class CtfParams:
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> CtfParams:
-        """From a particle table with z3's canonical columns (see :func:`z3lib.io.read_particles`);
-        ``dtype`` None: float32."""
+        """Build from a particle table with z3's canonical columns (see :func:`z3lib.io.read_particles`).
+
+        ``dtype`` None: float32.
+        """
         def col(name: str, default: float) -> Any:
             return np.array(table[name], dtype=np.float64) if name in table else default
 
@@ -101,6 +106,7 @@ class CtfParams:
         return CtfParams(*(getattr(self, f.name)[index].reshape(-1) for f in fields(self)))
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> CtfParams:
+        """Return a copy with every field moved to ``device`` and/or cast to ``dtype``."""
         return CtfParams(*(getattr(self, f.name).to(device=device, dtype=dtype) for f in fields(self)))
 
 
@@ -154,7 +160,7 @@ def evaluate_ctf(
 
 def ctf_model(xp: Any, s_x: Any, s_y: Any, *, defocus_u: Any, defocus_v: Any, defocus_angle: Any, voltage: Any,
               cs: Any, amplitude_contrast: Any, phase_shift: Any, bfactor: Any, scale: Any) -> Any:
-    """The CTF formula itself, for any array namespace ``xp`` (torch, numpy or cupy).
+    """Evaluate the CTF formula itself, for any array namespace ``xp`` (torch, numpy or cupy).
 
     Frequencies in cycles/Å, parameters in RELION units (see the module docstring); all inputs
     broadcast together. This is the one implementation of the model: the torch path

@@ -1,5 +1,6 @@
-"""The physical forward model shared by the network and the refinement: deform → rotate → shift →
-splat → CTF, the image circle and the image loss.
+"""The physical forward model shared by the network and the refinement.
+
+Deform → rotate → shift → splat → CTF, the image circle and the image loss.
 
 Units are pixels of the processing box: the point cloud ``(N, 3)`` px relative to the box centre,
 coefficients ``(B, 3K)`` px with ``Rmax = box / 2``, shifts ``(B, 2)`` px, images ``(B, box, box)``
@@ -35,11 +36,16 @@ class DecoderSettings(Protocol):
     """
 
     @property
-    def roughness(self) -> Roughness: ...
+    def roughness(self) -> Roughness:
+        """Field roughness measure: ``"strain"`` (|sym ∇d|², rigid motions free) or ``"gradient"`` (|∇d|²)."""
+
     @property
-    def ctf_pad(self) -> int: ...
+    def ctf_pad(self) -> int:
+        """Padding factor of the box the CTF is applied on."""
+
     @property
-    def learn_reference(self) -> bool: ...
+    def learn_reference(self) -> bool:
+        """Whether the amplitudes are a parameter (amplitudes + scale · delta)."""
 
 
 @dataclass(frozen=True)
@@ -157,8 +163,10 @@ class PhysicalDecoder(nn.Module):
 
     def transfer(self, ctf: CtfParams, *, phase_flipped: bool = False, dtype: torch.dtype = torch.float32,
                  device: torch.device | None = None) -> torch.Tensor:
-        """The batch's CTFs on the padded rfft grid, ``(B, pad·box, pad·box // 2 + 1)``; ``|CTF|``
-        for phase-flipped data. Compute once per batch and pass to :meth:`forward` to reuse."""
+        """Return the batch's CTFs on the padded rfft grid, ``(B, pad·box, pad·box // 2 + 1)``.
+
+        ``|CTF|`` for phase-flipped data. Compute once per batch and pass to :meth:`forward` to reuse.
+        """
         dev = device if device is not None else self.points.device
         out = compute_ctf(self.ctf_pad * self.box, self.pixel_size, ctf.to(dev, dtype))
         return out.abs() if phase_flipped else out

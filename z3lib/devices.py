@@ -1,5 +1,7 @@
-"""Device choice, in one place: the torch device of the network and the refinement, and the ZART
-back end (cupy on a CUDA GPU, or numpy on the CPU).
+"""Choose devices, in one place: the torch device and the ZART back end.
+
+The torch device is the network's and the refinement's; the ZART back end is cupy on a CUDA GPU,
+or numpy on the CPU.
 
 Importing this module imports neither torch nor cupy; each check imports what it asks about.
 """
@@ -32,7 +34,7 @@ def select_device(want_gpu: bool, log: logging.Logger | None = None) -> torch.de
 
 
 def cupy_usable() -> bool:
-    """True when cupy imports *and* can run a kernel on a CUDA device (importing is not enough)."""
+    """Tell whether cupy imports *and* can run a kernel on a CUDA device (importing is not enough)."""
     try:
         import cupy
 
@@ -50,16 +52,22 @@ def cupy_device_name() -> str:
 
 
 def zart_backend_for_job(name: str, *, gpu_slot: bool) -> str:
-    """The ZART back end a workflow job asks for: ``"auto"`` means ``"numpy"`` in a job that
-    holds no GPU slot (``resources.gpu``); any other name is passed on as it is."""
+    """Return the ZART back end a workflow job asks for.
+
+    ``"auto"`` means ``"numpy"`` in a job that holds no GPU slot (``resources.gpu``); any other name
+    is passed on as it is.
+    """
     if not gpu_slot and name == "auto":
         return "numpy"  # this job holds no GPU slot
     return name
 
 
 def choose_zart_backend(name: str = "auto") -> ZartBackendName:
-    """The ZART back end that runs for ``name``: ``"auto"`` (cupy when a GPU is usable, else
-    numpy), ``"numpy"`` or ``"cupy"`` (an error when no usable CUDA device/cupy is found)."""
+    """Return the ZART back end that runs for ``name``.
+
+    ``"auto"`` (cupy when a GPU is usable, else numpy), ``"numpy"`` or ``"cupy"`` (an error when no
+    usable CUDA device/cupy is found).
+    """
     if name not in ("auto", "numpy", "cupy"):
         raise ValueError(f"unknown ZART back end {name!r}; use 'auto', 'numpy' or 'cupy'")
     if name == "cupy" or (name == "auto" and cupy_usable()):

@@ -51,8 +51,10 @@ def sphere_mask(box: int, radius: float | None = None) -> np.ndarray:
 
 
 def threshold_mask(maps: list[np.ndarray], *, fraction: float = 0.05, dilate: int = 2) -> np.ndarray:
-    """Binary ``[z, y, x]`` mask covering every map: voxels above ``fraction`` of each map's
-    maximum, united, dilated by ``dilate`` voxels, kept inside the ball of radius box/2 − 1.
+    """Return a binary ``[z, y, x]`` mask covering every map.
+
+    Voxels above ``fraction`` of each map's maximum, united, dilated by ``dilate`` voxels, kept
+    inside the ball of radius box/2 − 1.
 
     Returns float32 0/1.
     """
@@ -77,6 +79,8 @@ def points_from_mask(
     ----------
     mask
         ``(Z, Y, X)`` mask; voxels with value > ``threshold`` are kept.
+    threshold
+        Voxels with a value above it are inside.
     step
         keep voxels on a regular sub-grid of every ``step`` voxels per axis, aligned on the box
         centre (unlike Xmipp's every-s-th voxel of the flattened list, which is not a grid).

@@ -1,5 +1,7 @@
-"""Zernike3Deep: an image encoder whose latent space is the Zernike3D coefficients, decoded by
-the physical forward model (:mod:`z3lib.decoder`: deform → rotate → shift → splat → CTF).
+"""Zernike3Deep: an image encoder whose latent space is the Zernike3D coefficients.
+
+The latent vector is decoded by the physical forward model (:mod:`z3lib.decoder`: deform →
+rotate → shift → splat → CTF).
 
 This module holds the network itself: its settings (:class:`NetworkConfig`), the encoders, the
 :class:`Zernike3Deep` module and its model files. Training, evaluation and prediction are
@@ -9,7 +11,7 @@ This module holds the network itself: its settings (:class:`NetworkConfig`), the
 Units inside the network are pixels of the processing box; coefficients leave the module in
 pixels of the original particle box (``Rmax = original box / 2``, docs/conventions.md).
 
-Improvements over the original (reference/zernike3d-family.md §1): images stream from the
+Improvements over the original (docs/algorithms.md §4): images stream from the
 memory-mapped stack (bounded memory); the image loss is the mean of per-image correlations; the
 field regularisers are true field energy and smoothness (quadratic forms on the point cloud, so
 they mean the same thing in either basis); points leaving the image are dropped; training is
@@ -88,12 +90,14 @@ class NetworkConfig:
         return zk.ZernikeSpec(self.L1, self.L2, self.basis, box)
 
     def to_dict(self) -> dict[str, Any]:
+        """Return the settings as a plain dict (as saved in ``model.pt``)."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> NetworkConfig:
         # models saved before the reference could be learned (z3lib < 0.1.3) hold none
         # ... and penalised the full gradient (z3lib < 0.1.4)
+        """Build the settings from :meth:`to_dict`'s dict, filling in what older model files lack."""
         return from_section(cls, {"learn_reference": False, "roughness": "gradient", **values})
 
 
@@ -116,9 +120,15 @@ class ConvEncoder(nn.Module):
             size, width = (size + 1) // 2, out
         layers += [nn.Conv2d(width, width, 3, padding=1), nn.SiLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten()]
         self.features = nn.Sequential(*layers)
-        self.dense = nn.Sequential(nn.Linear(16 * width + extra, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU())
+        self.dense = nn.Sequential(
+            nn.Linear(16 * width + extra, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU()
+        )
 
     def forward(self, images: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        """Encode ``(B, N, N)`` (or ``(B, C, N, N)``) images into ``(B, hidden)`` features.
+
+        ``extra``: optional ``(B, extra)`` inputs joined to the image features.
+        """
         x = images if images.dim() == 4 else images.unsqueeze(1)
         f = self.features(x)
         if extra is not None:
@@ -138,6 +148,10 @@ class MlpEncoder(nn.Module):
         )
 
     def forward(self, images: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        """Encode ``(B, N, N)`` (or ``(B, C, N, N)``) images into ``(B, hidden)`` features.
+
+        ``extra``: optional ``(B, extra)`` inputs joined to the image features.
+        """
         f = images.flatten(1)
         if extra is not None:
             f = torch.cat([f, extra], dim=1)
@@ -181,17 +195,21 @@ class Zernike3Deep(nn.Module):
 
     def flip_signs(self, ctf: CtfParams | None, *, phase_flipped: bool = False,
                    device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
-        """``sign(CTF)`` on the (unpadded) rfft grid, ``(B, N, N // 2 + 1)``, that phase-flips the
-        encoder's input; None when no flip is due (flipping off, no CTF, or data already flipped)."""
+        """Return ``sign(CTF)`` on the (unpadded) rfft grid, ``(B, N, N // 2 + 1)``, or None.
+
+        The signs phase-flip the encoder's input; None when no flip is due (flipping off, no CTF, or
+        data already flipped).
+        """
         if not self.config.encoder_phase_flip or ctf is None or phase_flipped:
             return None
         dev = device if device is not None else self.image_mask.device
         return torch.sign(compute_ctf(self.box, self.decoder.pixel_size, ctf.to(dev, dtype)))
 
     def encoder_input(self, images: torch.Tensor, signs: torch.Tensor | None) -> torch.Tensor:
-        """What the encoder sees: the masked image, phase-flipped by ``signs`` (see
-        :meth:`flip_signs`; None = as is) and low-passed by Fourier cropping to ``encoder_box`` px,
-        scaled to unit variance.
+        """Return what the encoder sees: the masked, phase-flipped, Fourier-cropped image.
+
+        The masked image is phase-flipped by ``signs`` (see :meth:`flip_signs`; None = as is),
+        low-passed by Fourier cropping to ``encoder_box`` px and scaled to unit variance.
 
         ``(B, N, N)`` → ``(B, n, n)``.
         """
@@ -259,10 +277,12 @@ class Zernike3Deep(nn.Module):
 # Building, saving and loading
 # ----------------------------------------------------------------------------------------------
 def transferable_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The learned weights of a saved model that carry over to a model of another point cloud:
-    everything but the physical decoder's buffers (points, amplitudes, basis values and the
+    """Return the learned weights of a saved model that carry over to a model of another point cloud.
+
+    Everything but the physical decoder's buffers (points, amplitudes, basis values and the
     regularisers' quadratic forms are computed from the point cloud, not learned; the image mask
-    follows the settings)."""
+    follows the settings).
+    """
     return {k: v for k, v in state.items() if not k.startswith("decoder.") and k != "image_mask"}
 
 
@@ -270,7 +290,7 @@ def transferable_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 
 def build_model(points: np.ndarray, amplitudes: np.ndarray, box: int, pixel_size: float,
                 config: NetworkConfig, device: torch.device | str = "cpu") -> Zernike3Deep:
-    """A freshly initialised (seeded) model for a point cloud in px of the processing box."""
+    """Build a freshly initialised (seeded) model for a point cloud in px of the processing box."""
     torch.manual_seed(config.seed)
     model = Zernike3Deep(torch.as_tensor(points, dtype=torch.float32),
                          torch.as_tensor(amplitudes, dtype=torch.float32), box, pixel_size, config)
@@ -280,8 +300,10 @@ def build_model(points: np.ndarray, amplitudes: np.ndarray, box: int, pixel_size
 
 
 def save_model(path: str | Path, model: Zernike3Deep, meta: dict[str, Any]) -> None:
-    """Write ``model.pt``: weights, buffers (point cloud included), settings and metadata —
-    plain tensors and primitives, loadable with ``torch.load(..., weights_only=True)``."""
+    """Write ``model.pt``: weights, buffers (point cloud included), settings and metadata.
+
+    Plain tensors and primitives only, loadable with ``torch.load(..., weights_only=True)``.
+    """
     from z3lib.io import atomic_path
 
     payload = {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -303,7 +325,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Ze
 
 
 def _read_model_file(path: str | Path) -> dict[str, Any]:
-    """The payload of a ``model.pt`` (``weights_only=True``: no code is unpickled)."""
+    """Read the payload of a ``model.pt`` (``weights_only=True``: no code is unpickled)."""
     payload: dict[str, Any] = torch.load(Path(path), map_location="cpu", weights_only=True)
     if payload.get("format") != MODEL_FORMAT:
         raise ValueError(f"{path} is not a z3 Zernike3Deep model file")
@@ -311,6 +333,6 @@ def _read_model_file(path: str | Path) -> dict[str, Any]:
 
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """The state dict (weights and buffers, on the CPU) of a model saved by :func:`save_model`."""
+    """Return the state dict (weights and buffers, on the CPU) of a model saved by :func:`save_model`."""
     state: dict[str, torch.Tensor] = _read_model_file(path)["state_dict"]
     return state

@@ -13,7 +13,8 @@ the directions are refitted against *all* images at once, alternating two steps:
 
    (mini-batch Adam over the particles; ``D`` is ``(k, 3K)``, one row per direction);
 2. **scores**: every particle is scored on a grid along each direction (coordinate-wise, as the
-   landscape refinement does; the first round starts from the network's predicted scores), and its score is the **posterior mean** over that grid: the image
+   landscape refinement does; the first round starts from the network's predicted scores), and
+   its score is the **posterior mean** over that grid: the image
    likelihood with Gaussian noise of unknown level, scale and offset, profiled, is
    ``−log L = (N/2) · log(1 − corr²)`` (``N`` pixels inside the mask, ``corr`` the correlation of
    the image with the projection), and the prior over the grid is the population's own score
@@ -58,7 +59,7 @@ class PopulationFit:
     history: list[dict[str, float]]  # one entry per round: mean image loss after each step
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        """The arrays of :func:`write_population` (``landscape_*`` and per-particle ones)."""
+        """Return the arrays of :func:`write_population` (``landscape_*`` and per-particle ones)."""
         land = self.landscape
         return {"landscape_mean": land.mean, "landscape_directions": land.directions, "landscape_scale": land.scale,
                 "landscape_low": land.low, "landscape_high": land.high, "scores": self.scores,
@@ -74,7 +75,7 @@ def write_population(path: str | Path, fit: PopulationFit, **extra: np.ndarray |
 
 
 def read_population(path: str | Path) -> tuple[Landscape, np.ndarray]:
-    """The landscape and the per-particle coefficients ``(n, 3K)`` written by :func:`write_population`."""
+    """Read the landscape and the per-particle coefficients ``(n, 3K)`` written by :func:`write_population`."""
     from z3lib.io import Z3InputError, read_npz
 
     arrays = read_npz(path)
@@ -101,6 +102,8 @@ def posterior_mean_scores(costs: np.ndarray, grid: np.ndarray, n_pixels: float,
         ``(G,)`` the grid's scores.
     n_pixels
         pixels of the mask the correlation is taken over (the likelihood's sample size).
+    iterations
+        EM iterations of the prior over the grid.
 
     Returns
     -------
@@ -132,8 +135,11 @@ def _rotations(batch_angles: torch.Tensor) -> torch.Tensor:
 def fit_directions(decoder: PhysicalDecoder, source: ParticleBatchSource, mean: torch.Tensor,
                    directions: torch.Tensor, scores: np.ndarray, config: RefineConfig, *,
                    device: torch.device, seed: int = 0, log: logging.Logger | None = None) -> float:
-    """Step 1: refit the shared ``mean`` ``(3K,)`` and ``directions`` ``(k, 3K)`` (px, in place)
-    to all particles' images at fixed ``scores`` ``(n, k)``; returns the last epoch's mean image loss."""
+    """Step 1: refit the shared ``mean`` and ``directions`` to all particles' images at fixed scores.
+
+    ``mean`` ``(3K,)`` and ``directions`` ``(k, 3K)`` (px) are updated in place, at fixed
+    ``scores`` ``(n, k)``; returns the last epoch's mean image loss.
+    """
     logger = log or logging.getLogger(__name__)
     mean.requires_grad_(True)
     directions.requires_grad_(True)
@@ -170,9 +176,12 @@ def fit_directions(decoder: PhysicalDecoder, source: ParticleBatchSource, mean: 
 def score_particles(decoder: PhysicalDecoder, source: ParticleBatchSource, mean: torch.Tensor,
                     directions: torch.Tensor, scores: np.ndarray, config: RefineConfig, *,
                     device: torch.device, log: logging.Logger | None = None) -> tuple[np.ndarray, float]:
-    """Step 2: every particle's scores ``(n, k)`` along ``directions`` (coordinate-wise grid over
-    the population's range × ``grid_extent``, from ``scores``), as posterior means (or the grid's
-    best points with ``posterior_mean`` off); returns them and the mean image loss at them."""
+    """Step 2: score every particle along ``directions``.
+
+    Every particle's scores ``(n, k)`` on a coordinate-wise grid over the population's range ×
+    ``grid_extent`` (from ``scores``), as posterior means (or the grid's best points with
+    ``posterior_mean`` off); returns them and the mean image loss at them.
+    """
     logger = log or logging.getLogger(__name__)
     z = np.array(scores, dtype=np.float64)
     mask = circle_mask(decoder.box, config.mask_radius, device=device)
@@ -244,6 +253,12 @@ def fit_population(decoder: PhysicalDecoder, source: ParticleBatchSource, prior:
     config
         ``subspace_variance``/``max_dimensions`` (the starting directions), ``grid_extent``,
         ``batch_size`` (scoring), ``population_*`` and ``posterior_mean``.
+    device
+        Torch device of the fit.
+    seed
+        Seed of the mini-batch order (round ``r`` uses ``seed + r``).
+    log
+        Logger for progress; default this module's.
 
     Returns
     -------

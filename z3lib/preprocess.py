@@ -1,5 +1,7 @@
-"""Preprocessing's array-level steps: Fourier cropping, image normalisation and the automatic
-mask (the stage itself, files in and out: :mod:`z3lib.stages.preprocess`)."""
+"""Preprocessing's array-level steps: Fourier cropping, image normalisation and the automatic mask.
+
+The stage itself, files in and out, is :mod:`z3lib.stages.preprocess`.
+"""
 
 from __future__ import annotations
 
@@ -33,6 +35,8 @@ def fourier_crop(array: npt.ArrayLike, size: int, *, ndim: int) -> np.ndarray:
         ``(..., N, N)`` images (``ndim=2``) or ``(N, N, N)`` volumes (``ndim=3``).
     size
         output side (≤ N).
+    ndim
+        Number of trailing axes to crop: 2 (images) or 3 (volumes).
 
     Returns
     -------
@@ -75,6 +79,8 @@ def normalise_images(images: np.ndarray, *, radius_fraction: float = 0.8) -> np.
     ----------
     images
         ``(B, N, N)``.
+    radius_fraction
+        Radius of the particle circle as a fraction of ``N / 2``.
 
     Returns
     -------
@@ -90,14 +96,19 @@ def normalise_images(images: np.ndarray, *, radius_fraction: float = 0.8) -> np.
     peak = np.abs(images).reshape(len(images), -1).max(axis=1)
     flat = std <= 1e-4 * peak
     if flat.any():
-        logging.getLogger(__name__).warning("%d of %d images have a flat (noise-free) background: centred but not rescaled",
-                       int(flat.sum()), len(images))
+        logging.getLogger(__name__).warning(
+            "%d of %d images have a flat (noise-free) background: centred but not rescaled",
+            int(flat.sum()),
+            len(images),
+        )
     std = np.where(flat, 1.0, std)
     out: np.ndarray = ((images - mean[:, None, None]) / std[:, None, None]).astype(np.float32)
     return out
 
 
 def auto_mask(reference: np.ndarray, *, fraction: float = 0.05, dilate: int = 2) -> np.ndarray:
-    """A mask derived from a user's map (see :func:`z3lib.geometry.threshold_mask`). Noisy maps
-    reconstructed from the particles get :func:`z3lib.consensus.mask_from_map` instead."""
+    """Return a mask derived from a user's map (see :func:`z3lib.geometry.threshold_mask`).
+
+    Noisy maps reconstructed from the particles get :func:`z3lib.consensus.mask_from_map` instead.
+    """
     return threshold_mask([reference], fraction=fraction, dilate=dilate)

@@ -72,7 +72,8 @@ class RefineConfig:
     grid_extent: float = 1.5  # landscape: grid spans the population's score range × this
     steps: int = 40
     learning_rate: float = 0.05  # Adam step: px (free) or population standard deviations (landscape)
-    prior: Literal["population", "field"] = "population"  # free mode: "population" (Mahalanobis) or "field" (mean |Δd|², px²)
+    # free mode: "population" (Mahalanobis) or "field" (mean |Δd|², px²)
+    prior: Literal["population", "field"] = "population"
     prior_weight: float = 0.001
     smooth_weight: float = 0.0
     refine_angles: bool = False
@@ -86,7 +87,8 @@ class RefineConfig:
     free_steps: int = 0  # landscape mode: then this many steps on all 3K coefficients (leave the landscape)
     free_prior_weight: float = 0.01  # that stage: weight of mean |Δd|² (px²) away from the landscape result
     free_smooth_weight: float = 0.01  # that stage: weight of the mean roughness of the change
-    population_rounds: int = 2  # landscape: alternations of direction fit (all particles) and scoring; 0 = the network's
+    # landscape: alternations of direction fit (all particles) and scoring; 0 = the network's
+    population_rounds: int = 2
     population_epochs: int = 3  # that fit: passes over all particles per round
     population_learning_rate: float = 0.02  # that fit: Adam step (px)
     population_batch_size: int = 64  # that fit: particles per step
@@ -108,6 +110,7 @@ class RefineConfig:
         return from_section(cls, refine, ignore={"chunks"})
 
     def to_dict(self) -> dict[str, Any]:
+        """Return the settings as a plain dict."""
         return asdict(self)
 
 
@@ -126,6 +129,7 @@ class RefineResult:
     steps: np.ndarray  # (n,) local steps until the particle stopped
 
     def to_arrays(self) -> dict[str, np.ndarray]:
+        """Return the fields as arrays, for writing with :func:`z3lib.io.write_npz`."""
         return {k: np.asarray(v) for k, v in asdict(self).items()}
 
 
@@ -208,17 +212,19 @@ def _stage_masks(n_params: int, spec: zk.ZernikeSpec, schedule: bool, free_mode:
 
 
 def _offset_defocus(ctf: CtfParams, offset: torch.Tensor) -> CtfParams:
-    """The same CTFs with ``offset`` (``(B,)`` Å) added to DefocusU and DefocusV."""
+    """Return the same CTFs with ``offset`` (``(B,)`` Å) added to DefocusU and DefocusV."""
     return CtfParams(ctf.defocus_u + offset, ctf.defocus_v + offset, ctf.defocus_angle, ctf.voltage, ctf.cs,
                      ctf.amplitude_contrast, ctf.phase_shift, ctf.bfactor, ctf.scale)
 
 
 @dataclass(frozen=True)
 class SearchState:
-    """The refinement parameters of a batch of ``B`` particles: the field's parameters ``(B, P)``
-    (landscape scores in population standard deviations, or coefficients in px) and the pose and
-    defocus offsets from the starting ones: angles ``(B, 3)`` deg, shifts ``(B, 2)`` px, defocus
-    ``(B,)`` Å (added to DefocusU and DefocusV)."""
+    """The refinement parameters of a batch of ``B`` particles.
+
+    The field's parameters ``(B, P)`` (landscape scores in population standard deviations, or
+    coefficients in px) and the pose and defocus offsets from the starting ones: angles ``(B, 3)``
+    deg, shifts ``(B, 2)`` px, defocus ``(B,)`` Å (added to DefocusU and DefocusV).
+    """
 
     params: torch.Tensor
     angles: torch.Tensor
@@ -250,12 +256,16 @@ class SearchState:
                 t[rows] = o[rows]
 
     def detach(self) -> SearchState:
+        """Return a copy of the state detached from the autograd graph."""
         return SearchState(*(t.detach() for t in self.tensors()))
 
 
 class _Objective:
-    """Per-particle cost of a batch; parameters map to coefficients by ``origin + z · directions``
-    (landscape) or are the coefficients themselves (free)."""
+    """Per-particle cost of a batch.
+
+    Parameters map to coefficients by ``origin + z · directions`` (landscape) or are the
+    coefficients themselves (free).
+    """
 
     def __init__(self, decoder: PhysicalDecoder, images: torch.Tensor, angles: torch.Tensor,
                  shifts: torch.Tensor, ctf: CtfParams, prior: torch.Tensor, config: RefineConfig, *,
@@ -277,9 +287,12 @@ class _Objective:
             self.prior_scores = ((prior - mean) @ dirs.T) / scale
 
     def coefficients(self, params: torch.Tensor) -> torch.Tensor:
-        """Coefficients of parameters ``(B, P)``. In landscape mode the scores move the
-        prediction itself along the directions (``prior + ((z − z_prior) · scale) · U``), so the
-        prediction's part outside the landscape is kept and ``z = z_prior`` is the prediction."""
+        """Return the coefficients of parameters ``(B, P)``.
+
+        In landscape mode the scores move the prediction itself along the directions
+        (``prior + ((z − z_prior) · scale) · U``), so the prediction's part outside the landscape is kept
+        and ``z = z_prior`` is the prediction.
+        """
         if self.landscape is None:
             return params
         _, dirs, scale = self.landscape
@@ -364,6 +377,8 @@ def refine_batch(
 
     Parameters
     ----------
+    decoder
+        Physical decoder of the reference (px of the processing box).
     images
         ``(B, N, N)`` normalised particle images.
     angles, shifts
@@ -372,10 +387,14 @@ def refine_batch(
         ``B`` CTF parameter sets.
     prior
         ``(B, 3K)`` the network's coefficients (px): start and prior.
+    degrees, config
+        Zernike3D degrees ``(L1, L2)`` and the refinement settings.
     landscape
         required in ``"landscape"`` mode (see :func:`landscape_from_predictions`).
     precision
         ``(3K, 3K)`` population precision for the free mode's Mahalanobis prior (None: field prior).
+    phase_flipped
+        The images are phase-flipped (the decoder applies ``|CTF|``).
     fitted
         ``prior`` holds the population fit's coefficients on ``landscape``
         (:func:`z3lib.population.fit_population`: each particle's posterior mean already): no grid
@@ -415,17 +434,7 @@ def refine_batch(
     with torch.no_grad():
         coeffs = objective.coefficients(best.params)
     if land_t is not None and config.free_steps > 0:
-        # leave the landscape where the image says so: all 3K coefficients, from the landscape
-        # result, at its pose, under a prior on the size and roughness of the change
-        free_cfg = replace(config, mode="free", prior="field", prior_weight=config.free_prior_weight,
-                           smooth_weight=0.0, refine_angles=False, refine_shifts=False, refine_defocus=False)
-        ctf2 = _offset_defocus(ctf, best.defocus)
-        free_obj = _Objective(decoder, images, angles + best.angles, shifts + best.shifts, ctf2, coeffs, free_cfg,
-                              landscape=None, precision=None, phase_flipped=phase_flipped,
-                              change_smooth_weight=config.free_smooth_weight)
-        free_best, free_n = _local_search(free_obj, coeffs, [np.ones(coeffs.shape[1], dtype=bool)],
-                                          config.free_steps, free_cfg)
-        coeffs = free_best.params
+        coeffs, free_n = _free_stage(decoder, images, angles, shifts, ctf, coeffs, best, config, phase_flipped)
         steps = steps + free_n
     with torch.no_grad():
         final_img = _image_term_at(objective, coeffs, best)
@@ -443,6 +452,26 @@ def refine_batch(
         "flagged": flagged.detach(),
         "steps": steps.detach(),
     }
+
+
+def _free_stage(decoder: PhysicalDecoder, images: torch.Tensor, angles: torch.Tensor, shifts: torch.Tensor,
+                ctf: CtfParams, coeffs: torch.Tensor, best: SearchState, config: RefineConfig,
+                phase_flipped: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Leave the landscape where the image says so: refine all 3K coefficients from the landscape result.
+
+    The search starts from ``coeffs`` ``(B, 3K)`` at the landscape result's pose and defocus
+    (``best``), under a prior on the size and roughness of the change. Returns the coefficients
+    ``(B, 3K)`` and the steps taken ``(B,)``.
+    """
+    free_cfg = replace(config, mode="free", prior="field", prior_weight=config.free_prior_weight,
+                       smooth_weight=0.0, refine_angles=False, refine_shifts=False, refine_defocus=False)
+    ctf2 = _offset_defocus(ctf, best.defocus)
+    free_obj = _Objective(decoder, images, angles + best.angles, shifts + best.shifts, ctf2, coeffs, free_cfg,
+                          landscape=None, precision=None, phase_flipped=phase_flipped,
+                          change_smooth_weight=config.free_smooth_weight)
+    free_best, free_n = _local_search(free_obj, coeffs, [np.ones(coeffs.shape[1], dtype=bool)],
+                                      config.free_steps, free_cfg)
+    return free_best.params, free_n
 
 
 def _image_term_at(objective: _Objective, coefficients: torch.Tensor, best: SearchState) -> torch.Tensor:
@@ -464,10 +493,12 @@ def _image_term_at(objective: _Objective, coefficients: torch.Tensor, best: Sear
 
 def _local_search(objective: _Objective, start: torch.Tensor, stages: list[np.ndarray], steps_total: int,
                   config: RefineConfig) -> tuple[SearchState, torch.Tensor]:
-    """Per-particle Adam from ``start`` (``(B, P)`` parameters), each particle stopping on its own
-    after ``config.patience`` steps without improvement; ``stages`` are the free parameters of
-    successive stages (each restarts from the best point). Returns the best :class:`SearchState`
-    (parameters and pose/defocus offsets) and the steps taken ``(B,)``."""
+    """Run per-particle Adam from ``start`` (``(B, P)`` parameters), each particle stopping on its own.
+
+    A particle stops after ``config.patience`` steps without improvement; ``stages`` are the free
+    parameters of successive stages (each restarts from the best point). Returns the best
+    :class:`SearchState` (parameters and pose/defocus offsets) and the steps taken ``(B,)``.
+    """
     device = start.device
     b = start.shape[0]
     best = SearchState.start(start)
@@ -522,8 +553,10 @@ def _local_search(objective: _Objective, start: torch.Tensor, stages: list[np.nd
 
 
 def images_digest(source: ParticleBatchSource, index: np.ndarray, batch_size: int = 256) -> str:
-    """SHA-256 (hex) of the pixels of the images of particles ``index`` of ``source`` (read in
-    batches of ``batch_size``; one pass over those images)."""
+    """Return the SHA-256 (hex) of the pixels of the images of particles ``index`` of ``source``.
+
+    They are read in batches of ``batch_size``: one pass over those images.
+    """
     h = hashlib.sha256()
     idx = np.asarray(index, dtype=np.int64)
     rows = idx if source.rows is None else source.rows[idx]
@@ -543,8 +576,9 @@ def progress_fingerprint(
     images: str,
     inputs: Mapping[str, Any] | None = None,
 ) -> str:
-    """SHA-256 (hex) of everything the refinement of particles ``index`` depends on: partial
-    results saved under it are reused only on an exact match.
+    """Return the SHA-256 (hex) of everything the refinement of particles ``index`` depends on.
+
+    Partial results saved under it are reused only on an exact match.
 
     It covers the library version (``z3lib.__version__``), every :class:`RefineConfig` setting,
     the decoder's Zernike3D basis, the device type, the rows ``index`` ``(n,)``, all predicted coefficients
@@ -582,8 +616,11 @@ def progress_fingerprint(
 
 def _search_space(prior: np.ndarray, config: RefineConfig, landscape: Landscape | None, device: torch.device,
                   log: logging.Logger) -> tuple[Landscape | None, torch.Tensor | None]:
-    """The landscape (given: the population's; else, in landscape mode, the predictions'
-    principal directions) or the free mode's population precision, whichever the mode uses."""
+    """Return the landscape or the free mode's population precision, whichever the mode uses.
+
+    The landscape is the population's when given; else, in landscape mode, the predictions'
+    principal directions.
+    """
     if config.mode == "landscape":
         if landscape is not None:
             log.info("landscape: %d direction(s) fitted to the population", len(landscape.directions))
@@ -615,11 +652,21 @@ def refine_particles(
 
     Parameters
     ----------
+    decoder, source
+        Physical decoder of the reference and the particles (images, poses, CTF).
     prior
         ``(n_total, 3K)`` the network's coefficients for every particle of ``source`` (px of the
         processing box); the landscape and the population prior are built from all of them, so
         every chunk of a scattered run uses the same ones. With ``landscape``: the population
         fit's coefficients on it (:func:`z3lib.population.fit_population`).
+    degrees, config
+        Zernike3D degrees ``(L1, L2)`` and the refinement settings.
+    index
+        ``(n,)`` rows of ``source`` to refine; None: all.
+    device
+        Torch device of the refinement.
+    log
+        Logger for progress; default this module's.
     landscape
         landscape mode: the population's fitted landscape (``prior`` its coefficients; see
         ``fitted`` of :func:`refine_batch`); None: the principal directions of ``prior``.
@@ -634,7 +681,7 @@ def refine_particles(
     inputs
         further values the fingerprint must cover (JSON-serialisable).
     """
-    from z3lib.io import read_npz, write_npz
+    from z3lib.io import write_npz
 
     logger = log or logging.getLogger(__name__)
     dev = torch.device(device)
@@ -647,7 +694,6 @@ def refine_particles(
         "defocus_offset": np.zeros(n), "cost": np.zeros(n), "cost_prior": np.zeros(n),
         "flagged": np.zeros(n, dtype=bool), "steps": np.zeros(n, dtype=np.int64),
     }
-    done = np.zeros(n, dtype=bool)
     fingerprint = ""
     if fitted:  # the partial results belong to this landscape only
         assert landscape is not None
@@ -657,18 +703,7 @@ def refine_particles(
         image_id = images if images is not None else images_digest(source, idx, config.batch_size)
         fingerprint = progress_fingerprint(decoder, source, prior, idx, config, device=dev,
                                            images=image_id, inputs=inputs)
-    if progress_path is not None and Path(progress_path).exists():
-        saved = read_npz(progress_path)
-        saved_print = str(saved["fingerprint"]) if "fingerprint" in saved else "(none)"
-        if saved_print == fingerprint and np.array_equal(saved.get("index", np.array([])), idx):
-            for key in out:
-                out[key] = saved[key]
-            done = saved["done"].astype(bool)
-            logger.info("resuming: %d/%d particles already refined", int(done.sum()), n)
-        else:
-            logger.warning("%s holds partial results of other inputs, settings or library version "
-                           "(fingerprint %s…, now %s…): not used, refining these particles afresh",
-                           progress_path, saved_print[:12], fingerprint[:12])
+    done = _resume_progress(progress_path, fingerprint, idx, out, logger)
     t0 = time.perf_counter()
     n_done_start = int(done.sum())
     for lo in range(0, n, config.batch_size):
@@ -690,6 +725,33 @@ def refine_particles(
         logger.info("refined %d/%d particles (%.1f particles/s, ETA %.0f s), %d flagged so far",
                     int(done.sum()), n, rate, (n - int(done.sum())) / max(rate, 1e-9), int(out["flagged"][done].sum()))
     return RefineResult(index=idx, **out)
+
+
+def _resume_progress(progress_path: str | Path | None, fingerprint: str, idx: np.ndarray,
+                     out: dict[str, np.ndarray], logger: logging.Logger) -> np.ndarray:
+    """Load the partial results of :func:`refine_particles` into ``out`` when they match.
+
+    They are used only when the file at ``progress_path`` exists and its fingerprint and rows
+    equal ``fingerprint`` and ``idx`` (else a warning). Returns the ``(n,)`` flags of the
+    particles already refined (all False without usable partial results).
+    """
+    from z3lib.io import read_npz
+
+    done = np.zeros(len(idx), dtype=bool)
+    if progress_path is None or not Path(progress_path).exists():
+        return done
+    saved = read_npz(progress_path)
+    saved_print = str(saved["fingerprint"]) if "fingerprint" in saved else "(none)"
+    if saved_print == fingerprint and np.array_equal(saved.get("index", np.array([])), idx):
+        for key in out:
+            out[key] = saved[key]
+        done = saved["done"].astype(bool)
+        logger.info("resuming: %d/%d particles already refined", int(done.sum()), len(idx))
+    else:
+        logger.warning("%s holds partial results of other inputs, settings or library version "
+                       "(fingerprint %s…, now %s…): not used, refining these particles afresh",
+                       progress_path, saved_print[:12], fingerprint[:12])
+    return done
 
 
 # ----------------------------------------------------------------------------------------------

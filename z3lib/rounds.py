@@ -16,8 +16,10 @@ __all__ = ["mask_for_round"]
 
 
 def mask_for_round(volume: np.ndarray, pixel_size: float) -> np.ndarray:
-    """Binary ``[z, y, x]`` mask of a corrected map (float32 0/1), made as a user would make one
-    from it, the same way as the consensus mask: :func:`z3lib.consensus.mask_from_map`.
+    """Return a binary ``[z, y, x]`` mask (float32 0/1) of a corrected map.
+
+    It is made as a user would make one from the map, the same way as the consensus mask:
+    :func:`z3lib.consensus.mask_from_map`.
 
     Parameters
     ----------

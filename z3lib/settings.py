@@ -19,15 +19,18 @@ T = TypeVar("T")
 
 
 def literal_choices(annotation: Any) -> tuple[Any, ...]:
-    """The values of a ``Literal[...]`` annotation, ``()`` for any other annotation."""
+    """Return the values of a ``Literal[...]`` annotation, ``()`` for any other annotation."""
     if typing.get_origin(annotation) is typing.Literal:
         return typing.get_args(annotation)
     return ()
 
 
 def check_choices(instance: Any) -> None:
-    """Raise ``ValueError`` naming the setting and its allowed values when a ``Literal`` field of
-    the dataclass ``instance`` holds another value."""
+    """Check the ``Literal`` fields of the dataclass ``instance``.
+
+    Raise ``ValueError`` naming the setting and its allowed values when such a field holds another
+    value.
+    """
     hints = typing.get_type_hints(type(instance))
     for f in dataclasses.fields(instance):
         choices = literal_choices(hints[f.name])
@@ -38,8 +41,11 @@ def check_choices(instance: Any) -> None:
 
 def from_section(cls: type[T], section: Mapping[str, Any], *, ignore: AbstractSet[str] = frozenset(),
                  **extra: Any) -> T:
-    """``cls(**section, **extra)`` without the workflow-only keys ``ignore``; a key ``cls`` does
-    not know is a ``ValueError`` that names it (a typo must not fall back to a default)."""
+    """Build ``cls(**section, **extra)`` without the workflow-only keys ``ignore``.
+
+    A key ``cls`` does not know is a ``ValueError`` that names it (a typo must not fall back to a
+    default).
+    """
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     values = {k: v for k, v in section.items() if k not in ignore}
     unknown = sorted(set(values) - names)

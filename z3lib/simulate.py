@@ -37,8 +37,10 @@ def atom_weights(elements: list[str] | npt.ArrayLike, *, include_hydrogen: bool 
 
 
 def gaussian_sigma(resolution: float) -> float:
-    """σ (Å) of the per-atom Gaussian for a target resolution (Å): ``0.225 · resolution``
-    (ChimeraX ``molmap``'s rule)."""
+    """Return σ (Å) of the per-atom Gaussian for a target resolution (Å).
+
+    ``0.225 · resolution`` (ChimeraX ``molmap``'s rule).
+    """
     return 0.225 * float(resolution)
 
 
@@ -72,7 +74,7 @@ def density_from_atoms(
     box: int,
     sigma: float,
 ) -> np.ndarray:
-    """A ``[z, y, x]`` map as a sum of isotropic 3D Gaussians, one per atom.
+    """Make a ``[z, y, x]`` map as a sum of isotropic 3D Gaussians, one per atom.
 
     Parameters
     ----------
@@ -131,6 +133,8 @@ def project_atoms(
         ``(B, 3, 3)`` RELION ``A`` matrices.
     shifts
         ``(B, 2)`` origin shifts (px); an atom lands at ``(A p)_xy − s + N // 2``.
+    box
+        Side (px) of the images.
     sigma
         Gaussian σ (px).
 
@@ -269,7 +273,7 @@ def make_mask(maps: list[np.ndarray], *, fraction: float = 0.05, dilate: int = 2
 
 
 def true_displacements(motion: Motion, t: npt.ArrayLike, reference_t: float) -> np.ndarray:
-    """True atom displacements (Å) from the reference conformation to particles at ``t``.
+    """Return the true atom displacements (Å) from the reference conformation to particles at ``t``.
 
     Returns ``(B, N, 3)`` (or ``(N, 3)`` for a scalar ``t``): ``(t − t_ref) · (end − start)``.
     """
@@ -279,8 +283,10 @@ def true_displacements(motion: Motion, t: npt.ArrayLike, reference_t: float) -> 
 
 
 def load_motion(path: str | Path) -> tuple[Motion, dict[str, float]]:
-    """Read ``motion.npz`` written by :func:`z3lib.stages.simulate.simulate_dataset`: the motion and
-    its scalars (``pixel_size``, ``box``, ``reference_t``, ``sigma`` in px)."""
+    """Read ``motion.npz`` written by :func:`z3lib.stages.simulate.simulate_dataset`.
+
+    Returns the motion and its scalars (``pixel_size``, ``box``, ``reference_t``, ``sigma`` in px).
+    """
     from z3lib.io import read_npz
 
     data = read_npz(path)

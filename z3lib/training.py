@@ -1,6 +1,8 @@
-"""Training and prediction of Zernike3Deep (:mod:`z3lib.network`): particle batches, the loss,
-the seeded train/validation split, the learning-rate schedule, resumable training, evaluation,
-prediction, and the digests that fingerprint checkpoints and partial results.
+"""Training and prediction of Zernike3Deep (:mod:`z3lib.network`).
+
+Particle batches, the loss, the seeded train/validation split, the learning-rate schedule,
+resumable training, evaluation, prediction, and the digests that fingerprint checkpoints and
+partial results.
 
 Units are those of the processing box: images ``(B, N, N)``, shifts px, angles deg, coefficients
 ``(B, 3K)`` px (``Rmax = N / 2``).
@@ -29,7 +31,8 @@ from z3lib.decoder import image_loss
 from z3lib.io import ImageStack, Particles
 from z3lib.network import NetworkConfig, Zernike3Deep, build_model, transferable_weights
 
-PREDICT_BATCH_SIZE = 256  # particles encoded at once by :func:`predict_coefficients` (the pipeline's predict.batch_size)
+# particles encoded at once by :func:`predict_coefficients` (the pipeline's predict.batch_size)
+PREDICT_BATCH_SIZE = 256
 
 
 # ----------------------------------------------------------------------------------------------
@@ -60,6 +63,7 @@ class ParticleBatchSource:
 
     @classmethod
     def from_particles(cls, particles: Particles) -> ParticleBatchSource:
+        """Build the source of a particle set with poses (refused without poses or with mixed phase flips)."""
         t = particles.table
         if not particles.has_poses:
             raise ValueError(f"{particles.path} has no poses; Zernike3Deep needs a consensus refinement")
@@ -80,9 +84,11 @@ class ParticleBatchSource:
         return int(self.angles.shape[0])
 
     def take(self, rows: np.ndarray) -> ParticleBatchSource:
-        """The particles ``rows`` (indices into this source) as a source of their own: index
-        ``i`` of the result is particle ``rows[i]`` here. Nothing outside ``rows`` is ever read
-        through it (a gold-standard half trains and refines on its own particles only)."""
+        """Return the particles ``rows`` (indices into this source) as a source of their own.
+
+        Index ``i`` of the result is particle ``rows[i]`` here. Nothing outside ``rows`` is ever read
+        through it (a gold-standard half trains and refines on its own particles only).
+        """
         r = np.asarray(rows, dtype=np.int64)
         ti = torch.as_tensor(r)
         stack_rows = r if self.rows is None else self.rows[r]
@@ -103,8 +109,11 @@ class ParticleBatchSource:
 
 
 def _forward_loss(model: Zernike3Deep, batch: ParticleBatch, use_amp: bool) -> tuple[torch.Tensor, dict[str, float]]:
-    """The training loss of a batch (image term + weighted field energy, roughness and pose
-    corrections) and its parts as floats (``loss``, ``image``, ``energy``, ``roughness``, ``pose``)."""
+    """Compute the training loss of a batch and its parts as floats.
+
+    The loss is the image term + weighted field energy, roughness and pose corrections; the parts
+    are ``loss``, ``image``, ``energy``, ``roughness`` and ``pose``.
+    """
     cfg = model.config
     device = batch.images.device
     flipped = batch.phase_flipped
@@ -153,9 +162,11 @@ def state_digest(state: dict[str, torch.Tensor]) -> str:
 
 
 def stack_identity(image_paths: Sequence[str], image_index: np.ndarray) -> str:
-    """SHA-256 (hex) naming the images of some particles without reading them: each particle's
-    stack path and index in it (``(n,)``), and the size and modification time (ns) of every
-    stack file named (a rewritten stack gets a new identity)."""
+    """Return the SHA-256 (hex) naming the images of some particles, without reading them.
+
+    It covers each particle's stack path and index in it (``(n,)``), and the size and modification
+    time (ns) of every stack file named (a rewritten stack gets a new identity).
+    """
     h = hashlib.sha256()
     paths = [str(p) for p in image_paths]
     h.update(json.dumps(paths).encode())
@@ -174,10 +185,11 @@ CHECKPOINT_NAME = "checkpoint.pt"
 
 def _fingerprint(config: NetworkConfig, n_particles: int, box: int, inputs: dict[str, str] | None = None
                  ) -> dict[str, Any]:
-    """What must match for a checkpoint to be resumed (not ``epochs``: training may be extended).
+    """Return what must match for a checkpoint to be resumed (not ``epochs``: training may be extended).
 
     ``inputs`` holds digests of the data (particle rows, point cloud) and of the initial weights,
-    so that a checkpoint is never resumed for another round, half set or starting model."""
+    so that a checkpoint is never resumed for another round, half set or starting model.
+    """
     d = config.to_dict()
     d.pop("epochs")
     return {"config": d, "n_particles": int(n_particles), "box": int(box), "inputs": dict(inputs or {})}
@@ -188,16 +200,19 @@ LR_FLOOR = 0.1
 
 
 def cosine_decay(epochs: int, lr_start: float, floor_ratio: float) -> list[float]:
-    """Per-epoch learning rates of a cosine decay from ``lr_start`` towards
-    ``floor_ratio · lr_start``: ``lr_e = lr_start · (r + (1 − r)/2 · (1 + cos(π e / epochs)))``
-    for ``e = 0 … epochs − 1`` (the first epoch at ``lr_start``; the floor would be the next)."""
+    """Return the per-epoch learning rates of a cosine decay from ``lr_start``.
+
+    The decay runs towards ``floor_ratio · lr_start``:
+    ``lr_e = lr_start · (r + (1 − r)/2 · (1 + cos(π e / epochs)))`` for ``e = 0 … epochs − 1`` (the
+    first epoch at ``lr_start``; the floor would be the next).
+    """
     half = (1.0 - floor_ratio) / 2.0
     return [lr_start * (floor_ratio + half * (1 + math.cos(math.pi * (e / max(epochs, 1))))) for e in range(epochs)]
 
 
 def learning_rate_schedule(learning_rate: float, epochs: int, planned: Sequence[float] | None = None,
                            done: int = 0) -> list[float]:
-    """The learning rate of every epoch ``0 … epochs − 1`` (one value per epoch).
+    """Return the learning rate of every epoch ``0 … epochs − 1`` (one value per epoch).
 
     A fresh run (``planned`` None or empty): cosine decay from ``learning_rate`` to
     ``LR_FLOOR · learning_rate`` over ``epochs`` (:func:`cosine_decay`). A resumed run whose
@@ -277,6 +292,16 @@ def train_model(
         particles at the processing box (poses, CTF, lazy images).
     points, amplitudes
         ``(N, 3)`` px and ``(N,)`` point cloud of the reference.
+    box
+        Processing box (px).
+    config
+        The network's settings (degrees, basis, losses, schedule, seed).
+    checkpoint_dir
+        Folder of ``checkpoint.pt``.
+    device
+        Torch device of the training.
+    log
+        Logger for progress; default this module's.
     on_epoch_end
         optional ``callback(epoch, row)`` after each checkpoint (progress hooks, tests).
     init_weights
@@ -354,9 +379,12 @@ def _load_initial_weights(model: Zernike3Deep, init_weights: dict[str, torch.Ten
 def _resume(ckpt_path: Path, fingerprint: dict[str, Any], model: Zernike3Deep, optimiser: torch.optim.Optimizer,
             config: NetworkConfig, device: torch.device, logger: logging.Logger
             ) -> tuple[list[dict[str, float]], int, list[float]]:
-    """Load the checkpoint ``ckpt_path`` into ``model`` and ``optimiser`` when its fingerprint is
-    ``fingerprint``. Returns the history so far, the epochs done and the per-epoch learning rates
-    (:func:`learning_rate_schedule`); nothing done and a fresh schedule without a matching one."""
+    """Load the checkpoint ``ckpt_path`` into ``model`` and ``optimiser`` when its fingerprint matches.
+
+    Returns the history so far, the epochs done and the per-epoch learning rates
+    (:func:`learning_rate_schedule`); nothing done and a fresh schedule without a matching
+    checkpoint.
+    """
     schedule = learning_rate_schedule(config.learning_rate, config.epochs)
     if not ckpt_path.exists():
         return [], 0, schedule
@@ -392,8 +420,11 @@ class _Progress:
 def _train_epoch(model: Zernike3Deep, optimiser: torch.optim.Optimizer, source: ParticleBatchSource,
                  order: np.ndarray, epoch: int, config: NetworkConfig, device: torch.device, use_amp: bool,
                  progress: _Progress, logger: logging.Logger) -> dict[str, float]:
-    """One pass over the particles ``order`` in batches of ``config.batch_size`` (one optimiser
-    step each). Returns the loss parts summed over the particles (:func:`_forward_loss`)."""
+    """Train one pass over the particles ``order`` in batches of ``config.batch_size``.
+
+    One optimiser step per batch. Returns the loss parts summed over the particles
+    (:func:`_forward_loss`).
+    """
     n_batches = math.ceil(len(order) / config.batch_size)
     sums: dict[str, float] = {}
     last_log = time.perf_counter()

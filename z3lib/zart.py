@@ -56,9 +56,11 @@ class NumpyBackend:
         self._cached: tuple[tuple[Any, ...], tuple[np.ndarray, np.ndarray]] | None = None
 
     def asarray(self, a: Any, dtype: Any = np.float32) -> Any:
+        """Return ``a`` as a numpy array of ``dtype``."""
         return np.asarray(a, dtype=dtype)
 
     def to_host(self, a: Any) -> np.ndarray:
+        """Return ``a`` as a numpy array (it is one already)."""
         return np.asarray(a)
 
     @staticmethod
@@ -181,6 +183,7 @@ class CupyBackend:
         self._backproject = module.get_function("zart_backproject")
 
     def asarray(self, a: Any, dtype: Any = np.float32) -> Any:
+        """Return ``a`` as a contiguous cupy array of ``dtype`` on the device."""
         return self.xp.ascontiguousarray(self.xp.asarray(a, dtype=dtype))
 
     def fields(self, basis: Any, coefficients: Any) -> Any:
@@ -188,10 +191,12 @@ class CupyBackend:
         return self.xp.ascontiguousarray(self.xp.einsum("nk,bak->bna", basis, coefficients).astype(self.xp.float32))
 
     def to_host(self, a: Any) -> np.ndarray:
+        """Copy ``a`` from the device to a numpy array."""
         out: np.ndarray = self.xp.asnumpy(a)
         return out
 
     def project(self, values: Any, points: Any, fields: Any, rot: Any, shifts: Any, box: int) -> Any:
+        """Project ``(N,)`` voxel values to ``(B, box, box)`` deformed projections (bilinear splat, CUDA kernel)."""
         xp = self.xp
         b, n, w = int(rot.shape[0]), int(points.shape[0]), box + 2
         out = xp.zeros((b, w, w), dtype=xp.float32)
@@ -203,6 +208,7 @@ class CupyBackend:
         return out[:, 1:-1, 1:-1]
 
     def backproject(self, images: Any, points: Any, fields: Any, rot: Any, shifts: Any) -> Any:
+        """Backproject ``(B, box, box)`` images to ``(N,)``: the batch's bilinear reads summed (CUDA kernel)."""
         xp = self.xp
         b, n, box = int(rot.shape[0]), int(points.shape[0]), int(images.shape[-1])
         padded = xp.ascontiguousarray(xp.pad(images.astype(xp.float32), ((0, 0), (1, 1), (1, 1))))
@@ -216,8 +222,10 @@ class CupyBackend:
 
 
 def get_backend(name: str = "auto", log: logging.Logger | None = None) -> NumpyBackend | CupyBackend:
-    """``"auto"`` (cupy when a GPU is usable, else numpy), ``"numpy"`` or ``"cupy"``
-    (:func:`z3lib.devices.choose_zart_backend`)."""
+    """Return the ZART back end for ``name``: ``"auto"``, ``"numpy"`` or ``"cupy"``.
+
+    ``"auto"`` is cupy when a GPU is usable, else numpy (:func:`z3lib.devices.choose_zart_backend`).
+    """
     logger = log or logging.getLogger(__name__)
     if choose_zart_backend(name) == "cupy":
         backend: NumpyBackend | CupyBackend = CupyBackend()
@@ -232,8 +240,10 @@ def get_backend(name: str = "auto", log: logging.Logger | None = None) -> NumpyB
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class ZartConfig:
-    """Settings of ZART; the defaults are the pipeline's (``zart`` of the config schema; a test
-    keeps them equal)."""
+    """Settings of ZART; the defaults are the pipeline's.
+
+    They are ``zart`` of the config schema; a test keeps them equal.
+    """
 
     iterations: int = 4
     batch_size: int = 64  # images per block update (1 = Kaczmarz)
@@ -253,14 +263,17 @@ class ZartConfig:
 
     @classmethod
     def from_config(cls, zart: Mapping[str, Any], seed: int = 0) -> ZartConfig:
-        """From the pipeline config's ``zart`` section (its ``backend`` is the caller's to pick,
-        :func:`get_backend`) and its ``seed``."""
+        """Build from the pipeline config's ``zart`` section and its ``seed``.
+
+        The section's ``backend`` is the caller's to pick (:func:`get_backend`).
+        """
         values = dict(zart)
         if "sigmas" in values:
             values["sigmas"] = tuple(float(v) for v in values["sigmas"])
         return from_section(cls, values, ignore={"backend"}, seed=seed)
 
     def sigma_at(self, iteration: int) -> float:
+        """Return the Gaussian footprint σ (px) of iteration ``iteration`` (the last one repeats; 0 without any)."""
         if not self.sigmas:
             return 0.0
         return float(self.sigmas[min(iteration, len(self.sigmas) - 1)])
@@ -285,15 +298,19 @@ def _gaussian(xp: Any, size: int, sigma: float) -> Any:
 
 
 def _table_columns(table: Any) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray], np.ndarray]:
-    """The particles' angles ``(n, 3)`` deg, shifts ``(n, 2)`` px, CTF columns ``(n,)`` each and
-    phase-flip flags ``(n,)`` from the particle table."""
+    """Return the particles' angles, shifts, CTF columns and phase-flip flags from the particle table.
+
+    Angles ``(n, 3)`` deg, shifts ``(n, 2)`` px, CTF columns ``(n,)`` each and phase-flip flags
+    ``(n,)``.
+    """
     angles = np.asarray(table[["rot", "tilt", "psi"]], dtype=np.float64)
     shifts = np.asarray(table[["shift_x", "shift_y"]], dtype=np.float64)
     ctf_cols = {c: np.asarray(table[c], dtype=np.float64) for c in
                 ("defocus_u", "defocus_v", "defocus_angle", "voltage", "cs", "amplitude_contrast", "phase_shift",
                  "bfactor", "ctf_scale") if c in table}
     # phase-flipped images (rlnCtfDataArePhaseFlipped) were multiplied by sign(CTF): their model is |CTF|
-    flipped = np.asarray(table["phase_flipped"], dtype=bool) if "phase_flipped" in table else np.zeros(len(angles), bool)
+    flipped = (np.asarray(table["phase_flipped"], dtype=bool) if "phase_flipped" in table
+               else np.zeros(len(angles), bool))
     return angles, shifts, ctf_cols, flipped
 
 
@@ -331,6 +348,10 @@ def reconstruct_zart(
         with ``|CTF|``) for every particle.
     index
         rows to use (e.g. one half set).
+    box, pixel_size, config
+        Processing box (px), its pixel size (Å) and the ZART settings.
+    log, label
+        Logger for progress (default this module's) and a suffix naming the run in its lines.
 
     Returns
     -------
@@ -395,9 +416,12 @@ def reconstruct_zart(
 
 
 def _tent_offsets(step: int) -> tuple[np.ndarray, np.ndarray]:
-    """Integer offsets ``(M, 3)`` (z, y, x) and weights ``(M,)`` of the 3D tent of half-width
-    ``step`` px, ``Π_a (1 − |o_a| / step)``: its weights sum to ``step³`` and its translates by
-    ``step`` sum to 1 everywhere (trilinear interpolation on a grid of spacing ``step``)."""
+    """Return the integer offsets and weights of the 3D tent of half-width ``step`` px.
+
+    Offsets ``(M, 3)`` (z, y, x) and weights ``(M,)``, ``Π_a (1 − |o_a| / step)``: its weights sum
+    to ``step³`` and its translates by ``step`` sum to 1 everywhere (trilinear interpolation on a
+    grid of spacing ``step``).
+    """
     o = np.arange(-(step - 1), step)
     w1 = 1.0 - np.abs(o) / step
     oz, oy, ox = np.meshgrid(o, o, o, indexing="ij")
@@ -431,9 +455,10 @@ def values_to_volume(values: npt.ArrayLike, points: npt.ArrayLike, box: int, *, 
 
 
 def soft_support(points: npt.ArrayLike, box: int, *, step: int = 1, erode: int = 2, sigma: float = 1.5) -> np.ndarray:
-    """A smooth ``[z, y, x]`` mask that is 1 deep inside the reconstructed support and falls to ~0
-    at its border (eroded by ``erode`` voxels, then Gaussian-blurred), for honest half-map FSCs:
-    the support's sharp edge is common to both halves and would otherwise inflate the FSC.
+    """Make a smooth ``[z, y, x]`` mask, 1 deep inside the reconstructed support and ~0 at its border.
+
+    The support is eroded by ``erode`` voxels, then Gaussian-blurred, for honest half-map FSCs: the
+    support's sharp edge is common to both halves and would otherwise inflate the FSC.
 
     The support is the set of voxels where :func:`values_to_volume` of unit densities (value
     ``step³`` per point) exceeds 1/2: the points' own voxels for ``step = 1``; for a sub-grid of
@@ -450,8 +475,10 @@ def soft_support(points: npt.ArrayLike, box: int, *, step: int = 1, erode: int =
 
 
 def half_sets(subsets: npt.ArrayLike, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of the two gold-standard halves: ``rlnRandomSubset`` 1/2 when every particle has one,
-    else a seeded random split."""
+    """Return the rows of the two gold-standard halves.
+
+    ``rlnRandomSubset`` 1/2 when every particle has one, else a seeded random split.
+    """
     s = np.asarray(subsets)
     if len(s) and np.all(np.isin(s, (1, 2))) and (s == 1).any() and (s == 2).any():
         return np.nonzero(s == 1)[0], np.nonzero(s == 2)[0]
@@ -469,9 +496,11 @@ MEDOID_FRACTION = 0.05  # share of a half set whose mean field is the "medoid" f
 
 
 def geometric_median(points: np.ndarray, *, iterations: int = 200, tol: float = 1e-10) -> np.ndarray:
-    """The point ``(D,)`` that minimises the summed Euclidean distance to ``points`` ``(n, D)``
-    (Weiszfeld's iteration from the coordinate-wise median; a point that coincides with a
-    sample is kept away from a division by zero)."""
+    """Return the point ``(D,)`` that minimises the summed Euclidean distance to ``points`` ``(n, D)``.
+
+    Weiszfeld's iteration from the coordinate-wise median; a point that coincides with a sample is
+    kept away from a division by zero.
+    """
     x = np.asarray(points, dtype=np.float64)
     m = np.median(x, axis=0)
     for _ in range(iterations):
@@ -484,12 +513,14 @@ def geometric_median(points: np.ndarray, *, iterations: int = 200, tol: float = 
 
 
 def medoid_field(coefficients: np.ndarray, *, fraction: float = MEDOID_FRACTION) -> np.ndarray:
-    """The mean ``(3K,)`` of the coefficient vectors ``(n, 3K)`` nearest (Euclidean: for the
-    orthonormal basis, the RMS field difference over the ball) to their geometric median, at
-    least one and ``fraction`` of them: a conformation that particles take, at the centre of the
-    landscape. On a landscape that is a straight, symmetric segment it is the mean; on a curved
-    one (a path through an intermediate) the mean lies off the path, where no particle is, and
-    a map in that frame is an average of conformations instead of one."""
+    """Return the mean ``(3K,)`` of the coefficient vectors ``(n, 3K)`` nearest to their geometric median.
+
+    Nearest in the Euclidean sense (for the orthonormal basis, the RMS field difference over the
+    ball); at least one and ``fraction`` of them: a conformation that particles take, at the centre
+    of the landscape. On a landscape that is a straight, symmetric segment it is the mean; on a
+    curved one (a path through an intermediate) the mean lies off the path, where no particle is,
+    and a map in that frame is an average of conformations instead of one.
+    """
     c = np.asarray(coefficients, dtype=np.float64)
     centre = geometric_median(c)
     k = min(len(c), max(1, round(fraction * len(c))))
@@ -499,10 +530,12 @@ def medoid_field(coefficients: np.ndarray, *, fraction: float = MEDOID_FRACTION)
 
 
 def centre_fields(coefficients: np.ndarray, halves: Sequence[np.ndarray], frame: str = "medoid") -> np.ndarray:
-    """``(n, 3K)`` coefficients minus their gold-standard half set's frame field (each half on
-    its own, so no information crosses them): ``"medoid"`` (:func:`medoid_field`, the frame of
-    a conformation at the landscape's centre) or ``"mean"`` (the population's average field).
-    The corrected map is then the map of that conformation."""
+    """Subtract from ``(n, 3K)`` coefficients their gold-standard half set's frame field.
+
+    Each half on its own, so no information crosses them: ``"medoid"`` (:func:`medoid_field`, the
+    frame of a conformation at the landscape's centre) or ``"mean"`` (the population's average
+    field). The corrected map is then the map of that conformation.
+    """
     if frame not in ("medoid", "mean"):
         raise ValueError(f"zart.frame must be 'medoid' or 'mean', got {frame!r}")
     out = np.array(coefficients, dtype=np.float64, copy=True)
@@ -513,9 +546,12 @@ def centre_fields(coefficients: np.ndarray, halves: Sequence[np.ndarray], frame:
 
 
 def masked_fsc(a: np.ndarray, b: np.ndarray, mask: np.ndarray, pixel_size: float, *, step: int = 1) -> pd.DataFrame:
-    """FSC of two ``(N, N, N)`` maps inside ``mask`` (``fourier_shell_correlation`` of
-    :mod:`z3lib.analysis`), set to 0 beyond the Nyquist ``2 · step · pixel size`` Å of a sub-grid point cloud of spacing
-    ``step`` (there both maps hold only the same interpolation round-off)."""
+    """Compute the FSC of two ``(N, N, N)`` maps inside ``mask``.
+
+    ``fourier_shell_correlation`` of :mod:`z3lib.analysis`, set to 0 beyond the Nyquist
+    ``2 · step · pixel size`` Å of a sub-grid point cloud of spacing ``step`` (there both maps hold
+    only the same interpolation round-off).
+    """
     from z3lib.analysis import fourier_shell_correlation
 
     fsc = fourier_shell_correlation(a * mask, b * mask, pixel_size)
@@ -537,12 +573,15 @@ def heldout_correlation(
     pixel_size: float,
     config: ZartConfig,
 ) -> float:
-    """How well a map predicts images it was not built from: the mean over particles ``index``
-    of the correlation (both mean-subtracted) between each image and the CTF-filtered projection
-    of the map's ``values`` deformed by that particle's own field.
+    """Measure how well a map predicts images it was not built from.
+
+    The mean over particles ``index`` of the correlation (both mean-subtracted) between each image
+    and the CTF-filtered projection of the map's ``values`` deformed by that particle's own field.
 
     Parameters
     ----------
+    backend
+        :class:`NumpyBackend` or :class:`CupyBackend`.
     values
         ``(N,)`` voxel values of a map reconstructed from other particles (the other half set).
     points, basis, coefficients
@@ -550,6 +589,10 @@ def heldout_correlation(
         None: no deformation).
     images, table, index
         the stack, the canonical particle table and the held-out rows.
+    box, pixel_size
+        Processing box (px) and its pixel size (Å).
+    config
+        ZART settings (batch size, CTF padding).
 
     Returns
     -------
@@ -603,8 +646,10 @@ def choose_field_scale(
     step: int = 1,
     log: logging.Logger | None = None,
 ) -> tuple[float, pd.DataFrame]:
-    """The field scale s of :data:`FIELD_SCALES` whose corrected maps best predict the images
-    of the particles they were not built from (cross-validation; no ground truth is used).
+    """Choose the field scale s of :data:`FIELD_SCALES` whose corrected maps best predict held-out images.
+
+    The images are those of the particles the maps were not built from (cross-validation; no ground
+    truth is used).
 
     Each candidate reconstructs both half sets (at most :data:`SCALE_PARTICLES` particles each,
     :data:`SCALE_ITERATIONS` iterations) with ``s · fields``; half 1's map, deformed by each

@@ -1,6 +1,6 @@
 """The Zernike3D deformation basis: index set, evaluation, fields, fitting and rescaling.
 
-Two bases share one index set and ordering (reference/zernike3d-family.md §3):
+Two bases share one index set and ordering (docs/algorithms.md §1):
 
 ``"xmipp"``
     The functions used by Xmipp/Flexutils, so that coefficients interoperate:
@@ -46,7 +46,7 @@ XMIPP_MAX_L2 = 4
 XMIPP_MAX_L1 = 15
 
 # Xmipp's hand-rounded radial tables for l1 = 6…10: coefficients of r^{l1}, r^{l1-2}, …, r^{l2}
-# (reference/zernike3d-family.md §3.2). Every other degree equals the closed form.
+# (docs/algorithms.md §1.4). Every other degree equals the closed form.
 _XMIPP_ROUNDED_RADIALS: dict[tuple[int, int], tuple[float, ...]] = {
     (6, 0): (103.8, -167.7, 76.25, -8.472),
     (6, 2): (69.23, -95.86, 30.5),
@@ -88,7 +88,7 @@ def _check_degrees(l1_max: int, l2_max: int) -> None:
 
 
 def count_terms(l1_max: int, l2_max: int) -> int:
-    """Number K of basis functions per axis: ``Σ_{h=0}^{L2} (2h+1)(⌊(L1−h)/2⌋+1)``.
+    """Count the basis functions per axis, K: ``Σ_{h=0}^{L2} (2h+1)(⌊(L1−h)/2⌋+1)``.
 
     (3, 2) → 13, (5, 5) → 56, (7, 7) → 120. The coefficient vector has 3K entries.
     """
@@ -164,8 +164,10 @@ def _double_factorial(n: int) -> int:
 
 
 def _solid_harmonics(x: Any, y: Any, z: Any, l2_max: int, xmipp_quirk: bool) -> dict[tuple[int, int], Any]:
-    """Real regular solid harmonics ``r^l Y_l^m`` (orthonormal on the sphere, no Condon–Shortley
-    phase, m < 0 sine type) as polynomials in (x, y, z), by the Legendre recurrence.
+    """Evaluate the real regular solid harmonics ``r^l Y_l^m`` as polynomials in (x, y, z).
+
+    Orthonormal on the sphere, no Condon–Shortley phase, m < 0 sine type; by the Legendre
+    recurrence.
 
     Works at r = 0 and for numpy or torch arrays alike.
     """
@@ -185,18 +187,18 @@ def _solid_harmonics(x: Any, y: Any, z: Any, l2_max: int, xmipp_quirk: bool) -> 
             pi_cur = z * float(2 * m + 1) * pi_prev
             pis[m + 1] = pi_cur
             pi_prev2, pi_prev = pi_prev, pi_cur
-            for l in range(m + 2, l2_max + 1):
-                pi_cur = (z * float(2 * l - 1) * pi_prev - r2 * float(l + m - 1) * pi_prev2) / float(l - m)
-                pis[l] = pi_cur
+            for ell in range(m + 2, l2_max + 1):
+                pi_cur = (z * float(2 * ell - 1) * pi_prev - r2 * float(ell + m - 1) * pi_prev2) / float(ell - m)
+                pis[ell] = pi_cur
                 pi_prev2, pi_prev = pi_prev, pi_cur
-        for l, pi_lm in pis.items():
-            norm = math.sqrt((2 * l + 1) / (4 * math.pi) * math.factorial(l - m) / math.factorial(l + m))
+        for ell, pi_lm in pis.items():
+            norm = math.sqrt((2 * ell + 1) / (4 * math.pi) * math.factorial(ell - m) / math.factorial(ell + m))
             if m == 0:
-                out[(l, 0)] = pi_lm * norm
+                out[(ell, 0)] = pi_lm * norm
             else:
                 norm *= math.sqrt(2.0)
-                out[(l, m)] = pi_lm * cos_m[m] * norm
-                out[(l, -m)] = pi_lm * sin_m[m] * norm
+                out[(ell, m)] = pi_lm * cos_m[m] * norm
+                out[(ell, -m)] = pi_lm * sin_m[m] * norm
     if xmipp_quirk and l2_max >= 4:
         z2 = z * z
         out[(4, 0)] = (35.0 * z2 * z2 - 30.0 * z2 + 3.0) * math.sqrt(9.0 / (256.0 * math.pi))
@@ -342,6 +344,10 @@ def fit_coefficients(
         ``(N, 3)`` positions in px relative to the box centre.
     displacements
         ``(N, 3)`` displacements (px) at those points.
+    l1_max, l2_max, basis
+        Zernike3D degrees and basis.
+    rmax
+        Radius (px) of the unit ball.
     weights
         optional ``(N,)`` non-negative weights (e.g. amplitudes).
 
@@ -424,6 +430,8 @@ def convert_degrees(
     ----------
     coefficients
         ``(..., 3 K_from)``.
+    degrees_from, degrees_to
+        Degrees ``(L1, L2)`` of ``coefficients`` and of the result.
 
     Returns
     -------
@@ -477,9 +485,10 @@ class ZernikeSpec:
     """A Zernike3D basis on a box: degrees, basis and the box its coefficients are in.
 
     Degrees ``L1 >= L2``, ``basis`` and the ``box`` (px) whose coefficients it describes, with
-    ``Rmax = box / 2`` (docs/conventions.md). Coefficients of this spec are ``(..., 3K)`` px of ``box``, layout ``[c_x, c_y, c_z]``; point
-    clouds are ``(N, 3)`` px of ``box`` relative to its centre. Invalid degrees, an unknown basis
-    or a degree the xmipp basis does not define raise ``ValueError`` at construction.
+    ``Rmax = box / 2`` (docs/conventions.md). Coefficients of this spec are ``(..., 3K)`` px of
+    ``box``, layout ``[c_x, c_y, c_z]``; point clouds are ``(N, 3)`` px of ``box`` relative to its
+    centre. Invalid degrees, an unknown basis or a degree the xmipp basis does not define raise
+    ``ValueError`` at construction.
     """
 
     L1: int

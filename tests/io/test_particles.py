@@ -92,9 +92,9 @@ def test_relion31_six_optics_groups_metadata_only() -> None:
     assert len(parts) == 139
     assert parts.optics is not None and len(parts.optics) == 6
     assert set(t["optics_group"]) <= set(range(1, 7))
-    per_group = dict(zip(optics["rlnOpticsGroup"], optics["rlnImagePixelSize"]))
+    per_group = dict(zip(optics["rlnOpticsGroup"], optics["rlnImagePixelSize"], strict=True))
     np.testing.assert_allclose(t["pixel_size"], t["optics_group"].map(per_group))
-    cs_group = dict(zip(optics["rlnOpticsGroup"], optics["rlnSphericalAberration"]))
+    cs_group = dict(zip(optics["rlnOpticsGroup"], optics["rlnSphericalAberration"], strict=True))
     np.testing.assert_allclose(t["cs"], t["optics_group"].map(cs_group))
     assert (t["box"] == 196).all() and parts.box == 196
     assert not t["ctf_premultiplied"].any()

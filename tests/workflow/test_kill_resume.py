@@ -111,7 +111,8 @@ def run_and_kill(workdir: Path, cmd: list[str], inside: Callable[[], bool], wait
         try:
             deadline = time.monotonic() + timeout
             while not inside():
-                assert proc.poll() is None, f"Snakemake ended before the kill point:\n{read(workdir / 'killed_run.log')}"
+                log = read(workdir / "killed_run.log")
+                assert proc.poll() is None, f"Snakemake ended before the kill point:\n{log}"
                 assert time.monotonic() < deadline, "the stage did not start in time"
                 time.sleep(0.02)
             time.sleep(wait)
@@ -438,7 +439,8 @@ def test_round_two_killed_then_round_one_changed_uses_no_stale_state(clean: dict
     resume(workdir, command(workdir, ROUND2, changed))
     assert differs(workdir, clean["dir"], "rounds/1/zart/corrected.mrc")
     new_reference = read_map(out2 / "reference/reference.mrc").data
-    np.testing.assert_array_equal(new_reference, read_map(workdir / "results" / RUN / "rounds/1/zart/corrected.mrc").data)
+    corrected = read_map(workdir / "results" / RUN / "rounds/1/zart/corrected.mrc").data
+    np.testing.assert_array_equal(new_reference, corrected)
     assert not np.array_equal(new_reference, old_reference)
     train_log = read(workdir / "logs" / RUN / "rounds/2/train.log")
     assert "it was made for other data or settings" in train_log and "resuming" not in train_log, train_log

@@ -127,7 +127,9 @@ def demo_dir(tmp_path: Path) -> Path:
 def test_dry_run_default_config_plans_the_demo(demo_dir: Path) -> None:
     result = snakemake(demo_dir, "-n")
     assert_ok(result)
-    assert job_counts(result.stdout) == {"simulate": 1, "preprocess": 1, "train": 1, "predict": 1, "refine_landscape": 1, "refine_chunk": 2, "refine": 1, "zart": 1, "publish": 1, "report": 1, "all": 1}
+    assert job_counts(result.stdout) == {"simulate": 1, "preprocess": 1, "train": 1, "predict": 1,
+                                         "refine_landscape": 1, "refine_chunk": 2, "refine": 1, "zart": 1,
+                                         "publish": 1, "report": 1, "all": 1}
     for name in PREPROCESS_OUTPUTS:
         assert f"results/demo/preprocess/{name}" in result.stdout
     assert "logs/demo/simulate.log" in result.stdout
@@ -137,7 +139,9 @@ def test_dry_run_default_config_plans_the_demo(demo_dir: Path) -> None:
 def test_dry_run_user_config_plans_preprocess_only(tmp_path: Path) -> None:
     result = snakemake(tmp_path, "-n", "--configfile", str(scenario_config("user", tmp_path)))
     assert_ok(result)
-    assert job_counts(result.stdout) == {"preprocess": 1, "train": 1, "predict": 1, "refine_landscape": 1, "refine_chunk": 2, "refine": 1, "zart": 1, "publish": 1, "report": 1, "all": 1}
+    assert job_counts(result.stdout) == {"preprocess": 1, "train": 1, "predict": 1, "refine_landscape": 1,
+                                         "refine_chunk": 2, "refine": 1, "zart": 1, "publish": 1, "report": 1,
+                                         "all": 1}
     assert "rule simulate" not in result.stdout
     assert str(REPO / "tests/data/cryodrgn/relion31.star") in result.stdout
     assert "results/user/preprocess/points.npz" in result.stdout
@@ -359,7 +363,9 @@ def test_tiny_end_to_end_run(tmp_path: Path) -> None:
     config = scenario_config("tiny", tmp_path)
     result = snakemake(tmp_path, "--workflow-profile", str(CI_PROFILE), "--configfile", str(config))
     assert_ok(result)
-    assert job_counts(result.stdout) == {"simulate": 1, "preprocess": 1, "train": 1, "predict": 1, "refine_landscape": 1, "refine_chunk": 2, "refine": 1, "zart": 1, "publish": 1, "report": 1, "all": 1}
+    assert job_counts(result.stdout) == {"simulate": 1, "preprocess": 1, "train": 1, "predict": 1,
+                                         "refine_landscape": 1, "refine_chunk": 2, "refine": 1, "zart": 1,
+                                         "publish": 1, "report": 1, "all": 1}
     for stage, names in (
         ("simulate", SIMULATE_OUTPUTS),
         ("preprocess", PREPROCESS_OUTPUTS),
@@ -424,8 +430,9 @@ def test_rigid_real_toy_set_end_to_end_finds_no_motion(tmp_path: Path) -> None:
     result = snakemake(tmp_path, "--workflow-profile", str(CI_PROFILE), "--configfile",
                        str(scenario_config("toy", tmp_path)), timeout=900)
     assert_ok(result)
-    assert job_counts(result.stdout) == {"preprocess": 1, "train": 1, "predict": 1, "refine_landscape": 1, "refine_chunk": 1, "refine": 1,
-                                         "zart": 1, "publish": 1, "report": 1, "all": 1}
+    assert job_counts(result.stdout) == {"preprocess": 1, "train": 1, "predict": 1, "refine_landscape": 1,
+                                         "refine_chunk": 1, "refine": 1, "zart": 1, "publish": 1, "report": 1,
+                                         "all": 1}
     out = tmp_path / "results" / "toy"
     cloud = read_npz(out / "preprocess" / "points.npz")
     degrees = yaml.safe_load((REPO / "config.yaml").read_text())["zernike"]  # the defaults it ran with
@@ -499,7 +506,9 @@ def test_interrupted_run_resumes_without_redoing_finished_stages(tmp_path: Path)
 
     second = snakemake(tmp_path, *profile)
     assert_ok(second)
-    assert job_counts(second.stdout) == {"preprocess": 1, "train": 1, "predict": 1, "refine_landscape": 1, "refine_chunk": 2, "refine": 1, "zart": 1, "publish": 1, "report": 1, "all": 1}
+    assert job_counts(second.stdout) == {"preprocess": 1, "train": 1, "predict": 1, "refine_landscape": 1,
+                                         "refine_chunk": 2, "refine": 1, "zart": 1, "publish": 1, "report": 1,
+                                         "all": 1}
     assert {name: (simulated / name).stat().st_mtime_ns for name in SIMULATE_OUTPUTS} == mtimes
     for name in PREPROCESS_OUTPUTS:
         assert (tmp_path / "results" / "tiny" / "preprocess" / name).is_file()

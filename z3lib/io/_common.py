@@ -75,8 +75,10 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
 
 
 def copy_file(source: PathLike, destination: PathLike) -> Path:
-    """Copy a file's bytes to ``destination`` atomically (a temporary file renamed over it), so
-    that a reader never sees a half-written copy; missing parent folders are created."""
+    """Copy a file's bytes to ``destination`` atomically (a temporary file renamed over it).
+
+    A reader never sees a half-written copy; missing parent folders are created.
+    """
     import shutil
 
     src = Path(source)
@@ -149,7 +151,7 @@ def _check_readable_file(path: Path, what: str) -> None:
 
 
 def _looks_like_pickle(path: Path) -> bool:
-    """True for ``.pkl``/``.pickle`` names or files starting with a pickle protocol ≥ 2 header."""
+    """Tell whether ``path`` has a ``.pkl``/``.pickle`` name or starts with a pickle protocol ≥ 2 header."""
     if path.suffix.lower() in (".pkl", ".pickle"):
         return True
     try:

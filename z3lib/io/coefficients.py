@@ -1,5 +1,7 @@
-"""Zernike3D coefficient files: ``.npy`` arrays, the Flexutils ``zernikeCoefficients`` STAR column
-and Xmipp/Flexutils ``z_clnm`` text files.
+"""Read and write Zernike3D coefficient files: ``.npy``, STAR ``zernikeCoefficients``, ``z_clnm``.
+
+``.npy`` arrays, the Flexutils ``zernikeCoefficients`` STAR column and Xmipp/Flexutils
+``z_clnm`` text files.
 
 Coefficient vectors are ``3K`` long, laid out ``[c_x(K), c_y(K), c_z(K)]``, in pixels of the box
 that ``Rmax`` refers to (:mod:`z3lib.zernike`, which re-exports the column and text-file helpers).
@@ -149,6 +151,8 @@ def write_zernike_file(
 
     Parameters
     ----------
+    path
+        Destination text file.
     coefficients
         ``(n, 3K)`` or ``(3K,)``.
     L1, L2

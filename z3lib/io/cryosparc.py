@@ -45,8 +45,11 @@ FloatArray = npt.NDArray[np.float64]
 
 
 class CsParticles(NamedTuple):
-    """What :func:`_read_cs` read; :func:`z3lib.io.read_particles` makes it a
-    :class:`z3lib.io.Particles` (``source_format=".cs"``, block ``"particles"``)."""
+    """What :func:`_read_cs` read.
+
+    :func:`z3lib.io.read_particles` makes it a :class:`z3lib.io.Particles` (``source_format=".cs"``,
+    block ``"particles"``).
+    """
 
     table: pd.DataFrame
     raw: pd.DataFrame
@@ -79,7 +82,7 @@ def _read_cs(path: Path, *, pixel_size: float | None, image_root: Path | None) -
 
 
 def _load_cs(path: Path) -> npt.NDArray[Any]:
-    """The ``.cs`` structured array, refused when it needs unpickling, is not 1-D or is empty."""
+    """Load the ``.cs`` structured array, refused when it needs unpickling, is not 1-D or is empty."""
     try:
         arr = np.load(path, allow_pickle=False)
     except ValueError as exc:
@@ -121,8 +124,11 @@ def _check_cs_ctf_fields(path: Path, fields: set[str]) -> None:
 def _cs_pixel_sizes(
     path: Path, arr: npt.NDArray[Any], fields: set[str], pixel_size: float | None
 ) -> tuple[FloatArray, FloatArray | None, FloatArray | None]:
-    """Per-particle pixel size (Å): override > ``blob/psize_A`` > ``alignments3D/psize_A``; also
-    the two fields as read (None when absent), for rescaling the shifts."""
+    """Return the per-particle pixel size (Å) and the two pixel-size fields as read.
+
+    Pixel size: override > ``blob/psize_A`` > ``alignments3D/psize_A``; the two fields as read
+    (None when absent) serve for rescaling the shifts.
+    """
     n = len(arr)
     blob_px = _float32_to_decimal(arr["blob/psize_A"]) if "blob/psize_A" in fields else None
     align_px = (
@@ -162,8 +168,10 @@ def _cs_shifts(
     path: Path, arr: npt.NDArray[Any], fields: set[str],
     blob_px: FloatArray | None, align_px: FloatArray | None,
 ) -> tuple[FloatArray, FloatArray] | None:
-    """Shifts ``(x, y)`` in pixels of the particle images from ``alignments3D/shift`` (rescaled
-    when the alignment's pixel size differs from the images'), or None without shifts."""
+    """Return the shifts ``(x, y)`` in pixels of the particle images, or None without shifts.
+
+    From ``alignments3D/shift``, rescaled when the alignment's pixel size differs from the images'.
+    """
     if "alignments3D/shift" not in fields:
         return None
     n = len(arr)
@@ -180,7 +188,7 @@ def _cs_shifts(
 
 
 def _cs_ctf_and_groups(arr: npt.NDArray[Any], fields: set[str]) -> dict[str, npt.NDArray[Any]]:
-    """The CTF (Å, degrees, kV, mm), half sets, optics groups and image sign, by canonical column."""
+    """Return the CTF (Å, degrees, kV, mm), half sets, optics groups and image sign, by canonical column."""
     n = len(arr)
     return {
         "defocus_u": _float32_to_decimal(arr["ctf/df1_A"]),
@@ -210,8 +218,11 @@ def _cs_ctf_and_groups(arr: npt.NDArray[Any], fields: set[str]) -> dict[str, npt
 def _cs_images(
     path: Path, arr: npt.NDArray[Any], fields: set[str], image_root: Path | None
 ) -> tuple[npt.NDArray[np.int64], list[str], list[str], npt.NDArray[np.int64], dict[str, list[str]]]:
-    """0-based image indices, ``N@stack`` names, absolute stack paths, boxes (px) and the places
-    tried for each stack, from ``blob/path``, ``blob/idx`` and ``blob/shape``."""
+    """Return the image indices, names, stack paths, boxes and tried places of the particles.
+
+    0-based image indices, ``N@stack`` names, absolute stack paths, boxes (px) and the places tried
+    for each stack, from ``blob/path``, ``blob/idx`` and ``blob/shape``.
+    """
     n = len(arr)
     if "blob/path" in fields:
         stacks = [
@@ -219,7 +230,7 @@ def _cs_images(
             for v in arr["blob/path"].tolist()
         ]
         index = arr["blob/idx"].astype(np.int64) if "blob/idx" in fields else np.zeros(n, np.int64)
-        names = [f"{i + 1:06d}@{s}" if s else "" for i, s in zip(index.tolist(), stacks)]
+        names = [f"{i + 1:06d}@{s}" if s else "" for i, s in zip(index.tolist(), stacks, strict=True)]
     else:
         stacks = [""] * n
         index = np.zeros(n, dtype=np.int64)
@@ -238,8 +249,10 @@ def _cs_raw_block(
     names: list[str], fields: set[str], angles: tuple[FloatArray, FloatArray, FloatArray] | None,
     shifts: tuple[FloatArray, FloatArray] | None, px: FloatArray, values: dict[str, npt.NDArray[Any]],
 ) -> pd.DataFrame:
-    """The RELION-style particle block of ``.cs`` input: the columns the ``.cs`` has values for
-    (shifts as ``rlnOriginX/YAngst`` = px × pixel size)."""
+    """Build the RELION-style particle block of ``.cs`` input.
+
+    The columns the ``.cs`` has values for (shifts as ``rlnOriginX/YAngst`` = px × pixel size).
+    """
     from z3lib import conventions  # when needed: z3lib.io imports no other z3lib module
 
     raw_cols: dict[str, Any] = {"rlnImageName": names}

@@ -176,9 +176,11 @@ class Particles:
 
 
 def particle_identity(particles: Particles) -> list[str]:
-    """One name per row that traces the particle back to its input image: the
-    ``rlnImageOriginalName`` column when the file has one (a stage that rewrote the images, e.g.
-    preprocess), else ``rlnImageName`` (``image_name``)."""
+    """Return one name per row that traces the particle back to its input image.
+
+    The ``rlnImageOriginalName`` column when the file has one (a stage that rewrote the images, e.g.
+    preprocess), else ``rlnImageName`` (``image_name``).
+    """
     if "rlnImageOriginalName" in particles.raw.columns:
         return [str(v).strip() for v in particles.raw["rlnImageOriginalName"]]
     return [str(v).strip() for v in particles.table["image_name"]]
@@ -409,8 +411,10 @@ def _check_ctf_columns(path: Path, block: str, merged: pd.DataFrame, has_optics:
 
 
 def _check_shift_columns(path: Path, block: str, merged: pd.DataFrame) -> None:
-    """A half origin-shift pair (e.g. rlnOriginXAngst without rlnOriginYAngst) is an error: the
-    shifts would otherwise silently read as zero."""
+    """Refuse a half origin-shift pair (e.g. rlnOriginXAngst without rlnOriginYAngst).
+
+    The shifts would otherwise silently read as zero.
+    """
     from z3lib import conventions  # when needed: z3lib.io imports no other z3lib module
 
     columns = set(map(str, merged.columns))
@@ -430,7 +434,7 @@ def _check_shift_columns(path: Path, block: str, merged: pd.DataFrame) -> None:
 
 
 def _check_finite(path: Path, what: str, names: Sequence[str], arrays: Sequence[npt.NDArray[Any]]) -> None:
-    for name, arr in zip(names, arrays):
+    for name, arr in zip(names, arrays, strict=True):
         bad = ~np.isfinite(arr)
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
@@ -468,9 +472,12 @@ def _bool_column(frame: pd.DataFrame, name: str) -> npt.NDArray[np.bool_]:
 
 
 def _read_particle_block(path: Path) -> tuple[str, pd.DataFrame, pd.DataFrame | None, pd.DataFrame]:
-    """The particle block of a STAR file (name, rows as read, optics block or None, and the rows
-    with the optics columns joined), refused when empty, without ``rlnImageName``, without CTF
-    columns or with half an origin-shift pair."""
+    """Read the particle block of a STAR file.
+
+    Returns its name, the rows as read, the optics block or None, and the rows with the optics
+    columns joined; refused when empty, without ``rlnImageName``, without CTF columns or with half
+    an origin-shift pair.
+    """
     blocks = _read_star_raw(path)
     block, raw = _choose_particle_block(path, blocks)
     optics_block = blocks.get("optics")
@@ -496,8 +503,11 @@ def _read_particle_block(path: Path) -> tuple[str, pd.DataFrame, pd.DataFrame | 
 
 
 def _star_pixel_sizes(path: Path, merged: pd.DataFrame, pixel_size: float | None) -> npt.NDArray[np.float64]:
-    """Per-particle pixel size (Å): the override (logged when it differs from the metadata's),
-    else the metadata's (:func:`_resolve_pixel_sizes`), an error where there is none."""
+    """Return the per-particle pixel size (Å).
+
+    The override (logged when it differs from the metadata's), else the metadata's
+    (:func:`_resolve_pixel_sizes`), an error where there is none.
+    """
     if pixel_size is not None:
         px = np.full(len(merged), float(pixel_size))
         from_meta = _resolve_pixel_sizes(merged)
@@ -515,8 +525,11 @@ def _star_pixel_sizes(path: Path, merged: pd.DataFrame, pixel_size: float | None
 def _star_shifts(
     path: Path, merged: pd.DataFrame, px: npt.NDArray[np.float64]
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
-    """Origin shifts ``(x, y)`` in pixels: ``rlnOriginX/YAngst`` ÷ pixel size, else
-    ``rlnOriginX/Y`` (RELION 3.0, already px), else 0; non-numbers are refused."""
+    """Return the origin shifts ``(x, y)`` in pixels.
+
+    ``rlnOriginX/YAngst`` ÷ pixel size, else ``rlnOriginX/Y`` (RELION 3.0, already px), else 0;
+    non-numbers are refused.
+    """
     from z3lib import conventions  # when needed: z3lib.io imports no other z3lib module
 
     n = len(merged)
@@ -544,8 +557,11 @@ def _star_shifts(
 def _star_images(
     path: Path, raw: pd.DataFrame, merged: pd.DataFrame, image_root: Path | None
 ) -> tuple[npt.NDArray[np.int64], list[str], npt.NDArray[np.int64], dict[str, list[str]]]:
-    """0-based image indices, absolute stack paths, boxes (px: ``rlnImageSize``, else the stack
-    headers) and the places tried for each stack, from ``rlnImageName``."""
+    """Return the image indices, stack paths, boxes and tried places of the particles of a STAR.
+
+    0-based image indices, absolute stack paths, boxes (px: ``rlnImageSize``, else the stack
+    headers) and the places tried for each stack, from ``rlnImageName``.
+    """
     image_index, stacks = _split_image_names(path, raw["rlnImageName"])
     resolved, tried = _resolve_image_paths(path, sorted(set(stacks)), image_root)
     image_paths = [resolved.get(s, "") for s in stacks]

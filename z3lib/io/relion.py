@@ -81,7 +81,7 @@ def read_star_blocks(path: PathLike) -> dict[str, pd.DataFrame]:
 
 
 def _read_relion_version(path: Path) -> str | None:
-    """The ``# version`` number of a STAR file (e.g. ``"30001"``) from its first 8 KiB, or None."""
+    """Return the ``# version`` number of a STAR file (e.g. ``"30001"``) from its first 8 KiB, or None."""
     try:
         with open(path, encoding="utf-8", errors="replace") as fh:
             head = fh.read(8192)

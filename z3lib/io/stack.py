@@ -148,7 +148,7 @@ class ImageStack:
                 )
             names_list = (
                 list(names) if names is not None
-                else [f"{i + 1}@{p}" for i, p in zip(idx.tolist(), paths)]
+                else [f"{i + 1}@{p}" for i, p in zip(idx.tolist(), paths, strict=True)]
             )
         if names is not None and isinstance(source, ParticleSet):
             names_list = list(names)
@@ -333,7 +333,7 @@ class ImageStack:
         sorted_fids = fids[order]
         starts = np.flatnonzero(np.r_[True, sorted_fids[1:] != sorted_fids[:-1]])
         ends = np.r_[starts[1:], len(order)]
-        for s, e in zip(starts, ends):
+        for s, e in zip(starts, ends, strict=True):
             positions = order[s:e]  # positions in the output
             file_rows = rows[positions]
             fid = int(sorted_fids[s])

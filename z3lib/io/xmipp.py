@@ -17,7 +17,7 @@ from z3lib.io._common import PathLike, Z3InputError, _format_float, atomic_path
 from z3lib.io.coefficients import _validate_zernike
 from z3lib.zernike import ZernikeSpec
 
-#: canonical table column → Xmipp label (reference/zernike3d-family.md §7.1, §7.5): same ZYZ
+#: canonical table column → Xmipp label (docs/algorithms.md §3): same ZYZ
 #: angles, shifts in px with RELION's sign, defocus in Å, Cs in mm, voltage in kV, Q0.
 _XMIPP_LABELS = (
     ("rot", "angleRot"),
@@ -54,6 +54,8 @@ def write_xmipp_particles(
 
     Parameters
     ----------
+    path
+        Destination ``.xmd`` file.
     table
         Canonical particle table (:attr:`Particles.table` or rows of it), in output order.
     coefficients
@@ -87,7 +89,9 @@ def write_xmipp_particles(
             columns[label] = [_format_float(v) for v in arr]
     bad = [v for v in columns["image"] if not v or any(ch.isspace() for ch in v)]
     if bad:
-        raise Z3InputError(f"write_xmipp_particles({path}): image names must be non-empty without spaces, got {bad[0]!r}")
+        raise Z3InputError(
+            f"write_xmipp_particles({path}): image names must be non-empty without spaces, got {bad[0]!r}"
+        )
     lines = ["# XMIPP_STAR_1 *", "# Written by z3lib"]
     if zernike is not None:
         z = _validate_zernike(zernike)

@@ -15,7 +15,7 @@ def chimerax_series_script(
     models: Sequence[str] = (),
     play: bool = True,
 ) -> str:
-    """A ChimeraX command script (``.cxc``) that opens a map series and plays it as a movie.
+    """Return a ChimeraX command script (``.cxc`` text) that opens a map series and plays it as a movie.
 
     ChimeraX runs a ``.cxc`` with its own folder as the current directory, so ``maps`` and
     ``models`` are file names relative to the script. Lines starting with ``#`` are comments (a

@@ -26,12 +26,12 @@ _PNG_DPI = 100
 
 
 def _new_figure(width: float, height: float) -> Figure:
-    """An empty constrained-layout figure of ``width`` × ``height`` inches at the PNG resolution."""
+    """Return an empty constrained-layout figure of ``width`` × ``height`` inches at the PNG resolution."""
     return Figure(figsize=(width, height), dpi=_PNG_DPI, layout="constrained")
 
 
 def _encode(fig: Figure, fmt: str) -> bytes:
-    """The figure's bytes in ``fmt`` (``png`` or ``svg``), reproducible."""
+    """Return the figure's bytes in ``fmt`` (``png`` or ``svg``), reproducible."""
     buf = _bytes_io.BytesIO()
     # fixed SVG ids and no date: the same data give the same bytes
     with rc_context({"svg.hashsalt": "z3", "svg.fonttype": "path"}):
@@ -88,8 +88,9 @@ def plot_landscape(
     truth: np.ndarray | None = None,
     paths_xy: Sequence[tuple[str, np.ndarray]] = (),
 ) -> Figure:
-    """Scatter of a 2-D landscape coloured by cluster, by RMS deformation (Å) and, when given,
-    by the true motion coordinate.
+    """Plot a 2-D landscape coloured by cluster, by RMS deformation (Å) and by the true motion.
+
+    The third panel, coloured by the true motion coordinate, appears only when ``truth`` is given.
 
     Parameters
     ----------
@@ -145,9 +146,10 @@ def plot_landscape(
 
 
 def plot_rounds(landscapes: Sequence[tuple[str, np.ndarray, tuple[str, str]]], colour: np.ndarray) -> Figure:
-    """One small PC1/PC2 scatter per refinement round (each round's own PCA), every particle
-    coloured by the same value (the final round's PC1 score), so that one sees whether the
-    particles keep their places from round to round.
+    """Plot one small PC1/PC2 scatter per refinement round (each round's own PCA).
+
+    Every particle is coloured by the same value (the final round's PC1 score), so that one sees
+    whether the particles keep their places from round to round.
 
     Parameters
     ----------
@@ -178,7 +180,7 @@ def plot_rounds(landscapes: Sequence[tuple[str, np.ndarray, tuple[str, str]]], c
 
 
 def plot_message(title: str, message: str) -> Figure:
-    """A placeholder figure that says why a plot is missing.
+    """Draw a placeholder figure that says why a plot is missing.
 
     Parameters
     ----------
@@ -232,7 +234,7 @@ def plot_fsc(fsc: pd.DataFrame, summary: Mapping[str, Mapping[str, float]]) -> F
 
 
 def _central_slices(volume: np.ndarray) -> list[np.ndarray]:
-    """The XY, XZ and YZ planes of a ``(z, y, x)`` volume through its centre voxel."""
+    """Return the XY, XZ and YZ planes of a ``(z, y, x)`` volume through its centre voxel."""
     cz, cy, cx = (box_center(n) for n in volume.shape)
     return [volume[cz], volume[:, cy], volume[:, :, cx]]
 
@@ -269,8 +271,9 @@ def plot_slices(maps: Sequence[tuple[str, np.ndarray]], *, cmap: str = "gray",
 
 
 def plot_motion_series(series: Sequence[tuple[str, np.ndarray, np.ndarray]]) -> Figure:
-    """Projections along z of each map of each motion series (one row per series), with the
-    outline of the series' middle map for reference.
+    """Plot projections along z of each map of each motion series (one row per series).
+
+    Each map carries the outline of the series' middle map for reference.
 
     Parameters
     ----------

@@ -1,6 +1,8 @@
-"""The report's HTML page: one self-contained HTML5 file (figures embedded as PNG data URIs, no
-script, no external file), its sections in a fixed order, each made by one function of
-:class:`ReportContent`."""
+"""The report's HTML page: one self-contained HTML5 file, its sections in a fixed order.
+
+Figures are embedded as PNG data URIs; there is no script and no external file. Each section is
+made by one function of :class:`ReportContent`.
+"""
 
 from __future__ import annotations
 
@@ -53,7 +55,7 @@ code { background: #f3f6f8; padding: 0 3px; }
 
 
 def _img(png: bytes, alt: str, caption: str) -> str:
-    """A ``<figure>`` with the PNG embedded as a data URI; ``caption`` is HTML."""
+    """Return a ``<figure>`` with the PNG embedded as a data URI; ``caption`` is HTML."""
     data = base64.b64encode(png).decode("ascii")
     return (f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
             f"<figcaption>{caption}</figcaption></figure>")
@@ -61,7 +63,7 @@ def _img(png: bytes, alt: str, caption: str) -> str:
 
 def _table(frame: pd.DataFrame, *, left: Sequence[str] = (), formats: Mapping[str, str] | None = None,
            raw_html: Sequence[str] = ()) -> str:
-    """An HTML table of ``frame``.
+    """Render ``frame`` as an HTML table.
 
     Parameters
     ----------
@@ -94,14 +96,16 @@ def _table(frame: pd.DataFrame, *, left: Sequence[str] = (), formats: Mapping[st
 
 
 def _link(path: Path, root: Path, text: str | None = None) -> str:
-    """An ``<a>`` to ``path`` relative to ``root`` (the report's folder), showing ``text`` or the
-    relative path."""
+    """Return an ``<a>`` to ``path`` relative to ``root`` (the report's folder).
+
+    It shows ``text``, or the relative path.
+    """
     rel = path.relative_to(root).as_posix()
     return f'<a href="{html.escape(rel)}">{html.escape(text or rel)}</a>'
 
 
 def render_html(sections: Sequence[tuple[str, str, str]], *, title: str) -> str:
-    """A complete, self-contained HTML5 page.
+    """Render a complete, self-contained HTML5 page.
 
     Parameters
     ----------
@@ -233,7 +237,7 @@ def _landscape(c: ReportContent) -> Section:
 
 
 def _motions(c: ReportContent) -> Section:
-    """The motion figure and a table of the series' files (or why there are none)."""
+    """Make the motion section: the figure and a table of the series' files (or why there are none)."""
     esc, out = html.escape, c.out
     if c.series:
         rows = []
@@ -242,7 +246,8 @@ def _motions(c: ReportContent) -> Section:
             rows.append({"motion": m.name, "steps": len(s), "range": f"{s[0]:+g}σ … {s[-1]:+g}σ",
                          "ChimeraX movie": _link(cxc, out),
                          "maps": f"{_link(cxc.parent / map_names[0], out, map_names[0])} … {esc(map_names[-1])}",
-                         "models": (f"{_link(cxc.parent / model_names[0], out, model_names[0])} … {esc(model_names[-1])}"
+                         "models": (f"{_link(cxc.parent / model_names[0], out, model_names[0])} … "
+                                    f"{esc(model_names[-1])}"
                                     if model_names else "no model given")})
         motion_html = (_img(c.pngs["motions"], "motion series",
                             "The reference deformed along PC1 and PC2 (projections along z).")
@@ -258,7 +263,7 @@ def _motions(c: ReportContent) -> Section:
 
 
 def _deformation(c: ReportContent) -> Section:
-    """The mean deformation figure."""
+    """Make the mean deformation section (its figure)."""
     return ("deformation", "Mean deformation", _img(
         c.pngs["deformation"], "mean deformation magnitude",
         "Mean |d| over particles at every mask voxel (Å), central slices: "
@@ -268,7 +273,8 @@ def _deformation(c: ReportContent) -> Section:
 def _reconstruction(c: ReportContent) -> Section:
     """FSC figure and table, central slices."""
     fsc_rows = c.reconstruction.fsc[["shell", "resolution", "fsc_corrected", "fsc_uncorrected"]].rename(
-        columns={"resolution": "resolution (Å)", "fsc_corrected": "FSC corrected", "fsc_uncorrected": "FSC uncorrected"})
+        columns={"resolution": "resolution (Å)", "fsc_corrected": "FSC corrected",
+                 "fsc_uncorrected": "FSC uncorrected"})
     recon = (_img(c.pngs["fsc"], "FSC curves",
                   "Half-map FSC of the ZART reconstructions with (corrected) and without (uncorrected) the "
                   "deformation fields. SVG: " + _link(c.paths["fsc_svg"], c.out) + ".")
@@ -280,13 +286,14 @@ def _reconstruction(c: ReportContent) -> Section:
 
 
 def _rounds(c: ReportContent) -> Section:
-    """The gold-standard mode, the table of rounds and (with several rounds) their landscapes."""
+    """Make the rounds section: the gold-standard mode, the table of rounds and (with several) their landscapes."""
     gold, rounds_table = c.inputs.gold_standard, c.rounds
     rounds_html = (f"<p>Gold standard: {html.escape(GOLD_STANDARD_NOTES.get(gold, gold))}. Round 1 "
                    "refines against the consensus reference; each later round fine-tunes the previous round's "
                    "network against the previous round's corrected map (and a mask made from it).</p>"
                    + _table(rounds_table.astype(object).where(rounds_table.notna(), "–"),
-                            formats={col: ".2f" for col in rounds_table.columns} | {"round": ".0f", "wall time (s)": ".1f"})
+                            formats=dict.fromkeys(rounds_table.columns, ".2f")
+                            | {"round": ".0f", "wall time (s)": ".1f"})
                    + "<p>Half-map FSC resolutions of each round's ZART maps; wall time: the round's jobs "
                      "summed from the Snakemake benchmark files (– when missing). Table: "
                    + _link(c.paths["rounds"], c.out) + ".</p>")
@@ -298,7 +305,7 @@ def _rounds(c: ReportContent) -> Section:
 
 
 def _timings(c: ReportContent) -> Section:
-    """The per-stage timing table (or a note that there is none)."""
+    """Make the timing section: the per-stage table (or a note that there is none)."""
     if len(c.timings):
         timing_html = _table(c.timings.rename(columns={"wall_s": "wall (s)", "cpu_s": "CPU (s)",
                                                        "max_rss_mb": "max RSS (MB)"}),
@@ -311,7 +318,7 @@ def _timings(c: ReportContent) -> Section:
 
 
 def _parameters(c: ReportContent) -> Section:
-    """The run's configuration as JSON."""
+    """Make the parameters section: the run's configuration as JSON."""
     run_config = c.inputs.run_config
     config_text = json.dumps(run_config, indent=2, default=str) if run_config is not None else "(not given)"
     return ("parameters", "Run parameters", f"<pre>{html.escape(config_text)}</pre>")
@@ -330,7 +337,7 @@ SECTIONS: tuple[Callable[[ReportContent], Section], ...] = (
 
 
 def report_sections(content: ReportContent) -> list[Section]:
-    """The report's sections, ``(id, heading, body html)`` in page order.
+    """Return the report's sections, ``(id, heading, body html)`` in page order.
 
     Parameters
     ----------
@@ -341,7 +348,7 @@ def report_sections(content: ReportContent) -> list[Section]:
 
 
 def render_report(content: ReportContent) -> str:
-    """The report's page (:func:`render_html` of :func:`report_sections`), titled with the run.
+    """Render the report's page (:func:`render_html` of :func:`report_sections`), titled with the run.
 
     Parameters
     ----------

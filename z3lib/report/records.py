@@ -170,7 +170,10 @@ class ReportData:
         return an.deformation_rms(self.processing(coefficients), self.points, self.processing_spec)
 
     def deform_reference(self, coefficients: npt.ArrayLike) -> np.ndarray:
-        """Return the ``(m, box, box, box)`` reference deformed by each of ``(m, 3K)`` fields (px of the original box)."""
+        """Return the ``(m, box, box, box)`` reference deformed by each of ``(m, 3K)`` fields.
+
+        The fields are in px of the original box.
+        """
         return an.deform_maps(self.reference, self.processing(coefficients), self.mask, self.processing_spec)
 
     def deform_model(self, model: AtomicModel, coefficients: npt.ArrayLike, origin: Sequence[float]) -> np.ndarray:

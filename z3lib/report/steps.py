@@ -192,8 +192,7 @@ def write_report(inputs: ReportInputs, log: logging.Logger | None = None) -> dic
 # Steps
 # ==============================================================================================
 def load_data(inputs: ReportInputs, logger: logging.Logger) -> ReportData:
-    """Read the particles, coefficients, point cloud, reference and mask, and check that they
-    belong together.
+    """Read the particles, coefficients, point cloud, reference and mask, and check they belong together.
 
     Parameters
     ----------
@@ -264,8 +263,10 @@ def compute_landscape(inputs: ReportInputs, data: ReportData, logger: logging.Lo
 
 
 def write_landscape_table(path: Path, landscape: Landscape) -> Path:
-    """Write ``landscape.tsv``: per particle its cluster (1…k), PCA scores (up to 10, px), UMAP
-    coordinates, RMS deformation (Å) and the true coordinate (when known); return ``path``.
+    """Write ``landscape.tsv`` and return ``path``.
+
+    Per particle: its cluster (1…k), PCA scores (up to 10, px), UMAP coordinates, RMS deformation
+    (Å) and the true coordinate (when known).
 
     Parameters
     ----------
@@ -289,8 +290,10 @@ def write_landscape_table(path: Path, landscape: Landscape) -> Path:
 
 def write_clusters(folder: Path, inputs: ReportInputs, data: ReportData, landscape: Landscape,
                    atomic: AtomicModel | None, logger: logging.Logger) -> ClusterSet:
-    """Per k-means cluster, its particles' STAR rows (every input column), the reference deformed
-    by its mean field (and the model), and a ChimeraX script of the cluster maps.
+    """Write per k-means cluster its particles, its mean-field map (and model), and a ChimeraX script.
+
+    Per cluster: its particles' STAR rows (every input column), the reference deformed by its mean
+    field (and the model), and a ChimeraX script of the cluster maps.
 
     Parameters
     ----------
@@ -337,8 +340,9 @@ def write_clusters(folder: Path, inputs: ReportInputs, data: ReportData, landsca
 
 def write_motion_series(folder: Path, inputs: ReportInputs, data: ReportData, landscape: Landscape,
                         atomic: AtomicModel | None, comp: int, logger: logging.Logger) -> MotionSeries:
-    """The reference (and model) deformed along one principal component from −2σ to +2σ, and a
-    ChimeraX script that plays the series.
+    """Write the reference (and model) deformed along one principal component, and a ChimeraX script.
+
+    The series runs from −2σ to +2σ; the script plays it.
 
     Parameters
     ----------
@@ -389,8 +393,9 @@ def write_motion_series(folder: Path, inputs: ReportInputs, data: ReportData, la
 
 def write_exports(out: Path, data: ReportData, landscape: Landscape,
                   logger: logging.Logger) -> tuple[np.ndarray, dict[str, Path]]:
-    """Write ``mean_deformation.mrc`` and the Xmipp/Scipion export ``particles.xmd`` (fields in
-    Xmipp's basis, refitted with L2 ≤ 4 from another basis).
+    """Write ``mean_deformation.mrc`` and the Xmipp/Scipion export ``particles.xmd``.
+
+    The export's fields are in Xmipp's basis, refitted with L2 ≤ 4 from another basis.
 
     Parameters
     ----------
@@ -528,8 +533,10 @@ def summarise_refinement_rounds(inputs: ReportInputs, data: ReportData) -> Refin
 
 def round_landscapes(rounds: RefinementRounds,
                      landscape: Landscape) -> list[tuple[str, np.ndarray, tuple[str, str]]]:
-    """Per round: title, ``(n, 2)`` PC1/PC2 scores of its own PCA (the final round's is
-    ``landscape``'s) and axis labels, for :func:`z3lib.report.figures.plot_rounds`.
+    """Return per round its title, PC1/PC2 scores of its own PCA and axis labels.
+
+    The scores are ``(n, 2)`` (the final round's are ``landscape``'s), for
+    :func:`z3lib.report.figures.plot_rounds`.
 
     Parameters
     ----------
@@ -566,8 +573,10 @@ def _check_zernike_block(blocks: Mapping[str, pd.DataFrame], inputs: ReportInput
 
 
 def _read_truth(ground_truth: str | Path | None, n: int, logger: logging.Logger) -> np.ndarray | None:
-    """``(n,)`` column ``t`` of ``ground_truth.tsv``, or None (no file, or one that does not match
-    the ``n`` particles: logged)."""
+    """Return the ``(n,)`` column ``t`` of ``ground_truth.tsv``, or None.
+
+    None: no file, or one that does not match the ``n`` particles (logged).
+    """
     if ground_truth is None:
         return None
     gt = read_table(ground_truth)
@@ -596,15 +605,20 @@ def _spearman(landscape: Landscape) -> float | None:
     return float(abs(spearmanr(landscape.pca.scores[:, 0], landscape.truth).statistic))
 
 
-def _map_origin(box: int, pixel_size: float, original_box: int, original_pixel_size: float) -> tuple[float, float, float]:
+def _map_origin(
+    box: int, pixel_size: float, original_box: int, original_pixel_size: float
+) -> tuple[float, float, float]:
     """MRC origin (Å) that puts a processing-box map's centre on the original box's centre."""
     shift = box_center(original_box) * original_pixel_size - box_center(box) * pixel_size
     return (shift, shift, shift)
 
 
 def _remove_stale(folder: Path, pattern: str, written: Iterable[Path], logger: logging.Logger) -> None:
-    """Delete files of an earlier run (e.g. with more motion steps or clusters) that this run did
-    not write, so the ChimeraX scripts' globs match exactly this run's series."""
+    """Delete files of an earlier run that this run did not write.
+
+    E.g. files of a run with more motion steps or clusters, so that the ChimeraX scripts' globs
+    match exactly this run's series.
+    """
     keep = {Path(p).resolve() for p in written}
     for path in sorted(folder.glob(pattern)):
         if path.is_file() and path.resolve() not in keep:
@@ -613,6 +627,6 @@ def _remove_stale(folder: Path, pattern: str, written: Iterable[Path], logger: l
 
 
 def _contour_level(reference: np.ndarray, mask: np.ndarray) -> float:
-    """A surface level for the series: the median of the reference inside the mask."""
+    """Return a surface level for the series: the median of the reference inside the mask."""
     inside = reference[mask > 0.5]
     return float(np.median(inside)) if inside.size else float(reference.max() / 2)

@@ -1,5 +1,7 @@
-"""Wall times and resolutions: per-stage timings from Snakemake benchmark files, and the table of
-refinement rounds."""
+"""Wall times and resolutions: per-stage timings and the table of refinement rounds.
+
+The per-stage timings come from Snakemake benchmark files.
+"""
 
 from __future__ import annotations
 
@@ -75,9 +77,11 @@ def read_stage_timings(benchmark_dir: str | Path | None) -> pd.DataFrame:
 
 
 def read_round_timings(benchmark_dir: str | Path | None) -> dict[int, float]:
-    """Wall time (s) of each refinement round: the sum of ``s`` over every benchmark file under
-    ``benchmarks/<run>/rounds/<k>/`` (the jobs of a round, chunks included; jobs that ran in
-    parallel are counted in full). Rounds without benchmark files are left out.
+    """Return the wall time (s) of each refinement round.
+
+    The sum of ``s`` over every benchmark file under ``benchmarks/<run>/rounds/<k>/`` (the jobs of a
+    round, chunks included; jobs that ran in parallel are counted in full). Rounds without benchmark
+    files are left out.
 
     Parameters
     ----------
@@ -111,9 +115,10 @@ def read_round_timings(benchmark_dir: str | Path | None) -> dict[int, float]:
 
 def summarise_rounds(fsc_tables: Sequence[pd.DataFrame], rms_median: Sequence[float],
                      wall: Mapping[int, float]) -> pd.DataFrame:
-    """One row per refinement round (1, 2, …): half-map FSC 0.143 and 0.5 resolutions (Å) of the
-    corrected and uncorrected maps, the median RMS deformation (Å) and the wall time (s; NaN
-    when the round has no benchmark files).
+    """Tabulate the refinement rounds: one row per round (1, 2, …).
+
+    Half-map FSC 0.143 and 0.5 resolutions (Å) of the corrected and uncorrected maps, the median
+    RMS deformation (Å) and the wall time (s; NaN when the round has no benchmark files).
 
     Parameters
     ----------

@@ -1,6 +1,8 @@
-"""Stage ``predict``: every particle's Zernike3D coefficients from the trained network(s)
-(:func:`z3lib.training.predict_coefficients`), written as the particles' STAR and
-``coefficients.npy`` (px of the original box)."""
+"""Stage ``predict``: every particle's Zernike3D coefficients from the trained network(s).
+
+The coefficients come from :func:`z3lib.training.predict_coefficients` and are written as the
+particles' STAR and ``coefficients.npy`` (px of the original box).
+"""
 
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ def predict(
     poses: str | Path | None = None,
     log: logging.Logger | None = None,
 ) -> dict[str, Path]:
-    """Coefficients for every particle; write ``particles.star`` and ``coefficients.npy``.
+    """Predict the coefficients of every particle; write ``particles.star`` and ``coefficients.npy``.
 
     The STAR is the user's input STAR (every input column, input row order) plus
     ``zernikeCoefficients`` (3K floats, px of the original box, Rmax = original box / 2), the
@@ -50,6 +52,12 @@ def predict(
         the preprocess stage's STAR (processing box), whose images are encoded.
     original_particles
         the user's STAR or ``.cs`` (same particles, same order) the output STAR is built from.
+    out_dir
+        Where ``particles.star`` and ``coefficients.npy`` are written (each atomically).
+    device
+        Torch device of the encoder.
+    batch_size
+        Particles encoded at once.
     pixel_size, image_root
         the overrides the preprocess stage used for ``original_particles`` (and ``poses``).
     poses
@@ -58,6 +66,8 @@ def predict(
         particles at these poses (:func:`z3lib.io.apply_poses`) and the output STAR carries them
         (plus the network's corrections with pose refinement), so that refinement starts from
         them. None: the poses of ``particles`` and ``original_particles``.
+    log
+        Logger for progress; default this module's.
     """
     from z3lib.io import apply_poses, read_particles, write_coefficients, write_particles_star
 
@@ -89,7 +99,8 @@ def predict(
         for key, values in part.items():
             pred.setdefault(key, np.zeros((n,) + values.shape[1:], dtype=values.dtype))[rows] = values
     elapsed = time.perf_counter() - t0
-    logger.info("encoded %d particles in %.1f s (%.0f images/s)", len(source), elapsed, len(source) / max(elapsed, 1e-9))
+    rate = len(source) / max(elapsed, 1e-9)
+    logger.info("encoded %d particles in %.1f s (%.0f images/s)", len(source), elapsed, rate)
     cfg = model.config
     spec = cfg.zernike_spec(int(meta["box"]))
     spec_orig = spec.rescaled(int(meta["original_box"]))
@@ -107,8 +118,11 @@ def predict(
 
 def _load_models(model_paths: list[str | Path], parts: Particles, particles: str | Path,
                  device: str | torch.device) -> list[tuple[Zernike3Deep, dict[str, Any], np.ndarray]]:
-    """Each model with its metadata and the particle rows it encodes (all for one model; its
-    ``meta["rows"]`` for one per half set, which must cover every particle once)."""
+    """Load each model with its metadata and the particle rows it encodes.
+
+    All rows for one model; its ``meta["rows"]`` for one per half set, which must cover every
+    particle once.
+    """
     n = len(parts)
     models = []
     covered = np.zeros(n, dtype=np.int64)
@@ -130,9 +144,11 @@ def _load_models(model_paths: list[str | Path], parts: Particles, particles: str
 
 def _apply_pose_corrections(table: pd.DataFrame, pred: dict[str, np.ndarray], processing_pixel_size: float,
                             pixel_size: float) -> dict[str, np.ndarray]:
-    """Add the network's δ-angles (deg) and δ-shifts (px of the processing box, written in px of
-    the particles as given, ``pixel_size`` Å) to ``table``'s poses, in place; the Flexutils
-    ``delta_*`` columns."""
+    """Add the network's δ-angles and δ-shifts to ``table``'s poses, in place.
+
+    δ-angles in deg; δ-shifts in px of the processing box, written in px of the particles as given
+    (``pixel_size`` Å). Returns the Flexutils ``delta_*`` columns.
+    """
     d_ang = pred["delta_angles"]
     # δ-shifts: px of the processing box → Å → px of the particles as given
     d_shift = shift_angstrom_to_pixels(shift_pixels_to_angstrom(pred["delta_shifts"], processing_pixel_size),

@@ -1,5 +1,6 @@
-"""Stage ``preprocess``: validated inputs → particles, reference, mask and point cloud at the
-processing box.
+"""Stage ``preprocess``: validated inputs → particles, reference, mask and point cloud.
+
+Everything is at the processing box.
 
 The particles are Fourier-cropped to the processing box and normalised chunk by chunk into a
 memory-mapped stack (the input stack is never held in RAM). The reference and the mask are
@@ -73,6 +74,8 @@ def preprocess(
         keep every ``step``-th voxel per axis for the point cloud.
     chunk_size
         particles processed per chunk (bounds memory).
+    log
+        Logger for progress; default this module's.
 
     Returns
     -------
@@ -114,8 +117,10 @@ def preprocess(
 
 def _read_particles(particles: str | Path, box: int, *, pixel_size: float | None,
                     image_root: str | Path | None) -> Particles:
-    """The particles, refused (:class:`z3lib.io.Z3InputError`) without poses, when
-    CTF-premultiplied or smaller than the processing ``box``."""
+    """Read the particles, refused without poses, CTF-premultiplied or smaller than ``box``.
+
+    Refusals are :class:`z3lib.io.Z3InputError`; ``box`` is the processing box.
+    """
     parts = read_particles(particles, pixel_size=pixel_size, image_root=image_root)
     parts.require_poses("z3 starts from a consensus refinement")
     premultiplied = parts.table["ctf_premultiplied"].to_numpy(dtype=bool)
@@ -133,8 +138,10 @@ def _read_particles(particles: str | Path, box: int, *, pixel_size: float | None
 
 def _processing_mask(mask: str | Path | None, ref_small: np.ndarray, parts: Particles, box: int,
                      mask_threshold: float, reference_pixel_size: float | None, log: logging.Logger) -> np.ndarray:
-    """The ``(box, box, box)`` float32 0/1 mask: the given one cropped and thresholded, or one
-    derived from the cropped reference ``ref_small``."""
+    """Return the ``(box, box, box)`` float32 0/1 processing mask.
+
+    The given mask cropped and thresholded, or one derived from the cropped reference ``ref_small``.
+    """
     if mask is None:
         mask_small = auto_mask(ref_small)
         log.info("no mask given: derived one from the reference (%d voxels)", int(mask_small.sum()))
@@ -150,8 +157,10 @@ def _processing_mask(mask: str | Path | None, ref_small: np.ndarray, parts: Part
 
 def _write_stack(path: Path, stack: ImageStack, parts: Particles, box: int, apix: float, chunk_size: int,
                  log: logging.Logger) -> None:
-    """The particles' images sign-corrected, Fourier-cropped to ``box`` and normalised, chunk by
-    chunk, into the MRCS stack ``path``."""
+    """Write the particles' images, sign-corrected, Fourier-cropped and normalised, to the stack ``path``.
+
+    The images are cropped to ``box`` and written chunk by chunk into the MRCS stack.
+    """
     sign = parts.table["image_sign"].to_numpy(dtype=np.float32)
     n = len(parts)
     with open_stack_writer(path, n, box, apix) as data:
@@ -166,8 +175,11 @@ def _write_stack(path: Path, stack: ImageStack, parts: Particles, box: int, apix
 
 
 def _write_star(path: Path, stack_name: str, parts: Particles, box: int, apix: float) -> None:
-    """The processing box's particle STAR: every input column, images in ``stack_name``, the
-    original image names, shifts in Å (and px of the new box for RELION 3.0 files)."""
+    """Write the processing box's particle STAR.
+
+    Every input column, images in ``stack_name``, the original image names, shifts in Å (and px of
+    the new box for RELION 3.0 files).
+    """
     t = parts.table
     n = len(parts)
     columns = {
@@ -185,8 +197,10 @@ def _write_star(path: Path, stack_name: str, parts: Particles, box: int, apix: f
 
 def _check_map(kind: str, path: Path, shape: tuple[int, ...], pixel: float, particles: Particles,
                override: float | None) -> None:
-    """A map at the particles' box and pixel size (``override``: the config's), else a
-    :class:`z3lib.io.Z3InputError` that says what to give."""
+    """Check that a map is at the particles' box and pixel size (``override``: the config's).
+
+    Else raise a :class:`z3lib.io.Z3InputError` that says what to give.
+    """
     n = particles.box
     if shape != (n, n, n):
         raise Z3InputError(
@@ -205,8 +219,10 @@ def _check_map(kind: str, path: Path, shape: tuple[int, ...], pixel: float, part
 
 
 def _optics_for_output(particles: Particles, pixel_size: float, box: int) -> pd.DataFrame:
-    """The output STAR's optics table: the input's (or one group, RELION 3.0) at ``box`` px of
-    ``pixel_size`` Å."""
+    """Return the output STAR's optics table at ``box`` px of ``pixel_size`` Å.
+
+    The input's optics table, or one group for RELION 3.0 files.
+    """
     if particles.optics is not None:
         optics = particles.optics.copy()
     else:

@@ -1,6 +1,9 @@
-"""Stages ``refine_landscape``, ``refine_chunk`` and ``refine``: the landscape fitted to all
-particles (:func:`z3lib.population.fit_population`), the per-particle refinement of one chunk of
-particles (:func:`z3lib.refine.refine_particles`), then the chunks gathered back in STAR order."""
+"""Stages ``refine_landscape``, ``refine_chunk`` and ``refine``.
+
+The landscape fitted to all particles (:func:`z3lib.population.fit_population`), the
+per-particle refinement of one chunk of particles (:func:`z3lib.refine.refine_particles`), then
+the chunks gathered back in STAR order.
+"""
 
 from __future__ import annotations
 
@@ -38,10 +41,12 @@ def refine_landscape(
     roughness: Roughness = NetworkConfig.roughness,
     log: logging.Logger | None = None,
 ) -> list[Path]:
-    """Fit the landscape to all particles (or, with ``independent_halves``, to each gold-standard
-    half on its own, against its own point cloud); write each fit to ``out_paths`` (one, or one
-    per half; ``.npz``, atomic, :func:`z3lib.population.write_population` plus ``rows``, the
-    particles it covers, ``box`` and ``original_box``).
+    """Fit the landscape to all particles (or to each gold-standard half); write each fit.
+
+    With ``independent_halves`` each half is fitted on its own, against its own point cloud. Each
+    fit goes to ``out_paths`` (one, or one per half; ``.npz``, atomic,
+    :func:`z3lib.population.write_population` plus ``rows``, the particles it covers, ``box`` and
+    ``original_box``).
 
     Arguments as :func:`refine_chunk`; ``config.population_rounds`` alternations.
     """
@@ -73,8 +78,11 @@ def refine_landscape(
 
 
 def _fitted_landscapes(paths: Sequence[str | Path], prior: np.ndarray) -> tuple[np.ndarray, list[Landscape]]:
-    """The population fits of :func:`refine_landscape`: the coefficients ``(n, 3K)`` (px of the
-    processing box; ``prior``'s rows replaced by each fit's) and the landscapes, in file order."""
+    """Read the population fits of :func:`refine_landscape`.
+
+    Returns the coefficients ``(n, 3K)`` (px of the processing box; ``prior``'s rows replaced by
+    each fit's) and the landscapes, in file order.
+    """
     from z3lib.io import Z3InputError, read_npz
     from z3lib.population import read_population
 
@@ -130,9 +138,15 @@ def refine_chunk(
         ``independent_halves``, one per gold-standard half (or one for both).
     prior_coefficients
         the predict stage's ``coefficients.npy`` (px of the original box), same row order.
+    out_path, chunk, n_chunks
+        The results file of chunk ``chunk`` (0-based) of ``n_chunks`` equal shares of the particles.
     zernike
         the config's ``zernike`` section (``L1``, ``L2``, ``basis``): the basis of the coefficients.
-    independent_halves
+    config
+        The refinement settings.
+    device
+        Torch device of the refinement.
+    independent_halves, seed
         refine each gold-standard half (:func:`z3lib.zart.half_sets` with ``seed``, the split
         ZART uses) on its own: its own reference, and a landscape and prior built from its own
         particles' predictions only, so that no information crosses the halves.
@@ -150,13 +164,13 @@ def refine_chunk(
         network's measure (``train.roughness``: ``strain`` or ``gradient``).
     pixel_size, image_root
         the overrides the preprocess stage used for the original particles, to read ``poses``.
+    log
+        Logger for progress; default this module's.
     landscapes
         landscape mode: the population fits of :func:`refine_landscape` (one, or one per half
         with ``independent_halves``); the particles start from (and are measured against) their
         fitted coefficients. None or empty: the landscape of the predictions.
     """
-    from z3lib.io import write_npz
-
     logger = log or logging.getLogger(__name__)
     parts, clouds, prior, spec = _refine_inputs(particles, points, prior_coefficients, zernike,
                                                 independent_halves=independent_halves, poses=poses,
@@ -166,7 +180,6 @@ def refine_chunk(
         prior, fitted = _fitted_landscapes(landscapes, prior)
         logger.info("starting from the population's landscape (%s)", ", ".join(str(p) for p in landscapes))
     cloud = clouds[0]
-    box, orig_box = int(cloud["box"]), int(cloud["original_box"])
     rows = chunk_rows(len(parts), chunk, n_chunks)
     logger.info("refining chunk %d/%d: particles %d…%d of %d", chunk + 1, n_chunks,
                 rows[0] if len(rows) else 0, rows[-1] if len(rows) else -1, len(parts))
@@ -187,6 +200,23 @@ def refine_chunk(
         arrays, progress_paths = _refine_halves(source, clouds, prior, rows, image_id, progress_path, seed=seed,
                                                 spec=spec, config=config, device=device,
                                                 roughness=roughness, inputs=inputs, log=logger, landscapes=fitted)
+    _write_chunk(out_path, arrays, parts, cloud, spec)
+    for path in progress_paths:  # the results exist: the partial state is spent
+        path.unlink(missing_ok=True)
+    source.images.close()
+    return Path(out_path)
+
+
+def _write_chunk(out_path: str | Path, arrays: dict[str, np.ndarray], parts: Particles, cloud: dict[str, Any],
+                 spec: zk.ZernikeSpec) -> None:
+    """Write a chunk's results ``arrays`` to ``out_path`` (``.npz``, atomic).
+
+    The coefficients are converted from px of the processing box (``spec``'s) to px of the original
+    box, and the refined defocus itself (``defocus_u``, ``defocus_v``, Å) is added to the offsets.
+    """
+    from z3lib.io import write_npz
+
+    box, orig_box = int(cloud["box"]), int(cloud["original_box"])
     arrays["coefficients"] = spec.convert(arrays["coefficients"], spec.rescaled(orig_box))
     # the refined defocus itself: the offsets refer to the starting CTF (that of ``poses``, which in
     # round k >= 2 is already the previous round's refined one), not to the particles as given
@@ -194,10 +224,6 @@ def refine_chunk(
         arrays[name] = parts.table[name].to_numpy(np.float64)[arrays["index"]] + arrays["defocus_offset"]
     write_npz(out_path, box=np.int64(box), original_box=np.int64(orig_box),
               pixel_size=np.float64(cloud["pixel_size"]), **arrays)
-    for path in progress_paths:  # the results exist: the partial state is spent
-        path.unlink(missing_ok=True)
-    source.images.close()
-    return Path(out_path)
 
 
 def _refine_inputs(
@@ -270,8 +296,11 @@ def _refine_halves(
     log: logging.Logger,
     landscapes: list[Landscape] | None = None,
 ) -> tuple[dict[str, np.ndarray], list[Path]]:
-    """Refine the chunk's particles ``rows`` of each gold-standard half on their own (its own
-    reference, landscape and prior); the results in ``rows`` order and the progress files used."""
+    """Refine the chunk's particles ``rows`` of each gold-standard half on their own.
+
+    Each half has its own reference, landscape and prior. Returns the results in ``rows`` order and
+    the progress files used.
+    """
     from z3lib.zart import half_sets
 
     pieces = []
@@ -335,7 +364,8 @@ def gather_refined(
     angles = stacked("angles")
     for j, name in enumerate(("rot", "tilt", "psi")):
         table[name] = angles[:, j]
-    shifts_px_orig = shift_angstrom_to_pixels(shift_pixels_to_angstrom(stacked("shifts"), apix_proc), original.pixel_size)
+    shifts_angstrom = shift_pixels_to_angstrom(stacked("shifts"), apix_proc)
+    shifts_px_orig = shift_angstrom_to_pixels(shifts_angstrom, original.pixel_size)
     table["shift_x"], table["shift_y"] = shifts_px_orig[:, 0], shifts_px_orig[:, 1]
     for name in ("defocus_u", "defocus_v"):  # Å; chunks of z3lib <= 0.1.3 hold the offset only
         table[name] = stacked(name) if name in chunks[0] else table[name].to_numpy() + stacked("defocus_offset")

@@ -1,6 +1,8 @@
-"""Stages ``round_reference`` (and ``round_reference_half``) and ``publish``: the next refinement
-round's reference, mask and point cloud from a corrected map, and the final round's files copied
-to the stage paths."""
+"""Stages ``round_reference`` (and ``round_reference_half``) and ``publish``.
+
+The next refinement round's reference, mask and point cloud from a corrected map, and the final
+round's files copied to the stage paths.
+"""
 
 from __future__ import annotations
 
@@ -21,10 +23,11 @@ def reference_from_map(
     *,
     log: logging.Logger | None = None,
 ) -> dict[str, Path]:
-    """The reference of the next round from a corrected map: ``reference.mrc`` (the map),
-    ``mask.mrc`` (:func:`z3lib.rounds.mask_for_round`) and ``points.npz`` (the mask's voxels on the same
-    sub-grid as ``template_points`` with the map's values as amplitudes, and its boxes and pixel
-    sizes), written atomically to ``out_dir``.
+    """Write the reference of the next round from a corrected map.
+
+    ``reference.mrc`` (the map), ``mask.mrc`` (:func:`z3lib.rounds.mask_for_round`) and
+    ``points.npz`` (the mask's voxels on the same sub-grid as ``template_points`` with the map's
+    values as amplitudes, and its boxes and pixel sizes), written atomically to ``out_dir``.
 
     Parameters
     ----------
@@ -32,6 +35,10 @@ def reference_from_map(
         a ZART map (``corrected.mrc`` or one half) at the processing box.
     template_points
         the preprocess stage's ``points.npz``: its box, pixel sizes and ``step`` are kept.
+    out_dir
+        Folder of the three files.
+    log
+        Logger for progress; default this module's.
 
     Returns
     -------
@@ -62,8 +69,9 @@ def reference_from_map(
 
 
 def publish_files(pairs: Sequence[tuple[str | Path, str | Path]], *, log: logging.Logger | None = None) -> list[Path]:
-    """Copy each ``(source, destination)`` (atomically, one file at a time): the final round's
-    outputs to the stage paths users and the report read.
+    """Copy each ``(source, destination)`` (atomically, one file at a time).
+
+    The final round's outputs go to the stage paths users and the report read.
 
     Copies, not hard links: Snakemake touches a job's outputs when it finishes, and a touched
     hard link would make the round's own files look newer than the files made from them.

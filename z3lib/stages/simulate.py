@@ -1,5 +1,7 @@
-"""Stage ``simulate``: the demo's flexible dataset with ground truth, written as a RELION 3.1
-project (:func:`z3lib.simulate.simulate_particles` rendered from two atomic models)."""
+"""Stage ``simulate``: the demo's flexible dataset with ground truth, as a RELION 3.1 project.
+
+The particles are :func:`z3lib.simulate.simulate_particles` rendered from two atomic models.
+"""
 
 from __future__ import annotations
 
@@ -123,8 +125,10 @@ def simulate_dataset(
 
 
 def _read_motion(start_model: str | Path, end_model: str | Path) -> tuple[AtomicModel, Motion]:
-    """The start model and the motion between the two models (same atoms, same order),
-    superposed on their Cα atoms."""
+    """Read the start model and the motion between the two models (same atoms, same order).
+
+    Both are superposed on their Cα atoms.
+    """
     from z3lib.io import read_model
 
     start, end = read_model(start_model), read_model(end_model)
@@ -140,8 +144,11 @@ def _read_motion(start_model: str | Path, end_model: str | Path) -> tuple[Atomic
 
 def _write_star(path: Path, stack_name: str, sim: SimulatedParticles, subset: np.ndarray, box: int,
                 pixel_size: float) -> None:
-    """The particles' RELION 3.1 STAR: one optics group (300 kV, Cs 2.7 mm, Q0 0.1), the true
-    poses, shifts (Å), CTF and the half sets ``subset`` (1 or 2), images in ``stack_name``."""
+    """Write the particles' RELION 3.1 STAR.
+
+    One optics group (300 kV, Cs 2.7 mm, Q0 0.1), the true poses, shifts (Å), CTF and the half
+    sets ``subset`` (1 or 2), images in ``stack_name``.
+    """
     from z3lib.io import write_star
 
     n_particles = len(subset)
@@ -164,8 +171,11 @@ def _write_star(path: Path, stack_name: str, sim: SimulatedParticles, subset: np
 
 def _write_truth(paths: dict[str, Path], sim: SimulatedParticles, start: AtomicModel, motion: Motion, *, box: int,
                  pixel_size: float, reference_t: float, sigma_px: float, snr: float, resolution: float) -> None:
-    """The ground truth: ``ground_truth.tsv`` (per particle), ``motion.npz`` and the atomic
-    model at ``reference_t`` in the maps' frame (``reference_model.pdb``)."""
+    """Write the ground truth.
+
+    ``ground_truth.tsv`` (per particle), ``motion.npz`` and the atomic model at ``reference_t`` in
+    the maps' frame (``reference_model.pdb``).
+    """
     from z3lib.io import write_model_pdb, write_npz, write_table
 
     write_table(paths["ground_truth"], pd.DataFrame({

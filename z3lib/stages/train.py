@@ -1,6 +1,8 @@
-"""Stage ``train`` (rules ``train`` and ``train_half``): Zernike3Deep trained on the preprocessed
-particles (:func:`z3lib.training.train_model`), written as ``model.pt``, ``history.tsv`` and the
-point cloud the fields refer to."""
+"""Stage ``train`` (rules ``train`` and ``train_half``): Zernike3Deep trained on the particles.
+
+The preprocessed particles train the network (:func:`z3lib.training.train_model`), written as
+``model.pt``, ``history.tsv`` and the point cloud the fields refer to.
+"""
 
 from __future__ import annotations
 
@@ -34,10 +36,11 @@ def train(
     image_root: str | Path | None = None,
     log: logging.Logger | None = None,
 ) -> dict[str, Path]:
-    """Train Zernike3Deep on preprocessed particles; write ``model.pt``, ``history.tsv`` and
-    ``points.npz`` (the point cloud of ``points`` with the amplitudes the decoder ended with: the
-    learned reference with ``config.learn_reference``, else the input's; refinement works
-    against it).
+    """Train Zernike3Deep on preprocessed particles; write ``model.pt``, ``history.tsv``, ``points.npz``.
+
+    ``points.npz`` is the point cloud of ``points`` with the amplitudes the decoder ended with: the
+    learned reference with ``config.learn_reference``, else the input's; refinement works against
+    it.
 
     Parameters
     ----------
@@ -47,9 +50,13 @@ def train(
         its ``points.npz`` (point cloud, amplitudes, boxes and pixel sizes).
     out_dir
         where ``model.pt`` and ``history.tsv`` are written (atomically).
+    config
+        The network's settings (``train`` of the config).
     checkpoint_dir
         resumable checkpoints (default ``out_dir/checkpoint``); a checkpoint is resumed only for
         the same settings, particle rows, point cloud and initial model.
+    device
+        Torch device of the training.
     init_model
         a ``model.pt`` whose learned weights start the training (fine-tuning, e.g. the previous
         refinement round's network); its decoder is rebuilt from ``points``.
@@ -64,6 +71,8 @@ def train(
     pixel_size, image_root
         the overrides the preprocess stage used for the original particles, to read ``poses``.
 
+    log
+        Logger for progress; default this module's.
     A checkpoint is resumed only when its fingerprint matches: the settings (but ``epochs``), the
     particle rows, their poses, shifts, CTF and half-set labels, the identity of their images
     (stack paths, indices, file sizes and modification times), the point cloud, the initial
@@ -111,8 +120,11 @@ def _training_particles(
     image_root: str | Path | None,
     log: logging.Logger,
 ) -> tuple[Particles, dict[str, Any], ParticleBatchSource, np.ndarray]:
-    """The particles (at their latest ``poses``), the point cloud, the batch source of the
-    particles trained on (a gold-standard ``half``, or all) and their rows ``(n,)``."""
+    """Read the particles (at their latest ``poses``), the point cloud and the batch source.
+
+    The batch source holds the particles trained on (a gold-standard ``half``, or all); their rows
+    ``(n,)`` come with it.
+    """
     from z3lib.io import apply_poses, read_npz, read_particles
     from z3lib.zart import half_sets
 
@@ -138,8 +150,10 @@ def _training_particles(
 
 def _write_training(out: Path, model: Zernike3Deep, history: pd.DataFrame, cloud: dict[str, Any],
                     meta: dict[str, Any], log: logging.Logger) -> dict[str, Path]:
-    """Write ``model.pt``, ``history.tsv`` and ``points.npz`` (the input cloud with the
-    amplitudes the decoder ended with) under ``out``; their paths."""
+    """Write ``model.pt``, ``history.tsv`` and ``points.npz`` under ``out``; return their paths.
+
+    ``points.npz`` is the input cloud with the amplitudes the decoder ended with.
+    """
     from z3lib.io import write_npz, write_table
 
     paths = {"model": out / "model.pt", "history": out / "history.tsv", "points": out / "points.npz"}
@@ -156,9 +170,11 @@ def _write_training(out: Path, model: Zernike3Deep, history: pd.DataFrame, cloud
 
 
 def _data_digests(source: ParticleBatchSource, parts: Particles, rows: np.ndarray, n_all: int) -> dict[str, str]:
-    """What a training checkpoint depends on besides the settings and the point cloud: the
-    particle rows ``rows`` (of ``n_all``), the poses, shifts, CTF and half-set labels of
-    ``source`` (the particles trained on), the identity of their images and the z3lib version."""
+    """Return what a training checkpoint depends on besides the settings and the point cloud.
+
+    The particle rows ``rows`` (of ``n_all``), the poses, shifts, CTF and half-set labels of
+    ``source`` (the particles trained on), the identity of their images and the z3lib version.
+    """
     import z3lib
 
     t = parts.table.iloc[rows]

@@ -1,5 +1,7 @@
-"""Stage ``zart``: gold-standard corrected and uncorrected ZART reconstructions with their FSCs
-(:func:`z3lib.zart.reconstruct_zart` on each half set, with and without the fields)."""
+"""Stage ``zart``: gold-standard corrected and uncorrected ZART reconstructions with their FSCs.
+
+:func:`z3lib.zart.reconstruct_zart` runs on each half set, with and without the fields.
+"""
 
 from __future__ import annotations
 
@@ -60,6 +62,8 @@ def zart(
         ``2 · step · pixel size`` Å: the FSC and the resolution never exceed it.
     coefficients
         ``(n, 3K)`` fields in px of the original box (refine or predict output).
+    out_dir
+        Folder of the maps and ``fsc.tsv``.
     zernike
         the config's ``zernike`` section (``L1``, ``L2``, ``basis``): the basis of ``coefficients``.
     poses
@@ -70,6 +74,8 @@ def zart(
         which refuses a STAR whose rows do not correspond). None: the poses of ``particles``.
     pixel_size, image_root
         the overrides the preprocess stage used for the original particles, to read ``poses``.
+    config, backend, log
+        ZART settings, back end (:func:`z3lib.zart.get_backend`) and logger (default this module's).
     """
     from z3lib.io import write_table
 
@@ -132,8 +138,11 @@ def _zart_inputs(
     image_root: str | Path | None,
     log: logging.Logger,
 ) -> tuple[Particles, list[dict[str, Any]], list[np.ndarray], int]:
-    """The particles (at their latest ``poses``), the point cloud(s), each half's points
-    ``(N_h, 3)`` px and the clouds' sub-grid step, checked against each other."""
+    """Read the particles (at their latest ``poses``), the point cloud(s), the halves' points and step.
+
+    Each half's points are ``(N_h, 3)`` px; the step is the clouds' sub-grid step. All are checked
+    against each other.
+    """
     from z3lib.io import apply_poses, read_npz, read_particles
 
     parts = read_particles(particles)
@@ -182,8 +191,10 @@ def _half_maps(backend: Any, name: str, half_pts: list[np.ndarray], half_z: list
                coefficients: np.ndarray | None, stack: ImageStack, parts: Particles,
                halves: tuple[np.ndarray, np.ndarray], box: int, apix: float, step: int, config: ZartConfig,
                out: Path, paths: dict[str, Path], log: logging.Logger) -> list[np.ndarray]:
-    """Reconstruct and write ``{name}_half1.mrc`` and ``{name}_half2.mrc`` (their paths into
-    ``paths``); the two half maps ``(box, box, box)``."""
+    """Reconstruct and write ``{name}_half1.mrc`` and ``{name}_half2.mrc``; return the two half maps.
+
+    Their paths go into ``paths``; the maps are ``(box, box, box)``.
+    """
     from z3lib.analysis import lowpass_filter
     from z3lib.io import write_map
 
