@@ -52,7 +52,8 @@ def test_decoder_zero_field_equals_rigid_projection_with_ctf(device: str) -> Non
     vol = (np.exp(-((xx - 2) ** 2 + yy**2 + (zz + 1) ** 2) / 8.0)
            + 0.5 * np.exp(-((xx + 4) ** 2 + (yy - 3) ** 2 + zz**2) / 4.0))
     points, amps = points_from_volume(vol)
-    dec = PhysicalDecoder(torch.tensor(points), torch.tensor(amps), zk.ZernikeSpec(3, 2, "xmipp", box), 2.0, NetworkConfig()).to(device)
+    dec = PhysicalDecoder(torch.tensor(points), torch.tensor(amps), zk.ZernikeSpec(3, 2, "xmipp", box), 2.0,
+                          NetworkConfig()).to(device)
     rots = torch.tensor(random_rotations(3, rng), dtype=torch.float32, device=device)
     shifts = torch.tensor(rng.normal(size=(3, 2)), dtype=torch.float32, device=device)
     ctf = CtfParams.create([12000.0, 15000.0, 20000.0], [11000.0, 15000.0, 19000.0], [10.0, 0.0, 80.0], device=device)
@@ -167,8 +168,8 @@ def test_gradients_match_finite_differences() -> None:
     rng = np.random.default_rng(1)
     box = 16
     points = rng.uniform(-5, 5, size=(40, 3))
-    dec = PhysicalDecoder(torch.tensor(points), torch.tensor(rng.uniform(0.5, 1.5, 40)), zk.ZernikeSpec(3, 2, "xmipp", box), 3.0,
-                          NetworkConfig()).double()
+    dec = PhysicalDecoder(torch.tensor(points), torch.tensor(rng.uniform(0.5, 1.5, 40)),
+                          zk.ZernikeSpec(3, 2, "xmipp", box), 3.0, NetworkConfig()).double()
     target = torch.tensor(rng.normal(size=(2, box, box)))
     mask = torch.ones(box, box, dtype=torch.float64)
     ctf = CtfParams.create([15000.0, 18000.0], [14000.0, 17000.0], 30.0, dtype=torch.float64)

@@ -111,7 +111,8 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         out, particles=data["refine"] / "particles.star", coefficients=data["refine"] / "coefficients.npy",
         points=data["pre"] / "points.npz", reference=data["pre"] / "reference.mrc", mask=data["pre"] / "mask.mrc",
         corrected=data["zart"] / "corrected.mrc", uncorrected=data["zart"] / "uncorrected.mrc",
-        fsc=data["zart"] / "fsc.tsv", zernike={"L1": DEGREES[0], "L2": DEGREES[1], "basis": "xmipp"}, clusters=3, motion_steps=5,
+        fsc=data["zart"] / "fsc.tsv", zernike={"L1": DEGREES[0], "L2": DEGREES[1], "basis": "xmipp"}, clusters=3,
+        motion_steps=5,
         use_umap=True, model=data["sim"]["reference_model"], ground_truth=data["sim"]["ground_truth"],
         benchmarks=data["bench"], run_config={"run": "tiny", "report": {"clusters": 3}}, run_name="tiny", seed=0,
     )
@@ -178,7 +179,8 @@ def test_deform_map_zero_field_is_identity_and_mass_is_conserved() -> None:
     vol = _blob(box, (2.0, -1.0, 3.0)) + 0.1 * _blob(box, (-6.0, 5.0, 0.0), 3.0)
     mask = sphere_mask(box, 10)
     k = zk.count_terms(3, 2)
-    np.testing.assert_allclose(an.deform_map(vol, np.zeros(3 * k), mask, zk.ZernikeSpec(3, 2, "xmipp", box)), vol, atol=1e-6)
+    spec = zk.ZernikeSpec(3, 2, "xmipp", box)
+    np.testing.assert_allclose(an.deform_map(vol, np.zeros(3 * k), mask, spec), vol, atol=1e-6)
     c = np.random.default_rng(4).normal(scale=0.3, size=3 * k)  # |d| < 1.2 px: stays inside
     out = an.deform_map(vol, c, mask, zk.ZernikeSpec(3, 2, "xmipp", box))
     assert out.sum() == pytest.approx(vol.sum(), rel=1e-5)  # nothing pushed out of the box here
@@ -188,7 +190,7 @@ def test_deform_map_zero_field_is_identity_and_mass_is_conserved() -> None:
     pt = np.zeros((box,) * 3)
     pt[box // 2 + 3, box // 2 - 2, box // 2 + 1] = 1.0  # (x, y, z) = (1, -2, 3)
     d = zk.deformation_field(zk.evaluate_basis(np.array([[1.0, -2.0, 3.0]]), 3, 2, box / 2, "xmipp"), c)[0]
-    np.testing.assert_allclose(_centroid_xyz(an.deform_map(pt, c, mask, zk.ZernikeSpec(3, 2, "xmipp", box))), [1, -2, 3] + d, atol=1e-6)
+    np.testing.assert_allclose(_centroid_xyz(an.deform_map(pt, c, mask, spec)), [1, -2, 3] + d, atol=1e-6)
 
 
 def test_maps_along_a_known_motion_come_out_in_order() -> None:
