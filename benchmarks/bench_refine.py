@@ -40,8 +40,9 @@ from z3lib.refine import RefineConfig, make_decoder, refine_particles
 from z3lib.training import ParticleBatch, ParticleBatchSource
 
 #: The network run whose predictions start the refinement (bench_zernike3deep's default setting).
-PREDICTION_CONFIG = NetworkConfig(L1=3, L2=2, basis="xmipp", epochs=20, batch_size=32, learning_rate=2e-3,
-                                  energy_weight=1e-3, smooth_weight=1e-2)
+PREDICTION_CONFIG = NetworkConfig(
+    L1=3, L2=2, basis="xmipp", epochs=20, batch_size=32, learning_rate=2e-3, energy_weight=1e-3, smooth_weight=1e-2
+)
 
 
 def network_prediction(data: dict[str, Path], device: str) -> np.ndarray:
@@ -50,8 +51,9 @@ def network_prediction(data: dict[str, Path], device: str) -> np.ndarray:
     return read_coefficients(network_run(data, PREDICTION_CONFIG, device)["coefficients"])
 
 
-def powell_baseline(decoder, source: ParticleBatchSource, prior: np.ndarray, index: np.ndarray,
-                    prior_weight: float) -> tuple[np.ndarray, float]:
+def powell_baseline(
+    decoder, source: ParticleBatchSource, prior: np.ndarray, index: np.ndarray, prior_weight: float
+) -> tuple[np.ndarray, float]:
     """scipy Powell on the 3K coefficients, one particle at a time (the original's search)."""
     mask = circle_mask(decoder.box, 0.9)
     out = np.empty((len(index), prior.shape[1]))
@@ -89,8 +91,13 @@ def main() -> None:
     prior = prior_orig * box / orig
     parts = read_particles(data["pre_particles"])
     source = ParticleBatchSource.from_particles(parts)
-    decoder = make_decoder(cloud["points"], cloud["amplitudes"], zk.ZernikeSpec(3, 2, "xmipp", box),
-                           float(cloud["pixel_size"]), args.device)
+    decoder = make_decoder(
+        cloud["points"],
+        cloud["amplitudes"],
+        zk.ZernikeSpec(3, 2, "xmipp", box),
+        float(cloud["pixel_size"]),
+        args.device,
+    )
     cfg = RefineConfig()
     idx = np.arange(min(args.n_refine, len(parts)))
     t0 = time.perf_counter()
@@ -108,11 +115,23 @@ def main() -> None:
     pred_m, ref_m = metrics(prior_orig[idx], idx), metrics(ours, idx)
     gap = pred_m["displacement_rms_error_A"] - pred_m["representation_limit_A"]
     closed = (pred_m["displacement_rms_error_A"] - ref_m["displacement_rms_error_A"]) / gap
-    emit({"benchmark": "refine", "method": "z3 batched (landscape search + Adam)", "particles": len(idx),
-          "device": args.device, "device_name": device_name, "prediction": pred_m, "refined": ref_m,
-          "gap_closed": round(float(closed), 3), "flagged_fraction": round(float(res.flagged.mean()), 4),
-          "particles_per_s": round(len(idx) / t_ref, 2), "wall_s": round(t_ref, 1), "peak_memory_mb": peak_memory_mb()},
-         args.out)
+    emit(
+        {
+            "benchmark": "refine",
+            "method": "z3 batched (landscape search + Adam)",
+            "particles": len(idx),
+            "device": args.device,
+            "device_name": device_name,
+            "prediction": pred_m,
+            "refined": ref_m,
+            "gap_closed": round(float(closed), 3),
+            "flagged_fraction": round(float(res.flagged.mean()), 4),
+            "particles_per_s": round(len(idx) / t_ref, 2),
+            "wall_s": round(t_ref, 1),
+            "peak_memory_mb": peak_memory_mb(),
+        },
+        args.out,
+    )
     # the derivative-free baseline on the first n_powell particles, ours on the same particles
     if args.n_powell <= 0:
         return
@@ -122,11 +141,20 @@ def main() -> None:
     ours_sub = metrics(ours[: len(sub)], sub)
     per_ours = t_ref / len(idx)
     per_pow = t_pow / len(sub)
-    emit({"benchmark": "refine_baseline", "method": "scipy Powell, 3K coefficients, one particle at a time (CPU)",
-          "particles": len(sub), "powell": pow_m, "ours_same_particles": ours_sub,
-          "prediction_same_particles": metrics(prior_orig[sub], sub),
-          "powell_s_per_particle": round(per_pow, 3), "ours_s_per_particle": round(per_ours, 4),
-          "speedup": round(per_pow / per_ours, 1)}, args.out)
+    emit(
+        {
+            "benchmark": "refine_baseline",
+            "method": "scipy Powell, 3K coefficients, one particle at a time (CPU)",
+            "particles": len(sub),
+            "powell": pow_m,
+            "ours_same_particles": ours_sub,
+            "prediction_same_particles": metrics(prior_orig[sub], sub),
+            "powell_s_per_particle": round(per_pow, 3),
+            "ours_s_per_particle": round(per_ours, 4),
+            "speedup": round(per_pow / per_ours, 1),
+        },
+        args.out,
+    )
 
 
 if __name__ == "__main__":

@@ -30,12 +30,26 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        simulate_dataset(tmp, start_model=ROOT / "resources/demo/adk_closed.pdb",
-                         end_model=ROOT / "resources/demo/adk_open.pdb", n_particles=args.n, box=args.box,
-                         pixel_size=2.0, resolution=5.0, snr=0.1, seed=0)
+        simulate_dataset(
+            tmp,
+            start_model=ROOT / "resources/demo/adk_closed.pdb",
+            end_model=ROOT / "resources/demo/adk_open.pdb",
+            n_particles=args.n,
+            box=args.box,
+            pixel_size=2.0,
+            resolution=5.0,
+            snr=0.1,
+            seed=0,
+        )
         wall = time.perf_counter() - t0
-    row = {"benchmark": "simulate", "particles": args.n, "box": args.box, "wall_s": round(wall, 2),
-           "particles_per_s": round(args.n / wall, 1), "threads": torch.get_num_threads()}
+    row = {
+        "benchmark": "simulate",
+        "particles": args.n,
+        "box": args.box,
+        "wall_s": round(wall, 2),
+        "particles_per_s": round(args.n / wall, 1),
+        "threads": torch.get_num_threads(),
+    }
     print(json.dumps(row))
     if args.out:
         with args.out.open("a") as fh:

@@ -49,14 +49,21 @@ def refined_fields(data: dict[str, Path], prior_orig: np.ndarray, device: str = 
     ``prior_orig``, cached by content: the data's key, the predictions' digest, the refinement
     settings, degrees, basis, device and the code (z3lib.refine and what it imports, this file)."""
     config = RefineConfig()
-    params = {"data": data["key"].parent.name, "prior": array_digest(prior_orig), "config": config.to_dict(),
-              "degrees": [3, 2], "basis": "xmipp", "device": device}
+    params = {
+        "data": data["key"].parent.name,
+        "prior": array_digest(prior_orig),
+        "config": config.to_dict(),
+        "degrees": [3, 2],
+        "basis": "xmipp",
+        "device": device,
+    }
 
     def make() -> np.ndarray:
         cloud = read_npz(data["pre_points"])
         box, orig = int(cloud["box"]), int(cloud["original_box"])
-        dec = make_decoder(cloud["points"], cloud["amplitudes"], zk.ZernikeSpec(3, 2, "xmipp", box),
-                           float(cloud["pixel_size"]), device)
+        dec = make_decoder(
+            cloud["points"], cloud["amplitudes"], zk.ZernikeSpec(3, 2, "xmipp", box), float(cloud["pixel_size"]), device
+        )
         src = ParticleBatchSource.from_particles(read_particles(data["pre_particles"]))
         res = refine_particles(dec, src, prior_orig * box / orig, config, device=device)
         out: np.ndarray = res.coefficients * orig / box
@@ -82,9 +89,21 @@ def speed(backend_name: str, box: int, n_images: int = 256) -> float:
     pts, _ = points_from_mask(sphere_mask(box, 0.3 * box))
     rots = random_rotations(n_images, rng)
     rot, tilt, psi = matrix_to_euler(rots)
-    table = pd.DataFrame({"rot": rot, "tilt": tilt, "psi": psi, "shift_x": 0.0, "shift_y": 0.0,
-                          "defocus_u": 15000.0, "defocus_v": 14000.0, "defocus_angle": 0.0, "voltage": 300.0,
-                          "cs": 2.7, "amplitude_contrast": 0.1})
+    table = pd.DataFrame(
+        {
+            "rot": rot,
+            "tilt": tilt,
+            "psi": psi,
+            "shift_x": 0.0,
+            "shift_y": 0.0,
+            "defocus_u": 15000.0,
+            "defocus_v": 14000.0,
+            "defocus_angle": 0.0,
+            "voltage": 300.0,
+            "cs": 2.7,
+            "amplitude_contrast": 0.1,
+        }
+    )
     imgs = rng.normal(size=(n_images, box, box)).astype(np.float32)
     basis = zk.evaluate_basis(pts, 3, 2, box / 2).astype(np.float32)
     coeffs = rng.normal(scale=0.3, size=(n_images, 39))
@@ -99,27 +118,43 @@ def speed(backend_name: str, box: int, n_images: int = 256) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=4)
-    parser.add_argument("--backend", default="numpy", choices=["numpy", "cupy"],
-                        help="back end of the quality reconstructions")
+    parser.add_argument(
+        "--backend", default="numpy", choices=["numpy", "cupy"], help="back end of the quality reconstructions"
+    )
     parser.add_argument("--skip-quality", action="store_true", help="only the speed rows")
-    parser.add_argument("--speed-backends", nargs="*", default=None,
-                        help="back ends timed (default: numpy, and cupy when usable)")
+    parser.add_argument(
+        "--speed-backends", nargs="*", default=None, help="back ends timed (default: numpy, and cupy when usable)"
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if not args.skip_quality:
         quality(args)
-    backends = (args.speed_backends if args.speed_backends is not None
-                else ["numpy"] + (["cupy"] if cupy_usable() else []))
+    backends = (
+        args.speed_backends if args.speed_backends is not None else ["numpy"] + (["cupy"] if cupy_usable() else [])
+    )
     for backend in backends:
-        device = (cupy_device_name() if backend == "cupy" else
-                  f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)")
+        device = (
+            cupy_device_name()
+            if backend == "cupy"
+            else f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+        )
         for b in (64, 128):
             # enough images that the GPU's rate is not dominated by the start of the run
             n = 4096 if backend == "cupy" else (256 if b == 64 else 128)
-            emit({"benchmark": "zart_speed", "backend": backend, "device_name": device, "box": b,
-                  "points": len(points_from_mask(sphere_mask(b, 0.3 * b))[0]), "batch_size": 64,
-                  "images": n, "images_per_s": round(speed(backend, b, n), 1)}, args.out)
+            emit(
+                {
+                    "benchmark": "zart_speed",
+                    "backend": backend,
+                    "device_name": device,
+                    "box": b,
+                    "points": len(points_from_mask(sphere_mask(b, 0.3 * b))[0]),
+                    "batch_size": 64,
+                    "images": n,
+                    "images_per_s": round(speed(backend, b, n), 1),
+                },
+                args.out,
+            )
 
 
 def quality(args: argparse.Namespace) -> None:
@@ -132,10 +167,12 @@ def quality(args: argparse.Namespace) -> None:
     basis = zk.evaluate_basis(pts, 3, 2, box / 2).astype(np.float32)
     truth = read_map(data["sim_truth_reference"]).data
     predicted = network_prediction(data, "cpu")
-    fields = {"corrected (refined fields)": refined_fields(data, predicted) * box / orig,
-              "corrected (predicted fields)": predicted * box / orig,
-              "uncorrected (zero fields)": None,
-              "oracle (true fields)": oracle_fields(data, t, box)}
+    fields = {
+        "corrected (refined fields)": refined_fields(data, predicted) * box / orig,
+        "corrected (predicted fields)": predicted * box / orig,
+        "uncorrected (zero fields)": None,
+        "oracle (true fields)": oracle_fields(data, t, box),
+    }
     h1, h2 = half_sets(parts.table["random_subset"].to_numpy(), 0)
     cfg = ZartConfig(iterations=args.iterations)
     stack = parts.images()
@@ -146,25 +183,41 @@ def quality(args: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         halves = []
         for rows_h in (h1, h2):
-            vals, _ = reconstruct_zart(backend, pts, basis if coeffs is not None else None, coeffs, stack,
-                                       parts.table, rows_h, box, apix, cfg)
+            vals, _ = reconstruct_zart(
+                backend, pts, basis if coeffs is not None else None, coeffs, stack, parts.table, rows_h, box, apix, cfg
+            )
             halves.append(values_to_volume(vals, pts, box))
         full = 0.5 * (halves[0] + halves[1])
         vs_truth = fourier_shell_correlation(full, truth, apix)
         half = fourier_shell_correlation(halves[0] * mask, halves[1] * mask, apix)
-        rows[name] = {"fsc_area_vs_truth": round(fsc_area(vs_truth), 4),
-                      "resolution_fsc0.5_vs_truth_A": round(resolution_at(vs_truth, 0.5), 3),
-                      "resolution_fsc0.143_vs_truth_A": round(resolution_at(vs_truth, 0.143), 3),
-                      "half_map_resolution_fsc0.143_A": round(resolution_at(half, 0.143), 3),
-                      "wall_s": round(time.perf_counter() - t0, 1)}
+        rows[name] = {
+            "fsc_area_vs_truth": round(fsc_area(vs_truth), 4),
+            "resolution_fsc0.5_vs_truth_A": round(resolution_at(vs_truth, 0.5), 3),
+            "resolution_fsc0.143_vs_truth_A": round(resolution_at(vs_truth, 0.143), 3),
+            "half_map_resolution_fsc0.143_A": round(resolution_at(half, 0.143), 3),
+            "wall_s": round(time.perf_counter() - t0, 1),
+        }
     gap = rows["oracle (true fields)"]["fsc_area_vs_truth"] - rows["uncorrected (zero fields)"]["fsc_area_vs_truth"]
-    closed = {name: round((r["fsc_area_vs_truth"] - rows["uncorrected (zero fields)"]["fsc_area_vs_truth"]) / gap, 3)
-              for name, r in rows.items() if name.startswith("corrected")}
+    closed = {
+        name: round((r["fsc_area_vs_truth"] - rows["uncorrected (zero fields)"]["fsc_area_vs_truth"]) / gap, 3)
+        for name, r in rows.items()
+        if name.startswith("corrected")
+    }
     digest = hashlib.md5(Path(data["sim_ground_truth"]).read_bytes()).hexdigest()  # same simulation everywhere
-    emit({"benchmark": "zart_quality", "particles": len(parts), "ground_truth_md5": digest, "box": box,
-          "iterations": args.iterations,
-          "backend": args.backend, "device_name": cupy_device_name() if args.backend == "cupy" else "CPU",
-          "reconstructions": rows, "fsc_area_gap_closed": closed}, args.out)
+    emit(
+        {
+            "benchmark": "zart_quality",
+            "particles": len(parts),
+            "ground_truth_md5": digest,
+            "box": box,
+            "iterations": args.iterations,
+            "backend": args.backend,
+            "device_name": cupy_device_name() if args.backend == "cupy" else "CPU",
+            "reconstructions": rows,
+            "fsc_area_gap_closed": closed,
+        },
+        args.out,
+    )
 
 
 if __name__ == "__main__":

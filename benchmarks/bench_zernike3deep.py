@@ -47,24 +47,49 @@ def main() -> None:
     t = read_table(data["sim_ground_truth"])["t"].to_numpy()
     for setting in args.settings:
         l1, l2, basis = setting.split(",")
-        cfg = NetworkConfig(L1=int(l1), L2=int(l2), basis=basis, epochs=args.epochs, batch_size=args.batch_size,
-                            learning_rate=args.learning_rate, energy_weight=1e-3, smooth_weight=1e-2)
+        cfg = NetworkConfig(
+            L1=int(l1),
+            L2=int(l2),
+            basis=basis,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            learning_rate=args.learning_rate,
+            energy_weight=1e-3,
+            smooth_weight=1e-2,
+        )
         # trained afresh (this is the timing), into the content-keyed cache that the other
         # benchmarks read when their data, settings and code are the same
         run = network_run(data, cfg, args.device, fresh=True)
         t_train, t_pred = float(run["train_s"]), float(run["predict_s"])
         history = read_table(run["history"])
         coeffs = read_coefficients(run["coefficients"])
-        row = {"benchmark": "zernike3deep", "L1": int(l1), "L2": int(l2), "basis": basis, "particles": args.n,
-               "box": args.box, "snr": 0.1, "epochs": args.epochs, "batch_size": args.batch_size,
-               "learning_rate": args.learning_rate, "device": args.device,
-               "device_name": torch.cuda.get_device_name() if args.device == "cuda" else
-               f"{platform.machine()} x{torch.get_num_threads()} threads"}
+        row = {
+            "benchmark": "zernike3deep",
+            "L1": int(l1),
+            "L2": int(l2),
+            "basis": basis,
+            "particles": args.n,
+            "box": args.box,
+            "snr": 0.1,
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "learning_rate": args.learning_rate,
+            "device": args.device,
+            "device_name": torch.cuda.get_device_name()
+            if args.device == "cuda"
+            else f"{platform.machine()} x{torch.get_num_threads()} threads",
+        }
         row.update(landscape_metrics(coeffs, t))
         row.update(displacement_metrics(coeffs, t, data["sim_motion"], (int(l1), int(l2)), basis, args.box))
-        row.update({"train_images_per_s": round(float(history["images_per_s"].median()), 1),
-                    "train_wall_s": round(t_train, 1), "predict_images_per_s": round(args.n / t_pred, 1),
-                    "predict_wall_s": round(t_pred, 1), "peak_memory_mb": peak_memory_mb()})
+        row.update(
+            {
+                "train_images_per_s": round(float(history["images_per_s"].median()), 1),
+                "train_wall_s": round(t_train, 1),
+                "predict_images_per_s": round(args.n / t_pred, 1),
+                "predict_wall_s": round(t_pred, 1),
+                "peak_memory_mb": peak_memory_mb(),
+            }
+        )
         emit(row, args.out)
 
 

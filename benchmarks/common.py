@@ -94,8 +94,7 @@ def file_digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def cache_dir(kind: str, params: Mapping[str, Any], modules: Sequence[str] = (), files: Sequence[Path] = ()
-              ) -> Path:
+def cache_dir(kind: str, params: Mapping[str, Any], modules: Sequence[str] = (), files: Sequence[Path] = ()) -> Path:
     """``benchmarks/work/<kind>_<cache_key>``; not created."""
     return WORK / f"{kind}_{cache_key(params, modules, files)}"
 
@@ -117,35 +116,74 @@ def mark_complete(folder: Path, params: Mapping[str, Any]) -> None:
     from z3lib.io import atomic_path
 
     with atomic_path(folder / COMPLETE) as tmp:
-        tmp.write_text(json.dumps({"params": dict(params), "made": time.strftime("%Y-%m-%d %H:%M:%S")},
-                                  sort_keys=True, default=str, indent=1))
+        tmp.write_text(
+            json.dumps(
+                {"params": dict(params), "made": time.strftime("%Y-%m-%d %H:%M:%S")},
+                sort_keys=True,
+                default=str,
+                indent=1,
+            )
+        )
 
 
-def demo_dataset(n: int = 5000, box: int = 64, snr: float = 0.1, seed: int = 0, processing_box: int | None = None,
-                 pixel_size: float = 2.0) -> dict[str, Path]:
+def demo_dataset(
+    n: int = 5000,
+    box: int = 64,
+    snr: float = 0.1,
+    seed: int = 0,
+    processing_box: int | None = None,
+    pixel_size: float = 2.0,
+) -> dict[str, Path]:
     """The demo simulation (AdK, 2 Å/px, resolution 5 Å) and its preprocessing, cached in
     ``benchmarks/work/`` (keyed by content, see the module's docstring) so that benchmarks share
     it. ``out["key"]`` is a file whose name carries both keys (a key for caches made from it)."""
     pbox = processing_box or box
     start, end = ROOT / "resources/demo/adk_closed.pdb", ROOT / "resources/demo/adk_open.pdb"
-    sim_params = {"n": n, "box": box, "snr": snr, "seed": seed, "pixel_size": pixel_size, "resolution": 5.0,
-                  "start_model": file_digest(start), "end_model": file_digest(end)}
+    sim_params = {
+        "n": n,
+        "box": box,
+        "snr": snr,
+        "seed": seed,
+        "pixel_size": pixel_size,
+        "resolution": 5.0,
+        "start_model": file_digest(start),
+        "end_model": file_digest(end),
+    }
     sim_dir = cache_dir("sim", sim_params, ["z3lib.stages.simulate"], [Path(__file__)])
     if not is_complete(sim_dir):
-        simulate_dataset(start_cache(sim_dir), start_model=start, end_model=end, n_particles=n, box=box,
-                         pixel_size=pixel_size, resolution=5.0, snr=snr, seed=seed)
+        simulate_dataset(
+            start_cache(sim_dir),
+            start_model=start,
+            end_model=end,
+            n_particles=n,
+            box=box,
+            pixel_size=pixel_size,
+            resolution=5.0,
+            snr=snr,
+            seed=seed,
+        )
         mark_complete(sim_dir, sim_params)
     pre_params = {"simulation": sim_dir.name, "box": pbox}
     pre_dir = cache_dir("pre", pre_params, ["z3lib.stages.preprocess"], [Path(__file__)])
     if not is_complete(pre_dir):
-        preprocess(sim_dir / "particles.star", sim_dir / "reference.mrc", sim_dir / "mask.mrc", start_cache(pre_dir),
-                   box=pbox)
+        preprocess(
+            sim_dir / "particles.star", sim_dir / "reference.mrc", sim_dir / "mask.mrc", start_cache(pre_dir), box=pbox
+        )
         mark_complete(pre_dir, pre_params)
-    names = ("particles.star", "ground_truth.tsv", "motion.npz", "reference.mrc", "mask.mrc", "truth_reference.mrc",
-             "state_start.mrc", "state_end.mrc")
+    names = (
+        "particles.star",
+        "ground_truth.tsv",
+        "motion.npz",
+        "reference.mrc",
+        "mask.mrc",
+        "truth_reference.mrc",
+        "state_start.mrc",
+        "state_end.mrc",
+    )
     out = {f"sim_{p.split('.')[0]}": sim_dir / p for p in names}
-    out.update({f"pre_{p.split('.')[0]}": pre_dir / p
-                for p in ("particles.star", "points.npz", "reference.mrc", "mask.mrc")})
+    out.update(
+        {f"pre_{p.split('.')[0]}": pre_dir / p for p in ("particles.star", "points.npz", "reference.mrc", "mask.mrc")}
+    )
     out["key"] = pre_dir / COMPLETE
     return out
 
@@ -172,12 +210,18 @@ def network_run(data: dict[str, Path], config: Any, device: str, *, fresh: bool 
         predict(paths["model"], data["pre_particles"], data["sim_particles"], out / "predict", device=device)
         times = {"train_s": t1 - t0, "predict_s": time.perf_counter() - t1}
         mark_complete(out, params)
-    return {"dir": out, "model": out / "model.pt", "history": out / "history.tsv",
-            "coefficients": out / "predict" / "coefficients.npy", **times}
+    return {
+        "dir": out,
+        "model": out / "model.pt",
+        "history": out / "history.tsv",
+        "coefficients": out / "predict" / "coefficients.npy",
+        **times,
+    }
 
 
-def cached_array(kind: str, params: Mapping[str, Any], modules: Sequence[str], files: Sequence[Path],
-                 make: Any) -> np.ndarray:
+def cached_array(
+    kind: str, params: Mapping[str, Any], modules: Sequence[str], files: Sequence[Path], make: Any
+) -> np.ndarray:
     """``make()`` (an array), cached in ``benchmarks/work/<kind>_<key>.npy`` by content
     (:func:`cache_key` of ``params``, ``modules`` and ``files``); written atomically."""
     from z3lib.io import atomic_path
@@ -191,8 +235,9 @@ def cached_array(kind: str, params: Mapping[str, Any], modules: Sequence[str], f
     return arr
 
 
-def displacement_metrics(coefficients: np.ndarray, t: np.ndarray, motion_path: Path, degrees: tuple[int, int],
-                         basis: str, box: int) -> dict[str, float]:
+def displacement_metrics(
+    coefficients: np.ndarray, t: np.ndarray, motion_path: Path, degrees: tuple[int, int], basis: str, box: int
+) -> dict[str, float]:
     """RMS error (Å) of predicted vs true atom displacements, next to the zero field and the
     representation limit (the least-squares fit of the true displacements in the same basis).
 
@@ -211,8 +256,12 @@ def displacement_metrics(coefficients: np.ndarray, t: np.ndarray, motion_path: P
     zero = float(np.sqrt((true**2).sum(-1).mean()) * apix)
     fit = zk.deformation_field(z, zk.fit_coefficients(atoms, delta, *degrees, box / 2, basis))
     limit = float(np.sqrt((dt**2).mean() * ((fit - delta) ** 2).sum(-1).mean()) * apix)
-    return {"displacement_rms_error_A": round(err, 4), "zero_field_rms_A": round(zero, 4),
-            "representation_limit_A": round(limit, 4), "error_over_limit": round(err / limit, 3)}
+    return {
+        "displacement_rms_error_A": round(err, 4),
+        "zero_field_rms_A": round(zero, 4),
+        "representation_limit_A": round(limit, 4),
+        "error_over_limit": round(err / limit, 3),
+    }
 
 
 def landscape_metrics(coefficients: np.ndarray, t: np.ndarray, k: int = 10) -> dict[str, float]:
@@ -239,4 +288,3 @@ def emit(row: dict[str, Any], out: Path | None) -> None:
     if out is not None:
         with out.open("a") as fh:
             fh.write(line + "\n")
-

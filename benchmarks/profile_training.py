@@ -47,16 +47,34 @@ def main() -> None:
     def run(batch: int, epochs: int, hook: Any = None) -> list[float]:
         cfg = NetworkConfig(L1=int(l1), L2=int(l2), basis=basis, epochs=epochs, batch_size=batch)
         with tempfile.TemporaryDirectory() as tmp:
-            _, history = train_model(source, cloud["points"], cloud["amplitudes"], int(cloud["box"]), cfg,
-                                     checkpoint_dir=tmp, device=args.device, on_epoch_end=hook)
+            _, history = train_model(
+                source,
+                cloud["points"],
+                cloud["amplitudes"],
+                int(cloud["box"]),
+                cfg,
+                checkpoint_dir=tmp,
+                device=args.device,
+                on_epoch_end=hook,
+            )
         return [float(x) for x in history["images_per_s"]]
 
     for batch in args.batch_sizes:
         rates = run(batch, args.epochs)
-        emit({"benchmark": "training_throughput", "device_name": name, "box": args.box, "points": len(cloud["points"]),
-              "degrees": args.degrees, "batch_size": batch, "particles": args.n,
-              "images_per_s_per_epoch": [round(r) for r in rates],
-              "images_per_s": round(float(np.median(rates[1:] if len(rates) > 1 else rates)), 1)}, args.out)
+        emit(
+            {
+                "benchmark": "training_throughput",
+                "device_name": name,
+                "box": args.box,
+                "points": len(cloud["points"]),
+                "degrees": args.degrees,
+                "batch_size": batch,
+                "particles": args.n,
+                "images_per_s_per_epoch": [round(r) for r in rates],
+                "images_per_s": round(float(np.median(rates[1:] if len(rates) > 1 else rates)), 1),
+            },
+            args.out,
+        )
     activities = [torch.profiler.ProfilerActivity.CPU]
     if args.device == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)

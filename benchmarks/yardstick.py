@@ -67,9 +67,16 @@ log = logging.getLogger("yardstick")
 # ----------------------------------------------------------------------------------------------
 # Metrics (pure functions)
 # ----------------------------------------------------------------------------------------------
-def field_errors(coefficients: np.ndarray | None, truth: dict[str, np.ndarray], degrees: tuple[int, int],
-                 basis: str, box: int, pixel_size: float, residual: np.ndarray | None = None,
-                 chunk: int = 500) -> dict[str, float]:
+def field_errors(
+    coefficients: np.ndarray | None,
+    truth: dict[str, np.ndarray],
+    degrees: tuple[int, int],
+    basis: str,
+    box: int,
+    pixel_size: float,
+    residual: np.ndarray | None = None,
+    chunk: int = 500,
+) -> dict[str, float]:
     """RMS (Å) of field − true displacement over heavy atoms of all particles, total, in-plane and
     along the beam.
 
@@ -103,12 +110,16 @@ def field_errors(coefficients: np.ndarray | None, truth: dict[str, np.ndarray], 
         sums += [(rotated[..., :2] ** 2).sum(), (rotated[..., 2] ** 2).sum()]
         n_atoms += err.shape[0] * err.shape[1]
     total = np.sqrt(sums.sum() / n_atoms) * pixel_size
-    return {"rms_A": round(float(total), 4), "in_plane_rms_A": round(float(np.sqrt(sums[0] / n_atoms) * pixel_size), 4),
-            "along_beam_rms_A": round(float(np.sqrt(sums[1] / n_atoms) * pixel_size), 4)}
+    return {
+        "rms_A": round(float(total), 4),
+        "in_plane_rms_A": round(float(np.sqrt(sums[0] / n_atoms) * pixel_size), 4),
+        "along_beam_rms_A": round(float(np.sqrt(sums[1] / n_atoms) * pixel_size), 4),
+    }
 
 
-def representation_residual(truth: dict[str, np.ndarray], degrees: tuple[int, int], basis: str, box: int,
-                            pixel_size: float) -> np.ndarray:
+def representation_residual(
+    truth: dict[str, np.ndarray], degrees: tuple[int, int], basis: str, box: int, pixel_size: float
+) -> np.ndarray:
     """``(S, N, 3)`` px: per-state least-squares fit of the true displacements at the reference
     atoms in the basis, minus the truth (the best any field of that degree can do)."""
     coords, ref = truth["coords"], int(truth["reference"])
@@ -188,9 +199,22 @@ def run_pipeline(workdir: Path, run: str, config: dict[str, Any], full: bool) ->
     cfg = workdir / "yardstick.yaml"
     cfg.write_text(yaml.safe_dump(config, sort_keys=False))
     targets = [] if full else [f"results/{run}/zart/corrected.mrc", f"results/{run}/predict/coefficients.npy"]
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(workdir),
-           "--workflow-profile", str(ROOT / "profiles" / "ci"), "--configfile", str(cfg), "--cores", "2",
-           *targets]
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(ROOT / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--workflow-profile",
+        str(ROOT / "profiles" / "ci"),
+        "--configfile",
+        str(cfg),
+        "--cores",
+        "2",
+        *targets,
+    ]
     t0 = time.perf_counter()
     with (workdir / "snakemake.log").open("a") as fh:
         fh.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
@@ -230,13 +254,21 @@ def stage_times(workdir: Path, run: str, n: int) -> dict[str, dict[str, float]]:
 def training_rate(workdir: Path, run: str) -> float | None:
     """Mean images/s over the training epochs of every round and half (``train*.log``)."""
     paths = sorted((workdir / "logs" / run).rglob("train*.log"))
-    rates = [float(m) for path in paths
-             for m in re.findall(r"epoch \d+ done:.*?([\d.]+) images/s", path.read_text())]
+    rates = [float(m) for path in paths for m in re.findall(r"epoch \d+ done:.*?([\d.]+) images/s", path.read_text())]
     return round(float(np.mean(rates)), 1) if rates else None
 
 
-def half_average_zart(star: Path, pts: np.ndarray, basis: np.ndarray | None, coeffs: np.ndarray | None, box: int,
-                      apix: float, zc: dict[str, Any], seed: int, label: str) -> np.ndarray:
+def half_average_zart(
+    star: Path,
+    pts: np.ndarray,
+    basis: np.ndarray | None,
+    coeffs: np.ndarray | None,
+    box: int,
+    apix: float,
+    zc: dict[str, Any],
+    seed: int,
+    label: str,
+) -> np.ndarray:
     """Average of the two gold-standard half maps that ``reconstruct_zart`` makes from the
     particles of ``star`` (fields ``coeffs`` on the basis values ``basis``; None = zero fields)."""
     from z3lib.io import read_particles
@@ -247,15 +279,15 @@ def half_average_zart(star: Path, pts: np.ndarray, basis: np.ndarray | None, coe
     stack = parts.images()
     halves = []
     for rows in half_sets(parts.table["random_subset"].to_numpy(), seed):
-        vals, _ = reconstruct_zart(get_backend("numpy"), pts, basis, coeffs, stack, parts.table, rows, box, apix,
-                                   config, log=log, label=label)
+        vals, _ = reconstruct_zart(
+            get_backend("numpy"), pts, basis, coeffs, stack, parts.table, rows, box, apix, config, log=log, label=label
+        )
         halves.append(values_to_volume(vals, pts, box))
     stack.close()
     return 0.5 * (halves[0] + halves[1])
 
 
-def oracle_map(data: Path, workdir: Path, run: str, reference: Path, mask: Path, cfg: dict[str, Any]
-               ) -> np.ndarray:
+def oracle_map(data: Path, workdir: Path, run: str, reference: Path, mask: Path, cfg: dict[str, Any]) -> np.ndarray:
     """Half-map average of the oracle particles, preprocessed like the pipeline's and reconstructed
     by ``reconstruct_zart`` with zero fields on the pipeline's point cloud and ZART settings."""
     from z3lib.io import read_npz
@@ -265,15 +297,29 @@ def oracle_map(data: Path, workdir: Path, run: str, reference: Path, mask: Path,
     zc = dict(cfg["zart"])
     for name in ("backend", "field_scale"):  # neither changes a zero-field reconstruction
         zc.pop(name, None)
-    key = digest({"zart": zc, "pre": cfg["preprocess"], "box": cfg["box"], "seed": cfg["seed"],
-                  "points": hashlib.sha256(pts_path.read_bytes()).hexdigest()})
+    key = digest(
+        {
+            "zart": zc,
+            "pre": cfg["preprocess"],
+            "box": cfg["box"],
+            "seed": cfg["seed"],
+            "points": hashlib.sha256(pts_path.read_bytes()).hexdigest(),
+        }
+    )
     out = data / f"oracle_{key}"
     cached = out / "oracle.npy"
     if cached.exists():
         return np.load(cached)
-    pre = preprocess(data / "oracle" / "particles.star", reference, mask, out / "pre", box=cfg["box"],
-                     mask_threshold=cfg["preprocess"]["mask_threshold"],
-                     points_step=cfg["preprocess"]["points_step"], log=log)
+    pre = preprocess(
+        data / "oracle" / "particles.star",
+        reference,
+        mask,
+        out / "pre",
+        box=cfg["box"],
+        mask_threshold=cfg["preprocess"]["mask_threshold"],
+        points_step=cfg["preprocess"]["points_step"],
+        log=log,
+    )
     cloud = read_npz(pts_path)
     pts, box, apix = np.asarray(cloud["points"], np.float64), int(cloud["box"]), float(cloud["pixel_size"])
     vol = half_average_zart(pre["particles"], pts, None, None, box, apix, zc, cfg["seed"], " oracle")
@@ -281,8 +327,15 @@ def oracle_map(data: Path, workdir: Path, run: str, reference: Path, mask: Path,
     return vol
 
 
-def true_field_map(data: Path, workdir: Path, run: str, truth: dict[str, np.ndarray], degrees: tuple[int, int],
-                   basis: str, cfg: dict[str, Any]) -> np.ndarray:
+def true_field_map(
+    data: Path,
+    workdir: Path,
+    run: str,
+    truth: dict[str, np.ndarray],
+    degrees: tuple[int, int],
+    basis: str,
+    cfg: dict[str, Any],
+) -> np.ndarray:
     """Half-map average of the pipeline's own particles reconstructed by ``reconstruct_zart``
     with the *true* fields in the pipeline's basis: per state, the least-squares fit over the
     pipeline's mask points of the true displacement spread smoothly from the atoms (Gaussian
@@ -297,8 +350,15 @@ def true_field_map(data: Path, workdir: Path, run: str, truth: dict[str, np.ndar
     zc = dict(cfg["zart"])
     for name in ("backend", "field_scale"):  # the true fields are used as they are
         zc.pop(name, None)
-    key = digest({"zart": zc, "degrees": list(degrees), "basis": basis, "seed": cfg["seed"],
-                  "points": hashlib.sha256(pts_path.read_bytes()).hexdigest()})
+    key = digest(
+        {
+            "zart": zc,
+            "degrees": list(degrees),
+            "basis": basis,
+            "seed": cfg["seed"],
+            "points": hashlib.sha256(pts_path.read_bytes()).hexdigest(),
+        }
+    )
     cached = data / f"true_fields_{key}.npy"
     if cached.exists():
         return np.load(cached)
@@ -309,11 +369,26 @@ def true_field_map(data: Path, workdir: Path, run: str, truth: dict[str, np.ndar
     dist, idx = cKDTree(ref_px).query(pts, k=16)
     w = np.exp(-0.5 * (dist / 1.5) ** 2) + 1e-12
     w /= w.sum(1, keepdims=True)
-    fits = np.stack([zk.fit_coefficients(pts, np.einsum("nk,nka->na", w, ((coords[k] - coords[ref]) / apix)[idx]),
-                                         *degrees, box / 2, basis) for k in range(len(coords))])
+    fits = np.stack(
+        [
+            zk.fit_coefficients(
+                pts, np.einsum("nk,nka->na", w, ((coords[k] - coords[ref]) / apix)[idx]), *degrees, box / 2, basis
+            )
+            for k in range(len(coords))
+        ]
+    )
     z = zk.evaluate_basis(pts, *degrees, box / 2, basis).astype(np.float32)
-    vol = half_average_zart(res / "preprocess" / "particles.star", pts, z, fits[truth["state"]].astype(np.float32),
-                            box, apix, zc, cfg["seed"], " true fields")
+    vol = half_average_zart(
+        res / "preprocess" / "particles.star",
+        pts,
+        z,
+        fits[truth["state"]].astype(np.float32),
+        box,
+        apix,
+        zc,
+        cfg["seed"],
+        " true fields",
+    )
     np.save(cached, vol)
     return vol
 
@@ -331,25 +406,36 @@ def dataset_checks(data: Path, params: SimParams, truth: dict[str, np.ndarray]) 
 
     t = read_particles(data / "particles.star").table
     k = 16
-    meta = {"_rlnAngleRot": t["rot"].to_numpy()[:k], "_rlnAngleTilt": t["tilt"].to_numpy()[:k],
-            "_rlnAnglePsi": t["psi"].to_numpy()[:k],
-            "_rlnOriginXAngst": t["shift_x"].to_numpy()[:k] * params.pixel_size,
-            "_rlnOriginYAngst": t["shift_y"].to_numpy()[:k] * params.pixel_size,
-            "_rlnDefocusU": t["defocus_u"].to_numpy()[:k], "_rlnDefocusV": t["defocus_v"].to_numpy()[:k],
-            "_rlnDefocusAngle": t["defocus_angle"].to_numpy()[:k]}
+    meta = {
+        "_rlnAngleRot": t["rot"].to_numpy()[:k],
+        "_rlnAngleTilt": t["tilt"].to_numpy()[:k],
+        "_rlnAnglePsi": t["psi"].to_numpy()[:k],
+        "_rlnOriginXAngst": t["shift_x"].to_numpy()[:k] * params.pixel_size,
+        "_rlnOriginYAngst": t["shift_y"].to_numpy()[:k] * params.pixel_size,
+        "_rlnDefocusU": t["defocus_u"].to_numpy()[:k],
+        "_rlnDefocusV": t["defocus_v"].to_numpy()[:k],
+        "_rlnDefocusAngle": t["defocus_angle"].to_numpy()[:k],
+    }
     ref = z3_images(replace(params, n=k), truth["coords"], load_atoms().elements, truth["state"][:k], meta)
     sim = truth["clean_sample"][:k]
     corr = [float(np.corrcoef(a.ravel(), b.ravel())[0, 1]) for a, b in zip(sim, ref, strict=True)]
-    rot_err = float(np.abs(euler_to_matrix(t["rot"], t["tilt"], t["psi"])
-                           - euler_to_matrix(truth["rot"], truth["tilt"], truth["psi"])).max())
-    return {"pose_matrix_max_abs_diff": round(rot_err, 6),
-            "shift_rms_px": round(float(np.sqrt((t["shift_x"] ** 2 + t["shift_y"] ** 2).mean() / 2)), 3),
-            "defocus_angle_deg_range": [round(float(t["defocus_angle"].min()), 1),
-                                        round(float(t["defocus_angle"].max()), 1)],
-            "defocus_u_A_range": [round(float(t["defocus_u"].min())), round(float(t["defocus_u"].max()))],
-            "clean_image_corr_vs_z3_renderer_mean": round(float(np.mean(corr)), 4),
-            "clean_image_corr_vs_z3_renderer_min": round(float(np.min(corr)), 4),
-            "star_columns": sorted(read_star_columns(data / "particles.star"))}
+    rot_err = float(
+        np.abs(
+            euler_to_matrix(t["rot"], t["tilt"], t["psi"]) - euler_to_matrix(truth["rot"], truth["tilt"], truth["psi"])
+        ).max()
+    )
+    return {
+        "pose_matrix_max_abs_diff": round(rot_err, 6),
+        "shift_rms_px": round(float(np.sqrt((t["shift_x"] ** 2 + t["shift_y"] ** 2).mean() / 2)), 3),
+        "defocus_angle_deg_range": [
+            round(float(t["defocus_angle"].min()), 1),
+            round(float(t["defocus_angle"].max()), 1),
+        ],
+        "defocus_u_A_range": [round(float(t["defocus_u"].min())), round(float(t["defocus_u"].max()))],
+        "clean_image_corr_vs_z3_renderer_mean": round(float(np.mean(corr)), 4),
+        "clean_image_corr_vs_z3_renderer_min": round(float(np.min(corr)), 4),
+        "star_columns": sorted(read_star_columns(data / "particles.star")),
+    }
 
 
 def read_star_columns(path: Path) -> set[str]:
@@ -374,9 +460,14 @@ def measure(job: str, degree: str, extra: dict[str, Any], full: bool, smoke: boo
     simulate(params, data, log=log.info)
     t_sim = time.perf_counter() - t0
     reference, mask, cons = consensus(data)
-    config = {"run": f"{scenario}_{source}_n{n}_L{l1}_{l2}_{basis}", "particles": str(data / "particles.star"),
-              "reference": str(reference), "mask": str(mask), "box": params.box,
-              "zernike": {"L1": int(l1), "L2": int(l2), "basis": basis}}
+    config = {
+        "run": f"{scenario}_{source}_n{n}_L{l1}_{l2}_{basis}",
+        "particles": str(data / "particles.star"),
+        "reference": str(reference),
+        "mask": str(mask),
+        "box": params.box,
+        "zernike": {"L1": int(l1), "L2": int(l2), "basis": basis},
+    }
     config = merge(config, extra)
     run = config["run"]
     workdir = YARD / "runs" / f"{data.name}_{digest(config)}"
@@ -389,9 +480,20 @@ def measure(job: str, degree: str, extra: dict[str, Any], full: bool, smoke: boo
     res = workdir / "results" / run
     box, apix = params.box, params.pixel_size
     row: dict[str, Any] = {
-        "benchmark": "yardstick", "scenario": scenario, "source": source, "particles": int(n), "box": box,
-        "pixel_size_A": apix, "snr": params.snr, "L1": int(l1), "L2": int(l2), "basis": basis,
-        "extra_config": extra, "smoke": smoke, "dataset": data.name, "workdir": str(workdir.relative_to(ROOT)),
+        "benchmark": "yardstick",
+        "scenario": scenario,
+        "source": source,
+        "particles": int(n),
+        "box": box,
+        "pixel_size_A": apix,
+        "snr": params.snr,
+        "L1": int(l1),
+        "L2": int(l2),
+        "basis": basis,
+        "extra_config": extra,
+        "smoke": smoke,
+        "dataset": data.name,
+        "workdir": str(workdir.relative_to(ROOT)),
         "reference_state": "truth's middle state (the consensus the pipeline uses is a blur of the ensemble)",
         "consensus": cons,
         "dataset_checks": dataset_checks(data, params, truth),
@@ -403,15 +505,19 @@ def measure(job: str, degree: str, extra: dict[str, Any], full: bool, smoke: boo
         row[f"displacement_{stage}"] = field_errors(c, truth, (int(l1), int(l2)), basis, box, apix)
     row["displacement_zero_field"] = field_errors(None, truth, (int(l1), int(l2)), basis, box, apix)
     row["representation_limit"] = {
-        f"{a}_{b}_{c}": field_errors(None, truth, (a, b), c, box, apix,
-                                     residual=representation_residual(truth, (a, b), c, box, apix))
-        for a, b, c in LIMIT_DEGREES}
+        f"{a}_{b}_{c}": field_errors(
+            None, truth, (a, b), c, box, apix, residual=representation_residual(truth, (a, b), c, box, apix)
+        )
+        for a, b, c in LIMIT_DEGREES
+    }
     # maps
     truth_map = read_map(data / "truth" / "reference_state.mrc").data
-    maps = {"uncorrected": half_average(res / "zart", "uncorrected"),
-            "corrected": half_average(res / "zart", "corrected"),
-            "oracle": oracle_map(data, workdir, run, reference, mask, effective),
-            "true_fields": true_field_map(data, workdir, run, truth, (int(l1), int(l2)), basis, effective)}
+    maps = {
+        "uncorrected": half_average(res / "zart", "uncorrected"),
+        "corrected": half_average(res / "zart", "corrected"),
+        "oracle": oracle_map(data, workdir, run, reference, mask, effective),
+        "true_fields": true_field_map(data, workdir, run, truth, (int(l1), int(l2)), basis, effective),
+    }
     row["maps_vs_truth"] = {k: map_metrics(v, truth_map, apix) for k, v in maps.items()}
     a = {k: v["fsc_area"] for k, v in row["maps_vs_truth"].items()}
     gap = a["oracle"] - a["uncorrected"]
@@ -434,11 +540,20 @@ def measure(job: str, degree: str, extra: dict[str, Any], full: bool, smoke: boo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", nargs="+", default=["hinge:aspire:5000"],
-                        help="scenario:source:n (hinge|path|two_motions : aspire|z3 : particles)")
+    parser.add_argument(
+        "--jobs",
+        nargs="+",
+        default=["hinge:aspire:5000"],
+        help="scenario:source:n (hinge|path|two_motions : aspire|z3 : particles)",
+    )
     parser.add_argument("--degrees", nargs="+", default=["3,2,xmipp", "7,7,orthonormal"])
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra pipeline config (dotted keys, YAML values), e.g. rounds=2")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra pipeline config (dotted keys, YAML values), e.g. rounds=2",
+    )
     parser.add_argument("--smoke", action="store_true", help="500 particles per job (ignores n)")
     parser.add_argument("--full", action="store_true", help="run the default target (report too)")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -469,8 +584,13 @@ def main() -> None:
                 row = measure(job, degree, extra, args.full, args.smoke)
             except Exception as exc:  # one failure must not hide the other figures
                 log.exception("job %s %s failed", job, degree)
-                row = {"benchmark": "yardstick", "job": job, "degree": degree, "extra_config": extra,
-                       "failed": f"{type(exc).__name__}: {exc}"}
+                row = {
+                    "benchmark": "yardstick",
+                    "job": job,
+                    "degree": degree,
+                    "extra_config": extra,
+                    "failed": f"{type(exc).__name__}: {exc}",
+                }
             emit(row, None if args.smoke and args.out == RESULTS else args.out)
 
 

@@ -139,8 +139,7 @@ def in_range(residues: np.ndarray, span: tuple[int, int]) -> np.ndarray:
     return (residues >= span[0]) & (residues <= span[1])
 
 
-def hinge_axis(atoms: Atoms, span: tuple[int, int], coords: np.ndarray | None = None
-               ) -> tuple[np.ndarray, np.ndarray]:
+def hinge_axis(atoms: Atoms, span: tuple[int, int], coords: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Point (Å) and unit direction of a domain's hinge axis: centroid and principal axis of the
     Cα atoms within two residues of the domain's two junctions with the core."""
     x = atoms.closed if coords is None else coords
@@ -160,8 +159,9 @@ def axis_rotation(axis: np.ndarray, angle_deg: float) -> np.ndarray:
     return np.eye(3) + math.sin(a) * k + (1 - math.cos(a)) * (k @ k)
 
 
-def rotate_domain(coords: np.ndarray, select: np.ndarray, point: np.ndarray, axis: np.ndarray,
-                  angle_deg: float) -> np.ndarray:
+def rotate_domain(
+    coords: np.ndarray, select: np.ndarray, point: np.ndarray, axis: np.ndarray, angle_deg: float
+) -> np.ndarray:
     out = coords.copy()
     r = axis_rotation(axis, angle_deg)
     out[select] = (coords[select] - point) @ r.T + point
@@ -220,8 +220,7 @@ def build_states(params: SimParams, atoms: Atoms) -> States:
         pl, al = hinge_axis(atoms, LID)
         pn, an = hinge_axis(atoms, NMP)
         grid = np.array([(u, v) for u in g for v in g])
-        coords = np.stack([rotate_domain(rotate_domain(atoms.closed, lid, pl, al, u), nmp, pn, an, v)
-                           for u, v in grid])
+        coords = np.stack([rotate_domain(rotate_domain(atoms.closed, lid, pl, al, u), nmp, pn, an, v) for u, v in grid])
         coordinate, names = grid, ["lid_angle_deg", "nmp_angle_deg"]
         ref = int(np.argmin(np.abs(grid).sum(1)))
     elif params.scenario == "path":
@@ -309,12 +308,15 @@ def draw_acquisition(params: SimParams, n_states: int) -> Acquisition:
         subset=rng.permutation(np.arange(params.n) % 2) + 1,
         offsets=rng.normal(scale=params.shift_sigma, size=(params.n, 2)),
         micrograph=rng.integers(0, m, size=params.n),
-        defocus_u=du, defocus_v=dv, defocus_angle=rng.uniform(0.0, math.pi, size=m),
+        defocus_u=du,
+        defocus_v=dv,
+        defocus_angle=rng.uniform(0.0, math.pi, size=m),
     )
 
 
-def aspire_images(params: SimParams, maps: np.ndarray, states: np.ndarray, acq: Acquisition,
-                  scratch: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def aspire_images(
+    params: SimParams, maps: np.ndarray, states: np.ndarray, acq: Acquisition, scratch: Path
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Clean CTF-modulated ASPIRE images ``(n, box, box)`` of ``maps[states]`` and the RELION
     metadata ASPIRE assigns (angles in degrees, origins in Å, CTF; defocus angle in degrees)."""
     scratch.mkdir(parents=True, exist_ok=True)
@@ -326,32 +328,56 @@ def aspire_images(params: SimParams, maps: np.ndarray, states: np.ndarray, acq: 
         from aspire.source import Simulation
         from aspire.volume import Volume
 
-        filters = [CTFFilter(voltage=params.voltage, defocus_u=float(u), defocus_v=float(v),
-                             defocus_ang=float(a), Cs=params.cs, alpha=params.amplitude_contrast)
-                   for u, v, a in zip(acq.defocus_u, acq.defocus_v, acq.defocus_angle, strict=True)]
+        filters = [
+            CTFFilter(
+                voltage=params.voltage,
+                defocus_u=float(u),
+                defocus_v=float(v),
+                defocus_ang=float(a),
+                Cs=params.cs,
+                alpha=params.amplitude_contrast,
+            )
+            for u, v, a in zip(acq.defocus_u, acq.defocus_v, acq.defocus_angle, strict=True)
+        ]
         sim = Simulation(
-            n=params.n, vols=Volume(maps, pixel_size=params.pixel_size),
+            n=params.n,
+            vols=Volume(maps, pixel_size=params.pixel_size),
             states=np.asarray(states) + 1,  # ASPIRE's states are 1-based
-            unique_filters=filters, filter_indices=acq.micrograph,
-            offsets=acq.offsets.astype(np.float32), amplitudes=np.ones(params.n, dtype=np.float32),
-            seed=params.seed, dtype=np.float32,
+            unique_filters=filters,
+            filter_indices=acq.micrograph,
+            offsets=acq.offsets.astype(np.float32),
+            amplitudes=np.ones(params.n, dtype=np.float32),
+            seed=params.seed,
+            dtype=np.float32,
         )
         sim.generation_pipeline.add_xform(Multiply(-1))  # ASPIRE's CTF is −RELION's
-        images = np.concatenate([sim.images[lo:lo + 1000].asnumpy()
-                                 for lo in range(0, params.n, 1000)]).astype(np.float32)
+        images = np.concatenate([sim.images[lo : lo + 1000].asnumpy() for lo in range(0, params.n, 1000)]).astype(
+            np.float32
+        )
         meta = sim.get_metadata(as_dict=True)
     finally:
         os.chdir(here)
-    keep = ("_rlnAngleRot", "_rlnAngleTilt", "_rlnAnglePsi", "_rlnOriginXAngst", "_rlnOriginYAngst",
-            "_rlnDefocusU", "_rlnDefocusV", "_rlnDefocusAngle", "_rlnVoltage", "_rlnSphericalAberration",
-            "_rlnAmplitudeContrast")
+    keep = (
+        "_rlnAngleRot",
+        "_rlnAngleTilt",
+        "_rlnAnglePsi",
+        "_rlnOriginXAngst",
+        "_rlnOriginYAngst",
+        "_rlnDefocusU",
+        "_rlnDefocusV",
+        "_rlnDefocusAngle",
+        "_rlnVoltage",
+        "_rlnSphericalAberration",
+        "_rlnAmplitudeContrast",
+    )
     out = {k: np.asarray(meta[k], dtype=np.float64) for k in keep}
     out["_rlnDefocusAngle"] = np.rad2deg(out["_rlnDefocusAngle"])  # ASPIRE writes radians
     return images, out
 
 
-def z3_images(params: SimParams, coords: np.ndarray, elements: list[str], states: np.ndarray,
-              meta: dict[str, np.ndarray]) -> np.ndarray:
+def z3_images(
+    params: SimParams, coords: np.ndarray, elements: list[str], states: np.ndarray, meta: dict[str, np.ndarray]
+) -> np.ndarray:
     """Clean images by z3's own renderer (Gaussian atoms, exact projection, z3's CTF) of the atoms
     ``coords[states]`` with the poses, shifts and CTFs in ``meta`` (RELION conventions)."""
     import torch
@@ -369,10 +395,22 @@ def z3_images(params: SimParams, coords: np.ndarray, elements: list[str], states
     for lo in range(0, params.n, 256):
         sl = slice(lo, min(params.n, lo + 256))
         xyz = torch.tensor(coords[states[sl]] / apix, dtype=torch.float32)
-        proj = project_atoms(xyz, w, torch.tensor(rot[sl], dtype=torch.float32),
-                             torch.tensor(shifts[sl], dtype=torch.float32), params.box, sigma)
-        ctf = CtfParams.create(meta["_rlnDefocusU"][sl], meta["_rlnDefocusV"][sl], meta["_rlnDefocusAngle"][sl],
-                               params.voltage, params.cs, params.amplitude_contrast)
+        proj = project_atoms(
+            xyz,
+            w,
+            torch.tensor(rot[sl], dtype=torch.float32),
+            torch.tensor(shifts[sl], dtype=torch.float32),
+            params.box,
+            sigma,
+        )
+        ctf = CtfParams.create(
+            meta["_rlnDefocusU"][sl],
+            meta["_rlnDefocusV"][sl],
+            meta["_rlnDefocusAngle"][sl],
+            params.voltage,
+            params.cs,
+            params.amplitude_contrast,
+        )
         out[sl] = apply_ctf(proj, apix, ctf, pad=2).numpy()
     return out
 
@@ -387,21 +425,35 @@ def noise_sigma(clean: np.ndarray, snr: float) -> float:
     return math.sqrt(energy / snr)
 
 
-def write_star(path: Path, meta: dict[str, np.ndarray], stack_name: str, params: SimParams,
-               subset: np.ndarray) -> None:
+def write_star(path: Path, meta: dict[str, np.ndarray], stack_name: str, params: SimParams, subset: np.ndarray) -> None:
     """A RELION 3.1 particle STAR (optics + particles); no ground-truth column."""
     n = params.n
     lines = ["# version 30001", "", "data_optics", "", "loop_"]
-    optics = {"_rlnOpticsGroup": 1, "_rlnOpticsGroupName": "opticsGroup1",
-              "_rlnImagePixelSize": params.pixel_size, "_rlnImageSize": params.box,
-              "_rlnImageDimensionality": 2, "_rlnVoltage": params.voltage,
-              "_rlnSphericalAberration": params.cs, "_rlnAmplitudeContrast": params.amplitude_contrast}
+    optics = {
+        "_rlnOpticsGroup": 1,
+        "_rlnOpticsGroupName": "opticsGroup1",
+        "_rlnImagePixelSize": params.pixel_size,
+        "_rlnImageSize": params.box,
+        "_rlnImageDimensionality": 2,
+        "_rlnVoltage": params.voltage,
+        "_rlnSphericalAberration": params.cs,
+        "_rlnAmplitudeContrast": params.amplitude_contrast,
+    }
     lines += [f"{k} #{i + 1}" for i, k in enumerate(optics)]
-    lines += [" ".join(str(v) for v in optics.values()), "", "", "# version 30001", "", "data_particles",
-              "", "loop_"]
-    cols = ["_rlnImageName", "_rlnAngleRot", "_rlnAngleTilt", "_rlnAnglePsi", "_rlnOriginXAngst",
-            "_rlnOriginYAngst", "_rlnDefocusU", "_rlnDefocusV", "_rlnDefocusAngle", "_rlnOpticsGroup",
-            "_rlnRandomSubset"]
+    lines += [" ".join(str(v) for v in optics.values()), "", "", "# version 30001", "", "data_particles", "", "loop_"]
+    cols = [
+        "_rlnImageName",
+        "_rlnAngleRot",
+        "_rlnAngleTilt",
+        "_rlnAnglePsi",
+        "_rlnOriginXAngst",
+        "_rlnOriginYAngst",
+        "_rlnDefocusU",
+        "_rlnDefocusV",
+        "_rlnDefocusAngle",
+        "_rlnOpticsGroup",
+        "_rlnRandomSubset",
+    ]
     lines += [f"{k} #{i + 1}" for i, k in enumerate(cols)]
     for i in range(n):
         vals = [f"{i + 1:06d}@{stack_name}"]
@@ -457,8 +509,9 @@ def simulate(params: SimParams, out: Path, log: Any = print) -> Path:
         maps = render_maps(states.coords, atoms.elements, params.box, params.pixel_size)
         log(f"rendered {len(maps)} maps with gemmi in {time.perf_counter() - t0:.1f} s")
         clean, meta = aspire_images(params, maps, acq.state, acq, out / "scratch")
-        clean_oracle, meta_o = aspire_images(params, maps[[states.reference]], np.zeros(params.n, int), acq,
-                                             out / "scratch")
+        clean_oracle, meta_o = aspire_images(
+            params, maps[[states.reference]], np.zeros(params.n, int), acq, out / "scratch"
+        )
         for k in meta:
             if not np.allclose(meta[k], meta_o[k]):
                 raise RuntimeError(f"ASPIRE gave the oracle different {k}")
@@ -471,9 +524,12 @@ def simulate(params: SimParams, out: Path, log: Any = print) -> Path:
         clean_oracle = z3_images(params, states.coords, atoms.elements, ref_states, meta)
         from z3lib.simulate import atom_weights, density_from_atoms, gaussian_sigma
 
-        truth_map = density_from_atoms(states.coords[states.reference] / params.pixel_size,
-                                       atom_weights(atoms.elements), params.box,
-                                       gaussian_sigma(RESOLUTION) / params.pixel_size)
+        truth_map = density_from_atoms(
+            states.coords[states.reference] / params.pixel_size,
+            atom_weights(atoms.elements),
+            params.box,
+            gaussian_sigma(RESOLUTION) / params.pixel_size,
+        )
     else:
         raise ValueError(f"unknown source {params.source!r}")
     log(f"imaged {params.n} particles ({params.source}) in {time.perf_counter() - t0:.1f} s")
@@ -484,10 +540,20 @@ def simulate(params: SimParams, out: Path, log: Any = print) -> Path:
     write_mrcs(out / "oracle" / "particles.mrcs", clean_oracle + noise, params.pixel_size)
     write_star(out / "oracle" / "particles.star", meta, "particles.mrcs", params, acq.subset)
     write_map(out / "truth" / "reference_state.mrc", truth_map, params.pixel_size)
-    np.savez(out / "truth" / "truth.npz", coords=states.coords, coordinate=states.coordinate,
-             names=np.asarray(states.names), reference=states.reference, state=acq.state,
-             rot=meta["_rlnAngleRot"], tilt=meta["_rlnAngleTilt"], psi=meta["_rlnAnglePsi"],
-             noise_sigma=sigma, clean_sample=clean[:16], oracle_sample=clean_oracle[:16])
+    np.savez(
+        out / "truth" / "truth.npz",
+        coords=states.coords,
+        coordinate=states.coordinate,
+        names=np.asarray(states.names),
+        reference=states.reference,
+        state=acq.state,
+        rot=meta["_rlnAngleRot"],
+        tilt=meta["_rlnAngleTilt"],
+        psi=meta["_rlnAnglePsi"],
+        noise_sigma=sigma,
+        clean_sample=clean[:16],
+        oracle_sample=clean_oracle[:16],
+    )
     (out / "params.json").write_text(json.dumps(asdict(params), indent=1))
     (out / "done").write_text(f"{time.perf_counter() - t0:.1f} s\n")
     log(f"dataset written to {out} in {time.perf_counter() - t0:.1f} s (noise sigma {sigma:.4g})")

@@ -32,9 +32,18 @@ def relion_matrix(rot: np.ndarray, tilt: np.ndarray, psi: np.ndarray) -> np.ndar
     return np.stack([np.stack(r, axis=-1) for r in rows], axis=-2)
 
 
-def relion_ctf(kx: np.ndarray, ky: np.ndarray, pixel_size: float, defocus_u: float, defocus_v: float,
-               defocus_angle: float, *, voltage: float = 300.0, cs_mm: float = 2.7,
-               q0: float = 0.1) -> np.ndarray:
+def relion_ctf(
+    kx: np.ndarray,
+    ky: np.ndarray,
+    pixel_size: float,
+    defocus_u: float,
+    defocus_v: float,
+    defocus_angle: float,
+    *,
+    voltage: float = 300.0,
+    cs_mm: float = 2.7,
+    q0: float = 0.1,
+) -> np.ndarray:
     """RELION's CTF (its ``ctf.h``; docs/conventions.md) at frequencies ``kx, ky`` in cycles/px.
 
     ``sin(χ + arcsin Q0)`` with ``χ = πλΔf s² − (π/2) Cs λ³ s⁴``, ``Δf`` the astigmatic defocus
@@ -45,13 +54,15 @@ def relion_ctf(kx: np.ndarray, ky: np.ndarray, pixel_size: float, defocus_u: flo
     sx, sy = kx / pixel_size, ky / pixel_size
     s2 = sx**2 + sy**2
     df = 0.5 * (defocus_u + defocus_v) + 0.5 * (defocus_u - defocus_v) * np.cos(
-        2.0 * (np.arctan2(sy, sx) - np.deg2rad(defocus_angle)))
+        2.0 * (np.arctan2(sy, sx) - np.deg2rad(defocus_angle))
+    )
     chi = np.pi * lam * df * s2 - 0.5 * np.pi * cs_mm * 1e7 * lam**3 * s2**2
     return np.asarray(np.sin(chi + np.arcsin(q0)))
 
 
-def gaussian_volume(box: int, centres: Sequence[Sequence[float]], amplitudes: Sequence[float],
-                    sigma: float) -> np.ndarray:
+def gaussian_volume(
+    box: int, centres: Sequence[Sequence[float]], amplitudes: Sequence[float], sigma: float
+) -> np.ndarray:
     """``(box, box, box)`` ``[z, y, x]`` sum of isotropic Gaussians ``a·exp(−|r − c|²/2σ²)``,
     centres ``(x, y, z)`` px from the box centre, σ px."""
     zz, yy, xx = np.meshgrid(*[np.arange(box) - box // 2] * 3, indexing="ij")
@@ -61,8 +72,14 @@ def gaussian_volume(box: int, centres: Sequence[Sequence[float]], amplitudes: Se
     return vol
 
 
-def gaussian_image(box: int, positions: Sequence[Sequence[float]], amplitudes: Sequence[float], sigma: float,
-                   transfer: np.ndarray | None = None, fine: int = 512) -> np.ndarray:
+def gaussian_image(
+    box: int,
+    positions: Sequence[Sequence[float]],
+    amplitudes: Sequence[float],
+    sigma: float,
+    transfer: np.ndarray | None = None,
+    fine: int = 512,
+) -> np.ndarray:
     """``(box, box)`` ``[y, x]`` projection of isotropic 3D Gaussians (peaks ``amplitudes``, σ px)
     whose centres project to ``positions`` (x, y px from the image centre ``box // 2``), filtered
     by ``transfer`` (an ``(fine, fine)`` filter on ``np.fft.fftfreq(fine)`` cycles/px, ``[ky, kx]``;

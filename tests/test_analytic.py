@@ -27,11 +27,22 @@ def test_relion_ctf_equals_aspire_ctf() -> None:
     assert isinstance(particles, pd.DataFrame) and isinstance(optics, pd.DataFrame)
     k = (np.arange(box) - box // 2) / box  # cycles/px, DC at index box // 2 like ASPIRE's grid
     ky, kx = np.meshgrid(k, k, indexing="ij")
-    ours = np.stack([
-        relion_ctf(kx, ky, pixel_size, row.rlnDefocusU, row.rlnDefocusV, row.rlnDefocusAngle,
-                   voltage=float(optics["rlnVoltage"][0]), cs_mm=float(optics["rlnSphericalAberration"][0]),
-                   q0=float(optics["rlnAmplitudeContrast"][0]))
-        for row in particles.itertuples()])
+    ours = np.stack(
+        [
+            relion_ctf(
+                kx,
+                ky,
+                pixel_size,
+                row.rlnDefocusU,
+                row.rlnDefocusV,
+                row.rlnDefocusAngle,
+                voltage=float(optics["rlnVoltage"][0]),
+                cs_mm=float(optics["rlnSphericalAberration"][0]),
+                q0=float(optics["rlnAmplitudeContrast"][0]),
+            )
+            for row in particles.itertuples()
+        ]
+    )
     np.testing.assert_allclose(ours, -ref["ctf"], atol=4e-3)
     assert (np.abs(ours) > 0.9).any()
 

@@ -50,8 +50,9 @@ def test_key_changes_with_settings_code_and_inputs(common: ModuleType, tmp_path:
     assert key != common.cache_key({"steps": 10, "seed": 0}, ["z3lib.zernike"], [data, code])
 
 
-def test_cached_array_is_made_again_for_other_settings(common: ModuleType, tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cached_array_is_made_again_for_other_settings(
+    common: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(common, "WORK", tmp_path)
     made: list[int] = []
 
@@ -59,6 +60,7 @@ def test_cached_array_is_made_again_for_other_settings(common: ModuleType, tmp_p
         def inner() -> np.ndarray:
             made.append(value)
             return np.full(3, value)
+
         return inner
 
     a = common.cached_array("x", {"v": 1}, [], [], make(1))

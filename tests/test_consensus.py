@@ -21,9 +21,18 @@ ADK = Path(__file__).resolve().parents[1] / "resources" / "demo"
 def clean(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Noise-free, rigid (t = 0.5) particles, consensus written by simulate_dataset itself."""
     out = tmp_path_factory.mktemp("consensus")
-    return simulate_dataset(out, start_model=ADK / "adk_closed.pdb", end_model=ADK / "adk_open.pdb",
-                            n_particles=400, box=32, pixel_size=4.0, resolution=10.0, snr=math.inf, seed=5,
-                            t_range=(0.5, 0.5))
+    return simulate_dataset(
+        out,
+        start_model=ADK / "adk_closed.pdb",
+        end_model=ADK / "adk_open.pdb",
+        n_particles=400,
+        box=32,
+        pixel_size=4.0,
+        resolution=10.0,
+        snr=math.inf,
+        seed=5,
+        t_range=(0.5, 0.5),
+    )
 
 
 def test_consensus_of_rigid_particles_is_the_true_map(clean: dict[str, Path]) -> None:

@@ -23,7 +23,9 @@ def _ry(a: float) -> np.ndarray:
 
 
 @given(
-    st.floats(-180, 180), st.floats(0, 180), st.floats(-180, 180),
+    st.floats(-180, 180),
+    st.floats(0, 180),
+    st.floats(-180, 180),
 )
 @settings(max_examples=200, deadline=None)
 def test_euler_matrix_is_zyz_product(rot: float, tilt: float, psi: float) -> None:
@@ -112,8 +114,9 @@ def test_pixel_size_rules() -> None:
 
 def test_electron_wavelength_reference_values() -> None:
     # Tabulated relativistic wavelengths: 300 kV 0.01969 Å, 200 kV 0.02508 Å, 100 kV 0.03701 Å
-    np.testing.assert_allclose(cv.electron_wavelength(np.array([300.0, 200.0, 100.0])),
-                               [0.019687, 0.025079, 0.037014], atol=2e-6)
+    np.testing.assert_allclose(
+        cv.electron_wavelength(np.array([300.0, 200.0, 100.0])), [0.019687, 0.025079, 0.037014], atol=2e-6
+    )
     assert float(cv.electron_wavelength(torch.tensor(300.0))) == pytest.approx(0.019687, abs=2e-6)
 
 

@@ -16,8 +16,18 @@ def _lam(kv: float) -> float:
     return 12.2643247 / math.sqrt(v * (1 + 0.978466e-6 * v))
 
 
-def _numpy_ctf(box: int, apix: float, du: float, dv: float, ang: float, kv: float, cs: float, w: float,
-               phase: float = 0.0, bfac: float = 0.0) -> np.ndarray:
+def _numpy_ctf(
+    box: int,
+    apix: float,
+    du: float,
+    dv: float,
+    ang: float,
+    kv: float,
+    cs: float,
+    w: float,
+    phase: float = 0.0,
+    bfac: float = 0.0,
+) -> np.ndarray:
     """Independent numpy CTF on the rfft2 grid of a [y, x] image (rows y, columns x)."""
     sy = np.fft.fftfreq(box, d=apix)[:, None]
     sx = np.fft.rfftfreq(box, d=apix)[None, :]
@@ -74,8 +84,18 @@ def test_zeros_with_cs_q0_and_astigmatism_axis(angle: float) -> None:
 
 def test_grid_matches_independent_numpy_model(device: str) -> None:
     args = {"du": 21000.0, "dv": 17000.0, "ang": -40.0, "kv": 300.0, "cs": 2.7, "w": 0.1, "phase": 20.0, "bfac": 50.0}
-    p = CtfParams.create(args["du"], args["dv"], args["ang"], args["kv"], args["cs"], args["w"],
-                         args["phase"], args["bfac"], device=device, dtype=torch.float64)
+    p = CtfParams.create(
+        args["du"],
+        args["dv"],
+        args["ang"],
+        args["kv"],
+        args["cs"],
+        args["w"],
+        args["phase"],
+        args["bfac"],
+        device=device,
+        dtype=torch.float64,
+    )
     ours = compute_ctf(48, 1.7, p)[0].cpu().numpy()
     np.testing.assert_allclose(ours, _numpy_ctf(48, 1.7, **args), atol=1e-12)
     full = compute_ctf(47, 1.7, p, rfft=False)[0].cpu().numpy()
@@ -87,8 +107,16 @@ def test_apply_ctf_equals_fourier_product(device: str) -> None:
     rng = np.random.default_rng(0)
     img = rng.normal(size=(2, 40, 40))
     params = {"du": 12000.0, "dv": 10000.0, "ang": 25.0, "kv": 300.0, "cs": 2.7, "w": 0.1}
-    p = CtfParams.create(params["du"], params["dv"], params["ang"], params["kv"], params["cs"], params["w"],
-                         device=device, dtype=torch.float64)
+    p = CtfParams.create(
+        params["du"],
+        params["dv"],
+        params["ang"],
+        params["kv"],
+        params["cs"],
+        params["w"],
+        device=device,
+        dtype=torch.float64,
+    )
     out = apply_ctf(torch.tensor(img, device=device), 2.0, p, pad=1).cpu().numpy()
     expected = np.fft.irfft2(np.fft.rfft2(img) * _numpy_ctf(40, 2.0, **params), s=(40, 40))
     np.testing.assert_allclose(out, expected, atol=1e-10)
@@ -121,13 +149,16 @@ def test_wiener_inverts_ctf_where_it_is_strong() -> None:
 
 def test_ctf_is_differentiable_in_defocus() -> None:
     du = torch.tensor([15000.0], dtype=torch.float64, requires_grad=True)
-    p = CtfParams(du, du * 1.0,
-                  *(torch.tensor([v], dtype=torch.float64) for v in (0.0, 300.0, 2.7, 0.1, 0.0, 0.0, 1.0)))
+    p = CtfParams(
+        du, du * 1.0, *(torch.tensor([v], dtype=torch.float64) for v in (0.0, 300.0, 2.7, 0.1, 0.0, 0.0, 1.0))
+    )
     s = torch.tensor([0.05], dtype=torch.float64)
     val = evaluate_ctf(s, torch.zeros(1, dtype=torch.float64), p).sum()
     val.backward()
     h = 1e-2
+
     def f(d: float) -> float:
         q = CtfParams.create(d, d, 0.0, 300.0, 2.7, 0.1, dtype=torch.float64)
         return float(evaluate_ctf(s, torch.zeros(1, dtype=torch.float64), q).sum())
+
     assert float(du.grad) == pytest.approx((f(15000.0 + h) - f(15000.0 - h)) / (2 * h), rel=1e-5)

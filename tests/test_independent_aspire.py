@@ -26,8 +26,9 @@ def _model_images(shift_sign: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     parts = read_particles(FIXTURE / "particles.star")
     t = parts.table
     volume = read_map(FIXTURE / "volume.mrc").data
-    rotations = rotations_from_euler(*(np.array(t[c], dtype=np.float64) for c in ("rot", "tilt", "psi")),
-                                     dtype=torch.float64)
+    rotations = rotations_from_euler(
+        *(np.array(t[c], dtype=np.float64) for c in ("rot", "tilt", "psi")), dtype=torch.float64
+    )
     shifts = torch.tensor(shift_sign * t[["shift_x", "shift_y"]].to_numpy(dtype=np.float64))
     projections = project_volume(volume, rotations, shifts)
     model = apply_ctf(projections, parts.pixel_size, CtfParams.from_table(t, dtype=torch.float64)).numpy()

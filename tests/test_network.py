@@ -30,17 +30,37 @@ XMIPP_32: dict[str, object] = {"L1": 3, "L2": 2, "basis": "xmipp"}  # 39 coeffic
 def two_states(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny two-state AdK dataset (closed/open), box 40 cropped to 32 for processing."""
     root = tmp_path_factory.mktemp("two_states")
-    sim = simulate_dataset(root / "sim", start_model=ADK / "adk_closed.pdb", end_model=ADK / "adk_open.pdb",
-                           n_particles=400, box=40, pixel_size=3.2, resolution=9.0, snr=1.0, seed=11,
-                           t_values=(0.0, 1.0), consensus=False)  # an exact reference: this tests the network
+    sim = simulate_dataset(
+        root / "sim",
+        start_model=ADK / "adk_closed.pdb",
+        end_model=ADK / "adk_open.pdb",
+        n_particles=400,
+        box=40,
+        pixel_size=3.2,
+        resolution=9.0,
+        snr=1.0,
+        seed=11,
+        t_values=(0.0, 1.0),
+        consensus=False,
+    )  # an exact reference: this tests the network
     pre = preprocess(sim["particles"], sim["reference"], sim["mask"], root / "pre", box=32)
     return {**sim, **{f"pre_{k}": v for k, v in pre.items()}}
 
 
 def _small_config(**kw: object) -> NetworkConfig:
-    args: dict[str, object] = {**XMIPP_32, "epochs": 8, "batch_size": 16, "learning_rate": 2e-3, "encoder_box": 32,
-                               "channels": 8, "hidden": 64, "validation_fraction": 0.1, "seed": 3,
-                               "energy_weight": 1e-4, "smooth_weight": 1e-3}
+    args: dict[str, object] = {
+        **XMIPP_32,
+        "epochs": 8,
+        "batch_size": 16,
+        "learning_rate": 2e-3,
+        "encoder_box": 32,
+        "channels": 8,
+        "hidden": 64,
+        "validation_fraction": 0.1,
+        "seed": 3,
+        "energy_weight": 1e-4,
+        "smooth_weight": 1e-3,
+    }
     args.update(kw)
     return NetworkConfig(**args)  # type: ignore[arg-type]
 
@@ -49,11 +69,13 @@ def test_decoder_zero_field_equals_rigid_projection_with_ctf(device: str) -> Non
     rng = np.random.default_rng(0)
     box = 24
     zz, yy, xx = np.meshgrid(*[np.arange(box) - box // 2] * 3, indexing="ij")
-    vol = (np.exp(-((xx - 2) ** 2 + yy**2 + (zz + 1) ** 2) / 8.0)
-           + 0.5 * np.exp(-((xx + 4) ** 2 + (yy - 3) ** 2 + zz**2) / 4.0))
+    vol = np.exp(-((xx - 2) ** 2 + yy**2 + (zz + 1) ** 2) / 8.0) + 0.5 * np.exp(
+        -((xx + 4) ** 2 + (yy - 3) ** 2 + zz**2) / 4.0
+    )
     points, amps = points_from_volume(vol)
-    dec = PhysicalDecoder(torch.tensor(points), torch.tensor(amps), zk.ZernikeSpec(3, 2, "xmipp", box), 2.0,
-                          NetworkConfig()).to(device)
+    dec = PhysicalDecoder(
+        torch.tensor(points), torch.tensor(amps), zk.ZernikeSpec(3, 2, "xmipp", box), 2.0, NetworkConfig()
+    ).to(device)
     rots = torch.tensor(random_rotations(3, rng), dtype=torch.float32, device=device)
     shifts = torch.tensor(rng.normal(size=(3, 2)), dtype=torch.float32, device=device)
     ctf = CtfParams.create([12000.0, 15000.0, 20000.0], [11000.0, 15000.0, 19000.0], [10.0, 0.0, 80.0], device=device)
@@ -71,10 +93,13 @@ def test_decoder_images_are_the_analytic_projection_with_relion_ctf() -> None:
     centre = np.array([3.0, -2.0, 1.0])
     vol = gaussian_volume(box, [centre], [1.0], sigma)
     points, amps = points_from_volume(vol, mask=vol > 1e-7)
-    dec = PhysicalDecoder(torch.tensor(points), torch.tensor(amps), zk.ZernikeSpec(3, 2, "xmipp", box), apix,
-                          NetworkConfig()).double()
-    rots = np.array([[[0, 1, 0], [0, 0, 1], [1, 0, 0]], [[-1, 0, 0], [0, 0, 1], [0, 1, 0]],
-                     [[1, 0, 0], [0, -1, 0], [0, 0, -1]]], dtype=float)  # voxel points stay on pixels
+    dec = PhysicalDecoder(
+        torch.tensor(points), torch.tensor(amps), zk.ZernikeSpec(3, 2, "xmipp", box), apix, NetworkConfig()
+    ).double()
+    rots = np.array(
+        [[[0, 1, 0], [0, 0, 1], [1, 0, 0]], [[-1, 0, 0], [0, 0, 1], [0, 1, 0]], [[1, 0, 0], [0, -1, 0], [0, 0, -1]]],
+        dtype=float,
+    )  # voxel points stay on pixels
     shifts = np.array([[2.0, -1.0], [-1.0, 3.0], [0.0, -2.0]])
     defoci = [(9000.0, 8000.0, 30.0), (15000.0, 13500.0, 100.0), (20000.0, 19000.0, 160.0)]
     ctf = CtfParams.create([d[0] for d in defoci], [d[1] for d in defoci], [d[2] for d in defoci])
@@ -86,8 +111,9 @@ def test_decoder_images_are_the_analytic_projection_with_relion_ctf() -> None:
         with torch.no_grad():
             out = dec(torch.tensor(coefficients), torch.tensor(rots), torch.tensor(shifts), ctf).numpy()
         for i, (rot, shift, d) in enumerate(zip(rots, shifts, defoci, strict=True)):
-            want = gaussian_image(box, [(rot @ (centre + offset))[:2] - shift], [1.0], sigma,
-                                  relion_ctf(kx, ky, apix, *d))
+            want = gaussian_image(
+                box, [(rot @ (centre + offset))[:2] - shift], [1.0], sigma, relion_ctf(kx, ky, apix, *d)
+            )
             error = np.linalg.norm(out[i] - want) / np.linalg.norm(want)
             assert error < 1e-4, (i, offset, error)  # measured 1.5e-7
 
@@ -122,15 +148,22 @@ def test_encoder_channels_are_the_analytic_projection_with_ctf_magnitude(phase_f
     centre = np.array([3.0, -2.0, 1.0])  # (x, y, z) px from the box centre
     vol = gaussian_volume(box, [centre], [1.0], sigma)
     points, amps = points_from_volume(vol, mask=vol > 1e-7)
-    model = build_model(points, amps, box, apix, _small_config(encoder_box=encoder_box, learn_reference=False),
-                        torch.device("cpu"))
+    model = build_model(
+        points, amps, box, apix, _small_config(encoder_box=encoder_box, learn_reference=False), torch.device("cpu")
+    )
     # rotations that keep voxel points on pixels (the sampled Gaussian then projects exactly to
     # its closed form), integer shifts, astigmatic CTFs with several lobes inside the band
-    rots = np.array([[[0, 1, 0], [0, 0, 1], [1, 0, 0]], [[0, 0, -1], [0, 1, 0], [1, 0, 0]],
-                     [[-1, 0, 0], [0, 0, 1], [0, 1, 0]], [[1, 0, 0], [0, -1, 0], [0, 0, -1]]], dtype=float)
+    rots = np.array(
+        [
+            [[0, 1, 0], [0, 0, 1], [1, 0, 0]],
+            [[0, 0, -1], [0, 1, 0], [1, 0, 0]],
+            [[-1, 0, 0], [0, 0, 1], [0, 1, 0]],
+            [[1, 0, 0], [0, -1, 0], [0, 0, -1]],
+        ],
+        dtype=float,
+    )
     shifts = np.array([[2.0, -1.0], [-1.0, 3.0], [1.0, 1.0], [0.0, -2.0]])
-    defoci = [(9000.0, 8000.0, 30.0), (12000.0, 12000.0, 0.0), (15000.0, 13500.0, 100.0),
-              (20000.0, 19000.0, 160.0)]
+    defoci = [(9000.0, 8000.0, 30.0), (12000.0, 12000.0, 0.0), (15000.0, 13500.0, 100.0), (20000.0, 19000.0, 160.0)]
     ctf = CtfParams.create([d[0] for d in defoci], [d[1] for d in defoci], [d[2] for d in defoci])
     mask = model.image_mask.numpy().astype(np.float64)
     seen: dict[str, torch.Tensor] = {}
@@ -151,8 +184,13 @@ def test_encoder_channels_are_the_analytic_projection_with_ctf_magnitude(phase_f
             expected.append(_encoder_view(signed, mask, encoder_box, flip))
         unflipped_view.append(_encoder_view(signed, mask, encoder_box, None))
     with torch.no_grad():
-        model.encode(torch.tensor(np.stack(images), dtype=torch.float32), ctf, torch.tensor(rots, dtype=torch.float32),
-                     torch.tensor(shifts, dtype=torch.float32), phase_flipped=phase_flipped)
+        model.encode(
+            torch.tensor(np.stack(images), dtype=torch.float32),
+            ctf,
+            torch.tensor(rots, dtype=torch.float32),
+            torch.tensor(shifts, dtype=torch.float32),
+            phase_flipped=phase_flipped,
+        )
     x = seen["x"].numpy().astype(np.float64)
     assert x.shape == (4, 2, encoder_box, encoder_box)
     for i, want in enumerate(expected):
@@ -168,8 +206,13 @@ def test_gradients_match_finite_differences() -> None:
     rng = np.random.default_rng(1)
     box = 16
     points = rng.uniform(-5, 5, size=(40, 3))
-    dec = PhysicalDecoder(torch.tensor(points), torch.tensor(rng.uniform(0.5, 1.5, 40)),
-                          zk.ZernikeSpec(3, 2, "xmipp", box), 3.0, NetworkConfig()).double()
+    dec = PhysicalDecoder(
+        torch.tensor(points),
+        torch.tensor(rng.uniform(0.5, 1.5, 40)),
+        zk.ZernikeSpec(3, 2, "xmipp", box),
+        3.0,
+        NetworkConfig(),
+    ).double()
     target = torch.tensor(rng.normal(size=(2, box, box)))
     mask = torch.ones(box, box, dtype=torch.float64)
     ctf = CtfParams.create([15000.0, 18000.0], [14000.0, 17000.0], 30.0, dtype=torch.float64)
@@ -198,9 +241,17 @@ def test_regularisers_are_field_energy_and_roughness(roughness: str) -> None:
     d = zk.deformation_field(z, c)
     assert float(dec.field_energy(torch.tensor(c[None]))) == pytest.approx((d**2).sum(1).mean(), rel=1e-6)
     h = 1e-5
-    jac = np.stack([(zk.deformation_field(zk.evaluate_basis(points + h * e, 3, 2, 16.0), c)
-                     - zk.deformation_field(zk.evaluate_basis(points - h * e, 3, 2, 16.0), c)) / (2 * h)
-                    for e in np.eye(3)], axis=-1)  # (N, 3, 3): J[n, a, j] = ∂d_a/∂x_j
+    jac = np.stack(
+        [
+            (
+                zk.deformation_field(zk.evaluate_basis(points + h * e, 3, 2, 16.0), c)
+                - zk.deformation_field(zk.evaluate_basis(points - h * e, 3, 2, 16.0), c)
+            )
+            / (2 * h)
+            for e in np.eye(3)
+        ],
+        axis=-1,
+    )  # (N, 3, 3): J[n, a, j] = ∂d_a/∂x_j
     if roughness == "strain":
         jac = 0.5 * (jac + jac.transpose(0, 2, 1))
     assert float(dec.field_roughness(torch.tensor(c[None]))) == pytest.approx((jac**2).sum((1, 2)).mean(), rel=1e-6)
@@ -212,17 +263,31 @@ def test_strain_roughness_leaves_rigid_motions_free() -> None:
     rng = np.random.default_rng(5)
     points = rng.uniform(-12, 12, size=(2000, 3))
     omega, eps = np.array([0.02, -0.01, 0.03]), 0.01
-    decs = {r: PhysicalDecoder(torch.tensor(points), torch.ones(2000), zk.ZernikeSpec(7, 7, "orthonormal", 64), 2.0,
-                               NetworkConfig(roughness=r)).double()
-            for r in ("strain", "gradient")}
-    for field, expected in ((np.cross(omega, points), {"strain": 0.0, "gradient": 2 * float(omega @ omega)}),
-                            (eps * points, {"strain": 3 * eps**2, "gradient": 3 * eps**2})):
+    decs = {
+        r: PhysicalDecoder(
+            torch.tensor(points),
+            torch.ones(2000),
+            zk.ZernikeSpec(7, 7, "orthonormal", 64),
+            2.0,
+            NetworkConfig(roughness=r),
+        ).double()
+        for r in ("strain", "gradient")
+    }
+    for field, expected in (
+        (np.cross(omega, points), {"strain": 0.0, "gradient": 2 * float(omega @ omega)}),
+        (eps * points, {"strain": 3 * eps**2, "gradient": 3 * eps**2}),
+    ):
         c = torch.tensor(zk.fit_coefficients(points, field, 7, 7, 32.0, "orthonormal").reshape(1, -1))
         for name, dec in decs.items():
             assert float(dec.field_roughness(c)) == pytest.approx(expected[name], abs=1e-9)
     with pytest.raises(ValueError, match="roughness"):
-        PhysicalDecoder(torch.tensor(points[:10]), torch.ones(10), zk.ZernikeSpec(7, 7, "orthonormal", 64), 2.0,
-                        NetworkConfig(roughness="bend"))
+        PhysicalDecoder(
+            torch.tensor(points[:10]),
+            torch.ones(10),
+            zk.ZernikeSpec(7, 7, "orthonormal", 64),
+            2.0,
+            NetworkConfig(roughness="bend"),
+        )
 
 
 def test_losses() -> None:
@@ -241,8 +306,9 @@ def test_short_training_separates_two_states(two_states: dict[str, Path], tmp_pa
     parts = read_particles(two_states["pre_particles"])
     cloud = read_npz(two_states["pre_points"])
     source = ParticleBatchSource.from_particles(parts)
-    model, history = train_model(source, cloud["points"], cloud["amplitudes"], 32, _small_config(),
-                                 checkpoint_dir=tmp_path)
+    model, history = train_model(
+        source, cloud["points"], cloud["amplitudes"], 32, _small_config(), checkpoint_dir=tmp_path
+    )
     assert len(history) == 8 and history["train_image"].iloc[-1] < history["train_image"].iloc[0]
     from z3lib.training import predict_coefficients
 
@@ -269,8 +335,15 @@ def test_interrupted_training_resumes_to_the_same_model(two_states: dict[str, Pa
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        train_model(source, cloud["points"], cloud["amplitudes"], 32, cfg, checkpoint_dir=tmp_path / "b",
-                    on_epoch_end=stop_after_two)
+        train_model(
+            source,
+            cloud["points"],
+            cloud["amplitudes"],
+            32,
+            cfg,
+            checkpoint_dir=tmp_path / "b",
+            on_epoch_end=stop_after_two,
+        )
     resumed, h2 = train_model(source, cloud["points"], cloud["amplitudes"], 32, cfg, checkpoint_dir=tmp_path / "b")
     assert len(h2) == 3
     for (k, v1), v2 in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
@@ -286,14 +359,22 @@ def test_extending_epochs_resumes_without_a_learning_rate_jump(two_states: dict[
     cloud = read_npz(two_states["pre_points"])
     source = ParticleBatchSource.from_particles(parts).take(np.arange(48))
     base = 2e-3
-    _, h3 = train_model(source, cloud["points"], cloud["amplitudes"], 32, _small_config(epochs=3),
-                        checkpoint_dir=tmp_path)
+    _, h3 = train_model(
+        source, cloud["points"], cloud["amplitudes"], 32, _small_config(epochs=3), checkpoint_dir=tmp_path
+    )
     # an uninterrupted run: cosine from the base rate towards 10 % of it over its epochs
     expected3 = [base * (0.1 + 0.45 * (1 + np.cos(np.pi * e / 3))) for e in range(3)]
     np.testing.assert_allclose(h3["learning_rate"], expected3, rtol=1e-12)
     trained: list[int] = []
-    _, h6 = train_model(source, cloud["points"], cloud["amplitudes"], 32, _small_config(epochs=6),
-                        checkpoint_dir=tmp_path, on_epoch_end=lambda epoch, row: trained.append(epoch))
+    _, h6 = train_model(
+        source,
+        cloud["points"],
+        cloud["amplitudes"],
+        32,
+        _small_config(epochs=6),
+        checkpoint_dir=tmp_path,
+        on_epoch_end=lambda epoch, row: trained.append(epoch),
+    )
     assert trained == [4, 5, 6]  # resumed after epoch 3, did not restart
     assert list(h6["epoch"]) == [1, 2, 3, 4, 5, 6]
     np.testing.assert_array_equal(h6["train_image"][:3], h3["train_image"])
@@ -308,8 +389,9 @@ def test_extending_epochs_resumes_without_a_learning_rate_jump(two_states: dict[
     np.testing.assert_allclose(ckpt["lr_schedule"], lr, rtol=0)
 
 
-def test_checkpoint_of_other_particles_or_points_is_not_resumed(two_states: dict[str, Path], tmp_path: Path,
-                                                                caplog: pytest.LogCaptureFixture) -> None:
+def test_checkpoint_of_other_particles_or_points_is_not_resumed(
+    two_states: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """A finished checkpoint, then the same number of particles with other poses, then another
     point cloud (a new mask): each trains afresh on its own data (a checkpoint keyed by the
     settings, the count and the box was resumed, training 0 epochs, or crashed on the cloud)."""
@@ -331,14 +413,19 @@ def test_checkpoint_of_other_particles_or_points_is_not_resumed(two_states: dict
     cloud = read_npz(two_states["pre_points"])
     fewer = tmp_path / "points_fewer.npz"
     np.savez(fewer, **{**cloud, "points": cloud["points"][::2], "amplitudes": cloud["amplitudes"][::2]})
-    runs = [("a", two_states["pre_points"]), ("a", two_states["pre_points"]), ("b", two_states["pre_points"]),
-            ("b", fewer)]
+    runs = [
+        ("a", two_states["pre_points"]),
+        ("a", two_states["pre_points"]),
+        ("b", two_states["pre_points"]),
+        ("b", fewer),
+    ]
     histories, messages = [], []
     caplog.set_level(logging.INFO, logger="z3.test")
     for i, (name, points) in enumerate(runs):
         caplog.clear()
-        paths = train(stars[name], points, tmp_path / f"out{i}", cfg, checkpoint_dir=ckpt,
-                      log=logging.getLogger("z3.test"))
+        paths = train(
+            stars[name], points, tmp_path / f"out{i}", cfg, checkpoint_dir=ckpt, log=logging.getLogger("z3.test")
+        )
         histories.append(read_table(paths["history"]))
         messages.append(" | ".join(caplog.messages))
     assert "resuming" in messages[1] and "after epoch 2" in messages[1]  # the same data: resumed, finished
@@ -378,8 +465,9 @@ def test_train_and_predict_files(two_states: dict[str, Path], tmp_path: Path) ->
     raw = predict_coefficients(model, src)
     np.testing.assert_allclose(coeffs, raw["coefficients"] * 40 / 32, rtol=1e-5, atol=1e-7)
     # pose corrections are applied to the angles and recorded
-    np.testing.assert_allclose(star["rlnAngleRot"] - original["particles"]["rlnAngleRot"], star["delta_angle_rot"],
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        star["rlnAngleRot"] - original["particles"]["rlnAngleRot"], star["delta_angle_rot"], atol=1e-6
+    )
     assert {"delta_shift_x", "delta_shift_y"} <= set(star.columns)
 
 
@@ -388,8 +476,15 @@ def test_encoder_and_loss_options_train(two_states: dict[str, Path], tmp_path: P
     parts = read_particles(two_states["pre_particles"])
     cloud = read_npz(two_states["pre_points"])
     source = ParticleBatchSource.from_particles(parts)
-    cfg = _small_config(epochs=2, encoder=encoder, loss=loss, encoder_box=16, encoder_reference=False,
-                        encoder_pose=False, encoder_phase_flip=False)
+    cfg = _small_config(
+        epochs=2,
+        encoder=encoder,
+        loss=loss,
+        encoder_box=16,
+        encoder_reference=False,
+        encoder_pose=False,
+        encoder_phase_flip=False,
+    )
     _, history = train_model(source, cloud["points"], cloud["amplitudes"], 32, cfg, checkpoint_dir=tmp_path)
     assert np.all(np.isfinite(history["train_loss"])) and len(history) == 2
 
@@ -414,14 +509,20 @@ def test_learned_reference_sharpens_a_blurred_reference(two_states: dict[str, Pa
     pre = preprocess(two_states["particles"], tmp_path / "blurred.mrc", two_states["mask"], tmp_path / "pre", box=32)
     exact, start = read_npz(two_states["pre_points"]), read_npz(pre["points"])
     np.testing.assert_array_equal(exact["points"], start["points"])  # same mask, same cloud
-    learned = read_npz(train(pre["particles"], pre["points"], tmp_path / "on",
-                             _small_config(learn_reference=True))["points"])
-    kept = read_npz(train(pre["particles"], pre["points"], tmp_path / "off",
-                          _small_config(epochs=1, learn_reference=False))["points"])
+    learned = read_npz(
+        train(pre["particles"], pre["points"], tmp_path / "on", _small_config(learn_reference=True))["points"]
+    )
+    kept = read_npz(
+        train(pre["particles"], pre["points"], tmp_path / "off", _small_config(epochs=1, learn_reference=False))[
+            "points"
+        ]
+    )
     np.testing.assert_array_equal(kept["amplitudes"], start["amplitudes"])
 
     def corr(a: np.ndarray) -> float:
         return float(np.corrcoef(a, exact["amplitudes"])[0, 1])
 
-    assert corr(learned["amplitudes"]) > corr(start["amplitudes"]) + 0.03, (corr(learned["amplitudes"]),
-                                                                            corr(start["amplitudes"]))
+    assert corr(learned["amplitudes"]) > corr(start["amplitudes"]) + 0.03, (
+        corr(learned["amplitudes"]),
+        corr(start["amplitudes"]),
+    )

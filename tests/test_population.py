@@ -49,8 +49,13 @@ def _phantom_decoder() -> PhysicalDecoder:
         vol += np.exp(-((xx - c[0]) ** 2 + (yy - c[1]) ** 2 + (zz - c[2]) ** 2) / (2 * 1.8**2))
     pts, amps = points_from_volume(vol, mask=vol > 0.05)
     options = DecoderOptions(roughness="strain", ctf_pad=1, learn_reference=False)
-    return PhysicalDecoder(torch.tensor(pts, dtype=torch.float32), torch.tensor(amps, dtype=torch.float32),
-                           zk.ZernikeSpec(DEGREES[0], DEGREES[1], "xmipp", BOX), 2.0, options)
+    return PhysicalDecoder(
+        torch.tensor(pts, dtype=torch.float32),
+        torch.tensor(amps, dtype=torch.float32),
+        zk.ZernikeSpec(DEGREES[0], DEGREES[1], "xmipp", BOX),
+        2.0,
+        options,
+    )
 
 
 def test_posterior_mean_of_a_gaussian_likelihood() -> None:
@@ -89,8 +94,13 @@ def _noisy_motion(n: int, seed: int, noise: float) -> dict[str, object]:
         clean = dec(torch.tensor(true, dtype=torch.float32), rot, torch.zeros(n, 2), ctf).numpy()
     clean /= clean.std(axis=(1, 2), keepdims=True)
     images = clean + rng.normal(scale=noise, size=clean.shape)
-    source = ParticleBatchSource(images=_ArrayStack(images), angles=torch.tensor(angles, dtype=torch.float32),  # type: ignore[arg-type]
-                                 shifts=torch.zeros(n, 2), ctf=ctf, pixel_size=2.0)
+    source = ParticleBatchSource(
+        images=_ArrayStack(images),
+        angles=torch.tensor(angles, dtype=torch.float32),  # type: ignore[arg-type]
+        shifts=torch.zeros(n, 2),
+        ctf=ctf,
+        pixel_size=2.0,
+    )
     t_seen = t + rng.normal(scale=0.3, size=n)  # the encoder's error
     prediction = np.outer(t_seen, direction / 3 + spurious) + rng.normal(scale=0.05, size=(n, k3))
     return {"decoder": dec, "source": source, "true": true, "prediction": prediction, "angles": angles, "ctf": ctf}
@@ -110,17 +120,34 @@ def test_population_fit_recovers_the_direction_a_shrunk_prediction_got_wrong() -
     dec, source, true, prediction = data["decoder"], data["source"], data["true"], data["prediction"]
     assert isinstance(dec, PhysicalDecoder) and isinstance(source, ParticleBatchSource)
     assert isinstance(true, np.ndarray) and isinstance(prediction, np.ndarray)
-    cfg = RefineConfig(max_dimensions=1, population_grid_points=21, population_rounds=2, population_epochs=10,
-                       population_learning_rate=0.05, population_batch_size=32, population_smooth_weight=0.0,
-                       batch_size=100)
+    cfg = RefineConfig(
+        max_dimensions=1,
+        population_grid_points=21,
+        population_rounds=2,
+        population_epochs=10,
+        population_learning_rate=0.05,
+        population_batch_size=32,
+        population_smooth_weight=0.0,
+        batch_size=100,
+    )
     fit = fit_population(dec, source, prediction, cfg)
     # the old landscape refinement: grid + local search along the predictions' direction
     land = landscape_from_predictions(prediction, variance=0.95, max_dimensions=1)
     b = source.batch(np.arange(len(source)), torch.device("cpu"))
-    old = refine_batch(dec, b.images, b.angles, b.shifts, b.ctf, torch.tensor(prediction, dtype=torch.float32),
-                       RefineConfig(grid_points=21, steps=20), landscape=land)["coefficients"].numpy()
-    errors = {name: _field_rms(dec, c, true) for name, c in
-              (("prediction", prediction), ("old", old), ("population", fit.coefficients), ("zero", 0 * true))}
+    old = refine_batch(
+        dec,
+        b.images,
+        b.angles,
+        b.shifts,
+        b.ctf,
+        torch.tensor(prediction, dtype=torch.float32),
+        RefineConfig(grid_points=21, steps=20),
+        landscape=land,
+    )["coefficients"].numpy()
+    errors = {
+        name: _field_rms(dec, c, true)
+        for name, c in (("prediction", prediction), ("old", old), ("population", fit.coefficients), ("zero", 0 * true))
+    }
     assert errors["population"] < 0.5 * errors["old"], errors
     assert errors["population"] < 0.35 * errors["zero"], errors
     u = fit.landscape.directions[0]
@@ -128,15 +155,23 @@ def test_population_fit_recovers_the_direction_a_shrunk_prediction_got_wrong() -
     assert abs(float(u @ unit)) > 0.95, float(u @ unit)
     t = true @ unit
     assert abs(np.corrcoef(fit.scores[:, 0], t)[0, 1]) > 0.9
-    np.testing.assert_allclose(fit.coefficients, fit.landscape.mean + fit.scores @ fit.landscape.directions,
-                               atol=1e-9)
+    np.testing.assert_allclose(fit.coefficients, fit.landscape.mean + fit.scores @ fit.landscape.directions, atol=1e-9)
 
 
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("population")
-    sim = simulate_dataset(root / "sim", start_model=ADK / "adk_closed.pdb", end_model=ADK / "adk_open.pdb",
-                           n_particles=48, box=32, pixel_size=4.0, resolution=10.0, snr=1.0, seed=4)
+    sim = simulate_dataset(
+        root / "sim",
+        start_model=ADK / "adk_closed.pdb",
+        end_model=ADK / "adk_open.pdb",
+        n_particles=48,
+        box=32,
+        pixel_size=4.0,
+        resolution=10.0,
+        snr=1.0,
+        seed=4,
+    )
     pre = preprocess(sim["particles"], sim["reference"], sim["mask"], root / "pre", box=24)
     rng = np.random.default_rng(5)
     coeffs = np.outer(rng.uniform(-1, 1, 48), rng.normal(size=39)) + 0.05 * rng.normal(size=(48, 39))
@@ -156,8 +191,16 @@ def test_chunks_start_from_the_population_landscape(small_run: dict[str, Path], 
     refine_landscape(small_run["particles"], small_run["points"], small_run["prior"], outs, **kw)  # type: ignore[arg-type]
     rows = np.concatenate([read_npz(p)["rows"] for p in outs])
     np.testing.assert_array_equal(np.sort(rows), np.arange(48))
-    chunk = refine_chunk(small_run["particles"], small_run["points"], small_run["prior"], root / "chunk.npz",
-                         chunk=0, n_chunks=1, landscapes=outs, **kw)  # type: ignore[arg-type]
+    chunk = refine_chunk(
+        small_run["particles"],
+        small_run["points"],
+        small_run["prior"],
+        root / "chunk.npz",
+        chunk=0,
+        n_chunks=1,
+        landscapes=outs,
+        **kw,
+    )  # type: ignore[arg-type]
     result = read_npz(chunk)
     fitted = np.zeros((48, 39))
     for path in outs:
@@ -168,8 +211,16 @@ def test_chunks_start_from_the_population_landscape(small_run: dict[str, Path], 
     assert not result["flagged"].any()
     if halves:  # one half's fit alone does not cover the particles
         with pytest.raises(Z3InputError, match="cover 24 of 48 particles"):
-            refine_chunk(small_run["particles"], small_run["points"], small_run["prior"], root / "bad.npz", chunk=0,
-                         n_chunks=1, landscapes=outs[:1], **kw)  # type: ignore[arg-type]
+            refine_chunk(
+                small_run["particles"],
+                small_run["points"],
+                small_run["prior"],
+                root / "bad.npz",
+                chunk=0,
+                n_chunks=1,
+                landscapes=outs[:1],
+                **kw,
+            )  # type: ignore[arg-type]
     np.savez(root / "not_a_landscape.npz", rows=np.arange(48))
     with pytest.raises(Z3InputError, match="not a population landscape"):
         read_population(root / "not_a_landscape.npz")

@@ -62,8 +62,17 @@ def test_noise_free_images_keep_their_scale() -> None:
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("sim")
-    return simulate_dataset(out, start_model=ADK / "adk_closed.pdb", end_model=ADK / "adk_open.pdb",
-                            n_particles=50, box=40, pixel_size=3.0, resolution=9.0, snr=1.0, seed=3)
+    return simulate_dataset(
+        out,
+        start_model=ADK / "adk_closed.pdb",
+        end_model=ADK / "adk_open.pdb",
+        n_particles=50,
+        box=40,
+        pixel_size=3.0,
+        resolution=9.0,
+        snr=1.0,
+        seed=3,
+    )
 
 
 def test_preprocess_outputs(sim: dict[str, Path], tmp_path: Path) -> None:
@@ -119,10 +128,18 @@ def test_reference_pixel_size_and_box_mismatch_reported(sim: dict[str, Path], tm
 
 
 def test_particles_without_poses_refused(tmp_path: Path) -> None:
-    with pytest.raises(Z3InputError, match=r"empiar_10076_7.star: .* lacks the pose column\(s\) rlnAngleRot, "
-                                           r"rlnAngleTilt, rlnAnglePsi \(present: none\).*consensus refinement"):
-        preprocess(DATA / "cryodrgn" / "empiar_10076_7.star", DATA / "diffmodeler_emd6824" / "emd_6824.mrc",
-                   None, tmp_path, box=32)
+    with pytest.raises(
+        Z3InputError,
+        match=r"empiar_10076_7.star: .* lacks the pose column\(s\) rlnAngleRot, "
+        r"rlnAngleTilt, rlnAnglePsi \(present: none\).*consensus refinement",
+    ):
+        preprocess(
+            DATA / "cryodrgn" / "empiar_10076_7.star",
+            DATA / "diffmodeler_emd6824" / "emd_6824.mrc",
+            None,
+            tmp_path,
+            box=32,
+        )
 
 
 def test_particles_missing_only_the_tilt_name_it(tmp_path: Path) -> None:
@@ -133,8 +150,9 @@ def test_particles_missing_only_the_tilt_name_it(tmp_path: Path) -> None:
     blocks["particles"] = blocks["particles"].drop(columns=["rlnAngleTilt"])
     starfile.write(blocks, tmp_path / "notilt.star")
     with pytest.raises(Z3InputError) as err:
-        preprocess(tmp_path / "notilt.star", DATA / "diffmodeler_emd6824" / "emd_6824.mrc", None, tmp_path / "o",
-                   box=32)
+        preprocess(
+            tmp_path / "notilt.star", DATA / "diffmodeler_emd6824" / "emd_6824.mrc", None, tmp_path / "o", box=32
+        )
     msg = str(err.value)
     assert "notilt.star" in msg and "column(s) rlnAngleTilt (present: rlnAngleRot, rlnAnglePsi)" in msg
 

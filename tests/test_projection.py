@@ -106,8 +106,9 @@ def test_zero_coefficients_equal_rigid_projection(device: str) -> None:
     rots = _t(random_rotations(3, rng), device, torch.float32)
     amps = _t(rng.uniform(size=len(pts)), device, torch.float32)
     rigid = project_points(pts_t, amps, rots, None, box)
-    zero = project_points(pts_t, amps, rots, None, box, basis=basis,
-                          coefficients=torch.zeros(3, 3 * basis.shape[1], device=device))
+    zero = project_points(
+        pts_t, amps, rots, None, box, basis=basis, coefficients=torch.zeros(3, 3 * basis.shape[1], device=device)
+    )
     torch.testing.assert_close(rigid, zero)
 
 

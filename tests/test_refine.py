@@ -84,9 +84,19 @@ def test_pose_refinement_recovers_angle_and_shift_errors() -> None:
     images = dec(c, rot, true_shift, _ctf(2))
     d_ang = torch.tensor([[2.0, -1.5, 1.0], [-1.0, 2.0, -2.0]], dtype=torch.float64)
     d_shift = torch.tensor([[0.6, -0.5], [-0.4, 0.7]], dtype=torch.float64)
-    cfg = RefineConfig(mode="free", prior="field", prior_weight=1e3, steps=300, learning_rate=1e-9, refine_angles=True,
-                       refine_shifts=True, angle_learning_rate=0.1, shift_learning_rate=0.02, patience=40,
-                       pose_prior_weight=0.0)
+    cfg = RefineConfig(
+        mode="free",
+        prior="field",
+        prior_weight=1e3,
+        steps=300,
+        learning_rate=1e-9,
+        refine_angles=True,
+        refine_shifts=True,
+        angle_learning_rate=0.1,
+        shift_learning_rate=0.02,
+        patience=40,
+        pose_prior_weight=0.0,
+    )
     out = refine_batch(dec, images, true_ang + d_ang, true_shift + d_shift, _ctf(2), c, cfg)
     a_err = (out["angles"] - true_ang).abs()
     # tilt 0/180-free views: rot and psi compensate only near the poles, so compare rotations too
@@ -120,10 +130,15 @@ def _landscape_batch(n: int, seed: int) -> dict[str, torch.Tensor]:
     k3 = 3 * zk.count_terms(2, 1)
     direction = rng.normal(size=k3)
     direction *= 1.5 / np.linalg.norm(direction)
-    angles = torch.tensor(np.column_stack([rng.uniform(-180, 180, n), rng.uniform(20, 160, n),
-                                           rng.uniform(-180, 180, n)]))
-    return {"direction": torch.tensor(direction), "t": torch.tensor(rng.uniform(-1, 1, n)), "angles": angles,
-            "off": torch.tensor(rng.normal(scale=0.6, size=(n, k3)))}
+    angles = torch.tensor(
+        np.column_stack([rng.uniform(-180, 180, n), rng.uniform(20, 160, n), rng.uniform(-180, 180, n)])
+    )
+    return {
+        "direction": torch.tensor(direction),
+        "t": torch.tensor(rng.uniform(-1, 1, n)),
+        "angles": angles,
+        "off": torch.tensor(rng.normal(scale=0.6, size=(n, k3))),
+    }
 
 
 def test_landscape_refinement_never_ends_worse_than_an_exact_prediction() -> None:
@@ -158,22 +173,31 @@ def test_free_stage_leaves_the_landscape_when_the_image_says_so() -> None:
     rot = euler_to_matrix(data["angles"][:, 0], data["angles"][:, 1], data["angles"][:, 2])
     shifts = torch.zeros(n, 2, dtype=torch.float64)
     images = dec(true, rot, shifts, _ctf(n))
-    prediction = on_line + 0.05 * torch.randn(n, on_line.shape[1], dtype=torch.float64,
-                                              generator=torch.Generator().manual_seed(0))
+    prediction = on_line + 0.05 * torch.randn(
+        n, on_line.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(0)
+    )
     landscape = landscape_from_predictions(prediction.numpy(), variance=0.9, max_dimensions=1)
 
     def error(c: torch.Tensor) -> float:
         return float((_inplane_field(dec, c, rot) - _inplane_field(dec, true, rot)).pow(2).sum(-1).mean().sqrt())
 
     base = RefineConfig(steps=30, grid_points=9, patience=20)
-    inside = refine_batch(dec, images, data["angles"], shifts, _ctf(n), prediction, base,
-                          landscape=landscape)
-    leave = RefineConfig(steps=30, grid_points=9, patience=20, free_steps=200, learning_rate=0.02,
-                         free_prior_weight=0.0, free_smooth_weight=0.0)
-    outside = refine_batch(dec, images, data["angles"], shifts, _ctf(n), prediction, leave,
-                           landscape=landscape)
+    inside = refine_batch(dec, images, data["angles"], shifts, _ctf(n), prediction, base, landscape=landscape)
+    leave = RefineConfig(
+        steps=30,
+        grid_points=9,
+        patience=20,
+        free_steps=200,
+        learning_rate=0.02,
+        free_prior_weight=0.0,
+        free_smooth_weight=0.0,
+    )
+    outside = refine_batch(dec, images, data["angles"], shifts, _ctf(n), prediction, leave, landscape=landscape)
     assert error(outside["coefficients"]) < 0.6 * error(inside["coefficients"]), (
-        error(prediction), error(inside["coefficients"]), error(outside["coefficients"]))
+        error(prediction),
+        error(inside["coefficients"]),
+        error(outside["coefficients"]),
+    )
     assert torch.all(outside["cost"] <= inside["cost"] + 1e-9)
 
 
@@ -197,31 +221,57 @@ def test_landscape_directions() -> None:
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("refine")
-    sim = simulate_dataset(root / "sim", start_model=ADK / "adk_closed.pdb", end_model=ADK / "adk_open.pdb",
-                           n_particles=60, box=32, pixel_size=4.0, resolution=10.0, snr=1.0, seed=4)
+    sim = simulate_dataset(
+        root / "sim",
+        start_model=ADK / "adk_closed.pdb",
+        end_model=ADK / "adk_open.pdb",
+        n_particles=60,
+        box=32,
+        pixel_size=4.0,
+        resolution=10.0,
+        snr=1.0,
+        seed=4,
+    )
     pre = preprocess(sim["particles"], sim["reference"], sim["mask"], root / "pre", box=24)
     rng = np.random.default_rng(5)
     coeffs = np.outer(rng.uniform(-1, 1, 60), rng.normal(size=39)) + 0.05 * rng.normal(size=(60, 39))
     write_coefficients(root / "prior.npy", coeffs)
-    return {"sim_particles": sim["particles"], "particles": pre["particles"], "points": pre["points"],
-            "prior": root / "prior.npy", "root": root}
+    return {
+        "sim_particles": sim["particles"],
+        "particles": pre["particles"],
+        "points": pre["points"],
+        "prior": root / "prior.npy",
+        "root": root,
+    }
 
 
 def test_chunks_gather_in_star_order_and_match_one_chunk(small_run: dict[str, Path]) -> None:
     root = small_run["root"]
     cfg = RefineConfig(steps=5, grid_points=5, batch_size=16)
     kw = {"zernike": {"L1": 3, "L2": 2, "basis": "xmipp"}, "config": cfg}
-    whole = refine_chunk(small_run["particles"], small_run["points"], small_run["prior"], root / "whole.npz",
-                         chunk=0, n_chunks=1, **kw)  # type: ignore[arg-type]
-    parts = [refine_chunk(small_run["particles"], small_run["points"], small_run["prior"], root / f"c{k}.npz",
-                          chunk=k, n_chunks=3, **kw) for k in (2, 0, 1)]  # type: ignore[arg-type]
+    whole = refine_chunk(
+        small_run["particles"], small_run["points"], small_run["prior"], root / "whole.npz", chunk=0, n_chunks=1, **kw
+    )  # type: ignore[arg-type]
+    parts = [
+        refine_chunk(
+            small_run["particles"],
+            small_run["points"],
+            small_run["prior"],
+            root / f"c{k}.npz",
+            chunk=k,
+            n_chunks=3,
+            **kw,
+        )
+        for k in (2, 0, 1)
+    ]  # type: ignore[arg-type]
     out = gather_refined(parts, small_run["sim_particles"], root / "gathered", zernike=ZERNIKE_32)
     one = gather_refined([whole], small_run["sim_particles"], root / "one", zernike=ZERNIKE_32)
     star = read_star_blocks(out["particles"])["particles"]
     original = read_star_blocks(small_run["sim_particles"])["particles"]
     assert star["rlnImageName"].tolist() == original["rlnImageName"].tolist()
-    np.testing.assert_allclose(read_coefficients(out["coefficients"]), read_coefficients(one["coefficients"]),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        read_coefficients(out["coefficients"]), read_coefficients(one["coefficients"]), atol=1e-5
+    )
     assert {"zernikeCoefficients", "zernikeCost", "zernikeCostPrior", "zernikeRefineFlag"} <= set(star.columns)
     assert float(read_star_blocks(out["particles"])["zernike3d"].iloc[0]["Rmax"]) == 16.0
     # refined costs never exceed the starting costs; flagged rows keep the prior exactly
@@ -256,8 +306,17 @@ def test_refinement_starts_from_and_writes_the_predict_stages_poses(small_run: d
     predicted = root / "predict_poses.star"  # metadata only: its images are never read
     write_particles_star(predicted, original, table=table)
     cfg = RefineConfig(steps=2, grid_points=3, batch_size=32)
-    chunk = refine_chunk(small_run["particles"], small_run["points"], small_run["prior"], root / "posed.npz",
-                         chunk=0, n_chunks=1, zernike=ZERNIKE_32, config=cfg, poses=predicted)
+    chunk = refine_chunk(
+        small_run["particles"],
+        small_run["points"],
+        small_run["prior"],
+        root / "posed.npz",
+        chunk=0,
+        n_chunks=1,
+        zernike=ZERNIKE_32,
+        config=cfg,
+        poses=predicted,
+    )
     out = gather_refined([chunk], small_run["sim_particles"], root / "posed", zernike=ZERNIKE_32)
     refined = read_particles(out["particles"]).table
     for name in ("rot", "tilt", "psi", "shift_x", "shift_y", "defocus_u", "defocus_v"):

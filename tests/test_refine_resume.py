@@ -29,18 +29,34 @@ KW: dict[str, Any] = {"chunk": 0, "n_chunks": 1, "zernike": {"L1": 3, "L2": 2, "
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("refine_resume")
-    sim = simulate_dataset(root / "sim", start_model=ADK / "adk_closed.pdb", end_model=ADK / "adk_open.pdb",
-                           n_particles=N, box=32, pixel_size=4.0, resolution=10.0, snr=1.0, seed=4)
+    sim = simulate_dataset(
+        root / "sim",
+        start_model=ADK / "adk_closed.pdb",
+        end_model=ADK / "adk_open.pdb",
+        n_particles=N,
+        box=32,
+        pixel_size=4.0,
+        resolution=10.0,
+        snr=1.0,
+        seed=4,
+    )
     pre = preprocess(sim["particles"], sim["reference"], sim["mask"], root / "pre", box=24)
     rng = np.random.default_rng(5)
     for name in ("prior_a", "prior_b"):  # two unrelated sets of predictions
-        write_coefficients(root / f"{name}.npy",
-                           np.outer(rng.uniform(-1, 1, N), rng.normal(size=39)) + 0.05 * rng.normal(size=(N, 39)))
+        write_coefficients(
+            root / f"{name}.npy", np.outer(rng.uniform(-1, 1, N), rng.normal(size=39)) + 0.05 * rng.normal(size=(N, 39))
+        )
     cloud = read_npz(pre["points"])
     other = {**cloud, "amplitudes": cloud["amplitudes"] * rng.uniform(0.3, 1.7, len(cloud["amplitudes"]))}
     write_npz(root / "points_b.npz", **other)
-    return {"particles": pre["particles"], "points": pre["points"], "points_b": root / "points_b.npz",
-            "prior_a": root / "prior_a.npy", "prior_b": root / "prior_b.npy", "root": root}
+    return {
+        "particles": pre["particles"],
+        "points": pre["points"],
+        "points_b": root / "points_b.npz",
+        "prior_a": root / "prior_a.npy",
+        "prior_b": root / "prior_b.npy",
+        "root": root,
+    }
 
 
 class _Counter:
@@ -68,10 +84,25 @@ def counted(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[int | None], 
     yield install
 
 
-def _run(tiny: dict[str, Path], out: str, *, prior: str = "prior_a", points: str = "points",
-         config: RefineConfig = CFG, progress: Path | None = None, **kw: Any) -> dict[str, np.ndarray]:
-    path = refine_chunk(tiny["particles"], tiny[points], tiny[prior], tiny["root"] / out, config=config,
-                        progress_path=progress, **{**KW, **kw})
+def _run(
+    tiny: dict[str, Path],
+    out: str,
+    *,
+    prior: str = "prior_a",
+    points: str = "points",
+    config: RefineConfig = CFG,
+    progress: Path | None = None,
+    **kw: Any,
+) -> dict[str, np.ndarray]:
+    path = refine_chunk(
+        tiny["particles"],
+        tiny[points],
+        tiny[prior],
+        tiny["root"] / out,
+        config=config,
+        progress_path=progress,
+        **{**KW, **kw},
+    )
     return read_npz(path)
 
 
@@ -85,7 +116,8 @@ def _interrupt(tiny: dict[str, Path], counted: Callable[[int | None], _Counter],
 
 @pytest.mark.parametrize("halves", [False, True], ids=["together", "independent-halves"])
 def test_interrupted_chunk_resumes_to_the_uninterrupted_result(
-        tiny: dict[str, Path], counted: Callable[[int | None], _Counter], halves: bool) -> None:
+    tiny: dict[str, Path], counted: Callable[[int | None], _Counter], halves: bool
+) -> None:
     """Killed after one batch and rerun: only the unfinished batches are refined, the result is
     the uninterrupted run's exactly, and the progress files are gone once the chunk is written."""
     progress = tiny["root"] / f"resume-{halves}.progress.npz"
@@ -98,15 +130,20 @@ def test_interrupted_chunk_resumes_to_the_uninterrupted_result(
     assert rerun.calls == n_batches - 1  # the finished batch was reused
     for key in ("index", "coefficients", "angles", "shifts", "cost", "cost_prior", "flagged", "steps"):
         np.testing.assert_array_equal(resumed[key], fresh[key], err_msg=key)
-    leftovers = [p for p in (progress, progress.with_suffix(".half1.npz"), progress.with_suffix(".half2.npz"))
-                 if p.exists()]
+    leftovers = [
+        p for p in (progress, progress.with_suffix(".half1.npz"), progress.with_suffix(".half2.npz")) if p.exists()
+    ]
     assert leftovers == []
 
 
 @pytest.mark.parametrize("change", ["predictions", "mode", "steps", "points", "version"])
 def test_progress_of_other_inputs_or_settings_is_not_reused(
-        tiny: dict[str, Path], counted: Callable[[int | None], _Counter], monkeypatch: pytest.MonkeyPatch,
-        caplog: pytest.LogCaptureFixture, change: str) -> None:
+    tiny: dict[str, Path],
+    counted: Callable[[int | None], _Counter],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    change: str,
+) -> None:
     """Partial state of a killed run, then one input, setting or the library version changes:
     every batch is refined again (with a warning) and the result is a fresh run's with the new
     ones; where the change changes the numbers, it differs from what the stale state held."""

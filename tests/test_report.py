@@ -54,21 +54,38 @@ DEGREES = (3, 2)
 def _build_run(root: Path) -> dict[str, Any]:
     """Simulated AdK particles (t ~ U(0, 1)) with their true fields as 'refined' coefficients,
     a 'preprocessed' reference at a smaller processing box, fake ZART maps and benchmark files."""
-    sim = simulate_dataset(root / "simulate", start_model=ADK / "adk_closed.pdb", end_model=ADK / "adk_open.pdb",
-                           n_particles=N_PARTICLES, box=BOX, pixel_size=APIX, resolution=10.0, snr=1.0, seed=5)
+    sim = simulate_dataset(
+        root / "simulate",
+        start_model=ADK / "adk_closed.pdb",
+        end_model=ADK / "adk_open.pdb",
+        n_particles=N_PARTICLES,
+        box=BOX,
+        pixel_size=APIX,
+        resolution=10.0,
+        snr=1.0,
+        seed=5,
+    )
     motion, _ = load_motion(sim["motion"])
     t = pd.read_csv(sim["ground_truth"], sep="\t")["t"].to_numpy()
     ref_px = motion.at(0.5) / APIX
-    unit = zk.fit_coefficients(ref_px, (motion.end - motion.start) / APIX, *DEGREES, BOX / 2, "xmipp",
-                               weights=motion.weights)
+    unit = zk.fit_coefficients(
+        ref_px, (motion.end - motion.start) / APIX, *DEGREES, BOX / 2, "xmipp", weights=motion.weights
+    )
     rng = np.random.default_rng(0)
     coeffs = (t - 0.5)[:, None] * unit[None] + rng.normal(scale=0.01, size=(N_PARTICLES, len(unit)))
     parts = read_particles(sim["particles"])
     refine = root / "refine"
     zernike = {"L1": DEGREES[0], "L2": DEGREES[1], "Rmax": BOX / 2, "basis": "xmipp", "box": BOX}
-    write_particles_star(refine / "particles.star", parts, zernike=zernike, columns={
-        "zernikeCoefficients": coeffs, "zernikeCost": rng.uniform(0.5, 0.6, N_PARTICLES),
-        "zernikeRefineFlag": np.zeros(N_PARTICLES, dtype=np.int64)})
+    write_particles_star(
+        refine / "particles.star",
+        parts,
+        zernike=zernike,
+        columns={
+            "zernikeCoefficients": coeffs,
+            "zernikeCost": rng.uniform(0.5, 0.6, N_PARTICLES),
+            "zernikeRefineFlag": np.zeros(N_PARTICLES, dtype=np.int64),
+        },
+    )
     write_coefficients(refine / "coefficients.npy", coeffs)
     pre = root / "preprocess"
     apix = APIX * BOX / PROC_BOX
@@ -77,28 +94,49 @@ def _build_run(root: Path) -> dict[str, Any]:
     write_map(pre / "reference.mrc", reference, apix)
     write_map(pre / "mask.mrc", mask, apix)
     points, amplitudes = points_from_volume(reference, mask=mask)
-    write_npz(pre / "points.npz", points=points.astype(np.float32), amplitudes=amplitudes.astype(np.float32),
-              box=np.int64(PROC_BOX), pixel_size=np.float64(apix), original_box=np.int64(BOX),
-              original_pixel_size=np.float64(APIX), step=np.int64(1))
+    write_npz(
+        pre / "points.npz",
+        points=points.astype(np.float32),
+        amplitudes=amplitudes.astype(np.float32),
+        box=np.int64(PROC_BOX),
+        pixel_size=np.float64(apix),
+        original_box=np.int64(BOX),
+        original_pixel_size=np.float64(APIX),
+        step=np.int64(1),
+    )
     zart = root / "zart"
     halves = [reference + rng.normal(scale=0.05 * reference.std(), size=reference.shape) for _ in range(2)]
     blurred = an.lowpass_filter(reference, apix, 30.0)
     write_map(zart / "corrected.mrc", 0.5 * (halves[0] + halves[1]), apix)
     write_map(zart / "uncorrected.mrc", blurred, apix)
     fsc_c = an.fourier_shell_correlation(halves[0], halves[1], apix)
-    fsc_u = an.fourier_shell_correlation(blurred + rng.normal(scale=0.05, size=blurred.shape),
-                                         blurred + rng.normal(scale=0.05, size=blurred.shape), apix)
+    fsc_u = an.fourier_shell_correlation(
+        blurred + rng.normal(scale=0.05, size=blurred.shape), blurred + rng.normal(scale=0.05, size=blurred.shape), apix
+    )
     table = fsc_c[["shell", "frequency", "resolution"]].copy()
     table["fsc_corrected"], table["fsc_uncorrected"] = fsc_c["fsc"], fsc_u["fsc"]
     write_table(zart / "fsc.tsv", table)
     bench = root / "benchmarks"
     header = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
-    for name, seconds in (("simulate", 1.5), ("zart", 12.25), ("refine_chunk/1-of-2", 3.0),
-                          ("refine_chunk/2-of-2", 4.0)):
+    for name, seconds in (
+        ("simulate", 1.5),
+        ("zart", 12.25),
+        ("refine_chunk/1-of-2", 3.0),
+        ("refine_chunk/2-of-2", 4.0),
+    ):
         (bench / name).parent.mkdir(parents=True, exist_ok=True)
         (bench / f"{name}.tsv").write_text(header + f"{seconds}\t0:00:01\t300.5\t1\t1\t1\t0\t0\t50\t{seconds}\n")
-    return {"sim": sim, "coeffs": coeffs, "t": t, "unit": unit, "parts": parts, "refine": refine, "pre": pre,
-            "zart": zart, "bench": bench}
+    return {
+        "sim": sim,
+        "coeffs": coeffs,
+        "t": t,
+        "unit": unit,
+        "parts": parts,
+        "refine": refine,
+        "pre": pre,
+        "zart": zart,
+        "bench": bench,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -108,13 +146,25 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = root / "report"
     data["out"] = out
     data["paths"] = make_report(
-        out, particles=data["refine"] / "particles.star", coefficients=data["refine"] / "coefficients.npy",
-        points=data["pre"] / "points.npz", reference=data["pre"] / "reference.mrc", mask=data["pre"] / "mask.mrc",
-        corrected=data["zart"] / "corrected.mrc", uncorrected=data["zart"] / "uncorrected.mrc",
-        fsc=data["zart"] / "fsc.tsv", zernike={"L1": DEGREES[0], "L2": DEGREES[1], "basis": "xmipp"}, clusters=3,
+        out,
+        particles=data["refine"] / "particles.star",
+        coefficients=data["refine"] / "coefficients.npy",
+        points=data["pre"] / "points.npz",
+        reference=data["pre"] / "reference.mrc",
+        mask=data["pre"] / "mask.mrc",
+        corrected=data["zart"] / "corrected.mrc",
+        uncorrected=data["zart"] / "uncorrected.mrc",
+        fsc=data["zart"] / "fsc.tsv",
+        zernike={"L1": DEGREES[0], "L2": DEGREES[1], "basis": "xmipp"},
+        clusters=3,
         motion_steps=5,
-        use_umap=True, model=data["sim"]["reference_model"], ground_truth=data["sim"]["ground_truth"],
-        benchmarks=data["bench"], run_config={"run": "tiny", "report": {"clusters": 3}}, run_name="tiny", seed=0,
+        use_umap=True,
+        model=data["sim"]["reference_model"],
+        ground_truth=data["sim"]["ground_truth"],
+        benchmarks=data["bench"],
+        run_config={"run": "tiny", "report": {"clusters": 3}},
+        run_name="tiny",
+        seed=0,
     )
     return data
 
@@ -231,8 +281,17 @@ def test_deforming_the_reference_model_by_its_true_field_reproduces_the_end_stat
     (Cα) away. Tolerance: Cα < 0.6 Å, all atoms < 1.2 Å, while the undeformed model is > 3 Å away.
     """
     box, apix = 40, 3.0
-    sim = simulate_dataset(tmp_path, start_model=ADK / "adk_closed.pdb", end_model=ADK / "adk_open.pdb",
-                           n_particles=2, box=box, pixel_size=apix, resolution=8.0, snr=1.0, seed=1)
+    sim = simulate_dataset(
+        tmp_path,
+        start_model=ADK / "adk_closed.pdb",
+        end_model=ADK / "adk_open.pdb",
+        n_particles=2,
+        box=box,
+        pixel_size=apix,
+        resolution=8.0,
+        snr=1.0,
+        seed=1,
+    )
     motion, _ = load_motion(sim["motion"])
     model = read_model(sim["reference_model"])
     ca = (model.atom_names == "CA") & (model.elements == "C")
@@ -240,8 +299,9 @@ def test_deforming_the_reference_model_by_its_true_field_reproduces_the_end_stat
     ref_px = (model.coords - centre) / apix
     for t_end in (0.0, 1.0):
         truth = motion.at(t_end) + centre
-        coeffs = zk.fit_coefficients(ref_px, (t_end - 0.5) * (motion.end - motion.start) / apix, 7, 7, box / 2,
-                                     "orthonormal")
+        coeffs = zk.fit_coefficients(
+            ref_px, (t_end - 0.5) * (motion.end - motion.start) / apix, 7, 7, box / 2, "orthonormal"
+        )
         moved = an.deform_model(model.coords, coeffs, zk.ZernikeSpec(7, 7, "orthonormal", box), apix)
 
         def rmsd(a: np.ndarray, sel: np.ndarray, truth: np.ndarray = truth) -> float:
@@ -251,8 +311,9 @@ def test_deforming_the_reference_model_by_its_true_field_reproduces_the_end_stat
         assert rmsd(moved, ca) < 0.6
         assert rmsd(moved, np.ones(len(ca), bool)) < 1.2
     # a batch of fields gives a batch of models; a zero field moves nothing
-    zero = an.deform_model(model.coords, np.zeros((2, 3 * zk.count_terms(3, 2))), zk.ZernikeSpec(3, 2, "xmipp", box),
-                           apix)
+    zero = an.deform_model(
+        model.coords, np.zeros((2, 3 * zk.count_terms(3, 2))), zk.ZernikeSpec(3, 2, "xmipp", box), apix
+    )
     np.testing.assert_allclose(zero, np.broadcast_to(model.coords, zero.shape), atol=1e-9)
 
 
@@ -296,9 +357,25 @@ def test_cluster_stars_round_trip_with_every_input_column(run: dict[str, Any]) -
 def test_xmd_export_is_parseable_with_the_coefficients(run: dict[str, Any]) -> None:
     block = starfile.read(run["out"] / "particles.xmd", always_dict=True)[""]
     assert len(block) == N_PARTICLES
-    for label in ("image", "angleRot", "angleTilt", "anglePsi", "shiftX", "shiftY", "ctfDefocusU", "ctfDefocusV",
-                  "ctfDefocusAngle", "ctfSphericalAberration", "ctfVoltage", "ctfQ0", "sphCoefficients",
-                  "sphDeformation", "cost", "itemId", "enabled"):
+    for label in (
+        "image",
+        "angleRot",
+        "angleTilt",
+        "anglePsi",
+        "shiftX",
+        "shiftY",
+        "ctfDefocusU",
+        "ctfDefocusV",
+        "ctfDefocusAngle",
+        "ctfSphericalAberration",
+        "ctfVoltage",
+        "ctfQ0",
+        "sphCoefficients",
+        "sphDeformation",
+        "cost",
+        "itemId",
+        "enabled",
+    ):
         assert label in block.columns, label
     coeffs = np.array([[float(x) for x in str(v).split()] for v in block["sphCoefficients"]])
     assert coeffs.shape == (N_PARTICLES, 3 * zk.count_terms(*DEGREES))
@@ -346,8 +423,21 @@ def test_stage_timings_are_read_from_benchmark_files(run: dict[str, Any]) -> Non
 
 
 class _HtmlChecker(html.parser.HTMLParser):
-    VOID: ClassVar[set[str]] = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source",
-                                "track", "wbr"}
+    VOID: ClassVar[set[str]] = {
+        "area",
+        "base",
+        "br",
+        "col",
+        "embed",
+        "hr",
+        "img",
+        "input",
+        "link",
+        "meta",
+        "source",
+        "track",
+        "wbr",
+    }
 
     def __init__(self) -> None:
         super().__init__()
@@ -396,12 +486,27 @@ def test_report_is_valid_self_contained_html_with_every_figure(run: dict[str, An
         data = base64.b64decode(match.group(2), validate=True)
         assert data.startswith(b"\x89PNG\r\n\x1a\n") if match.group(1) == "png" else b"<svg" in data[:500]
         alts.append(img.get("alt"))
-    assert alts == ["PCA landscape", "UMAP landscape", "motion series", "mean deformation magnitude",
-                    "FSC curves", "central slices"]
+    assert alts == [
+        "PCA landscape",
+        "UMAP landscape",
+        "motion series",
+        "mean deformation magnitude",
+        "FSC curves",
+        "central slices",
+    ]
     for href in checker.links:  # every link points to a file of the report (or a section)
         assert href.startswith("#") or (run["out"] / href).is_file(), href
-    for text in ("FSC table", "Timings", "refine_chunk", "Run parameters", "&quot;clusters&quot;: 3",
-                 "cluster_01.star", "motion_pc1.cxc", "particles.xmd", "|Spearman| PC1 vs true t"):
+    for text in (
+        "FSC table",
+        "Timings",
+        "refine_chunk",
+        "Run parameters",
+        "&quot;clusters&quot;: 3",
+        "cluster_01.star",
+        "motion_pc1.cxc",
+        "particles.xmd",
+        "|Spearman| PC1 vs true t",
+    ):
         assert text in page, text
     for stem in ("landscape_pca", "landscape_umap", "fsc"):
         assert (run["out"] / f"{stem}.png").is_file() and (run["out"] / f"{stem}.svg").is_file()
@@ -422,8 +527,16 @@ def test_chimerax_script_without_models_uses_the_glob_of_the_series() -> None:
 # ----------------------------------------------------------------------------------------------
 # Headless Chromium (Debian's chromium package; skipped where it is absent, e.g. CI)
 # ----------------------------------------------------------------------------------------------
-_CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                   "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars"]
+_CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--hide-scrollbars",
+]
 
 # Injected into a copy of the report only: marks every image that failed to decode, and counts
 # script errors, in attributes that --dump-dom shows. The report itself has no script.
@@ -448,20 +561,34 @@ def test_report_renders_in_headless_chromium(run: dict[str, Any], tmp_path: Path
     shot = tmp_path / "report.png"
     env = {**os.environ, "HOME": str(tmp_path)}
     common = [str(CHROMIUM), *_CHROMIUM_FLAGS, f"--user-data-dir={profile}"]
-    result = subprocess.run([*common, "--enable-logging=stderr", "--v=0", f"--screenshot={shot}",
-                             "--window-size=1280,2000", page.as_uri()],
-                            capture_output=True, text=True, timeout=120, env=env, check=False)
+    result = subprocess.run(
+        [*common, "--enable-logging=stderr", "--v=0", f"--screenshot={shot}", "--window-size=1280,2000", page.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert shot.is_file() and shot.read_bytes().startswith(b"\x89PNG")
-    console = [line for line in result.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line
-               or "ERR_FILE_NOT_FOUND" in line or "Failed to load resource" in line]
+    console = [
+        line
+        for line in result.stderr.splitlines()
+        if "CONSOLE" in line or "Uncaught" in line or "ERR_FILE_NOT_FOUND" in line or "Failed to load resource" in line
+    ]
     assert not console, console
     if os.environ.get("Z3_REPORT_SCREENSHOT"):
         shutil.copy(shot, os.environ["Z3_REPORT_SCREENSHOT"])
     probe = tmp_path / "probe.html"
     probe.write_text(page.read_text(encoding="utf-8").replace("</head>", _PROBE + "</head>", 1), encoding="utf-8")
-    dom = subprocess.run([*common, "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
-                         capture_output=True, text=True, timeout=120, env=env, check=False)
+    dom = subprocess.run(
+        [*common, "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+    )
     assert dom.returncode == 0, dom.stderr[-2000:]
     body = re.search(r"<body[^>]*>", dom.stdout)
     assert body, dom.stdout[:500]

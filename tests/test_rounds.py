@@ -44,8 +44,17 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """80 AdK particles along the motion (box 28 cropped to 24), and a copy of the processed
     particles whose half-2 images are pure noise."""
     root = tmp_path_factory.mktemp("rounds")
-    sim = simulate_dataset(root / "sim", start_model=ADK / "adk_closed.pdb", end_model=ADK / "adk_open.pdb",
-                           n_particles=80, box=28, pixel_size=4.0, resolution=10.0, snr=1.0, seed=4)
+    sim = simulate_dataset(
+        root / "sim",
+        start_model=ADK / "adk_closed.pdb",
+        end_model=ADK / "adk_open.pdb",
+        n_particles=80,
+        box=28,
+        pixel_size=4.0,
+        resolution=10.0,
+        snr=1.0,
+        seed=4,
+    )
     pre = preprocess(sim["particles"], sim["reference"], sim["mask"], root / "pre", box=BOX)
     noisy = root / "noisy"
     shutil.copytree(root / "pre", noisy)
@@ -53,14 +62,30 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     _, h2 = half_sets(subsets, 0)
     with mrcfile.open(noisy / "particles.mrcs", mode="r+") as stack:
         stack.data[h2] = np.random.default_rng(9).normal(size=(len(h2), BOX, BOX)).astype(np.float32)
-    return {**sim, **{f"pre_{k}": v for k, v in pre.items()}, "noisy_particles": noisy / "particles.star",
-            "noisy_points": noisy / "points.npz"}
+    return {
+        **sim,
+        **{f"pre_{k}": v for k, v in pre.items()},
+        "noisy_particles": noisy / "particles.star",
+        "noisy_points": noisy / "points.npz",
+    }
 
 
 def _config(**kw: object) -> NetworkConfig:
-    args: dict[str, object] = {"L1": 3, "L2": 2, "basis": "xmipp", "epochs": 1, "batch_size": 16,
-                               "encoder_box": BOX, "channels": 4, "hidden": 32, "validation_fraction": 0.1,
-                               "seed": 0, "learning_rate": 1e-3, "energy_weight": 1e-4, "smooth_weight": 1e-3}
+    args: dict[str, object] = {
+        "L1": 3,
+        "L2": 2,
+        "basis": "xmipp",
+        "epochs": 1,
+        "batch_size": 16,
+        "encoder_box": BOX,
+        "channels": 4,
+        "hidden": 32,
+        "validation_fraction": 0.1,
+        "seed": 0,
+        "learning_rate": 1e-3,
+        "energy_weight": 1e-4,
+        "smooth_weight": 1e-3,
+    }
     args.update(kw)
     return NetworkConfig(**args)  # type: ignore[arg-type]
 
@@ -68,12 +93,16 @@ def _config(**kw: object) -> NetworkConfig:
 def _trainable(model: torch.nn.Module) -> list[torch.Tensor]:
     """The learned weights that carry over between rounds (not the decoder's learned reference,
     which belongs to its point cloud)."""
-    return [p.detach().clone() for name, p in model.named_parameters()
-            if p.requires_grad and not name.startswith("decoder.")]
+    return [
+        p.detach().clone()
+        for name, p in model.named_parameters()
+        if p.requires_grad and not name.startswith("decoder.")
+    ]
 
 
-def test_fine_tuning_starts_from_the_given_weights(data: dict[str, Path], tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fine_tuning_starts_from_the_given_weights(
+    data: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The weights before round 2's first optimiser step are round 1's, while the decoder holds
     round 2's point cloud and the learning-rate schedule starts again."""
     source = ParticleBatchSource.from_particles(read_particles(data["pre_particles"]))
@@ -91,8 +120,9 @@ def test_fine_tuning_starts_from_the_given_weights(data: dict[str, Path], tmp_pa
         return step(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.Adam, "step", spy)
-    second, history = train_model(source, points2, amps2, BOX, cfg, checkpoint_dir=tmp_path / "r2",
-                                  init_weights=first.state_dict())
+    second, history = train_model(
+        source, points2, amps2, BOX, cfg, checkpoint_dir=tmp_path / "r2", init_weights=first.state_dict()
+    )
     expected = _trainable(first)
     fresh = _trainable(build_model(points2, amps2, BOX, source.pixel_size, cfg))
     delta = second.decoder.amplitude_delta
@@ -115,21 +145,51 @@ def test_checkpoint_is_not_resumed_for_another_starting_model(data: dict[str, Pa
     cfg = _config(epochs=2)
     base, _ = train_model(source, cloud["points"], cloud["amplitudes"], BOX, _config(), checkpoint_dir=tmp_path / "a")
     epochs: list[int] = []
-    train_model(source, cloud["points"], cloud["amplitudes"], BOX, cfg, checkpoint_dir=tmp_path / "b",
-                on_epoch_end=lambda epoch, row: epochs.append(epoch))
+    train_model(
+        source,
+        cloud["points"],
+        cloud["amplitudes"],
+        BOX,
+        cfg,
+        checkpoint_dir=tmp_path / "b",
+        on_epoch_end=lambda epoch, row: epochs.append(epoch),
+    )
     assert epochs == [1, 2]
     # Same folder, same data, same settings: a finished run resumes with nothing left to do ...
     epochs.clear()
-    train_model(source, cloud["points"], cloud["amplitudes"], BOX, cfg, checkpoint_dir=tmp_path / "b",
-                on_epoch_end=lambda epoch, row: epochs.append(epoch))
+    train_model(
+        source,
+        cloud["points"],
+        cloud["amplitudes"],
+        BOX,
+        cfg,
+        checkpoint_dir=tmp_path / "b",
+        on_epoch_end=lambda epoch, row: epochs.append(epoch),
+    )
     assert epochs == []
     # ... but not when the starting weights differ (another round) or the point cloud does.
-    train_model(source, cloud["points"], cloud["amplitudes"], BOX, cfg, checkpoint_dir=tmp_path / "b",
-                on_epoch_end=lambda epoch, row: epochs.append(epoch), init_weights=base.state_dict())
+    train_model(
+        source,
+        cloud["points"],
+        cloud["amplitudes"],
+        BOX,
+        cfg,
+        checkpoint_dir=tmp_path / "b",
+        on_epoch_end=lambda epoch, row: epochs.append(epoch),
+        init_weights=base.state_dict(),
+    )
     assert epochs == [1, 2]
     epochs.clear()
-    train_model(source, cloud["points"][1:], cloud["amplitudes"][1:], BOX, cfg, checkpoint_dir=tmp_path / "b",
-                on_epoch_end=lambda epoch, row: epochs.append(epoch), init_weights=base.state_dict())
+    train_model(
+        source,
+        cloud["points"][1:],
+        cloud["amplitudes"][1:],
+        BOX,
+        cfg,
+        checkpoint_dir=tmp_path / "b",
+        on_epoch_end=lambda epoch, row: epochs.append(epoch),
+        init_weights=base.state_dict(),
+    )
     assert epochs == [1, 2]
 
 
@@ -150,9 +210,9 @@ def _refined_star(data: dict[str, Path], path: Path, seed: int) -> pd.DataFrame:
     return table
 
 
-def test_round_network_trains_and_predicts_with_the_latest_poses(data: dict[str, Path], tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch,
-                                                                 caplog: pytest.LogCaptureFixture) -> None:
+def test_round_network_trains_and_predicts_with_the_latest_poses(
+    data: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     """Issue 12: train and predict of round k >= 2 get round k-1's refine STAR as ``poses``. The
     particles the network trains on and encodes carry its angles, shifts (px of the processing
     box, through Å) and defocus, the predict STAR carries them on to the refinement, and a
@@ -180,13 +240,26 @@ def test_round_network_trains_and_predicts_with_the_latest_poses(data: dict[str,
     monkeypatch.setattr(train_stage, "train_model", spy_train)
     monkeypatch.setattr(predict_stage, "predict_coefficients", spy_predict)
     log = logging.getLogger("test.latest_poses")
-    out = train(data["pre_particles"], data["pre_points"], tmp_path / "train", _config(),
-                poses=tmp_path / "refine.star", log=log)
-    predicted = predict(out["model"], data["pre_particles"], data["particles"], tmp_path / "predict",
-                        poses=tmp_path / "refine.star", log=log)
+    out = train(
+        data["pre_particles"],
+        data["pre_points"],
+        tmp_path / "train",
+        _config(),
+        poses=tmp_path / "refine.star",
+        log=log,
+    )
+    predicted = predict(
+        out["model"],
+        data["pre_particles"],
+        data["particles"],
+        tmp_path / "predict",
+        poses=tmp_path / "refine.star",
+        log=log,
+    )
     for stage, source in seen.items():
-        np.testing.assert_allclose(source.angles.numpy(), latest[["rot", "tilt", "psi"]], rtol=0, atol=1e-3,
-                                   err_msg=stage)
+        np.testing.assert_allclose(
+            source.angles.numpy(), latest[["rot", "tilt", "psi"]], rtol=0, atol=1e-3, err_msg=stage
+        )
         np.testing.assert_allclose(source.shifts.numpy(), expected_shifts, rtol=0, atol=1e-4, err_msg=stage)
         for name in ("defocus_u", "defocus_v"):
             np.testing.assert_allclose(getattr(source.ctf, name).numpy(), latest[name], rtol=1e-6, err_msg=stage)
@@ -200,15 +273,36 @@ def test_round_network_trains_and_predicts_with_the_latest_poses(data: dict[str,
         assert "made for other data or settings" in caplog.text and "resuming" not in caplog.text
         caplog.clear()
         _refined_star(data, tmp_path / "other.star", seed=4)
-        train(data["pre_particles"], data["pre_points"], tmp_path / "other", _config(),
-              poses=tmp_path / "refine.star", log=log, checkpoint_dir=tmp_path / "ckpt")
+        train(
+            data["pre_particles"],
+            data["pre_points"],
+            tmp_path / "other",
+            _config(),
+            poses=tmp_path / "refine.star",
+            log=log,
+            checkpoint_dir=tmp_path / "ckpt",
+        )
         caplog.clear()
-        train(data["pre_particles"], data["pre_points"], tmp_path / "other", _config(),
-              poses=tmp_path / "other.star", log=log, checkpoint_dir=tmp_path / "ckpt")
+        train(
+            data["pre_particles"],
+            data["pre_points"],
+            tmp_path / "other",
+            _config(),
+            poses=tmp_path / "other.star",
+            log=log,
+            checkpoint_dir=tmp_path / "ckpt",
+        )
         assert "made for other data or settings" in caplog.text and "resuming" not in caplog.text
         caplog.clear()
-        train(data["pre_particles"], data["pre_points"], tmp_path / "other", _config(),
-              poses=tmp_path / "other.star", log=log, checkpoint_dir=tmp_path / "ckpt")
+        train(
+            data["pre_particles"],
+            data["pre_points"],
+            tmp_path / "other",
+            _config(),
+            poses=tmp_path / "other.star",
+            log=log,
+            checkpoint_dir=tmp_path / "ckpt",
+        )
         assert "resuming from" in caplog.text and "other data" not in caplog.text
 
 
@@ -220,8 +314,7 @@ def test_half_network_never_sees_the_other_half(data: dict[str, Path], tmp_path:
     models = {}
     for name in ("pre", "noisy"):
         for half in (1, 2):
-            out = train(data[f"{name}_particles"], data[f"{name}_points"], tmp_path / name / f"h{half}", cfg,
-                        half=half)
+            out = train(data[f"{name}_particles"], data[f"{name}_points"], tmp_path / name / f"h{half}", cfg, half=half)
             models[name, half] = torch.load(out["model"], weights_only=True)
     for half in (1, 2):
         meta = models["pre", half]["meta"]
@@ -234,15 +327,28 @@ def test_half_network_never_sees_the_other_half(data: dict[str, Path], tmp_path:
     assert any(not torch.equal(clean2[k], noisy2[k]) for k in clean2)
 
     # Prediction with both networks: each encodes exactly its own half's particles.
-    both = read_coefficients(predict([tmp_path / "pre/h1/model.pt", tmp_path / "pre/h2/model.pt"],
-                                     data["pre_particles"], data["particles"], tmp_path / "both")["coefficients"])
+    both = read_coefficients(
+        predict(
+            [tmp_path / "pre/h1/model.pt", tmp_path / "pre/h2/model.pt"],
+            data["pre_particles"],
+            data["particles"],
+            tmp_path / "both",
+        )["coefficients"]
+    )
     for half in (1, 2):
-        alone = read_coefficients(predict(tmp_path / f"pre/h{half}/model.pt", data["pre_particles"],
-                                          data["particles"], tmp_path / f"alone{half}")["coefficients"])
+        alone = read_coefficients(
+            predict(
+                tmp_path / f"pre/h{half}/model.pt", data["pre_particles"], data["particles"], tmp_path / f"alone{half}"
+            )["coefficients"]
+        )
         np.testing.assert_array_equal(both[rows[half - 1]], alone[rows[half - 1]])
     with pytest.raises(ValueError, match="cover"):
-        predict([tmp_path / "pre/h1/model.pt", tmp_path / "noisy/h1/model.pt"], data["pre_particles"],
-                data["particles"], tmp_path / "bad")
+        predict(
+            [tmp_path / "pre/h1/model.pt", tmp_path / "noisy/h1/model.pt"],
+            data["pre_particles"],
+            data["particles"],
+            tmp_path / "bad",
+        )
 
 
 def test_independent_refinement_keeps_the_halves_apart(data: dict[str, Path], tmp_path: Path) -> None:
@@ -262,9 +368,14 @@ def test_independent_refinement_keeps_the_halves_apart(data: dict[str, Path], tm
     results = {}
     for mode in (True, False):
         for name, prior_file in (("pre", "prior.npy"), ("noisy", "other.npy")):
-            out = refine_chunk(data[f"{name}_particles"], [data["pre_points"], data["noisy_points"]] if mode
-                               else data["pre_points"], tmp_path / prior_file, tmp_path / f"{name}{mode}.npz",
-                               independent_halves=mode, **kw)
+            out = refine_chunk(
+                data[f"{name}_particles"],
+                [data["pre_points"], data["noisy_points"]] if mode else data["pre_points"],
+                tmp_path / prior_file,
+                tmp_path / f"{name}{mode}.npz",
+                independent_halves=mode,
+                **kw,
+            )
             results[name, mode] = read_npz(out)
     clean, noisy = results["pre", True], results["noisy", True]
     np.testing.assert_array_equal(clean["index"], np.arange(n))
@@ -301,7 +412,7 @@ def test_zart_halves_use_their_own_fields_and_masks(data: dict[str, Path], tmp_p
     np.testing.assert_array_equal(half["corrected_half1"], read_map(c["corrected_half1"]).data)
     centre = BOX // 2
     outside = np.ones((BOX, BOX, BOX), dtype=bool)
-    outside[centre - 5:centre + 6, centre - 5:centre + 6, centre - 5:centre + 6] = False
+    outside[centre - 5 : centre + 6, centre - 5 : centre + 6, centre - 5 : centre + 6] = False
     for name in ("corrected_half2", "uncorrected_half2"):
         assert np.all(half[name][outside] == 0) and np.any(half[name] != 0), name
     assert np.any(half["corrected_half1"][outside] != 0)

@@ -29,14 +29,18 @@ def defaults() -> dict[str, Any]:
 
 
 def class_defaults(cls: type) -> dict[str, Any]:
-    return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            for f in dataclasses.fields(cls)}
+    return {
+        f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        for f in dataclasses.fields(cls)
+    }
 
 
-@pytest.mark.parametrize(("cls", "sections"), [(NetworkConfig, ("zernike", "train")), (RefineConfig, ("refine",)),
-                                               (ZartConfig, ("zart",))])
-def test_every_schema_default_is_the_dataclass_default(defaults: dict[str, Any], cls: type,
-                                                       sections: tuple[str, ...]) -> None:
+@pytest.mark.parametrize(
+    ("cls", "sections"), [(NetworkConfig, ("zernike", "train")), (RefineConfig, ("refine",)), (ZartConfig, ("zart",))]
+)
+def test_every_schema_default_is_the_dataclass_default(
+    defaults: dict[str, Any], cls: type, sections: tuple[str, ...]
+) -> None:
     own = class_defaults(cls)
     for section in sections:
         for key, value in defaults[section].items():
@@ -57,8 +61,9 @@ def test_from_config_of_the_schema_defaults_is_the_default_object(defaults: dict
 
 
 def test_from_config_passes_settings_and_refuses_unknown_keys(defaults: dict[str, Any]) -> None:
-    cfg = NetworkConfig.from_config({"L1": 3, "L2": 2, "basis": "xmipp"}, {"epochs": 5, "roughness": "gradient"},
-                                    seed=7)
+    cfg = NetworkConfig.from_config(
+        {"L1": 3, "L2": 2, "basis": "xmipp"}, {"epochs": 5, "roughness": "gradient"}, seed=7
+    )
     assert (cfg.L1, cfg.L2, cfg.basis, cfg.epochs, cfg.roughness, cfg.seed) == (3, 2, "xmipp", 5, "gradient", 7)
     assert cfg.smooth_weight == defaults["train"]["smooth_weight"]  # what was not given: the default
     assert ZartConfig.from_config({"sigmas": [2, 1, 0]}).sigmas == (2.0, 1.0, 0.0)
@@ -68,16 +73,21 @@ def test_from_config_passes_settings_and_refuses_unknown_keys(defaults: dict[str
         RefineConfig.from_config({"chunks": 2, "mode_": "free"})
 
 
-@pytest.mark.parametrize(("make", "message"), [
-    (lambda: NetworkConfig(loss="l2"), r"NetworkConfig.loss = 'l2'; use one of \['corr', 'frc', 'mse'\]"),
-    (lambda: NetworkConfig(encoder="resnet"), r"NetworkConfig.encoder = 'resnet'"),
-    (lambda: NetworkConfig(basis="legendre"),
-     r"NetworkConfig.basis = 'legendre'; use one of \['xmipp', 'orthonormal'\]"),
-    (lambda: NetworkConfig(roughness="bend"), r"NetworkConfig.roughness = 'bend'"),
-    (lambda: RefineConfig(mode="global"), r"RefineConfig.mode = 'global'; use one of \['landscape', 'free'\]"),
-    (lambda: RefineConfig(prior="flat"), r"RefineConfig.prior = 'flat'"),
-    (lambda: RefineConfig(loss="frc2"), r"RefineConfig.loss = 'frc2'"),
-])
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: NetworkConfig(loss="l2"), r"NetworkConfig.loss = 'l2'; use one of \['corr', 'frc', 'mse'\]"),
+        (lambda: NetworkConfig(encoder="resnet"), r"NetworkConfig.encoder = 'resnet'"),
+        (
+            lambda: NetworkConfig(basis="legendre"),
+            r"NetworkConfig.basis = 'legendre'; use one of \['xmipp', 'orthonormal'\]",
+        ),
+        (lambda: NetworkConfig(roughness="bend"), r"NetworkConfig.roughness = 'bend'"),
+        (lambda: RefineConfig(mode="global"), r"RefineConfig.mode = 'global'; use one of \['landscape', 'free'\]"),
+        (lambda: RefineConfig(prior="flat"), r"RefineConfig.prior = 'flat'"),
+        (lambda: RefineConfig(loss="frc2"), r"RefineConfig.loss = 'frc2'"),
+    ],
+)
 def test_enumerated_settings_are_checked_when_made(make: Any, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         make()

@@ -28,9 +28,16 @@ ADK = Path(__file__).parent / "data" / "mdanalysistests_adk"
 
 
 def _sim(tmp_path: Path, **kw: object) -> dict[str, Path]:
-    args: dict[str, object] = {"start_model": ADK / "adk_closed.pdb", "end_model": ADK / "adk_open.pdb",
-                               "n_particles": 40, "box": 48, "pixel_size": 2.5, "resolution": 8.0, "snr": 0.1,
-                               "seed": 7}
+    args: dict[str, object] = {
+        "start_model": ADK / "adk_closed.pdb",
+        "end_model": ADK / "adk_open.pdb",
+        "n_particles": 40,
+        "box": 48,
+        "pixel_size": 2.5,
+        "resolution": 8.0,
+        "snr": 0.1,
+        "seed": 7,
+    }
     args.update(kw)
     return simulate_dataset(tmp_path, **args)  # type: ignore[arg-type]
 
@@ -66,8 +73,14 @@ def test_density_and_projection_integrals() -> None:
     # the centroid of the map sits at the mass-weighted atom position (x, y, z) → [z, y, x]
     _, _, xx = np.meshgrid(*[np.arange(32) - 16] * 3, indexing="ij")
     assert (vol * xx).sum() / vol.sum() == pytest.approx((3.0 * 8) / 14, abs=1e-3)
-    img = project_atoms(torch.tensor(coords[None]), torch.tensor(w), torch.eye(3, dtype=torch.float64)[None],
-                        torch.zeros(1, 2, dtype=torch.float64), 32, 1.5)
+    img = project_atoms(
+        torch.tensor(coords[None]),
+        torch.tensor(w),
+        torch.eye(3, dtype=torch.float64)[None],
+        torch.zeros(1, 2, dtype=torch.float64),
+        32,
+        1.5,
+    )
     assert float(img.sum()) == pytest.approx(14.0, rel=1e-4)
     # the exact projection of the voxelised map along z equals the 2D rendering
     np.testing.assert_allclose(vol.sum(0), img[0].numpy(), atol=1e-4)

@@ -16,8 +16,15 @@ LIBRARY = REPO / "z3lib"
 MAX_FILE_LINES = 800
 MAX_FUNCTION_LINES = 100
 #: Importing these must not import torch (file formats, conventions, basis, CTF, device choice).
-TORCH_FREE = ["z3lib.io", "z3lib.conventions", "z3lib.zernike", "z3lib.ctf", "z3lib.devices", "z3lib.settings",
-              "z3lib.arrays"]
+TORCH_FREE = [
+    "z3lib.io",
+    "z3lib.conventions",
+    "z3lib.zernike",
+    "z3lib.ctf",
+    "z3lib.devices",
+    "z3lib.settings",
+    "z3lib.arrays",
+]
 
 
 def _modules() -> list[str]:
@@ -31,8 +38,9 @@ def _modules() -> list[str]:
 
 
 def _run(code: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
-                          check=False)
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300, check=False
+    )
 
 
 def test_every_module_imports_on_its_own() -> None:
@@ -70,8 +78,11 @@ def test_zernike_does_not_import_the_file_layer() -> None:
 
 
 def test_no_file_is_over_800_lines() -> None:
-    long = {str(p.relative_to(REPO)): n for p in sorted(LIBRARY.rglob("*.py"))
-            if (n := len(p.read_text().splitlines())) > MAX_FILE_LINES}
+    long = {
+        str(p.relative_to(REPO)): n
+        for p in sorted(LIBRARY.rglob("*.py"))
+        if (n := len(p.read_text().splitlines())) > MAX_FILE_LINES
+    }
     assert not long, f"files over {MAX_FILE_LINES} lines: {long}"
 
 
@@ -106,6 +117,6 @@ def test_every_rule_carries_its_output_version() -> None:
             if (m := re.search(r'z3lib=output_version\("(\w+)"\)', block)) is not None:
                 carried[name] = m.group(1)
     assert carried == {name: name for name in carried}, "a rule carries another rule's version"
-    assert set(carried) == set(z3lib.OUTPUT_VERSIONS), (set(carried) ^ set(z3lib.OUTPUT_VERSIONS))
+    assert set(carried) == set(z3lib.OUTPUT_VERSIONS), set(carried) ^ set(z3lib.OUTPUT_VERSIONS)
     versions = [parse(v) for v in z3lib.OUTPUT_VERSIONS.values()]
     assert max(versions) == parse(z3lib.__version__)

@@ -51,19 +51,41 @@ def _particles(n: int, seed: int) -> tuple[pd.DataFrame, np.ndarray]:
     rots = random_rotations(n, rng)
     rot, tilt, psi = matrix_to_euler(rots)
     du = rng.uniform(10000, 20000, n)
-    table = pd.DataFrame({"rot": rot, "tilt": tilt, "psi": psi, "shift_x": rng.normal(size=n),
-                          "shift_y": rng.normal(size=n), "defocus_u": du, "defocus_v": du - 300,
-                          "defocus_angle": rng.uniform(0, 180, n), "voltage": 300.0, "cs": 2.7,
-                          "amplitude_contrast": 0.1})
+    table = pd.DataFrame(
+        {
+            "rot": rot,
+            "tilt": tilt,
+            "psi": psi,
+            "shift_x": rng.normal(size=n),
+            "shift_y": rng.normal(size=n),
+            "defocus_u": du,
+            "defocus_v": du - 300,
+            "defocus_angle": rng.uniform(0, 180, n),
+            "voltage": 300.0,
+            "cs": 2.7,
+            "amplitude_contrast": 0.1,
+        }
+    )
     return table, rots
 
 
-def _images(pts: np.ndarray, amps: np.ndarray, table: pd.DataFrame, rots: np.ndarray,
-            coeffs: np.ndarray | None = None, basis: np.ndarray | None = None) -> np.ndarray:
-    proj = project_points(torch.tensor(pts), torch.tensor(amps), torch.tensor(rots),
-                          torch.tensor(table[["shift_x", "shift_y"]].to_numpy()), BOX,
-                          basis=None if basis is None else torch.tensor(basis),
-                          coefficients=None if coeffs is None else torch.tensor(coeffs))
+def _images(
+    pts: np.ndarray,
+    amps: np.ndarray,
+    table: pd.DataFrame,
+    rots: np.ndarray,
+    coeffs: np.ndarray | None = None,
+    basis: np.ndarray | None = None,
+) -> np.ndarray:
+    proj = project_points(
+        torch.tensor(pts),
+        torch.tensor(amps),
+        torch.tensor(rots),
+        torch.tensor(table[["shift_x", "shift_y"]].to_numpy()),
+        BOX,
+        basis=None if basis is None else torch.tensor(basis),
+        coefficients=None if coeffs is None else torch.tensor(coeffs),
+    )
     return apply_ctf(proj, 2.0, CtfParams.from_table(table, dtype=torch.float64)).numpy().astype(np.float32)
 
 
@@ -87,15 +109,30 @@ def test_phase_flipped_particles_are_modelled_with_the_ctf_magnitude() -> None:
     as unflipped ones when the table says so; modelled with the signed CTF they do not."""
     _, pts, amps = _phantom()
     table, rots = _particles(300, 11)
-    proj = project_points(torch.tensor(pts), torch.tensor(amps), torch.tensor(rots),
-                          torch.tensor(table[["shift_x", "shift_y"]].to_numpy()), BOX)
+    proj = project_points(
+        torch.tensor(pts),
+        torch.tensor(amps),
+        torch.tensor(rots),
+        torch.tensor(table[["shift_x", "shift_y"]].to_numpy()),
+        BOX,
+    )
     imgs = apply_ctf(proj, 2.0, CtfParams.from_table(table, dtype=torch.float64), phase_flipped=True).numpy()
     cfg = ZartConfig(iterations=4, batch_size=32, relaxation=1.0)
     rows = np.arange(300)
     errors = {}
     for flag in (True, False):
-        vals, _ = reconstruct_zart(NumpyBackend(), pts, None, None, imgs.astype(np.float32),
-                                   table.assign(phase_flipped=flag), rows, BOX, 2.0, cfg)
+        vals, _ = reconstruct_zart(
+            NumpyBackend(),
+            pts,
+            None,
+            None,
+            imgs.astype(np.float32),
+            table.assign(phase_flipped=flag),
+            rows,
+            BOX,
+            2.0,
+            cfg,
+        )
         errors[flag] = np.linalg.norm(vals - amps) / np.linalg.norm(amps)
     assert errors[True] < 0.05 and errors[False] > 4 * errors[True], errors
 
@@ -115,8 +152,15 @@ def test_projector_backprojector_adjoint_with_fields() -> None:
     rhs = float((v.astype(np.float64) * be.backproject(imgs, pts, fields, rots, sh)).sum())
     assert lhs == pytest.approx(rhs, rel=1e-5)
     # the numpy kernels agree with the torch projector
-    ref = project_points(torch.tensor(pts), torch.tensor(v), torch.tensor(rots), torch.tensor(sh), BOX,
-                         basis=torch.tensor(basis), coefficients=torch.tensor(coeffs)).numpy()
+    ref = project_points(
+        torch.tensor(pts),
+        torch.tensor(v),
+        torch.tensor(rots),
+        torch.tensor(sh),
+        BOX,
+        basis=torch.tensor(basis),
+        coefficients=torch.tensor(coeffs),
+    ).numpy()
     np.testing.assert_allclose(be.project(v, pts, fields, rots, sh, BOX), ref, atol=1e-4)
 
 
@@ -154,8 +198,9 @@ def test_cupy_kernels_match_numpy_and_are_adjoint() -> None:
     v = rng.normal(size=len(pts)).astype(np.float32)
     imgs = rng.normal(size=(7, BOX, BOX)).astype(np.float32)
     cpu, gpu = NumpyBackend(), get_backend("cupy")
-    d = {name: gpu.asarray(a) for name, a in (("pts", pts), ("f", fields), ("r", rots), ("s", sh), ("v", v),
-                                                ("i", imgs))}
+    d = {
+        name: gpu.asarray(a) for name, a in (("pts", pts), ("f", fields), ("r", rots), ("s", sh), ("v", v), ("i", imgs))
+    }
     for f_cpu, f_gpu in ((None, None), (fields, d["f"])):
         p_cpu = cpu.project(v, pts.astype(np.float32), f_cpu, rots, sh, BOX)
         p_gpu = gpu.to_host(gpu.project(d["v"], d["pts"], f_gpu, d["r"], d["s"], BOX))
@@ -173,15 +218,31 @@ def test_cupy_kernels_match_numpy_and_are_adjoint() -> None:
 @pytest.mark.skipif(not cupy_usable(), reason="no usable CUDA device for cupy")
 def test_zart_files_with_cupy_equal_numpy(tmp_path: Path) -> None:
     """The rule's entry point with backend cupy writes the same maps as with numpy."""
-    sim = simulate_dataset(tmp_path / "sim", start_model=ADK / "adk_closed.pdb", end_model=ADK / "adk_open.pdb",
-                           n_particles=80, box=32, pixel_size=4.0, resolution=10.0, snr=2.0, seed=9)
+    sim = simulate_dataset(
+        tmp_path / "sim",
+        start_model=ADK / "adk_closed.pdb",
+        end_model=ADK / "adk_open.pdb",
+        n_particles=80,
+        box=32,
+        pixel_size=4.0,
+        resolution=10.0,
+        snr=2.0,
+        seed=9,
+    )
     pre = preprocess(sim["particles"], sim["reference"], sim["mask"], tmp_path / "pre", box=24)
     write_coefficients(tmp_path / "c.npy", np.random.default_rng(1).normal(scale=0.3, size=(80, 39)))
     cfg = ZartConfig(iterations=2, batch_size=16)
     maps = {}
     for backend in ("numpy", "cupy"):
-        out = zart(pre["particles"], pre["points"], tmp_path / "c.npy", tmp_path / backend,
-                   zernike=ZERNIKE_32, config=cfg, backend=backend)
+        out = zart(
+            pre["particles"],
+            pre["points"],
+            tmp_path / "c.npy",
+            tmp_path / backend,
+            zernike=ZERNIKE_32,
+            config=cfg,
+            backend=backend,
+        )
         maps[backend] = read_map(out["corrected_half1"]).data
     scale = float(np.abs(maps["numpy"]).max())
     np.testing.assert_allclose(maps["cupy"], maps["numpy"], atol=1e-3 * scale)
@@ -269,28 +330,63 @@ def _analytic_project(root: Path, n: int, seed: int) -> tuple[np.ndarray, float]
     dv, angle = du - rng.uniform(0, 800, n), rng.uniform(0, 180, n)
     a = relion_matrix(rot, tilt, psi)
     kx, ky = fine_frequencies(fine)
-    images = np.stack([
-        gaussian_image(box, (a[i] @ centres.T).T[:, :2] - shifts[i], amps, sigma,
-                       relion_ctf(kx, ky, apix, du[i], dv[i], angle[i]), fine=fine)
-        for i in range(n)]).astype(np.float32)
+    images = np.stack(
+        [
+            gaussian_image(
+                box,
+                (a[i] @ centres.T).T[:, :2] - shifts[i],
+                amps,
+                sigma,
+                relion_ctf(kx, ky, apix, du[i], dv[i], angle[i]),
+                fine=fine,
+            )
+            for i in range(n)
+        ]
+    ).astype(np.float32)
     with mrcfile.new(root / "particles.mrcs") as mrc:
         mrc.set_data(images)
         mrc.voxel_size = apix
-    optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnOpticsGroupName": ["opticsGroup1"],
-                           "rlnImagePixelSize": [apix], "rlnImageSize": [box], "rlnImageDimensionality": [2],
-                           "rlnVoltage": [300.0], "rlnSphericalAberration": [2.7], "rlnAmplitudeContrast": [0.1]})
-    particles = pd.DataFrame({
-        "rlnImageName": [f"{i + 1:06d}@particles.mrcs" for i in range(n)], "rlnAngleRot": rot,
-        "rlnAngleTilt": tilt, "rlnAnglePsi": psi, "rlnOriginXAngst": shifts[:, 0] * apix,
-        "rlnOriginYAngst": shifts[:, 1] * apix, "rlnDefocusU": du, "rlnDefocusV": dv, "rlnDefocusAngle": angle,
-        "rlnRandomSubset": np.tile([1, 2], n // 2), "rlnOpticsGroup": np.ones(n, dtype=int)})
+    optics = pd.DataFrame(
+        {
+            "rlnOpticsGroup": [1],
+            "rlnOpticsGroupName": ["opticsGroup1"],
+            "rlnImagePixelSize": [apix],
+            "rlnImageSize": [box],
+            "rlnImageDimensionality": [2],
+            "rlnVoltage": [300.0],
+            "rlnSphericalAberration": [2.7],
+            "rlnAmplitudeContrast": [0.1],
+        }
+    )
+    particles = pd.DataFrame(
+        {
+            "rlnImageName": [f"{i + 1:06d}@particles.mrcs" for i in range(n)],
+            "rlnAngleRot": rot,
+            "rlnAngleTilt": tilt,
+            "rlnAnglePsi": psi,
+            "rlnOriginXAngst": shifts[:, 0] * apix,
+            "rlnOriginYAngst": shifts[:, 1] * apix,
+            "rlnDefocusU": du,
+            "rlnDefocusV": dv,
+            "rlnDefocusAngle": angle,
+            "rlnRandomSubset": np.tile([1, 2], n // 2),
+            "rlnOpticsGroup": np.ones(n, dtype=int),
+        }
+    )
     starfile.write({"optics": optics, "particles": particles}, root / "particles.star")
     zz, yy, xx = np.meshgrid(*[np.arange(box) - box // 2] * 3, indexing="ij")
     inside = xx**2 + yy**2 + zz**2 <= 10**2
     points = np.stack([xx[inside], yy[inside], zz[inside]], axis=1).astype(np.float32)
-    np.savez(root / "points.npz", points=points, amplitudes=np.ones(len(points), np.float32), box=np.int64(box),
-             pixel_size=np.float64(apix), original_box=np.int64(box), original_pixel_size=np.float64(apix),
-             step=np.int64(1))
+    np.savez(
+        root / "points.npz",
+        points=points,
+        amplitudes=np.ones(len(points), np.float32),
+        box=np.int64(box),
+        pixel_size=np.float64(apix),
+        original_box=np.int64(box),
+        original_pixel_size=np.float64(apix),
+        step=np.int64(1),
+    )
     np.save(root / "c.npy", np.zeros((n, 39)))
     return gaussian_volume(box, centres, amps, sigma), apix
 
@@ -303,11 +399,23 @@ def test_zart_files_with_zero_fields_reconstruct_the_analytic_map(tmp_path: Path
     the blobs' map — compared with the analytic map, not with each other. Independent of z3's
     projector, CTF and simulator."""
     truth, apix = _analytic_project(tmp_path, 160, seed=9)
-    out = zart(tmp_path / "particles.star", tmp_path / "points.npz", tmp_path / "c.npy", tmp_path / "zart",
-               zernike=ZERNIKE_32, backend="numpy",
-               config=ZartConfig(iterations=4, batch_size=16, relaxation=1.0, field_scale=1.0))
-    for name in ("corrected", "corrected_half1", "corrected_half2", "uncorrected", "uncorrected_half1",
-                 "uncorrected_half2"):
+    out = zart(
+        tmp_path / "particles.star",
+        tmp_path / "points.npz",
+        tmp_path / "c.npy",
+        tmp_path / "zart",
+        zernike=ZERNIKE_32,
+        backend="numpy",
+        config=ZartConfig(iterations=4, batch_size=16, relaxation=1.0, field_scale=1.0),
+    )
+    for name in (
+        "corrected",
+        "corrected_half1",
+        "corrected_half2",
+        "uncorrected",
+        "uncorrected_half1",
+        "uncorrected_half2",
+    ):
         m = read_map(out[name])
         assert m.data.shape == (24, 24, 24) and m.pixel_size == pytest.approx(apix)
         error = np.linalg.norm(m.data - truth) / np.linalg.norm(truth)
@@ -341,15 +449,32 @@ def test_zart_on_a_sub_grid_point_cloud_matches_the_full_grid(tmp_path: Path) ->
     """preprocess.points_step = 2 through preprocess and ZART: the maps are full-grid maps that
     correlate with the points_step = 1 maps, the half-map FSC is high at low resolution and zero
     beyond the sub-grid's Nyquist (2 · 2 px), so the resolution cannot claim more."""
-    sim = simulate_dataset(tmp_path / "sim", start_model=ADK / "adk_closed.pdb", end_model=ADK / "adk_open.pdb",
-                           n_particles=120, box=32, pixel_size=4.0, resolution=10.0, snr=20.0, seed=9)
+    sim = simulate_dataset(
+        tmp_path / "sim",
+        start_model=ADK / "adk_closed.pdb",
+        end_model=ADK / "adk_open.pdb",
+        n_particles=120,
+        box=32,
+        pixel_size=4.0,
+        resolution=10.0,
+        snr=20.0,
+        seed=9,
+    )
     write_coefficients(tmp_path / "c.npy", np.zeros((120, 39)))
     maps, fscs = {}, {}
     for step in (1, 2):
-        pre = preprocess(sim["particles"], sim["reference"], sim["mask"], tmp_path / f"pre{step}", box=32,
-                         points_step=step)
-        out = zart(pre["particles"], pre["points"], tmp_path / "c.npy", tmp_path / f"zart{step}",
-                   zernike=ZERNIKE_32, config=ZartConfig(iterations=3, batch_size=16), backend="numpy")
+        pre = preprocess(
+            sim["particles"], sim["reference"], sim["mask"], tmp_path / f"pre{step}", box=32, points_step=step
+        )
+        out = zart(
+            pre["particles"],
+            pre["points"],
+            tmp_path / "c.npy",
+            tmp_path / f"zart{step}",
+            zernike=ZERNIKE_32,
+            config=ZartConfig(iterations=3, batch_size=16),
+            backend="numpy",
+        )
         maps[step] = read_map(out["corrected"]).data
         fscs[step] = read_table(out["fsc"])
     mask = read_map(tmp_path / "pre1" / "mask.mrc").data > 0
@@ -384,8 +509,19 @@ def test_field_scale_keeps_true_fields_and_drops_noisy_ones(fields_are: str) -> 
     halves = half_sets(np.tile([1, 2], n // 2), 0)
     mask = soft_support(pts, BOX)
     centred = centre_fields(coeffs, halves)
-    scale, frame = choose_field_scale(NumpyBackend(), [pts, pts], [basis, basis], centred, imgs, table, halves,
-                                      BOX, 2.0, ZartConfig(iterations=2, batch_size=32, relaxation=1.0), mask)
+    scale, frame = choose_field_scale(
+        NumpyBackend(),
+        [pts, pts],
+        [basis, basis],
+        centred,
+        imgs,
+        table,
+        halves,
+        BOX,
+        2.0,
+        ZartConfig(iterations=2, batch_size=32, relaxation=1.0),
+        mask,
+    )
     assert list(frame["scale"]) == list(FIELD_SCALES)
     if fields_are == "true":
         assert scale >= 0.75, frame
@@ -393,8 +529,17 @@ def test_field_scale_keeps_true_fields_and_drops_noisy_ones(fields_are: str) -> 
         assert scale <= 0.25, frame
 
 
-def _perturbed_copy(star: Path, out: Path, *, seed: int, degrees: float = 0.0, pixels: float = 0.0,
-                    defocus: float = 0.0, reverse: bool = False, drop_last: bool = False) -> Path:
+def _perturbed_copy(
+    star: Path,
+    out: Path,
+    *,
+    seed: int,
+    degrees: float = 0.0,
+    pixels: float = 0.0,
+    defocus: float = 0.0,
+    reverse: bool = False,
+    drop_last: bool = False,
+) -> Path:
     """The STAR ``star`` with its angles, shifts (px of its box) and defocus (Å) perturbed by
     Gaussian noise of σ ``degrees``, ``pixels`` and ``defocus``, its rows reversed or its last
     row dropped: written beside it, so that its relative image paths still resolve."""
@@ -429,9 +574,19 @@ def test_zart_reconstructs_with_the_latest_poses_of_a_later_stage(tmp_path: Path
     from z3lib.io import apply_poses, read_particles
     from z3lib.preprocess import fourier_crop
 
-    sim = simulate_dataset(tmp_path / "sim", start_model=ADK / "adk_closed.pdb", end_model=ADK / "adk_open.pdb",
-                           n_particles=160, box=32, pixel_size=4.0, resolution=8.0, snr=50.0, seed=21,
-                           t_range=(0.45, 0.55), consensus=False)
+    sim = simulate_dataset(
+        tmp_path / "sim",
+        start_model=ADK / "adk_closed.pdb",
+        end_model=ADK / "adk_open.pdb",
+        n_particles=160,
+        box=32,
+        pixel_size=4.0,
+        resolution=8.0,
+        snr=50.0,
+        seed=21,
+        t_range=(0.45, 0.55),
+        consensus=False,
+    )
     early = _perturbed_copy(sim["particles"], tmp_path / "sim" / "early.star", seed=22, degrees=5.0, pixels=1.0)
     pre = preprocess(early, sim["reference"], sim["mask"], tmp_path / "pre", box=24)
     write_coefficients(tmp_path / "c.npy", np.zeros((160, 39)))
@@ -440,18 +595,28 @@ def test_zart_reconstructs_with_the_latest_poses_of_a_later_stage(tmp_path: Path
     apix = 4.0 * 32 / 24
     scores = {}
     for label, poses in (("preprocess", None), ("latest", sim["particles"])):
-        out = zart(pre["particles"], pre["points"], tmp_path / "c.npy", tmp_path / f"zart_{label}",
-                   zernike=ZERNIKE_32, config=ZartConfig(iterations=3, batch_size=32, field_scale=0.0), backend="numpy",
-                   poses=poses)
+        out = zart(
+            pre["particles"],
+            pre["points"],
+            tmp_path / "c.npy",
+            tmp_path / f"zart_{label}",
+            zernike=ZERNIKE_32,
+            config=ZartConfig(iterations=3, batch_size=32, field_scale=0.0),
+            backend="numpy",
+            poses=poses,
+        )
         half = read_map(out["corrected_half1"]).data
-        scores[label] = (fsc_area(fourier_shell_correlation(half, truth, apix)),
-                         float(np.corrcoef(half[mask], truth[mask])[0, 1]))
+        scores[label] = (
+            fsc_area(fourier_shell_correlation(half, truth, apix)),
+            float(np.corrcoef(half[mask], truth[mask])[0, 1]),
+        )
     (area_pre, corr_pre), (area_new, corr_new) = scores["preprocess"], scores["latest"]
     assert area_new > area_pre + 0.15, scores  # measured: 0.51 → 0.79
     assert corr_new > corr_pre + 0.05 and corr_new > 0.85, scores  # measured: 0.81 → 0.89
     # the values themselves: the later STAR's angles, defocus, and shifts in px of the processing box
-    late = _perturbed_copy(sim["particles"], tmp_path / "sim" / "late.star", seed=23, degrees=3.0, pixels=2.0,
-                           defocus=300.0)
+    late = _perturbed_copy(
+        sim["particles"], tmp_path / "sim" / "late.star", seed=23, degrees=3.0, pixels=2.0, defocus=300.0
+    )
     got = apply_poses(read_particles(pre["particles"]), read_particles(late)).table
     want = read_particles(late).table
     for name in ("rot", "tilt", "psi", "defocus_u", "defocus_v", "defocus_angle"):
@@ -468,15 +633,32 @@ def test_zart_refuses_poses_of_other_rows_naming_both_files(tmp_path: Path, chan
     missing), is refused before any work, with a message that names both files."""
     from z3lib.io import Z3InputError
 
-    sim = simulate_dataset(tmp_path / "sim", start_model=ADK / "adk_closed.pdb", end_model=ADK / "adk_open.pdb",
-                           n_particles=20, box=32, pixel_size=4.0, resolution=10.0, snr=5.0, seed=3,
-                           consensus=False)
+    sim = simulate_dataset(
+        tmp_path / "sim",
+        start_model=ADK / "adk_closed.pdb",
+        end_model=ADK / "adk_open.pdb",
+        n_particles=20,
+        box=32,
+        pixel_size=4.0,
+        resolution=10.0,
+        snr=5.0,
+        seed=3,
+        consensus=False,
+    )
     pre = preprocess(sim["particles"], sim["reference"], sim["mask"], tmp_path / "pre", box=24)
     write_coefficients(tmp_path / "c.npy", np.zeros((20, 39)))
     bad = _perturbed_copy(sim["particles"], tmp_path / "sim" / "bad.star", seed=0, **{change: True})
     with pytest.raises(Z3InputError) as caught:
-        zart(pre["particles"], pre["points"], tmp_path / "c.npy", tmp_path / "zart", zernike=ZERNIKE_32,
-             config=ZartConfig(iterations=1, batch_size=16), backend="numpy", poses=bad)
+        zart(
+            pre["particles"],
+            pre["points"],
+            tmp_path / "c.npy",
+            tmp_path / "zart",
+            zernike=ZERNIKE_32,
+            config=ZartConfig(iterations=1, batch_size=16),
+            backend="numpy",
+            poses=bad,
+        )
     message = str(caught.value)
     assert str(bad) in message and str(pre["particles"]) in message, message
     assert not (tmp_path / "zart" / "corrected.mrc").exists()

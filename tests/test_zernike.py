@@ -76,8 +76,18 @@ def _ball_points(n: int, seed: int = 0) -> np.ndarray:
 
 
 @pytest.mark.parametrize(
-    "degrees,k", [((1, 1), 4), ((2, 2), 10), ((3, 2), 13), ((3, 3), 20), ((4, 4), 35), ((5, 5), 56),
-                  ((6, 6), 84), ((7, 7), 120), ((8, 8), 165)]
+    "degrees,k",
+    [
+        ((1, 1), 4),
+        ((2, 2), 10),
+        ((3, 2), 13),
+        ((3, 3), 20),
+        ((4, 4), 35),
+        ((5, 5), 56),
+        ((6, 6), 84),
+        ((7, 7), 120),
+        ((8, 8), 165),
+    ],
 )
 def test_term_counts(degrees: tuple[int, int], k: int) -> None:
     assert zk.count_terms(*degrees) == k
@@ -85,8 +95,16 @@ def test_term_counts(degrees: tuple[int, int], k: int) -> None:
 
 
 def test_index_order_documented_example() -> None:
-    expected = [(0, 0, 0, 0), (2, 0, 0, 0), (1, 1, 1, -1), (1, 1, 1, 0), (1, 1, 1, 1), (3, 1, 1, -1),
-                (3, 1, 1, 0), (3, 1, 1, 1)] + [(2, 2, 2, m) for m in range(-2, 3)]
+    expected = [
+        (0, 0, 0, 0),
+        (2, 0, 0, 0),
+        (1, 1, 1, -1),
+        (1, 1, 1, 0),
+        (1, 1, 1, 1),
+        (3, 1, 1, -1),
+        (3, 1, 1, 0),
+        (3, 1, 1, 1),
+    ] + [(2, 2, 2, m) for m in range(-2, 3)]
     assert [tuple(r) for r in zk.basis_indices(3, 2).tolist()] == expected
 
 
@@ -257,8 +275,9 @@ def test_refit_basis_is_the_least_squares_fit_of_each_field() -> None:
         norms += float((field**2).sum())
     assert residual == pytest.approx(np.sqrt(errors / norms), rel=1e-6)
     assert 0 < residual < 1
-    same, zero = zk.refit_basis(c[:, : 3 * zk.count_terms(3, 2)], pts, zk.ZernikeSpec(3, 2, "xmipp", 24),
-                                 zk.ZernikeSpec(3, 2, "xmipp", 24))
+    same, zero = zk.refit_basis(
+        c[:, : 3 * zk.count_terms(3, 2)], pts, zk.ZernikeSpec(3, 2, "xmipp", 24), zk.ZernikeSpec(3, 2, "xmipp", 24)
+    )
     np.testing.assert_allclose(same, c[:, : 3 * zk.count_terms(3, 2)], atol=1e-9)
     assert zero < 1e-10
 
@@ -284,8 +303,9 @@ def test_spec_on_another_box_describes_the_same_physical_field() -> None:
     assert (spec128.degrees, spec128.basis, spec128.rmax) == ((5, 3), "orthonormal", 64.0)
     c128 = spec64.convert(fitted, spec128)
     p128, _ = points_from_mask(sphere_mask(128, radius=60), step=3)
-    np.testing.assert_allclose(zk.deformation_field(spec128.evaluate(p128), c128) * apix64 / 2,
-                               field_angstrom(p128 * apix64 / 2), atol=1e-8)
+    np.testing.assert_allclose(
+        zk.deformation_field(spec128.evaluate(p128), c128) * apix64 / 2, field_angstrom(p128 * apix64 / 2), atol=1e-8
+    )
     with pytest.raises(ValueError, match="refit_basis"):
         spec64.convert(fitted, zk.ZernikeSpec(5, 3, "xmipp", 128))
 
@@ -309,13 +329,16 @@ def test_spec_block_is_what_a_star_reader_finds(tmp_path: Path) -> None:
         zk.ZernikeSpec.from_block({k: v for k, v in values.items() if k != "basis"})
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    ((5, 5, "xmipp", 64), "L2 <= 4"),
-    ((2, 3, "orthonormal", 64), "L1 >= L2"),
-    ((3, 2, "legendre", 64), "unknown Zernike3D basis"),
-    ((3, 2, "xmipp", 1), "box must be at least 2"),
-    ((3.5, 2, "xmipp", 64), "L1 must be an integer"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((5, 5, "xmipp", 64), "L2 <= 4"),
+        ((2, 3, "orthonormal", 64), "L1 >= L2"),
+        ((3, 2, "legendre", 64), "unknown Zernike3D basis"),
+        ((3, 2, "xmipp", 1), "box must be at least 2"),
+        ((3.5, 2, "xmipp", 64), "L1 must be an integer"),
+    ],
+)
 def test_spec_refuses_a_basis_that_does_not_exist(args: tuple[object, ...], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         zk.ZernikeSpec(*args)  # type: ignore[arg-type]

@@ -3,6 +3,7 @@
 The library behind the z3 Snakemake workflow; ``__version__`` and the per-rule output versions
 live here.
 """
+
 __version__ = "0.1.7"
 
 #: The library version at which each pipeline rule's numerical output last changed. Snakemake

@@ -210,17 +210,24 @@ def compute_umap(
     if x.ndim != 2:
         raise ValueError(f"UMAP needs an (n, D) array, got shape {x.shape}")
     if x.shape[0] < UMAP_MIN_PARTICLES:
-        logger.warning("UMAP skipped: %d particles, it needs at least %d (the landscape is shown "
-                       "by PCA only)", x.shape[0], UMAP_MIN_PARTICLES)
+        logger.warning(
+            "UMAP skipped: %d particles, it needs at least %d (the landscape is shown by PCA only)",
+            x.shape[0],
+            UMAP_MIN_PARTICLES,
+        )
         return None
     try:
         import umap
     except ImportError as exc:
-        logger.warning("UMAP skipped: the umap-learn package is not importable (%s); install it "
-                       "with `pip install umap-learn` (the landscape is shown by PCA only)", exc)
+        logger.warning(
+            "UMAP skipped: the umap-learn package is not importable (%s); install it "
+            "with `pip install umap-learn` (the landscape is shown by PCA only)",
+            exc,
+        )
         return None
-    reducer = umap.UMAP(n_components=n_components, n_neighbors=min(n_neighbors, x.shape[0] - 1),
-                        min_dist=min_dist, random_state=seed)
+    reducer = umap.UMAP(
+        n_components=n_components, n_neighbors=min(n_neighbors, x.shape[0] - 1), min_dist=min_dist, random_state=seed
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "n_jobs overridden by setting random_state", numba notes
         embedding = reducer.fit_transform(x)
@@ -420,8 +427,10 @@ def splat_trilinear(positions: npt.ArrayLike, values: npt.ArrayLike, shape: tupl
 def _check_box(spec: zk.ZernikeSpec, box: int) -> None:
     """Raise ``ValueError`` unless ``spec`` is on a box of ``box`` px (the map's)."""
     if spec.box != box:
-        raise ValueError(f"the Zernike3D basis is on a {spec.box} px box but the map is {box} px: "
-                         f"use spec.rescaled({box}) and convert the coefficients")
+        raise ValueError(
+            f"the Zernike3D basis is on a {spec.box} px box but the map is {box} px: "
+            f"use spec.rescaled({box}) and convert the coefficients"
+        )
 
 
 def deform_maps(
@@ -580,7 +589,7 @@ def mean_deformation_map(
     z = spec.evaluate(points)
     total = np.zeros(len(points))
     for lo in range(0, len(c), batch):
-        d = zk.deformation_field(z, c[lo:lo + batch])  # (b, N, 3)
+        d = zk.deformation_field(z, c[lo : lo + batch])  # (b, N, 3)
         total += np.sqrt((d * d).sum(-1)).sum(0)
     out = np.zeros(m.shape, dtype=np.float32)
     out[idx[:, 0], idx[:, 1], idx[:, 2]] = total / max(len(c), 1) * pixel_size
@@ -588,7 +597,11 @@ def mean_deformation_map(
 
 
 def deformation_rms(
-    coefficients: npt.ArrayLike, points: npt.ArrayLike, spec: zk.ZernikeSpec, *, batch: int = 256,
+    coefficients: npt.ArrayLike,
+    points: npt.ArrayLike,
+    spec: zk.ZernikeSpec,
+    *,
+    batch: int = 256,
 ) -> np.ndarray:
     """RMS of ``|d|`` over a point cloud per particle (Xmipp's ``sphDeformation``).
 
@@ -609,7 +622,7 @@ def deformation_rms(
     """
     c = np.atleast_2d(np.asarray(coefficients, dtype=np.float64))
     z = spec.evaluate(np.asarray(points, dtype=np.float64))
-    parts = [np.asarray(zk.deformation_rms(z, c[lo:lo + batch])) for lo in range(0, len(c), batch)]
+    parts = [np.asarray(zk.deformation_rms(z, c[lo : lo + batch])) for lo in range(0, len(c), batch)]
     return np.concatenate(parts) if parts else np.zeros(0)
 
 

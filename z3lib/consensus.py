@@ -76,8 +76,7 @@ def mask_from_map(
     body = ndimage.binary_fill_holes(body)
     steps = max(int(min_dilate), round(dilate / pixel_size))
     if steps > 0:
-        body = ndimage.binary_dilation(body, structure=ndimage.generate_binary_structure(3, 1),
-                                       iterations=steps)
+        body = ndimage.binary_dilation(body, structure=ndimage.generate_binary_structure(3, 1), iterations=steps)
     out: np.ndarray = (body & sphere_mask(box, box / 2 - 1)).astype(np.float32)
     return out
 
@@ -143,8 +142,20 @@ def reconstruct_consensus(
     config = ZartConfig(iterations=iterations, seed=seed)
     halves = []
     for h, rows in enumerate(half_sets(subsets, seed), start=1):
-        vals, _ = reconstruct_zart(be, points, None, None, images, table, rows, box, pixel_size, config,
-                                   log=logger, label=f" consensus half {h}")
+        vals, _ = reconstruct_zart(
+            be,
+            points,
+            None,
+            None,
+            images,
+            table,
+            rows,
+            box,
+            pixel_size,
+            config,
+            log=logger,
+            label=f" consensus half {h}",
+        )
         halves.append(values_to_volume(vals, points, box))
     support = soft_support(points, box)
     fsc = fourier_shell_correlation(halves[0] * support, halves[1] * support, pixel_size)
@@ -152,10 +163,18 @@ def reconstruct_consensus(
     volume = lowpass_filter(0.5 * (halves[0] + halves[1]), pixel_size, res)
     if lowpass is not None and lowpass > res:
         volume = lowpass_filter(volume, pixel_size, lowpass)
-    stats = {"resolution_0143": float(res), "resolution_05": float(resolution_at(fsc, 0.5)),
-             "seconds": time.perf_counter() - t0}
-    logger.info("consensus map: %d particles, half-map FSC %.2f Å (0.143), %.2f Å (0.5), %.1f s",
-                len(np.asarray(subsets)), stats["resolution_0143"], stats["resolution_05"], stats["seconds"])
+    stats = {
+        "resolution_0143": float(res),
+        "resolution_05": float(resolution_at(fsc, 0.5)),
+        "seconds": time.perf_counter() - t0,
+    }
+    logger.info(
+        "consensus map: %d particles, half-map FSC %.2f Å (0.143), %.2f Å (0.5), %.1f s",
+        len(np.asarray(subsets)),
+        stats["resolution_0143"],
+        stats["resolution_05"],
+        stats["seconds"],
+    )
     return volume.astype(np.float32), stats
 
 
@@ -200,9 +219,18 @@ def consensus_reference(
     stack = parts.images()
     try:
         volume, stats = reconstruct_consensus(
-            stack, parts.table, parts.table["random_subset"].to_numpy(), parts.box, parts.pixel_size,
-            radius_fraction=radius_fraction, iterations=iterations, lowpass=lowpass, seed=seed,
-            backend=backend, log=logger)
+            stack,
+            parts.table,
+            parts.table["random_subset"].to_numpy(),
+            parts.box,
+            parts.pixel_size,
+            radius_fraction=radius_fraction,
+            iterations=iterations,
+            lowpass=lowpass,
+            seed=seed,
+            backend=backend,
+            log=logger,
+        )
     finally:
         stack.close()
     mask = mask_from_map(volume, parts.pixel_size)

@@ -78,18 +78,14 @@ def euler_to_matrix(rot: Any, tilt: Any, psi: Any) -> Any:
         r, t, p = torch.broadcast_tensors(  # type: ignore[no-untyped-call]
             torch.deg2rad(r), torch.deg2rad(t), torch.deg2rad(p)
         )
-        ca, sa, cb, sb, cg, sg = (
-            torch.cos(r), torch.sin(r), torch.cos(t), torch.sin(t), torch.cos(p), torch.sin(p)
-        )
+        ca, sa, cb, sb, cg, sg = (torch.cos(r), torch.sin(r), torch.cos(t), torch.sin(t), torch.cos(p), torch.sin(p))
         rows = [
             torch.stack([cg * cb * ca - sg * sa, cg * cb * sa + sg * ca, -cg * sb], dim=-1),
             torch.stack([-sg * cb * ca - cg * sa, -sg * cb * sa + cg * ca, sg * sb], dim=-1),
             torch.stack([sb * ca, sb * sa, cb], dim=-1),
         ]
         return torch.stack(rows, dim=-2)
-    rn, tn, pn = np.broadcast_arrays(
-        *(np.deg2rad(np.asarray(a, dtype=np.float64)) for a in (rot, tilt, psi))
-    )
+    rn, tn, pn = np.broadcast_arrays(*(np.deg2rad(np.asarray(a, dtype=np.float64)) for a in (rot, tilt, psi)))
     ca, sa, cb, sb, cg, sg = np.cos(rn), np.sin(rn), np.cos(tn), np.sin(tn), np.cos(pn), np.sin(pn)
     out = np.empty(rn.shape + (3, 3), dtype=np.float64)
     out[..., 0, 0] = cg * cb * ca - sg * sa

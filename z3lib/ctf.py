@@ -71,8 +71,7 @@ class CtfParams:
         import torch
 
         dtype = torch.float32 if dtype is None else dtype
-        values = [defocus_u, defocus_v, defocus_angle, voltage, cs, amplitude_contrast,
-                  phase_shift, bfactor, scale]
+        values = [defocus_u, defocus_v, defocus_angle, voltage, cs, amplitude_contrast, phase_shift, bfactor, scale]
         tensors = [torch.as_tensor(v, dtype=dtype, device=device).reshape(-1) for v in values]
         tensors = list(torch.broadcast_tensors(*tensors))  # type: ignore[no-untyped-call]
         return cls(*tensors)
@@ -89,14 +88,22 @@ class CtfParams:
 
         ``dtype`` None: float32.
         """
+
         def col(name: str, default: float) -> Any:
             return np.array(table[name], dtype=np.float64) if name in table else default
 
         return cls.create(
-            col("defocus_u", np.nan), col("defocus_v", np.nan), col("defocus_angle", 0.0),
-            col("voltage", 300.0), col("cs", 2.7), col("amplitude_contrast", 0.1),
-            col("phase_shift", 0.0), col("bfactor", 0.0), col("ctf_scale", 1.0),
-            device=device, dtype=dtype,
+            col("defocus_u", np.nan),
+            col("defocus_v", np.nan),
+            col("defocus_angle", 0.0),
+            col("voltage", 300.0),
+            col("cs", 2.7),
+            col("amplitude_contrast", 0.1),
+            col("phase_shift", 0.0),
+            col("bfactor", 0.0),
+            col("ctf_scale", 1.0),
+            device=device,
+            dtype=dtype,
         )
 
     def __len__(self) -> int:
@@ -158,8 +165,21 @@ def evaluate_ctf(
     return out
 
 
-def ctf_model(xp: Any, s_x: Any, s_y: Any, *, defocus_u: Any, defocus_v: Any, defocus_angle: Any, voltage: Any,
-              cs: Any, amplitude_contrast: Any, phase_shift: Any, bfactor: Any, scale: Any) -> Any:
+def ctf_model(
+    xp: Any,
+    s_x: Any,
+    s_y: Any,
+    *,
+    defocus_u: Any,
+    defocus_v: Any,
+    defocus_angle: Any,
+    voltage: Any,
+    cs: Any,
+    amplitude_contrast: Any,
+    phase_shift: Any,
+    bfactor: Any,
+    scale: Any,
+) -> Any:
     """Evaluate the CTF formula itself, for any array namespace ``xp`` (torch, numpy or cupy).
 
     Frequencies in cycles/Å, parameters in RELION units (see the module docstring); all inputs
@@ -193,10 +213,18 @@ def ctf_grid(xp: Any, box: int, pixel_size: float, table: Any, dtype: Any = None
         return xp.asarray(v, dtype=xp.float64).reshape(-1, 1, 1)
 
     out = ctf_model(
-        xp, sx, sy, defocus_u=col("defocus_u", math.nan), defocus_v=col("defocus_v", math.nan),
-        defocus_angle=col("defocus_angle", 0.0), voltage=col("voltage", 300.0), cs=col("cs", 2.7),
-        amplitude_contrast=col("amplitude_contrast", 0.1), phase_shift=col("phase_shift", 0.0),
-        bfactor=col("bfactor", 0.0), scale=col("ctf_scale", 1.0),
+        xp,
+        sx,
+        sy,
+        defocus_u=col("defocus_u", math.nan),
+        defocus_v=col("defocus_v", math.nan),
+        defocus_angle=col("defocus_angle", 0.0),
+        voltage=col("voltage", 300.0),
+        cs=col("cs", 2.7),
+        amplitude_contrast=col("amplitude_contrast", 0.1),
+        phase_shift=col("phase_shift", 0.0),
+        bfactor=col("bfactor", 0.0),
+        scale=col("ctf_scale", 1.0),
     )
     return out.astype(dtype) if dtype is not None else out
 
@@ -213,9 +241,7 @@ def compute_ctf(
     Returns ``(B, box, box // 2 + 1)`` (``rfft=True``) or ``(B, box, box)`` tensors on the
     parameters' device and dtype.
     """
-    sx, sy = frequency_grid(
-        box, pixel_size, rfft=rfft, device=params.defocus_u.device, dtype=params.defocus_u.dtype
-    )
+    sx, sy = frequency_grid(box, pixel_size, rfft=rfft, device=params.defocus_u.device, dtype=params.defocus_u.dtype)
     return evaluate_ctf(sx, sy, params)
 
 

@@ -60,8 +60,9 @@ class DecoderOptions:
         check_choices(self)
 
 
-def circle_mask(box: int, radius_fraction: float, *, device: Any = None,
-                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def circle_mask(
+    box: int, radius_fraction: float, *, device: Any = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """``(box, box)`` soft circular mask of radius ``radius_fraction · box / 2`` (2 px cosine edge)."""
     c = box_center(box)
     ax = torch.arange(box, device=device, dtype=dtype) - c
@@ -98,8 +99,14 @@ class PhysicalDecoder(nn.Module):
     smooth_form: torch.Tensor
     cross_form: torch.Tensor
 
-    def __init__(self, points: torch.Tensor, amplitudes: torch.Tensor, spec: zk.ZernikeSpec, pixel_size: float,
-                 settings: DecoderSettings) -> None:
+    def __init__(
+        self,
+        points: torch.Tensor,
+        amplitudes: torch.Tensor,
+        spec: zk.ZernikeSpec,
+        pixel_size: float,
+        settings: DecoderSettings,
+    ) -> None:
         super().__init__()
         self.spec = spec
         self.box = spec.box
@@ -161,8 +168,14 @@ class PhysicalDecoder(nn.Module):
         # |sym J|² = (|J|² + Σ_aj J_aj J_ja) / 2
         return 0.5 * grad2 + 0.5 * torch.einsum("bak,kjla,bjl->b", c, self.cross_form, c)
 
-    def transfer(self, ctf: CtfParams, *, phase_flipped: bool = False, dtype: torch.dtype = torch.float32,
-                 device: torch.device | None = None) -> torch.Tensor:
+    def transfer(
+        self,
+        ctf: CtfParams,
+        *,
+        phase_flipped: bool = False,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | None = None,
+    ) -> torch.Tensor:
         """Return the batch's CTFs on the padded rfft grid, ``(B, pad·box, pad·box // 2 + 1)``.
 
         ``|CTF|`` for phase-flipped data. Compute once per batch and pass to :meth:`forward` to reuse.
@@ -171,17 +184,29 @@ class PhysicalDecoder(nn.Module):
         out = compute_ctf(self.ctf_pad * self.box, self.pixel_size, ctf.to(dev, dtype))
         return out.abs() if phase_flipped else out
 
-    def forward(self, coefficients: torch.Tensor | None, rotations: torch.Tensor, shifts: torch.Tensor,
-                ctf: CtfParams | None, *, phase_flipped: bool = False,
-                transfer: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        coefficients: torch.Tensor | None,
+        rotations: torch.Tensor,
+        shifts: torch.Tensor,
+        ctf: CtfParams | None,
+        *,
+        phase_flipped: bool = False,
+        transfer: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """``(B, 3K)`` px, ``(B, 3, 3)``, ``(B, 2)`` px, CTF → ``(B, box, box)`` images.
 
         ``transfer`` is the batch's :meth:`transfer` when already computed (it then replaces
         ``ctf`` and ``phase_flipped``).
         """
-        pos = image_positions(self.points, rotations, shifts, self.box,
-                              basis=None if coefficients is None else self.basis,
-                              coefficients=coefficients)
+        pos = image_positions(
+            self.points,
+            rotations,
+            shifts,
+            self.box,
+            basis=None if coefficients is None else self.basis,
+            coefficients=coefficients,
+        )
         proj = splat_bilinear(pos, self.values(), self.box)
         if transfer is None:
             if ctf is None:
@@ -190,8 +215,9 @@ class PhysicalDecoder(nn.Module):
         return filter_images(proj, transfer.to(proj.dtype), pad=self.ctf_pad)
 
 
-def image_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, kind: str,
-               frc_radius: float = 0.85) -> torch.Tensor:
+def image_loss(
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, kind: str, frc_radius: float = 0.85
+) -> torch.Tensor:
     """Per-image loss, ``(B,)``.
 
     ``corr``: 1 − Pearson correlation inside the mask; ``mse``: mean squared error after the
@@ -220,7 +246,7 @@ def image_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, kin
         ring = torch.round(torch.sqrt(fy[:, None] ** 2 + fx[None, :] ** 2) * box).long()
         n_rings = int(frc_radius * box / 2)
         keep = (ring >= 1) & (ring <= n_rings)
-        idx = (ring[keep] - 1)
+        idx = ring[keep] - 1
         cross = (fp * ft.conj()).real[:, keep]
         pp = (fp.abs() ** 2)[:, keep]
         tt = (ft.abs() ** 2)[:, keep]

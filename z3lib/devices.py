@@ -72,7 +72,9 @@ def choose_zart_backend(name: str = "auto") -> ZartBackendName:
         raise ValueError(f"unknown ZART back end {name!r}; use 'auto', 'numpy' or 'cupy'")
     if name == "cupy" or (name == "auto" and cupy_usable()):
         if name == "cupy" and not cupy_usable():
-            raise RuntimeError("the cupy ZART back end was asked for but no usable CUDA device/cupy was found; "
-                               "use backend 'numpy' or 'auto'")
+            raise RuntimeError(
+                "the cupy ZART back end was asked for but no usable CUDA device/cupy was found; "
+                "use backend 'numpy' or 'auto'"
+            )
         return "cupy"
     return "numpy"

@@ -70,9 +70,7 @@ def threshold_mask(maps: list[np.ndarray], *, fraction: float = 0.05, dilate: in
     return out
 
 
-def points_from_mask(
-    mask: npt.ArrayLike, *, threshold: float = 0.5, step: int = 1
-) -> tuple[np.ndarray, np.ndarray]:
+def points_from_mask(mask: npt.ArrayLike, *, threshold: float = 0.5, step: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Point cloud of the voxels inside a mask.
 
     Parameters
@@ -141,4 +139,3 @@ def random_rotations(n: int, rng: np.random.Generator) -> np.ndarray:
         ],
         axis=-2,
     )
-

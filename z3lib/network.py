@@ -143,8 +143,12 @@ class MlpEncoder(nn.Module):
     def __init__(self, box: int, hidden: int, in_channels: int = 1, extra: int = 0) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(in_channels * box * box + extra, 2 * hidden), nn.SiLU(),
-            nn.Linear(2 * hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+            nn.Linear(in_channels * box * box + extra, 2 * hidden),
+            nn.SiLU(),
+            nn.Linear(2 * hidden, hidden),
+            nn.SiLU(),
+            nn.Linear(hidden, hidden),
+            nn.SiLU(),
         )
 
     def forward(self, images: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
@@ -159,7 +163,6 @@ class MlpEncoder(nn.Module):
         return out
 
 
-
 # ----------------------------------------------------------------------------------------------
 # The model
 # ----------------------------------------------------------------------------------------------
@@ -168,8 +171,9 @@ class Zernike3Deep(nn.Module):
 
     image_mask: torch.Tensor
 
-    def __init__(self, points: torch.Tensor, amplitudes: torch.Tensor, box: int, pixel_size: float,
-                 config: NetworkConfig) -> None:
+    def __init__(
+        self, points: torch.Tensor, amplitudes: torch.Tensor, box: int, pixel_size: float, config: NetworkConfig
+    ) -> None:
         super().__init__()
         self.config = config
         self.box = int(box)
@@ -193,8 +197,14 @@ class Zernike3Deep(nn.Module):
         self.decoder = PhysicalDecoder(points, amplitudes, config.zernike_spec(box), pixel_size, config)
         self.register_buffer("image_mask", circle_mask(box, config.mask_radius))
 
-    def flip_signs(self, ctf: CtfParams | None, *, phase_flipped: bool = False,
-                   device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+    def flip_signs(
+        self,
+        ctf: CtfParams | None,
+        *,
+        phase_flipped: bool = False,
+        device: torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor | None:
         """Return ``sign(CTF)`` on the (unpadded) rfft grid, ``(B, N, N // 2 + 1)``, or None.
 
         The signs phase-flip the encoder's input; None when no flip is due (flipping off, no CTF, or
@@ -222,14 +232,20 @@ class Zernike3Deep(nn.Module):
         n = self.encoder_box
         if n != self.box:
             half = n // 2
-            spec = torch.cat([spec[:, :half, : half + 1], spec[:, self.box - (n - half):, : half + 1]], dim=1)
+            spec = torch.cat([spec[:, :half, : half + 1], spec[:, self.box - (n - half) :, : half + 1]], dim=1)
         out: torch.Tensor = torch.fft.irfft2(spec, s=(n, n))
         return out / out.std(dim=(1, 2), keepdim=True).clamp_min(1e-6)
 
-    def encode(self, images: torch.Tensor, ctf: CtfParams | None = None,
-               rotations: torch.Tensor | None = None, shifts: torch.Tensor | None = None, *,
-               phase_flipped: bool = False, transfer: torch.Tensor | None = None,
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def encode(
+        self,
+        images: torch.Tensor,
+        ctf: CtfParams | None = None,
+        rotations: torch.Tensor | None = None,
+        shifts: torch.Tensor | None = None,
+        *,
+        phase_flipped: bool = False,
+        transfer: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Encode particles.
 
         Parameters
@@ -286,17 +302,24 @@ def transferable_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return {k: v for k, v in state.items() if not k.startswith("decoder.") and k != "image_mask"}
 
 
-
-
-def build_model(points: np.ndarray, amplitudes: np.ndarray, box: int, pixel_size: float,
-                config: NetworkConfig, device: torch.device | str = "cpu") -> Zernike3Deep:
+def build_model(
+    points: np.ndarray,
+    amplitudes: np.ndarray,
+    box: int,
+    pixel_size: float,
+    config: NetworkConfig,
+    device: torch.device | str = "cpu",
+) -> Zernike3Deep:
     """Build a freshly initialised (seeded) model for a point cloud in px of the processing box."""
     torch.manual_seed(config.seed)
-    model = Zernike3Deep(torch.as_tensor(points, dtype=torch.float32),
-                         torch.as_tensor(amplitudes, dtype=torch.float32), box, pixel_size, config)
+    model = Zernike3Deep(
+        torch.as_tensor(points, dtype=torch.float32),
+        torch.as_tensor(amplitudes, dtype=torch.float32),
+        box,
+        pixel_size,
+        config,
+    )
     return model.to(device)
-
-
 
 
 def save_model(path: str | Path, model: Zernike3Deep, meta: dict[str, Any]) -> None:
@@ -306,8 +329,12 @@ def save_model(path: str | Path, model: Zernike3Deep, meta: dict[str, Any]) -> N
     """
     from z3lib.io import atomic_path
 
-    payload = {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-               "config": model.config.to_dict(), "meta": dict(meta), "format": MODEL_FORMAT}
+    payload = {
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "config": model.config.to_dict(),
+        "meta": dict(meta),
+        "format": MODEL_FORMAT,
+    }
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
 
@@ -318,8 +345,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Ze
     config = NetworkConfig.from_dict(payload["config"])
     sd = payload["state_dict"]
     meta = dict(payload["meta"])
-    model = Zernike3Deep(sd["decoder.points"], sd["decoder.amplitudes"], int(meta["box"]),
-                         float(meta["pixel_size"]), config)
+    model = Zernike3Deep(
+        sd["decoder.points"], sd["decoder.amplitudes"], int(meta["box"]), float(meta["pixel_size"]), config
+    )
     model.load_state_dict(sd)
     return model.to(device).eval(), meta
 

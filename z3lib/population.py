@@ -61,9 +61,15 @@ class PopulationFit:
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Return the arrays of :func:`write_population` (``landscape_*`` and per-particle ones)."""
         land = self.landscape
-        return {"landscape_mean": land.mean, "landscape_directions": land.directions, "landscape_scale": land.scale,
-                "landscape_low": land.low, "landscape_high": land.high, "scores": self.scores,
-                "coefficients": self.coefficients}
+        return {
+            "landscape_mean": land.mean,
+            "landscape_directions": land.directions,
+            "landscape_scale": land.scale,
+            "landscape_low": land.low,
+            "landscape_high": land.high,
+            "scores": self.scores,
+            "coefficients": self.coefficients,
+        }
 
 
 def write_population(path: str | Path, fit: PopulationFit, **extra: np.ndarray | np.generic) -> Path:
@@ -79,19 +85,32 @@ def read_population(path: str | Path) -> tuple[Landscape, np.ndarray]:
     from z3lib.io import Z3InputError, read_npz
 
     arrays = read_npz(path)
-    keys = ("landscape_mean", "landscape_directions", "landscape_scale", "landscape_low", "landscape_high",
-            "coefficients")
+    keys = (
+        "landscape_mean",
+        "landscape_directions",
+        "landscape_scale",
+        "landscape_low",
+        "landscape_high",
+        "coefficients",
+    )
     missing = [k for k in keys if k not in arrays]
     if missing:
-        raise Z3InputError(f"{path} is not a population landscape (no {', '.join(missing)}); "
-                           "remake it with the refine_landscape rule")
-    land = Landscape(mean=arrays["landscape_mean"], directions=arrays["landscape_directions"],
-                     scale=arrays["landscape_scale"], low=arrays["landscape_low"], high=arrays["landscape_high"])
+        raise Z3InputError(
+            f"{path} is not a population landscape (no {', '.join(missing)}); remake it with the refine_landscape rule"
+        )
+    land = Landscape(
+        mean=arrays["landscape_mean"],
+        directions=arrays["landscape_directions"],
+        scale=arrays["landscape_scale"],
+        low=arrays["landscape_low"],
+        high=arrays["landscape_high"],
+    )
     return land, np.asarray(arrays["coefficients"], dtype=np.float64)
 
 
-def posterior_mean_scores(costs: np.ndarray, grid: np.ndarray, n_pixels: float,
-                          iterations: int = POSTERIOR_EM_ITERATIONS) -> tuple[np.ndarray, np.ndarray]:
+def posterior_mean_scores(
+    costs: np.ndarray, grid: np.ndarray, n_pixels: float, iterations: int = POSTERIOR_EM_ITERATIONS
+) -> tuple[np.ndarray, np.ndarray]:
     """Posterior mean and standard deviation of each particle's score on a grid.
 
     Parameters
@@ -132,9 +151,18 @@ def _rotations(batch_angles: torch.Tensor) -> torch.Tensor:
     return rot
 
 
-def fit_directions(decoder: PhysicalDecoder, source: ParticleBatchSource, mean: torch.Tensor,
-                   directions: torch.Tensor, scores: np.ndarray, config: RefineConfig, *,
-                   device: torch.device, seed: int = 0, log: logging.Logger | None = None) -> float:
+def fit_directions(
+    decoder: PhysicalDecoder,
+    source: ParticleBatchSource,
+    mean: torch.Tensor,
+    directions: torch.Tensor,
+    scores: np.ndarray,
+    config: RefineConfig,
+    *,
+    device: torch.device,
+    seed: int = 0,
+    log: logging.Logger | None = None,
+) -> float:
     """Step 1: refit the shared ``mean`` and ``directions`` to all particles' images at fixed scores.
 
     ``mean`` ``(3K,)`` and ``directions`` ``(k, 3K)`` (px) are updated in place, at fixed
@@ -154,7 +182,7 @@ def fit_directions(decoder: PhysicalDecoder, source: ParticleBatchSource, mean: 
         order = rng.permutation(n)
         total = 0.0
         for lo in range(0, n, config.population_batch_size):
-            rows = order[lo:lo + config.population_batch_size]
+            rows = order[lo : lo + config.population_batch_size]
             b = source.batch(rows, device)
             coeffs = mean[None] + z[rows] @ directions
             pred = decoder(coeffs, _rotations(b.angles), b.shifts, b.ctf, phase_flipped=source.phase_flipped)
@@ -166,16 +194,29 @@ def fit_directions(decoder: PhysicalDecoder, source: ParticleBatchSource, mean: 
             total += float(img.detach().sum())
         last = total / max(n, 1)
         elapsed = time.perf_counter() - t0
-        logger.info("  directions: epoch %d/%d, mean image loss %.6f (%.0f particles/s)", epoch + 1,
-                    config.population_epochs, last, n / max(elapsed, 1e-9))
+        logger.info(
+            "  directions: epoch %d/%d, mean image loss %.6f (%.0f particles/s)",
+            epoch + 1,
+            config.population_epochs,
+            last,
+            n / max(elapsed, 1e-9),
+        )
     mean.requires_grad_(False)
     directions.requires_grad_(False)
     return last
 
 
-def score_particles(decoder: PhysicalDecoder, source: ParticleBatchSource, mean: torch.Tensor,
-                    directions: torch.Tensor, scores: np.ndarray, config: RefineConfig, *,
-                    device: torch.device, log: logging.Logger | None = None) -> tuple[np.ndarray, float]:
+def score_particles(
+    decoder: PhysicalDecoder,
+    source: ParticleBatchSource,
+    mean: torch.Tensor,
+    directions: torch.Tensor,
+    scores: np.ndarray,
+    config: RefineConfig,
+    *,
+    device: torch.device,
+    log: logging.Logger | None = None,
+) -> tuple[np.ndarray, float]:
     """Step 2: score every particle along ``directions``.
 
     Every particle's scores ``(n, k)`` on a coordinate-wise grid over the population's range ×
@@ -198,8 +239,9 @@ def score_particles(decoder: PhysicalDecoder, source: ParticleBatchSource, mean:
                 rows = np.arange(lo, min(n, lo + config.batch_size))
                 b = source.batch(rows, device)
                 rot = _rotations(b.angles)
-                transfer = decoder.transfer(b.ctf, phase_flipped=source.phase_flipped, device=device,
-                                            dtype=decoder.amplitudes.dtype)
+                transfer = decoder.transfer(
+                    b.ctf, phase_flipped=source.phase_flipped, device=device, dtype=decoder.amplitudes.dtype
+                )
                 trial = torch.as_tensor(z[rows], dtype=mean.dtype, device=device)
                 for g, value in enumerate(grid):
                     trial[:, j] = float(value)
@@ -208,12 +250,22 @@ def score_particles(decoder: PhysicalDecoder, source: ParticleBatchSource, mean:
                 if (lo // config.batch_size) % 10 == 9:
                     done = j * n + int(rows[-1]) + 1
                     rate = done / max(time.perf_counter() - t0, 1e-9)
-                    logger.info("  scoring: %d/%d particle·directions (%.1f/s, ETA %.0f s)", done, n * k, rate,
-                                (n * k - done) / max(rate, 1e-9))
+                    logger.info(
+                        "  scoring: %d/%d particle·directions (%.1f/s, ETA %.0f s)",
+                        done,
+                        n * k,
+                        rate,
+                        (n * k - done) / max(rate, 1e-9),
+                    )
         if config.posterior_mean:
             z[:, j], sd = posterior_mean_scores(costs, grid, n_pixels)
-            logger.info("  scores along direction %d: posterior sd %.3f of a spread %.3f (grid %d points)",
-                        j + 1, float(sd.mean()), float(z[:, j].std()), len(grid))
+            logger.info(
+                "  scores along direction %d: posterior sd %.3f of a spread %.3f (grid %d points)",
+                j + 1,
+                float(sd.mean()),
+                float(z[:, j].std()),
+                len(grid),
+            )
         else:
             z[:, j] = grid[np.argmin(costs, axis=1)]
         rate = n * (j + 1) / max(time.perf_counter() - t0, 1e-9)
@@ -222,9 +274,16 @@ def score_particles(decoder: PhysicalDecoder, source: ParticleBatchSource, mean:
     return z, loss
 
 
-def _mean_image_loss(decoder: PhysicalDecoder, source: ParticleBatchSource, mean: torch.Tensor,
-                     directions: torch.Tensor, scores: np.ndarray, config: RefineConfig, *,
-                     device: torch.device) -> float:
+def _mean_image_loss(
+    decoder: PhysicalDecoder,
+    source: ParticleBatchSource,
+    mean: torch.Tensor,
+    directions: torch.Tensor,
+    scores: np.ndarray,
+    config: RefineConfig,
+    *,
+    device: torch.device,
+) -> float:
     mask = circle_mask(decoder.box, config.mask_radius, device=device)
     total = 0.0
     with torch.no_grad():
@@ -237,9 +296,16 @@ def _mean_image_loss(decoder: PhysicalDecoder, source: ParticleBatchSource, mean
     return total / max(len(source), 1)
 
 
-def fit_population(decoder: PhysicalDecoder, source: ParticleBatchSource, prior: np.ndarray,
-                   config: RefineConfig, *, device: str | torch.device = "cpu", seed: int = 0,
-                   log: logging.Logger | None = None) -> PopulationFit:
+def fit_population(
+    decoder: PhysicalDecoder,
+    source: ParticleBatchSource,
+    prior: np.ndarray,
+    config: RefineConfig,
+    *,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    log: logging.Logger | None = None,
+) -> PopulationFit:
     """Fit the landscape to all particles of ``source`` from the network's predictions.
 
     Parameters
@@ -280,15 +346,28 @@ def fit_population(decoder: PhysicalDecoder, source: ParticleBatchSource, prior:
         fit_loss = fit_directions(decoder, source, mean, dirs, z, config, device=dev, seed=seed + r, log=logger)
         logger.info("round %d/%d: every particle's scores along the new directions", r + 1, config.population_rounds)
         z, score_loss = score_particles(decoder, source, mean, dirs, z, config, device=dev, log=logger)
-        history.append({"round": r + 1, "directions_loss": fit_loss, "scores_loss": score_loss,
-                        "seconds": time.perf_counter() - t_round})
-        logger.info("round %d/%d: mean image loss %.6f after the directions, %.6f after the scores (%.0f s)", r + 1,
-                    config.population_rounds, fit_loss, score_loss, time.perf_counter() - t_round)
+        history.append(
+            {
+                "round": r + 1,
+                "directions_loss": fit_loss,
+                "scores_loss": score_loss,
+                "seconds": time.perf_counter() - t_round,
+            }
+        )
+        logger.info(
+            "round %d/%d: mean image loss %.6f after the directions, %.6f after the scores (%.0f s)",
+            r + 1,
+            config.population_rounds,
+            fit_loss,
+            score_loss,
+            time.perf_counter() - t_round,
+        )
     return _orthonormal_fit(mean.cpu().numpy().astype(np.float64), dirs.cpu().numpy().astype(np.float64), z, history)
 
 
-def _orthonormal_fit(mean: np.ndarray, directions: np.ndarray, scores: np.ndarray,
-                     history: list[dict[str, float]]) -> PopulationFit:
+def _orthonormal_fit(
+    mean: np.ndarray, directions: np.ndarray, scores: np.ndarray, history: list[dict[str, float]]
+) -> PopulationFit:
     """``μ + z · D`` re-expressed as ``μ + s · U`` with orthonormal rows ``U`` (QR of ``D``ᵀ)."""
     q, r = np.linalg.qr(directions.T)  # D = rᵀ qᵀ
     u = q.T

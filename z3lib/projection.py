@@ -253,8 +253,9 @@ def project_volume(
     return project_points(pts, amp, rotations, shifts, box)
 
 
-def rotations_from_euler(rot: Any, tilt: Any, psi: Any, *, device: Any = None,
-                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def rotations_from_euler(
+    rot: Any, tilt: Any, psi: Any, *, device: Any = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """``(B, 3, 3)`` torch RELION matrices from Euler angles in degrees (differentiable)."""
     angles = [torch.as_tensor(a, dtype=dtype, device=device) for a in (rot, tilt, psi)]
     return euler_to_matrix(*angles).reshape(-1, 3, 3)  # type: ignore[no-any-return]

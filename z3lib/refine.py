@@ -149,8 +149,9 @@ class Landscape:
         return out
 
 
-def landscape_from_predictions(coefficients: np.ndarray, *, variance: float = 0.95,
-                               max_dimensions: int = 4) -> Landscape:
+def landscape_from_predictions(
+    coefficients: np.ndarray, *, variance: float = 0.95, max_dimensions: int = 4
+) -> Landscape:
     """Mean and main principal directions of the predicted coefficients ``(n, 3K)``."""
     c = np.asarray(coefficients, dtype=np.float64)
     mean = c.mean(0)
@@ -180,8 +181,14 @@ def population_precision(coefficients: np.ndarray, *, floor: float = 1e-3) -> np
     return inv
 
 
-def make_decoder(points: np.ndarray, amplitudes: np.ndarray, spec: zk.ZernikeSpec, pixel_size: float,
-                 device: str | torch.device = "cpu", roughness: Roughness = NetworkConfig.roughness) -> PhysicalDecoder:
+def make_decoder(
+    points: np.ndarray,
+    amplitudes: np.ndarray,
+    spec: zk.ZernikeSpec,
+    pixel_size: float,
+    device: str | torch.device = "cpu",
+    roughness: Roughness = NetworkConfig.roughness,
+) -> PhysicalDecoder:
     """Build the physical decoder of refinement: a fixed map, the network's roughness measure.
 
     Parameters
@@ -198,8 +205,13 @@ def make_decoder(points: np.ndarray, amplitudes: np.ndarray, spec: zk.ZernikeSpe
         ``strain`` or ``gradient``: the measure of ``field_roughness`` (the network's).
     """
     options = DecoderOptions(roughness=roughness, ctf_pad=NetworkConfig.ctf_pad, learn_reference=False)
-    return PhysicalDecoder(torch.as_tensor(points, dtype=torch.float32),
-                           torch.as_tensor(amplitudes, dtype=torch.float32), spec, pixel_size, options).to(device)
+    return PhysicalDecoder(
+        torch.as_tensor(points, dtype=torch.float32),
+        torch.as_tensor(amplitudes, dtype=torch.float32),
+        spec,
+        pixel_size,
+        options,
+    ).to(device)
 
 
 def _stage_masks(n_params: int, spec: zk.ZernikeSpec, schedule: bool, free_mode: bool) -> list[np.ndarray]:
@@ -213,8 +225,17 @@ def _stage_masks(n_params: int, spec: zk.ZernikeSpec, schedule: bool, free_mode:
 
 def _offset_defocus(ctf: CtfParams, offset: torch.Tensor) -> CtfParams:
     """Return the same CTFs with ``offset`` (``(B,)`` Å) added to DefocusU and DefocusV."""
-    return CtfParams(ctf.defocus_u + offset, ctf.defocus_v + offset, ctf.defocus_angle, ctf.voltage, ctf.cs,
-                     ctf.amplitude_contrast, ctf.phase_shift, ctf.bfactor, ctf.scale)
+    return CtfParams(
+        ctf.defocus_u + offset,
+        ctf.defocus_v + offset,
+        ctf.defocus_angle,
+        ctf.voltage,
+        ctf.cs,
+        ctf.amplitude_contrast,
+        ctf.phase_shift,
+        ctf.bfactor,
+        ctf.scale,
+    )
 
 
 @dataclass(frozen=True)
@@ -235,8 +256,12 @@ class SearchState:
     def start(cls, params: torch.Tensor) -> SearchState:
         """``params`` (cloned) at the starting pose and defocus (zero offsets)."""
         b, dev = params.shape[0], params.device
-        return cls(params.detach().clone(), torch.zeros(b, 3, device=dev), torch.zeros(b, 2, device=dev),
-                   torch.zeros(b, device=dev))
+        return cls(
+            params.detach().clone(),
+            torch.zeros(b, 3, device=dev),
+            torch.zeros(b, 2, device=dev),
+            torch.zeros(b, device=dev),
+        )
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(params, angles, shifts, defocus)``."""
@@ -244,8 +269,12 @@ class SearchState:
 
     def where(self, mask: torch.Tensor, other: SearchState) -> SearchState:
         """Per particle: this state where ``mask`` (``(B,)`` bool), else ``other``."""
-        return SearchState(*(torch.where(mask.view(-1, *([1] * (t.dim() - 1))), t, o)
-                             for t, o in zip(self.tensors(), other.tensors(), strict=True)))
+        return SearchState(
+            *(
+                torch.where(mask.view(-1, *([1] * (t.dim() - 1))), t, o)
+                for t, o in zip(self.tensors(), other.tensors(), strict=True)
+            )
+        )
 
     def assign(self, other: SearchState, rows: torch.Tensor | None = None) -> None:
         """Copy ``other`` into these tensors in place (all particles, or the ``rows`` mask ``(B,)``)."""
@@ -267,11 +296,21 @@ class _Objective:
     coefficients themselves (free).
     """
 
-    def __init__(self, decoder: PhysicalDecoder, images: torch.Tensor, angles: torch.Tensor,
-                 shifts: torch.Tensor, ctf: CtfParams, prior: torch.Tensor, config: RefineConfig, *,
-                 landscape: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
-                 precision: torch.Tensor | None, phase_flipped: bool,
-                 change_smooth_weight: float = 0.0) -> None:
+    def __init__(
+        self,
+        decoder: PhysicalDecoder,
+        images: torch.Tensor,
+        angles: torch.Tensor,
+        shifts: torch.Tensor,
+        ctf: CtfParams,
+        prior: torch.Tensor,
+        config: RefineConfig,
+        *,
+        landscape: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+        precision: torch.Tensor | None,
+        phase_flipped: bool,
+        change_smooth_weight: float = 0.0,
+    ) -> None:
         self.change_smooth_weight = change_smooth_weight  # weight of mean |∇(d(c) − d(prior))|²
         self.decoder, self.images, self.angles, self.shifts, self.ctf = decoder, images, angles, shifts, ctf
         self.prior, self.config, self.landscape, self.precision = prior, config, landscape, precision
@@ -280,8 +319,9 @@ class _Objective:
         # the starting pose's rotations and the CTFs, computed once: every evaluation that does not
         # refine angles or defocus reuses them (the grid search alone evaluates hundreds of times)
         self.rot0 = euler_to_matrix(angles[:, 0], angles[:, 1], angles[:, 2])
-        self.transfer0 = decoder.transfer(ctf, phase_flipped=phase_flipped, device=images.device,
-                                          dtype=decoder.amplitudes.dtype)
+        self.transfer0 = decoder.transfer(
+            ctf, phase_flipped=phase_flipped, device=images.device, dtype=decoder.amplitudes.dtype
+        )
         if landscape is not None:  # parameters are scores in units of the population's spread
             mean, dirs, scale = landscape
             self.prior_scores = ((prior - mean) @ dirs.T) / scale
@@ -303,8 +343,9 @@ class _Objective:
         pred = self.decoder(coefficients, self.rot0, self.shifts, self.ctf, transfer=self.transfer0)
         return image_loss(pred, self.images, self.mask, self.config.loss)
 
-    def __call__(self, params: torch.Tensor, da: torch.Tensor, ds: torch.Tensor, dd: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, params: torch.Tensor, da: torch.Tensor, ds: torch.Tensor, dd: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
         coeffs = self.coefficients(params)
         if cfg.refine_angles:
@@ -334,8 +375,9 @@ class _Objective:
         return total, img
 
 
-def _grid_search(objective: _Objective, start: torch.Tensor, low: np.ndarray, high: np.ndarray,
-                 config: RefineConfig) -> torch.Tensor:
+def _grid_search(
+    objective: _Objective, start: torch.Tensor, low: np.ndarray, high: np.ndarray, config: RefineConfig
+) -> torch.Tensor:
     """Coordinate-wise global search: for each direction, the best of a grid of scores."""
     z = start.clone()
     b = z.shape[0]
@@ -412,10 +454,22 @@ def refine_batch(
     if config.mode == "landscape":
         if landscape is None:
             raise ValueError("landscape mode needs the landscape of the network's predictions")
-        land_t = tuple(torch.as_tensor(a, dtype=prior.dtype, device=device)
-                       for a in (landscape.mean, landscape.directions, landscape.scale))
-    objective = _Objective(decoder, images, angles, shifts, ctf, prior, config, landscape=land_t,  # type: ignore[arg-type]
-                           precision=precision if config.mode == "free" else None, phase_flipped=phase_flipped)
+        land_t = tuple(
+            torch.as_tensor(a, dtype=prior.dtype, device=device)
+            for a in (landscape.mean, landscape.directions, landscape.scale)
+        )
+    objective = _Objective(
+        decoder,
+        images,
+        angles,
+        shifts,
+        ctf,
+        prior,
+        config,
+        landscape=land_t,  # type: ignore[arg-type]
+        precision=precision if config.mode == "free" else None,
+        phase_flipped=phase_flipped,
+    )
     zero3 = torch.zeros(b, 3, device=device)
     zero2 = torch.zeros(b, 2, device=device)
     zero1 = torch.zeros(b, device=device)
@@ -423,8 +477,9 @@ def refine_batch(
         prior_img = objective.image_term(prior)
     if land_t is not None and not fitted:
         assert landscape is not None
-        start = _grid_search(objective, objective.prior_scores, landscape.low / landscape.scale,
-                             landscape.high / landscape.scale, config)
+        start = _grid_search(
+            objective, objective.prior_scores, landscape.low / landscape.scale, landscape.high / landscape.scale, config
+        )
     else:
         start = objective.prior_scores.clone() if land_t is not None else prior.clone()
     stages = _stage_masks(start.shape[1], decoder.spec, config.degree_schedule, config.mode == "free")
@@ -454,23 +509,50 @@ def refine_batch(
     }
 
 
-def _free_stage(decoder: PhysicalDecoder, images: torch.Tensor, angles: torch.Tensor, shifts: torch.Tensor,
-                ctf: CtfParams, coeffs: torch.Tensor, best: SearchState, config: RefineConfig,
-                phase_flipped: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _free_stage(
+    decoder: PhysicalDecoder,
+    images: torch.Tensor,
+    angles: torch.Tensor,
+    shifts: torch.Tensor,
+    ctf: CtfParams,
+    coeffs: torch.Tensor,
+    best: SearchState,
+    config: RefineConfig,
+    phase_flipped: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Leave the landscape where the image says so: refine all 3K coefficients from the landscape result.
 
     The search starts from ``coeffs`` ``(B, 3K)`` at the landscape result's pose and defocus
     (``best``), under a prior on the size and roughness of the change. Returns the coefficients
     ``(B, 3K)`` and the steps taken ``(B,)``.
     """
-    free_cfg = replace(config, mode="free", prior="field", prior_weight=config.free_prior_weight,
-                       smooth_weight=0.0, refine_angles=False, refine_shifts=False, refine_defocus=False)
+    free_cfg = replace(
+        config,
+        mode="free",
+        prior="field",
+        prior_weight=config.free_prior_weight,
+        smooth_weight=0.0,
+        refine_angles=False,
+        refine_shifts=False,
+        refine_defocus=False,
+    )
     ctf2 = _offset_defocus(ctf, best.defocus)
-    free_obj = _Objective(decoder, images, angles + best.angles, shifts + best.shifts, ctf2, coeffs, free_cfg,
-                          landscape=None, precision=None, phase_flipped=phase_flipped,
-                          change_smooth_weight=config.free_smooth_weight)
-    free_best, free_n = _local_search(free_obj, coeffs, [np.ones(coeffs.shape[1], dtype=bool)],
-                                      config.free_steps, free_cfg)
+    free_obj = _Objective(
+        decoder,
+        images,
+        angles + best.angles,
+        shifts + best.shifts,
+        ctf2,
+        coeffs,
+        free_cfg,
+        landscape=None,
+        precision=None,
+        phase_flipped=phase_flipped,
+        change_smooth_weight=config.free_smooth_weight,
+    )
+    free_best, free_n = _local_search(
+        free_obj, coeffs, [np.ones(coeffs.shape[1], dtype=bool)], config.free_steps, free_cfg
+    )
     return free_best.params, free_n
 
 
@@ -484,15 +566,17 @@ def _image_term_at(objective: _Objective, coefficients: torch.Tensor, best: Sear
     c = objective.ctf
     if cfg.refine_defocus:
         ctf = _offset_defocus(c, best.defocus)
-        pred = objective.decoder(coefficients, rot, objective.shifts + best.shifts, ctf,
-                                 phase_flipped=objective.phase_flipped)
+        pred = objective.decoder(
+            coefficients, rot, objective.shifts + best.shifts, ctf, phase_flipped=objective.phase_flipped
+        )
     else:
         pred = objective.decoder(coefficients, rot, objective.shifts + best.shifts, c, transfer=objective.transfer0)
     return image_loss(pred, objective.images, objective.mask, cfg.loss)
 
 
-def _local_search(objective: _Objective, start: torch.Tensor, stages: list[np.ndarray], steps_total: int,
-                  config: RefineConfig) -> tuple[SearchState, torch.Tensor]:
+def _local_search(
+    objective: _Objective, start: torch.Tensor, stages: list[np.ndarray], steps_total: int, config: RefineConfig
+) -> tuple[SearchState, torch.Tensor]:
     """Run per-particle Adam from ``start`` (``(B, P)`` parameters), each particle stopping on its own.
 
     A particle stops after ``config.patience`` steps without improvement; ``stages`` are the free
@@ -561,7 +645,7 @@ def images_digest(source: ParticleBatchSource, index: np.ndarray, batch_size: in
     idx = np.asarray(index, dtype=np.int64)
     rows = idx if source.rows is None else source.rows[idx]
     for lo in range(0, len(rows), max(1, batch_size)):
-        h.update(array_digest(np.asarray(source.images[rows[lo:lo + batch_size]], dtype=np.float32)).encode())
+        h.update(array_digest(np.asarray(source.images[rows[lo : lo + batch_size]], dtype=np.float32)).encode())
     return h.hexdigest()
 
 
@@ -602,20 +686,30 @@ def progress_fingerprint(
         "device": torch.device(device).type,
         "index": array_digest(idx),
         "prior": array_digest(np.asarray(prior)),
-        "decoder": {"state": state_digest(decoder.state_dict()), "box": decoder.box,
-                    "pixel_size": decoder.pixel_size, "ctf_pad": decoder.ctf_pad},
-        "particles": {"angles": array_digest(source.angles[ti]), "shifts": array_digest(source.shifts[ti]),
-                      "ctf": array_digest(*(getattr(ctf, f.name) for f in fields(ctf))),
-                      "subsets": array_digest(subsets), "rows": array_digest(rows),
-                      "pixel_size": source.pixel_size, "phase_flipped": source.phase_flipped},
+        "decoder": {
+            "state": state_digest(decoder.state_dict()),
+            "box": decoder.box,
+            "pixel_size": decoder.pixel_size,
+            "ctf_pad": decoder.ctf_pad,
+        },
+        "particles": {
+            "angles": array_digest(source.angles[ti]),
+            "shifts": array_digest(source.shifts[ti]),
+            "ctf": array_digest(*(getattr(ctf, f.name) for f in fields(ctf))),
+            "subsets": array_digest(subsets),
+            "rows": array_digest(rows),
+            "pixel_size": source.pixel_size,
+            "phase_flipped": source.phase_flipped,
+        },
         "images": images,
         "inputs": dict(inputs or {}),
     }
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
-def _search_space(prior: np.ndarray, config: RefineConfig, landscape: Landscape | None, device: torch.device,
-                  log: logging.Logger) -> tuple[Landscape | None, torch.Tensor | None]:
+def _search_space(
+    prior: np.ndarray, config: RefineConfig, landscape: Landscape | None, device: torch.device, log: logging.Logger
+) -> tuple[Landscape | None, torch.Tensor | None]:
     """Return the landscape or the free mode's population precision, whichever the mode uses.
 
     The landscape is the population's when given; else, in landscape mode, the predictions'
@@ -625,8 +719,9 @@ def _search_space(prior: np.ndarray, config: RefineConfig, landscape: Landscape 
         if landscape is not None:
             log.info("landscape: %d direction(s) fitted to the population", len(landscape.directions))
             return landscape, None
-        landscape = landscape_from_predictions(prior, variance=config.subspace_variance,
-                                               max_dimensions=config.max_dimensions)
+        landscape = landscape_from_predictions(
+            prior, variance=config.subspace_variance, max_dimensions=config.max_dimensions
+        )
         log.info("landscape: %d direction(s) of the predictions' principal components", len(landscape.directions))
         return landscape, None
     if config.prior == "population":
@@ -690,19 +785,29 @@ def refine_particles(
     idx = np.arange(len(source)) if index is None else np.asarray(index, dtype=np.int64)
     n, k3 = len(idx), prior.shape[1]
     out = {
-        "coefficients": np.zeros((n, k3)), "angles": np.zeros((n, 3)), "shifts": np.zeros((n, 2)),
-        "defocus_offset": np.zeros(n), "cost": np.zeros(n), "cost_prior": np.zeros(n),
-        "flagged": np.zeros(n, dtype=bool), "steps": np.zeros(n, dtype=np.int64),
+        "coefficients": np.zeros((n, k3)),
+        "angles": np.zeros((n, 3)),
+        "shifts": np.zeros((n, 2)),
+        "defocus_offset": np.zeros(n),
+        "cost": np.zeros(n),
+        "cost_prior": np.zeros(n),
+        "flagged": np.zeros(n, dtype=bool),
+        "steps": np.zeros(n, dtype=np.int64),
     }
     fingerprint = ""
     if fitted:  # the partial results belong to this landscape only
         assert landscape is not None
-        inputs = {**dict(inputs or {}), "landscape": array_digest(landscape.mean, landscape.directions,
-                                                                  landscape.scale, landscape.low, landscape.high)}
+        inputs = {
+            **dict(inputs or {}),
+            "landscape": array_digest(
+                landscape.mean, landscape.directions, landscape.scale, landscape.low, landscape.high
+            ),
+        }
     if progress_path is not None:
         image_id = images if images is not None else images_digest(source, idx, config.batch_size)
-        fingerprint = progress_fingerprint(decoder, source, prior, idx, config, device=dev,
-                                           images=image_id, inputs=inputs)
+        fingerprint = progress_fingerprint(
+            decoder, source, prior, idx, config, device=dev, images=image_id, inputs=inputs
+        )
     done = _resume_progress(progress_path, fingerprint, idx, out, logger)
     t0 = time.perf_counter()
     n_done_start = int(done.sum())
@@ -711,10 +816,19 @@ def refine_particles(
         if done[sl].all():
             continue
         b = source.batch(idx[sl], dev)
-        res = refine_batch(decoder, b.images, b.angles, b.shifts, b.ctf,
-                           torch.as_tensor(prior[idx[sl]], dtype=torch.float32, device=dev), config,
-                           landscape=landscape, precision=precision, phase_flipped=source.phase_flipped,
-                           fitted=fitted)
+        res = refine_batch(
+            decoder,
+            b.images,
+            b.angles,
+            b.shifts,
+            b.ctf,
+            torch.as_tensor(prior[idx[sl]], dtype=torch.float32, device=dev),
+            config,
+            landscape=landscape,
+            precision=precision,
+            phase_flipped=source.phase_flipped,
+            fitted=fitted,
+        )
         for key, column in out.items():
             column[sl] = res[key].cpu().numpy()
         done[sl] = True
@@ -722,13 +836,24 @@ def refine_particles(
             write_npz(progress_path, index=idx, done=done, fingerprint=np.str_(fingerprint), **out)
         elapsed = time.perf_counter() - t0
         rate = (int(done.sum()) - n_done_start) / max(elapsed, 1e-9)
-        logger.info("refined %d/%d particles (%.1f particles/s, ETA %.0f s), %d flagged so far",
-                    int(done.sum()), n, rate, (n - int(done.sum())) / max(rate, 1e-9), int(out["flagged"][done].sum()))
+        logger.info(
+            "refined %d/%d particles (%.1f particles/s, ETA %.0f s), %d flagged so far",
+            int(done.sum()),
+            n,
+            rate,
+            (n - int(done.sum())) / max(rate, 1e-9),
+            int(out["flagged"][done].sum()),
+        )
     return RefineResult(index=idx, **out)
 
 
-def _resume_progress(progress_path: str | Path | None, fingerprint: str, idx: np.ndarray,
-                     out: dict[str, np.ndarray], logger: logging.Logger) -> np.ndarray:
+def _resume_progress(
+    progress_path: str | Path | None,
+    fingerprint: str,
+    idx: np.ndarray,
+    out: dict[str, np.ndarray],
+    logger: logging.Logger,
+) -> np.ndarray:
     """Load the partial results of :func:`refine_particles` into ``out`` when they match.
 
     They are used only when the file at ``progress_path`` exists and its fingerprint and rows
@@ -748,9 +873,13 @@ def _resume_progress(progress_path: str | Path | None, fingerprint: str, idx: np
         done = saved["done"].astype(bool)
         logger.info("resuming: %d/%d particles already refined", int(done.sum()), len(idx))
     else:
-        logger.warning("%s holds partial results of other inputs, settings or library version "
-                       "(fingerprint %s…, now %s…): not used, refining these particles afresh",
-                       progress_path, saved_print[:12], fingerprint[:12])
+        logger.warning(
+            "%s holds partial results of other inputs, settings or library version "
+            "(fingerprint %s…, now %s…): not used, refining these particles afresh",
+            progress_path,
+            saved_print[:12],
+            fingerprint[:12],
+        )
     return done
 
 

@@ -39,8 +39,9 @@ def check_choices(instance: Any) -> None:
             raise ValueError(f"{type(instance).__name__}.{f.name} = {value!r}; use one of {list(choices)}")
 
 
-def from_section(cls: type[T], section: Mapping[str, Any], *, ignore: AbstractSet[str] = frozenset(),
-                 **extra: Any) -> T:
+def from_section(
+    cls: type[T], section: Mapping[str, Any], *, ignore: AbstractSet[str] = frozenset(), **extra: Any
+) -> T:
     """Build ``cls(**section, **extra)`` without the workflow-only keys ``ignore``.
 
     A key ``cls`` does not know is a ``ValueError`` that names it (a typo must not fall back to a

@@ -169,9 +169,7 @@ class Motion:
         return out
 
 
-def build_motion(
-    start: np.ndarray, end: np.ndarray, weights: np.ndarray, fit_mask: np.ndarray | None = None
-) -> Motion:
+def build_motion(start: np.ndarray, end: np.ndarray, weights: np.ndarray, fit_mask: np.ndarray | None = None) -> Motion:
     """Superpose ``end`` on ``start`` (on ``fit_mask`` atoms, e.g. Cα) and centre the midpoint."""
     end_fit = superpose(end, start, None if fit_mask is None else fit_mask.astype(float))
     mid = 0.5 * (start + end_fit)
@@ -247,8 +245,12 @@ def simulate_particles(
         tb = torch.tensor(tt[lo:hi], dtype=torch.float32)
         coords = start[None] + tb[:, None, None] * delta[None]
         proj = project_atoms(
-            coords, weights, torch.tensor(rotations[lo:hi], dtype=torch.float32),
-            torch.tensor(shifts[lo:hi], dtype=torch.float32), box, sigma_px,
+            coords,
+            weights,
+            torch.tensor(rotations[lo:hi], dtype=torch.float32),
+            torch.tensor(shifts[lo:hi], dtype=torch.float32),
+            box,
+            sigma_px,
         )
         params = CtfParams.create(du[lo:hi], dv[lo:hi], dang[lo:hi], voltage, cs, amplitude_contrast)
         clean[lo:hi] = apply_ctf(proj, pixel_size, params, pad=2).numpy()
@@ -256,9 +258,18 @@ def simulate_particles(
     noise_sigma = math.sqrt(signal_var / snr) if snr > 0 else 0.0
     images = clean + rng.normal(scale=noise_sigma, size=clean.shape).astype(np.float32)
     return SimulatedParticles(
-        images=images, clean=clean, t=tt, rot=rot, tilt=tilt, psi=psi,
-        shift_x=shifts[:, 0], shift_y=shifts[:, 1], defocus_u=du, defocus_v=dv,
-        defocus_angle=dang, noise_sigma=noise_sigma,
+        images=images,
+        clean=clean,
+        t=tt,
+        rot=rot,
+        tilt=tilt,
+        psi=psi,
+        shift_x=shifts[:, 0],
+        shift_y=shifts[:, 1],
+        defocus_u=du,
+        defocus_v=dv,
+        defocus_angle=dang,
+        noise_sigma=noise_sigma,
     )
 
 
@@ -293,4 +304,3 @@ def load_motion(path: str | Path) -> tuple[Motion, dict[str, float]]:
     motion = Motion(start=data["start"], end=data["end"], weights=data["weights"])
     scalars = {k: float(data[k]) for k in ("pixel_size", "box", "reference_t", "sigma")}
     return motion, scalars
-

@@ -48,6 +48,7 @@ class ParticleBatch:
     ctf: CtfParams  # B parameter sets
     phase_flipped: bool = False  # the images are phase-flipped (rlnCtfDataArePhaseFlipped)
 
+
 @dataclass
 class ParticleBatchSource:
     """Per-particle poses and CTF (small, in memory) and the lazy image stack (on disk)."""
@@ -92,9 +93,16 @@ class ParticleBatchSource:
         r = np.asarray(rows, dtype=np.int64)
         ti = torch.as_tensor(r)
         stack_rows = r if self.rows is None else self.rows[r]
-        return ParticleBatchSource(images=self.images, angles=self.angles[ti], shifts=self.shifts[ti],
-                                   ctf=self.ctf[ti], pixel_size=self.pixel_size, phase_flipped=self.phase_flipped,
-                                   subsets=self.subsets[r] if len(self.subsets) else self.subsets, rows=stack_rows)
+        return ParticleBatchSource(
+            images=self.images,
+            angles=self.angles[ti],
+            shifts=self.shifts[ti],
+            ctf=self.ctf[ti],
+            pixel_size=self.pixel_size,
+            phase_flipped=self.phase_flipped,
+            subsets=self.subsets[r] if len(self.subsets) else self.subsets,
+            rows=stack_rows,
+        )
 
     def batch(self, index: np.ndarray, device: torch.device) -> ParticleBatch:
         """Images and metadata of the particles ``index`` (sorted reads from the mmap)."""
@@ -103,9 +111,13 @@ class ParticleBatchSource:
         stack_index = index if self.rows is None else self.rows[index]
         imgs[order] = self.images[stack_index[order]]
         ti = torch.as_tensor(index)
-        return ParticleBatch(images=torch.from_numpy(imgs).to(device), angles=self.angles[ti].to(device),
-                             shifts=self.shifts[ti].to(device), ctf=self.ctf[ti].to(device),
-                             phase_flipped=self.phase_flipped)
+        return ParticleBatch(
+            images=torch.from_numpy(imgs).to(device),
+            angles=self.angles[ti].to(device),
+            shifts=self.shifts[ti].to(device),
+            ctf=self.ctf[ti].to(device),
+            phase_flipped=self.phase_flipped,
+        )
 
 
 def _forward_loss(model: Zernike3Deep, batch: ParticleBatch, use_amp: bool) -> tuple[torch.Tensor, dict[str, float]]:
@@ -120,8 +132,9 @@ def _forward_loss(model: Zernike3Deep, batch: ParticleBatch, use_amp: bool) -> t
     rot0 = euler_to_matrix(batch.angles[:, 0], batch.angles[:, 1], batch.angles[:, 2])
     transfer = model.decoder.transfer(batch.ctf, phase_flipped=flipped)  # once per batch, used twice
     with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-        coeffs, d_ang, d_shift = model.encode(batch.images, batch.ctf, rot0, batch.shifts,
-                                              phase_flipped=flipped, transfer=transfer)
+        coeffs, d_ang, d_shift = model.encode(
+            batch.images, batch.ctf, rot0, batch.shifts, phase_flipped=flipped, transfer=transfer
+        )
     coeffs, d_ang, d_shift = coeffs.float(), d_ang.float(), d_shift.float()
     if cfg.refine_pose:
         ang = batch.angles + d_ang
@@ -183,8 +196,9 @@ def stack_identity(image_paths: Sequence[str], image_index: np.ndarray) -> str:
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
-def _fingerprint(config: NetworkConfig, n_particles: int, box: int, inputs: dict[str, str] | None = None
-                 ) -> dict[str, Any]:
+def _fingerprint(
+    config: NetworkConfig, n_particles: int, box: int, inputs: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Return what must match for a checkpoint to be resumed (not ``epochs``: training may be extended).
 
     ``inputs`` holds digests of the data (particle rows, point cloud) and of the initial weights,
@@ -210,8 +224,9 @@ def cosine_decay(epochs: int, lr_start: float, floor_ratio: float) -> list[float
     return [lr_start * (floor_ratio + half * (1 + math.cos(math.pi * (e / max(epochs, 1))))) for e in range(epochs)]
 
 
-def learning_rate_schedule(learning_rate: float, epochs: int, planned: Sequence[float] | None = None,
-                           done: int = 0) -> list[float]:
+def learning_rate_schedule(
+    learning_rate: float, epochs: int, planned: Sequence[float] | None = None, done: int = 0
+) -> list[float]:
     """Return the learning rate of every epoch ``0 … epochs − 1`` (one value per epoch).
 
     A fresh run (``planned`` None or empty): cosine decay from ``learning_rate`` to
@@ -247,8 +262,14 @@ def split_particles(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.
 # ----------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------
-def _evaluate(model: Zernike3Deep, source: ParticleBatchSource, index: np.ndarray, device: torch.device,
-              batch_size: int, use_amp: bool) -> float:
+def _evaluate(
+    model: Zernike3Deep,
+    source: ParticleBatchSource,
+    index: np.ndarray,
+    device: torch.device,
+    batch_size: int,
+    use_amp: bool,
+) -> float:
     """Mean image term over the particles ``index`` (no gradients; NaN when there are none)."""
     if len(index) == 0:
         return float("nan")
@@ -256,7 +277,7 @@ def _evaluate(model: Zernike3Deep, source: ParticleBatchSource, index: np.ndarra
     total = 0.0
     with torch.no_grad():
         for lo in range(0, len(index), batch_size):
-            sel = index[lo:lo + batch_size]
+            sel = index[lo : lo + batch_size]
             b = source.batch(sel, device)
             _, parts = _forward_loss(model, b, use_amp)
             total += parts["image"] * len(sel)
@@ -354,12 +375,23 @@ def train_model(
         row["images_per_s"] = len(train_idx) / elapsed
         row["learning_rate"] = schedule[epoch]
         history.append(row)
-        state = {"model": model.state_dict(), "optimizer": optimiser.state_dict(), "epoch": epoch + 1,
-                 "history": history, "fingerprint": fingerprint, "lr_schedule": schedule}
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimiser.state_dict(),
+            "epoch": epoch + 1,
+            "history": history,
+            "fingerprint": fingerprint,
+            "lr_schedule": schedule,
+        }
         with atomic_path(ckpt_path) as tmp:
             torch.save(state, tmp)
-        logger.info("epoch %d done: train %.4f, validation %.4f, %.0f images/s", epoch + 1,
-                    row["train_image"], row["val_image"], row["images_per_s"])
+        logger.info(
+            "epoch %d done: train %.4f, validation %.4f, %.0f images/s",
+            epoch + 1,
+            row["train_image"],
+            row["val_image"],
+            row["images_per_s"],
+        )
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, row)
     return model, pd.DataFrame(history)
@@ -370,15 +402,23 @@ def _load_initial_weights(model: Zernike3Deep, init_weights: dict[str, torch.Ten
     weights = transferable_weights(init_weights)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if unexpected or any(not k.startswith("decoder.") and k != "image_mask" for k in missing):
-        raise ValueError(f"the initial weights do not fit this network (missing {missing}, unexpected "
-                         f"{unexpected}): were they trained with other settings?")
+        raise ValueError(
+            f"the initial weights do not fit this network (missing {missing}, unexpected "
+            f"{unexpected}): were they trained with other settings?"
+        )
     logger.info("fine-tuning: %d weight tensors loaded from the initial model", len(weights))
     return state_digest(weights)
 
 
-def _resume(ckpt_path: Path, fingerprint: dict[str, Any], model: Zernike3Deep, optimiser: torch.optim.Optimizer,
-            config: NetworkConfig, device: torch.device, logger: logging.Logger
-            ) -> tuple[list[dict[str, float]], int, list[float]]:
+def _resume(
+    ckpt_path: Path,
+    fingerprint: dict[str, Any],
+    model: Zernike3Deep,
+    optimiser: torch.optim.Optimizer,
+    config: NetworkConfig,
+    device: torch.device,
+    logger: logging.Logger,
+) -> tuple[list[dict[str, float]], int, list[float]]:
     """Load the checkpoint ``ckpt_path`` into ``model`` and ``optimiser`` when its fingerprint matches.
 
     Returns the history so far, the epochs done and the per-epoch learning rates
@@ -401,9 +441,13 @@ def _resume(ckpt_path: Path, fingerprint: dict[str, Any], model: Zernike3Deep, o
     schedule = learning_rate_schedule(config.learning_rate, config.epochs, planned, start_epoch)
     logger.info("resuming from %s after epoch %d", ckpt_path, start_epoch)
     if len(planned) != config.epochs and config.epochs > start_epoch:
-        logger.info("train.epochs changed (%d → %d): the learning rate decays from %.3g over the "
-                    "remaining %d epochs", len(planned), config.epochs, schedule[start_epoch - 1],
-                    config.epochs - start_epoch)
+        logger.info(
+            "train.epochs changed (%d → %d): the learning rate decays from %.3g over the remaining %d epochs",
+            len(planned),
+            config.epochs,
+            schedule[start_epoch - 1],
+            config.epochs - start_epoch,
+        )
     return history, start_epoch, schedule
 
 
@@ -417,9 +461,18 @@ class _Progress:
     start: float = field(default_factory=time.perf_counter)
 
 
-def _train_epoch(model: Zernike3Deep, optimiser: torch.optim.Optimizer, source: ParticleBatchSource,
-                 order: np.ndarray, epoch: int, config: NetworkConfig, device: torch.device, use_amp: bool,
-                 progress: _Progress, logger: logging.Logger) -> dict[str, float]:
+def _train_epoch(
+    model: Zernike3Deep,
+    optimiser: torch.optim.Optimizer,
+    source: ParticleBatchSource,
+    order: np.ndarray,
+    epoch: int,
+    config: NetworkConfig,
+    device: torch.device,
+    use_amp: bool,
+    progress: _Progress,
+    logger: logging.Logger,
+) -> dict[str, float]:
     """Train one pass over the particles ``order`` in batches of ``config.batch_size``.
 
     One optimiser step per batch. Returns the loss parts summed over the particles
@@ -429,7 +482,7 @@ def _train_epoch(model: Zernike3Deep, optimiser: torch.optim.Optimizer, source: 
     sums: dict[str, float] = {}
     last_log = time.perf_counter()
     for i in range(n_batches):
-        sel = order[i * config.batch_size:(i + 1) * config.batch_size]
+        sel = order[i * config.batch_size : (i + 1) * config.batch_size]
         b = source.batch(sel, device)
         loss, parts = _forward_loss(model, b, use_amp)
         optimiser.zero_grad(set_to_none=True)
@@ -442,8 +495,16 @@ def _train_epoch(model: Zernike3Deep, optimiser: torch.optim.Optimizer, source: 
         if now - last_log > 10 or i == n_batches - 1:
             rate = progress.done * config.batch_size / (now - progress.start)
             eta = (progress.total - progress.done) * config.batch_size / max(rate, 1e-9)
-            logger.info("epoch %d/%d batch %d/%d loss %.4f | %.0f images/s, ETA %.0f s",
-                        epoch + 1, config.epochs, i + 1, n_batches, parts["loss"], rate, eta)
+            logger.info(
+                "epoch %d/%d batch %d/%d loss %.4f | %.0f images/s, ETA %.0f s",
+                epoch + 1,
+                config.epochs,
+                i + 1,
+                n_batches,
+                parts["loss"],
+                rate,
+                eta,
+            )
             last_log = now
     return sums
 
@@ -451,9 +512,14 @@ def _train_epoch(model: Zernike3Deep, optimiser: torch.optim.Optimizer, source: 
 # ----------------------------------------------------------------------------------------------
 # Prediction
 # ----------------------------------------------------------------------------------------------
-def predict_coefficients(model: Zernike3Deep, source: ParticleBatchSource, *, device: str | torch.device = "cpu",
-                         batch_size: int = PREDICT_BATCH_SIZE, log: logging.Logger | None = None
-                         ) -> dict[str, np.ndarray]:
+def predict_coefficients(
+    model: Zernike3Deep,
+    source: ParticleBatchSource,
+    *,
+    device: str | torch.device = "cpu",
+    batch_size: int = PREDICT_BATCH_SIZE,
+    log: logging.Logger | None = None,
+) -> dict[str, np.ndarray]:
     """Encode every particle, in order.
 
     Returns
@@ -480,9 +546,8 @@ def predict_coefficients(model: Zernike3Deep, source: ParticleBatchSource, *, de
             now = time.perf_counter()
             if now - last > 10 or idx[-1] == n - 1:
                 rate = (idx[-1] + 1) / (now - t0)
-                logger.info("predicted %d/%d particles (%.0f/s, ETA %.0f s)", idx[-1] + 1, n, rate,
-                            (n - idx[-1] - 1) / rate)
+                logger.info(
+                    "predicted %d/%d particles (%.0f/s, ETA %.0f s)", idx[-1] + 1, n, rate, (n - idx[-1] - 1) / rate
+                )
                 last = now
     return {"coefficients": out_c, "delta_angles": out_a, "delta_shifts": out_s}
-
-

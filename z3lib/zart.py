@@ -69,8 +69,9 @@ class NumpyBackend:
         out: np.ndarray = np.matmul(basis[None], coefficients.transpose(0, 2, 1)).astype(np.float32)
         return out
 
-    def _weights(self, points: np.ndarray, fields: np.ndarray | None, rot: np.ndarray, shifts: np.ndarray,
-                 box: int) -> tuple[np.ndarray, np.ndarray]:
+    def _weights(
+        self, points: np.ndarray, fields: np.ndarray | None, rot: np.ndarray, shifts: np.ndarray, box: int
+    ) -> tuple[np.ndarray, np.ndarray]:
         key = (points, fields, rot, shifts, box)
         if self._cached is not None and all(a is b for a, b in zip(self._cached[0], key, strict=True)):
             return self._cached[1]
@@ -97,16 +98,24 @@ class NumpyBackend:
         self._cached = (key, (index, weight))
         return index, weight
 
-    def project(self, values: np.ndarray, points: np.ndarray, fields: np.ndarray | None, rot: np.ndarray,
-                shifts: np.ndarray, box: int) -> np.ndarray:
+    def project(
+        self,
+        values: np.ndarray,
+        points: np.ndarray,
+        fields: np.ndarray | None,
+        rot: np.ndarray,
+        shifts: np.ndarray,
+        box: int,
+    ) -> np.ndarray:
         """``(N,)`` voxel values → ``(B, box, box)`` deformed projections (bilinear splat)."""
         b, w = rot.shape[0], box + 2
         index, weight = self._weights(points, fields, rot, shifts, box)
         flat = np.bincount(index.ravel(), weights=(weight * values[None, :, None]).ravel(), minlength=b * w * w)
         return flat.reshape(b, w, w)[:, 1:-1, 1:-1].astype(np.float32)
 
-    def backproject(self, images: np.ndarray, points: np.ndarray, fields: np.ndarray | None, rot: np.ndarray,
-                    shifts: np.ndarray) -> np.ndarray:
+    def backproject(
+        self, images: np.ndarray, points: np.ndarray, fields: np.ndarray | None, rot: np.ndarray, shifts: np.ndarray
+    ) -> np.ndarray:
         """``(B, box, box)`` → ``(N,)``: sum over the batch of bilinear reads at the same positions."""
         box = images.shape[-1]
         index, weight = self._weights(points, fields, rot, shifts, box)
@@ -203,8 +212,22 @@ class CupyBackend:
         f = fields if fields is not None else xp.zeros(1, dtype=xp.float32)
         threads = 256
         blocks = (n * b + threads - 1) // threads
-        self._project((blocks,), (threads,), (points, f, self.asarray(rot), self.asarray(shifts), values, out,
-                                             np.int32(n), np.int32(b), np.int32(box), np.int32(fields is not None)))
+        self._project(
+            (blocks,),
+            (threads,),
+            (
+                points,
+                f,
+                self.asarray(rot),
+                self.asarray(shifts),
+                values,
+                out,
+                np.int32(n),
+                np.int32(b),
+                np.int32(box),
+                np.int32(fields is not None),
+            ),
+        )
         return out[:, 1:-1, 1:-1]
 
     def backproject(self, images: Any, points: Any, fields: Any, rot: Any, shifts: Any) -> Any:
@@ -215,9 +238,22 @@ class CupyBackend:
         out = xp.zeros(n, dtype=xp.float32)
         f = fields if fields is not None else xp.zeros(1, dtype=xp.float32)
         threads = 256
-        self._backproject(((n + threads - 1) // threads,), (threads,),
-                          (points, f, self.asarray(rot), self.asarray(shifts), padded, out, np.int32(n), np.int32(b),
-                           np.int32(box), np.int32(fields is not None)))
+        self._backproject(
+            ((n + threads - 1) // threads,),
+            (threads,),
+            (
+                points,
+                f,
+                self.asarray(rot),
+                self.asarray(shifts),
+                padded,
+                out,
+                np.int32(n),
+                np.int32(b),
+                np.int32(box),
+                np.int32(fields is not None),
+            ),
+        )
         return out
 
 
@@ -286,9 +322,9 @@ def _filter(backend: Any, images: Any, transfer: Any, pad: int) -> Any:
     size = pad * n
     start = (size - n) // 2
     padded = xp.zeros(images.shape[:-2] + (size, size), dtype=images.dtype)
-    padded[..., start:start + n, start:start + n] = images
+    padded[..., start : start + n, start : start + n] = images
     out = xp.fft.irfft2(xp.fft.rfft2(padded) * transfer, s=(size, size))
-    return out[..., start:start + n, start:start + n].astype(xp.float32)
+    return out[..., start : start + n, start : start + n].astype(xp.float32)
 
 
 def _gaussian(xp: Any, size: int, sigma: float) -> Any:
@@ -305,12 +341,25 @@ def _table_columns(table: Any) -> tuple[np.ndarray, np.ndarray, dict[str, np.nda
     """
     angles = np.asarray(table[["rot", "tilt", "psi"]], dtype=np.float64)
     shifts = np.asarray(table[["shift_x", "shift_y"]], dtype=np.float64)
-    ctf_cols = {c: np.asarray(table[c], dtype=np.float64) for c in
-                ("defocus_u", "defocus_v", "defocus_angle", "voltage", "cs", "amplitude_contrast", "phase_shift",
-                 "bfactor", "ctf_scale") if c in table}
+    ctf_cols = {
+        c: np.asarray(table[c], dtype=np.float64)
+        for c in (
+            "defocus_u",
+            "defocus_v",
+            "defocus_angle",
+            "voltage",
+            "cs",
+            "amplitude_contrast",
+            "phase_shift",
+            "bfactor",
+            "ctf_scale",
+        )
+        if c in table
+    }
     # phase-flipped images (rlnCtfDataArePhaseFlipped) were multiplied by sign(CTF): their model is |CTF|
-    flipped = (np.asarray(table["phase_flipped"], dtype=bool) if "phase_flipped" in table
-               else np.zeros(len(angles), bool))
+    flipped = (
+        np.asarray(table["phase_flipped"], dtype=bool) if "phase_flipped" in table else np.zeros(len(angles), bool)
+    )
     return angles, shifts, ctf_cols, flipped
 
 
@@ -377,7 +426,7 @@ def reconstruct_zart(
         blur = _gaussian(xp, size, sigma) if sigma > 0 else None
         order = index[rng.permutation(len(index))]
         for lo in range(0, len(order), config.batch_size):
-            sel = np.sort(order[lo:lo + config.batch_size])
+            sel = np.sort(order[lo : lo + config.batch_size])
             imgs = backend.asarray(images[sel])
             rot = euler_to_matrix(angles[sel, 0], angles[sel, 1], angles[sel, 2]).astype(np.float32)
             rot_d, sh_d = backend.asarray(rot), backend.asarray(shifts_all[sel])
@@ -406,8 +455,16 @@ def reconstruct_zart(
             now = time.perf_counter()
             if now - last > 10 or n_done == total:
                 rate = n_done / (now - t0)
-                logger.info("ZART%s iteration %d/%d: %d/%d image updates (%.0f images/s, ETA %.0f s)", label,
-                            it + 1, config.iterations, n_done, total, rate, (total - n_done) / max(rate, 1e-9))
+                logger.info(
+                    "ZART%s iteration %d/%d: %d/%d image updates (%.0f images/s, ETA %.0f s)",
+                    label,
+                    it + 1,
+                    config.iterations,
+                    n_done,
+                    total,
+                    rate,
+                    (total - n_done) / max(rate, 1e-9),
+                )
                 last = now
     if backend.name == "cupy":
         xp.cuda.Stream.null.synchronize()
@@ -444,13 +501,13 @@ def values_to_volume(values: npt.ArrayLike, points: npt.ArrayLike, box: int, *, 
         raise ValueError(f"the point step must be a positive integer, got {step}")
     vals = np.asarray(values, dtype=np.float64).reshape(-1)
     idx = np.round(np.asarray(points)[:, ::-1] + box_center(box)).astype(np.int64)
-    vol = np.zeros(box ** 3, dtype=np.float64)
+    vol = np.zeros(box**3, dtype=np.float64)
     offsets, weights = _tent_offsets(step)
     for off, w in zip(offsets, weights / float(step) ** 3, strict=True):
         at = idx + off
         inside = np.all((at >= 0) & (at < box), axis=1)
         flat = np.ravel_multi_index(tuple(at[inside].T), (box, box, box))
-        vol += np.bincount(flat, weights=w * vals[inside], minlength=box ** 3)
+        vol += np.bincount(flat, weights=w * vals[inside], minlength=box**3)
     return vol.reshape(box, box, box).astype(np.float32)
 
 
@@ -609,7 +666,7 @@ def heldout_correlation(
     size = config.ctf_pad * box
     total, count = 0.0, 0
     for lo in range(0, len(index), config.batch_size):
-        sel = np.sort(np.asarray(index)[lo:lo + config.batch_size])
+        sel = np.sort(np.asarray(index)[lo : lo + config.batch_size])
         rot = backend.asarray(euler_to_matrix(angles[sel, 0], angles[sel, 1], angles[sel, 2]).astype(np.float32))
         fields = None
         if z_dev is not None and coefficients is not None:
@@ -618,8 +675,9 @@ def heldout_correlation(
         ctf = ctf_grid(xp, size, pixel_size, {name: col[sel] for name, col in ctf_cols.items()}, dtype=xp.float32)
         if flipped[sel].any():
             ctf = xp.where(backend.asarray(flipped[sel], dtype=bool)[:, None, None], xp.abs(ctf), ctf)
-        pred = _filter(backend, backend.project(vals, pts, fields, rot, backend.asarray(shifts_all[sel]), box), ctf,
-                       config.ctf_pad)
+        pred = _filter(
+            backend, backend.project(vals, pts, fields, rot, backend.asarray(shifts_all[sel]), box), ctf, config.ctf_pad
+        )
         imgs = backend.asarray(images[sel])
         pred = pred - pred.mean(axis=(1, 2), keepdims=True)
         imgs = imgs - imgs.mean(axis=(1, 2), keepdims=True)
@@ -672,27 +730,64 @@ def choose_field_scale(
 
     logger = log or logging.getLogger(__name__)
     rng = np.random.default_rng([config.seed, 7])
-    subsets = [np.sort(rng.choice(rows, SCALE_PARTICLES, replace=False)) if len(rows) > SCALE_PARTICLES else rows
-               for rows in halves]
+    subsets = [
+        np.sort(rng.choice(rows, SCALE_PARTICLES, replace=False)) if len(rows) > SCALE_PARTICLES else rows
+        for rows in halves
+    ]
     quick = replace(config, iterations=min(config.iterations, SCALE_ITERATIONS))
     records = []
     for scale in FIELD_SCALES:
         coeffs = (scale * fields).astype(np.float32) if scale > 0 else None
         values = []
         for h, rows in enumerate(subsets):
-            vals, _ = reconstruct_zart(backend, half_points[h], half_basis[h] if scale > 0 else None, coeffs, images,
-                                       table, rows, box, pixel_size, quick)
+            vals, _ = reconstruct_zart(
+                backend,
+                half_points[h],
+                half_basis[h] if scale > 0 else None,
+                coeffs,
+                images,
+                table,
+                rows,
+                box,
+                pixel_size,
+                quick,
+            )
             values.append(vals)
-        score = 0.5 * sum(heldout_correlation(backend, values[h], half_points[h], half_basis[h], coeffs, images,
-                                              table, subsets[1 - h], box, pixel_size, quick) for h in (0, 1))
+        score = 0.5 * sum(
+            heldout_correlation(
+                backend,
+                values[h],
+                half_points[h],
+                half_basis[h],
+                coeffs,
+                images,
+                table,
+                subsets[1 - h],
+                box,
+                pixel_size,
+                quick,
+            )
+            for h in (0, 1)
+        )
         maps = [values_to_volume(values[h], half_points[h], box, step=step) for h in (0, 1)]
         fsc = masked_fsc(maps[0], maps[1], fsc_mask, pixel_size, step=step)
-        records.append({"scale": scale, "score": score, "fsc_area": fsc_area(fsc),
-                        "resolution_0143": resolution_at(fsc, 0.143)})
-        logger.info("field scale %.2f: held-out image correlation %.5f (half-map FSC area %.4f, %.2f Å at 0.143)",
-                    scale, score, records[-1]["fsc_area"], records[-1]["resolution_0143"])
+        records.append(
+            {"scale": scale, "score": score, "fsc_area": fsc_area(fsc), "resolution_0143": resolution_at(fsc, 0.143)}
+        )
+        logger.info(
+            "field scale %.2f: held-out image correlation %.5f (half-map FSC area %.4f, %.2f Å at 0.143)",
+            scale,
+            score,
+            records[-1]["fsc_area"],
+            records[-1]["resolution_0143"],
+        )
     frame = pd.DataFrame(records)
     best = float(frame.loc[frame["score"].idxmax(), "scale"])
-    logger.info("field scale %.2f chosen (of %s) on %d + %d particles", best,
-                ", ".join(f"{s:g}" for s in FIELD_SCALES), len(subsets[0]), len(subsets[1]))
+    logger.info(
+        "field scale %.2f chosen (of %s) on %d + %d particles",
+        best,
+        ", ".join(f"{s:g}" for s in FIELD_SCALES),
+        len(subsets[0]),
+        len(subsets[1]),
+    )
     return best, frame

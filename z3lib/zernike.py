@@ -82,9 +82,7 @@ def _check_degrees(l1_max: int, l2_max: int) -> None:
     if int(l1_max) != l1_max or int(l2_max) != l2_max or l1_max < 0 or l2_max < 0:
         raise ValueError(f"Zernike3D degrees must be non-negative integers, got L1={l1_max}, L2={l2_max}")
     if l2_max > l1_max:
-        raise ValueError(
-            f"Zernike3D degrees need L1 >= L2 (as Scipion requires), got L1={l1_max}, L2={l2_max}"
-        )
+        raise ValueError(f"Zernike3D degrees need L1 >= L2 (as Scipion requires), got L1={l1_max}, L2={l2_max}")
 
 
 def count_terms(l1_max: int, l2_max: int) -> int:
@@ -98,12 +96,7 @@ def count_terms(l1_max: int, l2_max: int) -> int:
 
 @lru_cache(maxsize=64)
 def _indices(l1_max: int, l2_max: int) -> np.ndarray:
-    rows = [
-        (l1, h, h, m)
-        for h in range(l2_max + 1)
-        for l1 in range(h, l1_max + 1, 2)
-        for m in range(-h, h + 1)
-    ]
+    rows = [(l1, h, h, m) for h in range(l2_max + 1) for l1 in range(h, l1_max + 1, 2) for m in range(-h, h + 1)]
     out = np.asarray(rows, dtype=np.int64).reshape(-1, 4)
     out.setflags(write=False)
     return out
@@ -270,9 +263,7 @@ def evaluate_basis(
     columns = []
     for l1, _, l2, m in _indices(int(l1_max), int(l2_max)):
         coeffs = (
-            _xmipp_radial_coefficients(int(l1), int(l2))
-            if basis == "xmipp"
-            else radial_coefficients(int(l1), int(l2))
+            _xmipp_radial_coefficients(int(l1), int(l2)) if basis == "xmipp" else radial_coefficients(int(l1), int(l2))
         )
         poly = x * 0 + float(coeffs[-1])
         for a in coeffs[-2::-1]:
@@ -315,9 +306,7 @@ def deformation_field(basis_values: Any, coefficients: Any) -> Any:
     """
     c = split_axes(coefficients)
     if c.shape[-1] != basis_values.shape[-1]:
-        raise ValueError(
-            f"coefficients have K={c.shape[-1]} per axis but the basis has K={basis_values.shape[-1]}"
-        )
+        raise ValueError(f"coefficients have K={c.shape[-1]} per axis but the basis has K={basis_values.shape[-1]}")
     if is_tensor(c):
         import torch
 
@@ -524,12 +513,15 @@ class ZernikeSpec:
         """
         missing = [key for key in BLOCK_KEYS if key not in block]
         if missing:
-            raise ValueError(f"a data_zernike3d block needs the keys {', '.join(BLOCK_KEYS)}; "
-                             f"missing {', '.join(missing)}")
+            raise ValueError(
+                f"a data_zernike3d block needs the keys {', '.join(BLOCK_KEYS)}; missing {', '.join(missing)}"
+            )
         spec = cls(int(block["L1"]), int(block["L2"]), cast(Basis, str(block["basis"])), int(block["box"]))
         if not math.isclose(float(block["Rmax"]), spec.rmax, rel_tol=1e-6):
-            raise ValueError(f"a data_zernike3d block with Rmax {block['Rmax']} px for box {spec.box} px: "
-                             f"coefficients here always use Rmax = box / 2 = {spec.rmax:g} px")
+            raise ValueError(
+                f"a data_zernike3d block with Rmax {block['Rmax']} px for box {spec.box} px: "
+                f"coefficients here always use Rmax = box / 2 = {spec.rmax:g} px"
+            )
         return spec
 
     @property
@@ -560,8 +552,9 @@ class ZernikeSpec:
         """Evaluate the ``(N, K)`` basis values at ``(N, 3)`` points (px of ``box``; numpy or torch alike)."""
         return evaluate_basis(points, self.L1, self.L2, self.rmax, self.basis)
 
-    def fit(self, points: npt.ArrayLike, displacements: npt.ArrayLike,
-            weights: npt.ArrayLike | None = None) -> np.ndarray:
+    def fit(
+        self, points: npt.ArrayLike, displacements: npt.ArrayLike, weights: npt.ArrayLike | None = None
+    ) -> np.ndarray:
         """Fit ``(3K,)`` least-squares coefficients (px) to displacements (:func:`fit_coefficients`).
 
         Parameters
@@ -585,16 +578,20 @@ class ZernikeSpec:
         Only the box may differ: another degree set or basis is a refit (:func:`refit_basis`).
         """
         if (to.L1, to.L2, to.basis) != (self.L1, self.L2, self.basis):
-            raise ValueError(f"cannot convert coefficients of {self} to {to} by rescaling: the degrees or the "
-                             "basis differ (use refit_basis)")
+            raise ValueError(
+                f"cannot convert coefficients of {self} to {to} by rescaling: the degrees or the "
+                "basis differ (use refit_basis)"
+            )
         return rescale_coefficients(coefficients, self.box, to.box)
 
     def check(self, coefficients: Any, what: str = "coefficients") -> None:
         """Raise ``ValueError`` unless ``coefficients`` is ``(..., 3K)`` for this spec (``what`` names them)."""
         width = int(coefficients.shape[-1]) if getattr(coefficients, "ndim", 0) else -1
         if width != self.n_coefficients:
-            raise ValueError(f"{what}: shape {tuple(getattr(coefficients, 'shape', ()))}, but (L1, L2) = "
-                             f"({self.L1}, {self.L2}) needs 3K = {self.n_coefficients} per vector")
+            raise ValueError(
+                f"{what}: shape {tuple(getattr(coefficients, 'shape', ()))}, but (L1, L2) = "
+                f"({self.L1}, {self.L2}) needs 3K = {self.n_coefficients} per vector"
+            )
 
     def to_block(self) -> dict[str, Any]:
         """Return the STAR ``data_zernike3d`` block: ``L1``, ``L2``, ``Rmax`` (px of ``box``), ``basis``, ``box``."""

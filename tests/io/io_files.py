@@ -22,4 +22,3 @@ def mrc_data(path: Path) -> np.ndarray:
         warnings.simplefilter("ignore", RuntimeWarning)  # stacks without the "MAP " ID string
         with mrcfile.open(path, permissive=True) as mrc:
             return np.array(mrc.data, dtype=np.float32)
-

@@ -19,9 +19,7 @@ from z3lib import io
 def test_coefficient_column_round_trip() -> None:
     rng = np.random.default_rng(5)
     c64 = rng.normal(size=(4, 39)) * 10.0 ** rng.integers(-6, 3, size=(4, 39))
-    np.testing.assert_array_equal(
-        io.parse_coefficient_column(io.format_coefficient_column(c64), n_expected=39), c64
-    )
+    np.testing.assert_array_equal(io.parse_coefficient_column(io.format_coefficient_column(c64), n_expected=39), c64)
     c32 = c64.astype(np.float32)
     back = io.parse_coefficient_column(io.format_coefficient_column(c32), n_expected=39)
     np.testing.assert_array_equal(back.astype(np.float32), c32)
@@ -46,8 +44,9 @@ def test_coefficients_npy_round_trip(tmp_path: Path) -> None:
     assert sorted(os.listdir(tmp_path)) == ["c.npy", "one_d.npy"]
 
 
-@pytest.mark.parametrize(("l1", "l2", "k"), [(1, 1, 4), (2, 2, 10), (3, 2, 13), (3, 3, 20),
-                                             (5, 5, 56), (7, 7, 120), (8, 8, 165)])
+@pytest.mark.parametrize(
+    ("l1", "l2", "k"), [(1, 1, 4), (2, 2, 10), (3, 2, 13), (3, 3, 20), (5, 5, 56), (7, 7, 120), (8, 8, 165)]
+)
 def test_term_counts_match_reference_table(l1: int, l2: int, k: int) -> None:
     assert io._count_terms(l1, l2) == k
 

@@ -59,9 +59,7 @@ def test_cryosparc_refinement_cs() -> None:
     np.testing.assert_array_equal(t["random_subset"], arr["alignments3D/split"].astype(int) + 1)
     assert set(t["optics_group"]) == {1}  # exp_group_id 0 → optics group 1
     np.testing.assert_array_equal(t["image_index"], arr["blob/idx"])
-    assert parts.raw["rlnImageName"].iloc[5] == (
-        f"{int(arr['blob/idx'][5]) + 1:06d}@{arr['blob/path'][5].decode()}"
-    )
+    assert parts.raw["rlnImageName"].iloc[5] == (f"{int(arr['blob/idx'][5]) + 1:06d}@{arr['blob/path'][5].decode()}")
     np.testing.assert_allclose(parts.raw["rlnOriginXAngst"], arr["alignments3D/shift"][:, 0] * 2.95)
     assert parts.optics is not None
     assert parts.optics["rlnImageSize"].tolist() == [180]

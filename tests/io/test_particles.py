@@ -146,8 +146,10 @@ def test_missing_pose_column_named_exactly(tmp_path: Path) -> None:
     assert "lacks the pose column(s) rlnAngleTilt (present: rlnAngleRot, rlnAnglePsi)" in msg
     assert "run_data.star" in msg and "z3 starts from a consensus refinement" in msg
     # every pose column absent: all three named, none present
-    starfile.write(dict(blocks, particles=blocks["particles"].drop(columns=["rlnAngleRot", "rlnAnglePsi"])),
-                   tmp_path / "nopose.star")
+    starfile.write(
+        dict(blocks, particles=blocks["particles"].drop(columns=["rlnAngleRot", "rlnAnglePsi"])),
+        tmp_path / "nopose.star",
+    )
     with pytest.raises(io.Z3InputError, match=r"rlnAngleRot, rlnAngleTilt, rlnAnglePsi \(present: none\)"):
         io.read_particles(tmp_path / "nopose.star").require_poses("poses")
     # the column is there but one value is not a number: the column and the row are named
@@ -167,8 +169,10 @@ def test_missing_ctf_column_names_missing_and_present(tmp_path: Path) -> None:
     with pytest.raises(io.Z3InputError) as err:
         io.read_particles(tmp_path / "nodefv.star")
     msg = str(err.value)
-    assert "nodefv.star: missing CTF column(s) rlnDefocusV (present: rlnDefocusU, rlnDefocusAngle, " \
-           "rlnVoltage, rlnSphericalAberration, rlnAmplitudeContrast)" in msg
+    assert (
+        "nodefv.star: missing CTF column(s) rlnDefocusV (present: rlnDefocusU, rlnDefocusAngle, "
+        "rlnVoltage, rlnSphericalAberration, rlnAmplitudeContrast)" in msg
+    )
     assert "CTF-refined job" in msg
 
 
@@ -177,8 +181,11 @@ def test_half_an_origin_shift_pair_is_refused(tmp_path: Path) -> None:
     blocks = _relion31_blocks()
     blocks["particles"] = blocks["particles"].drop(columns=["rlnOriginYAngst"])
     starfile.write(blocks, tmp_path / "halfshift.star")
-    with pytest.raises(io.Z3InputError, match=r"halfshift.star: .* has the origin shift column rlnOriginXAngst "
-                                              r"but not rlnOriginYAngst.*Fix: add rlnOriginYAngst"):
+    with pytest.raises(
+        io.Z3InputError,
+        match=r"halfshift.star: .* has the origin shift column rlnOriginXAngst "
+        r"but not rlnOriginYAngst.*Fix: add rlnOriginYAngst",
+    ):
         io.read_particles(tmp_path / "halfshift.star")
 
 
@@ -195,8 +202,11 @@ def test_missing_image_name_and_empty_block(tmp_path: Path) -> None:
     blocks = _relion31_blocks()
     noname = dict(blocks, particles=blocks["particles"].drop(columns=["rlnImageName"]))
     starfile.write(noname, tmp_path / "noname.star")
-    with pytest.raises(io.Z3InputError, match=r"noname.star: .*no rlnImageName column.*Columns found: "
-                                              r"rlnCoordinateX.*Fix: give the particles STAR"):
+    with pytest.raises(
+        io.Z3InputError,
+        match=r"noname.star: .*no rlnImageName column.*Columns found: "
+        r"rlnCoordinateX.*Fix: give the particles STAR",
+    ):
         io.read_particles(tmp_path / "noname.star")
     empty = dict(blocks, particles=blocks["particles"].iloc[:0])
     starfile.write(empty, tmp_path / "empty.star")

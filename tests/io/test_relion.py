@@ -82,18 +82,38 @@ def test_write_back_shift_angstrom_for_relion31(tmp_path: Path) -> None:
 def test_write_particles_star_from_cs(tmp_path: Path) -> None:
     parts = io.read_particles(DRGN / "cryosparc_P12_J24_001_particles.cs")
     out = tmp_path / "from_cs.star"
-    io.write_particles_star(out, parts, zernike={"L1": 3, "L2": 2, "Rmax": 90, "basis": "xmipp",
-                                                 "box": 180})
+    io.write_particles_star(out, parts, zernike={"L1": 3, "L2": 2, "Rmax": 90, "basis": "xmipp", "box": 180})
     back = starfile.read(out, always_dict=True)
     optics = back["optics"]
-    for col in ("rlnOpticsGroup", "rlnImagePixelSize", "rlnImageSize", "rlnVoltage",
-                "rlnSphericalAberration", "rlnAmplitudeContrast"):
+    for col in (
+        "rlnOpticsGroup",
+        "rlnImagePixelSize",
+        "rlnImageSize",
+        "rlnVoltage",
+        "rlnSphericalAberration",
+        "rlnAmplitudeContrast",
+    ):
         assert col in optics.columns
     assert optics["rlnImagePixelSize"].tolist() == [2.95]
     assert optics["rlnVoltage"].tolist() == [200.0]
     again = io.read_particles(out)
     assert again.source_format == "relion3.1"
-    cols = ["rot", "tilt", "psi", "shift_x", "shift_y", "defocus_u", "defocus_v", "defocus_angle",
-            "voltage", "cs", "amplitude_contrast", "pixel_size", "box", "optics_group",
-            "random_subset", "image_index"]
+    cols = [
+        "rot",
+        "tilt",
+        "psi",
+        "shift_x",
+        "shift_y",
+        "defocus_u",
+        "defocus_v",
+        "defocus_angle",
+        "voltage",
+        "cs",
+        "amplitude_contrast",
+        "pixel_size",
+        "box",
+        "optics_group",
+        "random_subset",
+        "image_index",
+    ]
     pd.testing.assert_frame_equal(again.table[cols], parts.table[cols], rtol=1e-12)

@@ -148,13 +148,19 @@ def test_index_past_end_of_stack(tmp_path: Path) -> None:
 
 def _write_relion30_star(path: Path, names: list[str]) -> None:
     n = len(names)
-    frame = pd.DataFrame({
-        "rlnImageName": names,
-        "rlnDefocusU": [10000.0] * n, "rlnDefocusV": [9000.0] * n, "rlnDefocusAngle": [10.0] * n,
-        "rlnVoltage": [300.0] * n, "rlnSphericalAberration": [2.7] * n,
-        "rlnAmplitudeContrast": [0.1] * n, "rlnMagnification": [10000.0] * n,
-        "rlnDetectorPixelSize": [2.0] * n,
-    })
+    frame = pd.DataFrame(
+        {
+            "rlnImageName": names,
+            "rlnDefocusU": [10000.0] * n,
+            "rlnDefocusV": [9000.0] * n,
+            "rlnDefocusAngle": [10.0] * n,
+            "rlnVoltage": [300.0] * n,
+            "rlnSphericalAberration": [2.7] * n,
+            "rlnAmplitudeContrast": [0.1] * n,
+            "rlnMagnification": [10000.0] * n,
+            "rlnDetectorPixelSize": [2.0] * n,
+        }
+    )
     starfile.write(frame, path)
 
 

@@ -91,19 +91,31 @@ def command(workdir: Path, target: str, config: Path) -> list[str]:
     """The user's command: the target, the CI profile (CPU) and the config, with the code
     snapshot beside ``workdir`` (:func:`snapshot_code`)."""
     code = workdir.parent / "code"
-    return [sys.executable, "-m", "snakemake", "-s", str(code / "Snakefile"), "--directory", str(workdir), target,
-            "--workflow-profile", str(code / "profiles" / "ci"), "--configfile", str(config)]
+    return [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(code / "Snakefile"),
+        "--directory",
+        str(workdir),
+        target,
+        "--workflow-profile",
+        str(code / "profiles" / "ci"),
+        "--configfile",
+        str(config),
+    ]
 
 
 def run(workdir: Path, cmd: list[str], timeout: float = 300) -> str:
-    result = subprocess.run(cmd, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            timeout=timeout, check=False)
+    result = subprocess.run(
+        cmd, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout, check=False
+    )
     assert result.returncode == 0, f"{cmd}\nexit {result.returncode}:\n{result.stdout}"
     return result.stdout
 
 
-def run_and_kill(workdir: Path, cmd: list[str], inside: Callable[[], bool], wait: float,
-                 timeout: float = 240) -> None:
+def run_and_kill(workdir: Path, cmd: list[str], inside: Callable[[], bool], wait: float, timeout: float = 240) -> None:
     """Start ``cmd`` in a new process group, poll until ``inside()`` (the stage is running), wait
     ``wait`` seconds more, then SIGKILL the whole group (Snakemake and the job it runs)."""
     with open(workdir / "killed_run.log", "w") as out:
@@ -131,8 +143,9 @@ def resume(workdir: Path, cmd: list[str], check_lock: bool = False) -> str:
     command. ``check_lock``: first show that the same command alone is refused (why the README
     says to unlock). Returns the last run's output."""
     if check_lock:
-        locked = subprocess.run(cmd, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                timeout=120, check=False)
+        locked = subprocess.run(
+            cmd, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120, check=False
+        )
         assert locked.returncode != 0 and "--unlock" in locked.stdout, locked.stdout
     run(workdir, [*cmd, "--unlock"])
     return run(workdir, cmd)
@@ -154,8 +167,9 @@ def incomplete(workdir: Path, output: str) -> bool:
 
 def step_seconds(log: str, pattern: str) -> float:
     """Median time between consecutive log lines matching ``pattern`` (an epoch, a batch)."""
-    stamps = [datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f") for line in log.splitlines()
-              if re.search(pattern, line)]
+    stamps = [
+        datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f") for line in log.splitlines() if re.search(pattern, line)
+    ]
     assert len(stamps) >= 2, log
     return float(np.median(np.diff([s.timestamp() for s in stamps])))
 
@@ -195,8 +209,11 @@ def results(workdir: Path, folder: str) -> dict[str, Path]:
     """The result files under results/<run>/<folder>, by relative path (partial state excluded:
     training checkpoints are compared through the model they end in)."""
     base = workdir / "results" / RUN / folder
-    return {str(p.relative_to(base)): p for p in sorted(base.rglob("*"))
-            if p.is_file() and "checkpoint" not in p.parts and ".progress." not in p.name}
+    return {
+        str(p.relative_to(base)): p
+        for p in sorted(base.rglob("*"))
+        if p.is_file() and "checkpoint" not in p.parts and ".progress." not in p.name
+    }
 
 
 def assert_same_results(workdir: Path, reference: Path, folder: str) -> None:
@@ -224,11 +241,23 @@ def clean(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("kill_resume")
     (root / "code").mkdir()
     snapshot_code(root / "code")
-    sim = simulate_dataset(root / "data", start_model=ADK / "adk_closed.pdb", end_model=ADK / "adk_open.pdb",
-                           n_particles=N_PARTICLES, box=32, pixel_size=4.0, resolution=10.0, snr=1.0, seed=4)
+    sim = simulate_dataset(
+        root / "data",
+        start_model=ADK / "adk_closed.pdb",
+        end_model=ADK / "adk_open.pdb",
+        n_particles=N_PARTICLES,
+        box=32,
+        pixel_size=4.0,
+        resolution=10.0,
+        snr=1.0,
+        seed=4,
+    )
     config = root / "config.yaml"
-    config.write_text(yaml.safe_dump({**CONFIG, "particles": str(sim["particles"]),
-                                      "reference": str(sim["reference"]), "mask": str(sim["mask"])}))
+    config.write_text(
+        yaml.safe_dump(
+            {**CONFIG, "particles": str(sim["particles"]), "reference": str(sim["reference"]), "mask": str(sim["mask"])}
+        )
+    )
     workdir = root / "clean"
     workdir.mkdir()
     t0 = time.perf_counter()
@@ -271,8 +300,12 @@ def kill_in_training(workdir: Path, cmd: list[str], clean: dict[str, Any], gener
     """Kill during an epoch after a random one (1 … EPOCHS − 2) finished; returns that epoch."""
     epoch = int(generator.integers(1, EPOCHS - 1))
     per_epoch = step_seconds(read(clean["dir"] / TRAIN_LOG), r"epoch \d+ done")
-    run_and_kill(workdir, cmd, log_has(workdir / TRAIN_LOG, rf"epoch {epoch} done"),
-                 float(generator.uniform(0.0, 0.9)) * per_epoch)
+    run_and_kill(
+        workdir,
+        cmd,
+        log_has(workdir / TRAIN_LOG, rf"epoch {epoch} done"),
+        float(generator.uniform(0.0, 0.9)) * per_epoch,
+    )
     assert incomplete(workdir, TRAIN) and (workdir / CHECKPOINT).exists()
     return epoch
 
@@ -328,8 +361,12 @@ def kill_in_refinement(workdir: Path, cmd: list[str], clean: dict[str, Any], gen
     """Kill during a batch after a random one (1 … N_BATCHES − 1) was saved; returns that batch."""
     batch = int(generator.integers(1, N_BATCHES))
     per_batch = step_seconds(read(clean["dir"] / REFINE_LOG), r"refined \d+/")
-    run_and_kill(workdir, cmd, log_has(workdir / REFINE_LOG, rf"refined {batch * REFINE_BATCH}/"),
-                 float(generator.uniform(0.0, 0.9)) * per_batch)
+    run_and_kill(
+        workdir,
+        cmd,
+        log_has(workdir / REFINE_LOG, rf"refined {batch * REFINE_BATCH}/"),
+        float(generator.uniform(0.0, 0.9)) * per_batch,
+    )
     assert incomplete(workdir, REFINE) and (workdir / PROGRESS).exists()
     return batch
 
@@ -408,8 +445,12 @@ def test_round_two_killed_resumes_to_the_uninterrupted_round(clean: dict[str, An
     cmd = command(workdir, ROUND2, clean["config"])
     generator = rng("round2")
     duration = sum(benchmark_seconds(clean["dir"], f"rounds/2/{job}") for job in ROUND2_JOBS)
-    run_and_kill(workdir, cmd, lambda: (workdir / "logs" / RUN / "rounds/2/round_reference.log").exists(),
-                 float(generator.uniform(0.05, 0.8)) * duration)
+    run_and_kill(
+        workdir,
+        cmd,
+        lambda: (workdir / "logs" / RUN / "rounds/2/round_reference.log").exists(),
+        float(generator.uniform(0.05, 0.8)) * duration,
+    )
     assert incomplete(workdir, ROUND2)
     started = sorted(str(p.relative_to(workdir / "logs")) for p in (workdir / "logs" / RUN / "rounds/2").rglob("*.log"))
     print(f"round 2 killed with these jobs' logs started: {started}")
@@ -431,8 +472,12 @@ def test_round_two_killed_then_round_one_changed_uses_no_stale_state(clean: dict
     batch = int(generator.integers(1, N_BATCHES))
     log2 = workdir / "logs" / RUN / "rounds/2/refine_chunk/1-of-1.log"
     per_batch = step_seconds(read(clean["dir"] / log2.relative_to(workdir)), r"refined \d+/")
-    run_and_kill(workdir, command(workdir, ROUND2, clean["config"]),
-                 log_has(log2, rf"refined {batch * REFINE_BATCH}/"), float(generator.uniform(0.0, 0.9)) * per_batch)
+    run_and_kill(
+        workdir,
+        command(workdir, ROUND2, clean["config"]),
+        log_has(log2, rf"refined {batch * REFINE_BATCH}/"),
+        float(generator.uniform(0.0, 0.9)) * per_batch,
+    )
     out2 = workdir / "results" / RUN / "rounds/2"
     assert (out2 / "train/checkpoint/checkpoint.pt").exists() and (out2 / "refine/chunks/1-of-1.progress.npz").exists()
     old_reference = read_map(out2 / "reference/reference.mrc").data
@@ -463,8 +508,9 @@ def test_round_two_network_reads_round_one_refined_poses(clean: dict[str, Any]) 
     shifts = ["shift_x", "shift_y"]
     assert np.abs(refined1[shifts].to_numpy() - given[shifts].to_numpy()).max() > 0.01
     np.testing.assert_allclose(predicted2[shifts].to_numpy(), refined1[shifts].to_numpy(), rtol=0, atol=1e-9)
-    np.testing.assert_allclose(predicted2[["rot", "tilt", "psi"]].to_numpy(),
-                               refined1[["rot", "tilt", "psi"]].to_numpy(), rtol=0, atol=1e-9)
+    np.testing.assert_allclose(
+        predicted2[["rot", "tilt", "psi"]].to_numpy(), refined1[["rot", "tilt", "psi"]].to_numpy(), rtol=0, atol=1e-9
+    )
     for job in ("train", "predict"):
         log = read(clean["dir"] / "logs" / RUN / f"rounds/2/{job}.log")
         assert f"poses and CTF of the {N_PARTICLES} particles from results/{RUN}/rounds/1/refine/particles.star" in log

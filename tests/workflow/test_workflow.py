@@ -127,9 +127,19 @@ def demo_dir(tmp_path: Path) -> Path:
 def test_dry_run_default_config_plans_the_demo(demo_dir: Path) -> None:
     result = snakemake(demo_dir, "-n")
     assert_ok(result)
-    assert job_counts(result.stdout) == {"simulate": 1, "preprocess": 1, "train": 1, "predict": 1,
-                                         "refine_landscape": 1, "refine_chunk": 2, "refine": 1, "zart": 1,
-                                         "publish": 1, "report": 1, "all": 1}
+    assert job_counts(result.stdout) == {
+        "simulate": 1,
+        "preprocess": 1,
+        "train": 1,
+        "predict": 1,
+        "refine_landscape": 1,
+        "refine_chunk": 2,
+        "refine": 1,
+        "zart": 1,
+        "publish": 1,
+        "report": 1,
+        "all": 1,
+    }
     for name in PREPROCESS_OUTPUTS:
         assert f"results/demo/preprocess/{name}" in result.stdout
     assert "logs/demo/simulate.log" in result.stdout
@@ -139,9 +149,18 @@ def test_dry_run_default_config_plans_the_demo(demo_dir: Path) -> None:
 def test_dry_run_user_config_plans_preprocess_only(tmp_path: Path) -> None:
     result = snakemake(tmp_path, "-n", "--configfile", str(scenario_config("user", tmp_path)))
     assert_ok(result)
-    assert job_counts(result.stdout) == {"preprocess": 1, "train": 1, "predict": 1, "refine_landscape": 1,
-                                         "refine_chunk": 2, "refine": 1, "zart": 1, "publish": 1, "report": 1,
-                                         "all": 1}
+    assert job_counts(result.stdout) == {
+        "preprocess": 1,
+        "train": 1,
+        "predict": 1,
+        "refine_landscape": 1,
+        "refine_chunk": 2,
+        "refine": 1,
+        "zart": 1,
+        "publish": 1,
+        "report": 1,
+        "all": 1,
+    }
     assert "rule simulate" not in result.stdout
     assert str(REPO / "tests/data/cryodrgn/relion31.star") in result.stdout
     assert "results/user/preprocess/points.npz" in result.stdout
@@ -191,8 +210,11 @@ def test_dry_run_plans_every_round_and_mode(demo_dir: Path, rounds: int, mode: s
             assert f"{run}/rounds/{k}/reference/points.npz" in tr["input"]
         else:
             for h in (1, 2):
-                (ref,) = [j for j in jobs if j["rule"] == "round_reference_half"
-                          and f"rounds/{k}/reference/half{h}/" in j["output"]]
+                (ref,) = [
+                    j
+                    for j in jobs
+                    if j["rule"] == "round_reference_half" and f"rounds/{k}/reference/half{h}/" in j["output"]
+                ]
                 assert ref["input"].split(", ")[0] == f"{run}/rounds/{k - 1}/zart/corrected_half{h}.mrc"
                 (tr,) = [j for j in jobs if j["rule"] == "train_half" and f"rounds/{k}/train/half{h}/" in j["output"]]
                 assert f"{run}/rounds/{k - 1}/train/half{h}/model.pt" in tr["input"]
@@ -266,9 +288,7 @@ def test_slurm_profile_sets_per_rule_resources(demo_dir: Path) -> None:
         ("missing_model", "Config key 'report.model': file not found"),
     ],
 )
-def test_bad_config_is_rejected_naming_the_key(
-    tmp_path: Path, scenario: str, expected: str
-) -> None:
+def test_bad_config_is_rejected_naming_the_key(tmp_path: Path, scenario: str, expected: str) -> None:
     result = snakemake(tmp_path, "-n", "--configfile", str(scenario_config(scenario, tmp_path)))
     assert result.returncode != 0
     assert expected in result.stdout, result.stdout
@@ -286,12 +306,21 @@ def test_bad_input_file_ends_in_one_message_with_the_traceback_in_the_log(tmp_pa
     star = tmp_path / "notilt.star"
     starfile.write(starfile.read(source).drop(columns="rlnAngleTilt"), star)
     config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({
-        "run": "bad", "particles": str(star), "image_root": str(source.parent), "pixel_size": 1.0, "box": 30,
-        "reference": str(REPO / "tests/data/cryodrgn/toymodel_small_nocenter.mrc"),
-    }))
-    result = snakemake(tmp_path, "--workflow-profile", str(CI_PROFILE), "--configfile", str(config),
-                       "--until", "preprocess")
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "run": "bad",
+                "particles": str(star),
+                "image_root": str(source.parent),
+                "pixel_size": 1.0,
+                "box": 30,
+                "reference": str(REPO / "tests/data/cryodrgn/toymodel_small_nocenter.mrc"),
+            }
+        )
+    )
+    result = snakemake(
+        tmp_path, "--workflow-profile", str(CI_PROFILE), "--configfile", str(config), "--until", "preprocess"
+    )
     assert result.returncode != 0
     message = re.search(r"z3 preprocess: (.*)", result.stdout)
     assert message, result.stdout
@@ -363,9 +392,19 @@ def test_tiny_end_to_end_run(tmp_path: Path) -> None:
     config = scenario_config("tiny", tmp_path)
     result = snakemake(tmp_path, "--workflow-profile", str(CI_PROFILE), "--configfile", str(config))
     assert_ok(result)
-    assert job_counts(result.stdout) == {"simulate": 1, "preprocess": 1, "train": 1, "predict": 1,
-                                         "refine_landscape": 1, "refine_chunk": 2, "refine": 1, "zart": 1,
-                                         "publish": 1, "report": 1, "all": 1}
+    assert job_counts(result.stdout) == {
+        "simulate": 1,
+        "preprocess": 1,
+        "train": 1,
+        "predict": 1,
+        "refine_landscape": 1,
+        "refine_chunk": 2,
+        "refine": 1,
+        "zart": 1,
+        "publish": 1,
+        "report": 1,
+        "all": 1,
+    }
     for stage, names in (
         ("simulate", SIMULATE_OUTPUTS),
         ("preprocess", PREPROCESS_OUTPUTS),
@@ -397,9 +436,7 @@ def test_tiny_end_to_end_run(tmp_path: Path) -> None:
     page = (report_dir / "report.html").read_text()
     assert page.count('<img src="data:image/png;base64,') == 6
     # Nothing left to do afterwards.
-    again = snakemake(
-        tmp_path, "-n", "--workflow-profile", str(CI_PROFILE), "--configfile", str(config)
-    )
+    again = snakemake(tmp_path, "-n", "--workflow-profile", str(CI_PROFILE), "--configfile", str(config))
     assert_ok(again)
     assert "Nothing to be done" in again.stdout
     # The Snakemake report builds, with the report stage's figures.
@@ -427,17 +464,33 @@ def test_rigid_real_toy_set_end_to_end_finds_no_motion(tmp_path: Path) -> None:
     from z3lib.analysis import fourier_shell_correlation, fsc_area
     from z3lib.io import read_coefficients, read_map, read_npz, read_table
 
-    result = snakemake(tmp_path, "--workflow-profile", str(CI_PROFILE), "--configfile",
-                       str(scenario_config("toy", tmp_path)), timeout=900)
+    result = snakemake(
+        tmp_path,
+        "--workflow-profile",
+        str(CI_PROFILE),
+        "--configfile",
+        str(scenario_config("toy", tmp_path)),
+        timeout=900,
+    )
     assert_ok(result)
-    assert job_counts(result.stdout) == {"preprocess": 1, "train": 1, "predict": 1, "refine_landscape": 1,
-                                         "refine_chunk": 1, "refine": 1, "zart": 1, "publish": 1, "report": 1,
-                                         "all": 1}
+    assert job_counts(result.stdout) == {
+        "preprocess": 1,
+        "train": 1,
+        "predict": 1,
+        "refine_landscape": 1,
+        "refine_chunk": 1,
+        "refine": 1,
+        "zart": 1,
+        "publish": 1,
+        "report": 1,
+        "all": 1,
+    }
     out = tmp_path / "results" / "toy"
     cloud = read_npz(out / "preprocess" / "points.npz")
     degrees = yaml.safe_load((REPO / "config.yaml").read_text())["zernike"]  # the defaults it ran with
-    z = zk.evaluate_basis(np.asarray(cloud["points"], dtype=np.float64), degrees["L1"], degrees["L2"], 15.0,
-                          degrees["basis"])
+    z = zk.evaluate_basis(
+        np.asarray(cloud["points"], dtype=np.float64), degrees["L1"], degrees["L2"], 15.0, degrees["basis"]
+    )
     for stage in ("predict", "refine"):
         c = read_coefficients(out / stage / "coefficients.npy")
         field = np.einsum("nk,bak->bna", z, c.reshape(len(c), 3, -1))
@@ -468,8 +521,9 @@ def test_real_particles_with_two_optics_groups_end_to_end(tmp_path: Path) -> Non
     model = read_model(REPO / "resources/demo/adk_closed.pdb")
     xyz = model.coords - model.coords.mean(0)
     reference = tmp_path / "adk_200.mrc"  # header 1.338 Å/px: the config's reference_pixel_size overrides it
-    write_map(reference, density_from_atoms(xyz / 1.4, atom_weights(model.elements), 200, gaussian_sigma(8.0) / 1.4),
-              1.338)
+    write_map(
+        reference, density_from_atoms(xyz / 1.4, atom_weights(model.elements), 200, gaussian_sigma(8.0) / 1.4), 1.338
+    )
     config_path = scenario_config("aspire", tmp_path)
     config = yaml.safe_load(config_path.read_text())
     config["reference"] = str(reference)
@@ -506,9 +560,18 @@ def test_interrupted_run_resumes_without_redoing_finished_stages(tmp_path: Path)
 
     second = snakemake(tmp_path, *profile)
     assert_ok(second)
-    assert job_counts(second.stdout) == {"preprocess": 1, "train": 1, "predict": 1, "refine_landscape": 1,
-                                         "refine_chunk": 2, "refine": 1, "zart": 1, "publish": 1, "report": 1,
-                                         "all": 1}
+    assert job_counts(second.stdout) == {
+        "preprocess": 1,
+        "train": 1,
+        "predict": 1,
+        "refine_landscape": 1,
+        "refine_chunk": 2,
+        "refine": 1,
+        "zart": 1,
+        "publish": 1,
+        "report": 1,
+        "all": 1,
+    }
     assert {name: (simulated / name).stat().st_mtime_ns for name in SIMULATE_OUTPUTS} == mtimes
     for name in PREPROCESS_OUTPUTS:
         assert (tmp_path / "results" / "tiny" / "preprocess" / name).is_file()
@@ -559,10 +622,13 @@ def test_two_rounds_resume_per_round_and_publish_the_final_one(tmp_path: Path) -
     after = mtimes(out / "rounds" / "1")
     assert {name: after[name] for name in round1} == round1
     # Round 2 works against round 1's corrected map, with a mask and point cloud made from it.
-    np.testing.assert_array_equal(read_map(out / "rounds/2/reference/reference.mrc").data,
-                                  read_map(out / "rounds/1/zart/corrected.mrc").data)
-    assert "starting from the weights of results/tiny/rounds/1/train/model.pt" in (
-        tmp_path / "logs/tiny/rounds/2/train.log").read_text()
+    np.testing.assert_array_equal(
+        read_map(out / "rounds/2/reference/reference.mrc").data, read_map(out / "rounds/1/zart/corrected.mrc").data
+    )
+    assert (
+        "starting from the weights of results/tiny/rounds/1/train/model.pt"
+        in (tmp_path / "logs/tiny/rounds/2/train.log").read_text()
+    )
     # The stage paths are copies of round 2's files.
     for stage, names in ROUND_FILES.items():
         for name in names:
@@ -603,8 +669,10 @@ def test_independent_half_sets_end_to_end(tmp_path: Path) -> None:
             meta = torch.load(out / f"rounds/{k}/train/half{h}/model.pt", weights_only=True)["meta"]
             np.testing.assert_array_equal(meta["rows"].numpy(), halves[h - 1])
             if k == 2:
-                np.testing.assert_array_equal(read_map(out / f"rounds/2/reference/half{h}/reference.mrc").data,
-                                              read_map(out / f"rounds/1/zart/corrected_half{h}.mrc").data)
+                np.testing.assert_array_equal(
+                    read_map(out / f"rounds/2/reference/half{h}/reference.mrc").data,
+                    read_map(out / f"rounds/1/zart/corrected_half{h}.mrc").data,
+                )
                 log = (tmp_path / f"logs/tiny/rounds/2/train_half{h}.log").read_text()
                 assert f"rounds/1/train/half{h}/model.pt" in log and f"half {h}: training on its" in log
     for h in (1, 2):

@@ -28,8 +28,7 @@ if str(REPO_ROOT) not in sys.path:
 
 def configure_logging(log_file: str, name: str) -> logging.Logger:
     """Send this job's log records (and warnings) to its Snakemake log file, timestamped."""
-    logging.basicConfig(filename=log_file, level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(filename=log_file, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.captureWarnings(True)
     return logging.getLogger(name)
 

@@ -142,8 +142,10 @@ def write_bytes(path: PathLike, data: bytes) -> None:
 # ==============================================================================================
 def _check_readable_file(path: Path, what: str) -> None:
     if not path.exists():
-        raise Z3InputError(f"{what} {path} does not exist; check the path (relative paths are "
-                           f"taken from the current folder {Path.cwd()})")
+        raise Z3InputError(
+            f"{what} {path} does not exist; check the path (relative paths are "
+            f"taken from the current folder {Path.cwd()})"
+        )
     if path.is_dir():
         raise Z3InputError(f"{what} {path} is a folder, not a file")
     if not os.access(path, os.R_OK):

@@ -127,23 +127,20 @@ def parse_coefficient_column(values: Iterable[Any], *, n_expected: int | None = 
                 "(3K for the file's Zernike degrees)"
             )
         if rows and len(numbers) != len(rows[0]):
-            raise Z3InputError(
-                f"coefficient column: row {i} has {len(numbers)} numbers but row 0 has {len(rows[0])}"
-            )
+            raise Z3InputError(f"coefficient column: row {i} has {len(numbers)} numbers but row 0 has {len(rows[0])}")
         if not numbers:
             raise Z3InputError(f"coefficient column: row {i} is empty")
         rows.append(numbers)
     if stripped:
-        logger.warning("coefficient column: dropped the trailing 8 numbers of %d row(s) "
-                       "(old Xmipp 3K+8 layout)", stripped)
+        logger.warning(
+            "coefficient column: dropped the trailing 8 numbers of %d row(s) (old Xmipp 3K+8 layout)", stripped
+        )
     if not rows:
         return np.zeros((0, n_expected or 0))
     return np.asarray(rows, dtype=np.float64)
 
 
-def write_zernike_file(
-    path: PathLike, coefficients: npt.ArrayLike, L1: int, L2: int, rmax: float
-) -> None:
+def write_zernike_file(path: PathLike, coefficients: npt.ArrayLike, L1: int, L2: int, rmax: float) -> None:
     """Write a Xmipp/Flexutils Zernike coefficient text file (``z_clnm.txt`` style), atomically.
 
     Line 1 is ``L1 L2 Rmax``; every following line is one space-separated ``3K`` vector
@@ -219,13 +216,11 @@ def read_zernike_file(path: PathLike) -> tuple[npt.NDArray[np.float64], int, int
             stripped += 1
         if len(values) != 3 * k:
             raise Z3InputError(
-                f"{p}: line {number} has {len(values)} numbers; (L1, L2) = ({l1}, {l2}) needs "
-                f"3K = {3 * k}"
+                f"{p}: line {number} has {len(values)} numbers; (L1, L2) = ({l1}, {l2}) needs 3K = {3 * k}"
             )
         rows.append(values)
     if stripped:
-        logger.warning("%s: dropped the trailing 8 numbers of %d line(s) (old Xmipp 3K+8 layout)",
-                       p, stripped)
+        logger.warning("%s: dropped the trailing 8 numbers of %d line(s) (old Xmipp 3K+8 layout)", p, stripped)
     coeffs = np.asarray(rows, dtype=np.float64).reshape(len(rows), 3 * k)
     return coeffs, l1, l2, rmax
 

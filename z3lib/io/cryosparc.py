@@ -38,8 +38,7 @@ _CS_OPTICS_COLUMNS = (
     "rlnAmplitudeContrast",
 )
 #: CTF fields a ``.cs`` file must hold (often only in the job's passthrough file).
-_CS_CTF_FIELDS = ("ctf/df1_A", "ctf/df2_A", "ctf/df_angle_rad", "ctf/accel_kv", "ctf/cs_mm",
-                  "ctf/amp_contrast")
+_CS_CTF_FIELDS = ("ctf/df1_A", "ctf/df2_A", "ctf/df_angle_rad", "ctf/accel_kv", "ctf/cs_mm", "ctf/amp_contrast")
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -70,12 +69,23 @@ def _read_cs(path: Path, *, pixel_size: float | None, image_root: Path | None) -
     index, names, image_paths, box, tried = _cs_images(path, arr, fields, image_root)
     rot, tilt, psi = angles if angles is not None else (np.full(n, np.nan),) * 3
     sx, sy = shifts if shifts is not None else (np.zeros(n), np.zeros(n))
-    table = _make_table({
-        "image_index": index, "image_path": image_paths, "image_name": names,
-        "rot": rot, "tilt": tilt, "psi": psi, "shift_x": sx, "shift_y": sy,
-        **values, "pixel_size": px, "box": box,
-        "phase_flipped": np.zeros(n, dtype=bool), "ctf_premultiplied": np.zeros(n, dtype=bool),
-    })
+    table = _make_table(
+        {
+            "image_index": index,
+            "image_path": image_paths,
+            "image_name": names,
+            "rot": rot,
+            "tilt": tilt,
+            "psi": psi,
+            "shift_x": sx,
+            "shift_y": sy,
+            **values,
+            "pixel_size": px,
+            "box": box,
+            "phase_flipped": np.zeros(n, dtype=bool),
+            "ctf_premultiplied": np.zeros(n, dtype=bool),
+        }
+    )
     raw = _cs_raw_block(names, fields, angles, shifts, px, values)
     optics = _build_optics(path, raw, table)
     return CsParticles(table=table, raw=raw, optics=optics, image_search=tried)
@@ -131,9 +141,7 @@ def _cs_pixel_sizes(
     """
     n = len(arr)
     blob_px = _float32_to_decimal(arr["blob/psize_A"]) if "blob/psize_A" in fields else None
-    align_px = (
-        _float32_to_decimal(arr["alignments3D/psize_A"]) if "alignments3D/psize_A" in fields else None
-    )
+    align_px = _float32_to_decimal(arr["alignments3D/psize_A"]) if "alignments3D/psize_A" in fields else None
     if pixel_size is not None:
         px = np.full(n, float(pixel_size))
     elif blob_px is not None:
@@ -151,9 +159,7 @@ def _cs_pixel_sizes(
     return px, blob_px, align_px
 
 
-def _cs_angles(
-    arr: npt.NDArray[Any], fields: set[str]
-) -> tuple[FloatArray, FloatArray, FloatArray] | None:
+def _cs_angles(arr: npt.NDArray[Any], fields: set[str]) -> tuple[FloatArray, FloatArray, FloatArray] | None:
     """RELION ZYZ Euler angles (degrees) from ``alignments3D/pose``, or None without poses."""
     if "alignments3D/pose" not in fields:
         return None
@@ -165,8 +171,11 @@ def _cs_angles(
 
 
 def _cs_shifts(
-    path: Path, arr: npt.NDArray[Any], fields: set[str],
-    blob_px: FloatArray | None, align_px: FloatArray | None,
+    path: Path,
+    arr: npt.NDArray[Any],
+    fields: set[str],
+    blob_px: FloatArray | None,
+    align_px: FloatArray | None,
 ) -> tuple[FloatArray, FloatArray] | None:
     """Return the shifts ``(x, y)`` in pixels of the particle images, or None without shifts.
 
@@ -180,8 +189,8 @@ def _cs_shifts(
         ratio = align_px / blob_px
         if np.any(np.abs(ratio - 1.0) > 1e-4):
             logger.warning(
-                "%s: alignments3D/psize_A differs from blob/psize_A; shifts rescaled to "
-                "pixels of the particle images", path,
+                "%s: alignments3D/psize_A differs from blob/psize_A; shifts rescaled to pixels of the particle images",
+                path,
             )
             shift = shift * ratio[:, None]
     return shift[:, 0].copy(), shift[:, 1].copy()
@@ -196,7 +205,8 @@ def _cs_ctf_and_groups(arr: npt.NDArray[Any], fields: set[str]) -> dict[str, npt
         "defocus_angle": np.rad2deg(arr["ctf/df_angle_rad"].astype(np.float64)),
         "phase_shift": (
             np.rad2deg(arr["ctf/phase_shift_rad"].astype(np.float64))
-            if "ctf/phase_shift_rad" in fields else np.zeros(n)
+            if "ctf/phase_shift_rad" in fields
+            else np.zeros(n)
         ),
         "voltage": _float32_to_decimal(arr["ctf/accel_kv"]),
         "cs": _float32_to_decimal(arr["ctf/cs_mm"]),
@@ -205,11 +215,11 @@ def _cs_ctf_and_groups(arr: npt.NDArray[Any], fields: set[str]) -> dict[str, npt
         "ctf_scale": _float32_to_decimal(arr["ctf/scale"]) if "ctf/scale" in fields else np.ones(n),
         "random_subset": (
             arr["alignments3D/split"].astype(np.int64) + 1
-            if "alignments3D/split" in fields else np.zeros(n, dtype=np.int64)
+            if "alignments3D/split" in fields
+            else np.zeros(n, dtype=np.int64)
         ),
         "optics_group": (
-            arr["ctf/exp_group_id"].astype(np.int64) + 1
-            if "ctf/exp_group_id" in fields else np.ones(n, dtype=np.int64)
+            arr["ctf/exp_group_id"].astype(np.int64) + 1 if "ctf/exp_group_id" in fields else np.ones(n, dtype=np.int64)
         ),
         "image_sign": arr["blob/sign"].astype(np.float64) if "blob/sign" in fields else np.ones(n),
     }
@@ -246,8 +256,12 @@ def _cs_images(
 
 
 def _cs_raw_block(
-    names: list[str], fields: set[str], angles: tuple[FloatArray, FloatArray, FloatArray] | None,
-    shifts: tuple[FloatArray, FloatArray] | None, px: FloatArray, values: dict[str, npt.NDArray[Any]],
+    names: list[str],
+    fields: set[str],
+    angles: tuple[FloatArray, FloatArray, FloatArray] | None,
+    shifts: tuple[FloatArray, FloatArray] | None,
+    px: FloatArray,
+    values: dict[str, npt.NDArray[Any]],
 ) -> pd.DataFrame:
     """Build the RELION-style particle block of ``.cs`` input.
 
@@ -261,10 +275,14 @@ def _cs_raw_block(
     if shifts is not None:
         raw_cols[conventions.SHIFT_COLUMNS_ANGSTROM[0]] = conventions.shift_pixels_to_angstrom(shifts[0], px)
         raw_cols[conventions.SHIFT_COLUMNS_ANGSTROM[1]] = conventions.shift_pixels_to_angstrom(shifts[1], px)
-    raw_cols.update({
-        "rlnDefocusU": values["defocus_u"], "rlnDefocusV": values["defocus_v"],
-        "rlnDefocusAngle": values["defocus_angle"], "rlnPhaseShift": values["phase_shift"],
-    })
+    raw_cols.update(
+        {
+            "rlnDefocusU": values["defocus_u"],
+            "rlnDefocusV": values["defocus_v"],
+            "rlnDefocusAngle": values["defocus_angle"],
+            "rlnPhaseShift": values["phase_shift"],
+        }
+    )
     if "ctf/bfactor" in fields:
         raw_cols["rlnCtfBfactor"] = values["bfactor"]
     if "ctf/scale" in fields:
@@ -281,8 +299,11 @@ def _build_optics(path: Path, raw: pd.DataFrame, table: pd.DataFrame) -> pd.Data
     Optics-level values that vary inside a group are kept per particle in ``raw`` as well.
     """
     per_col = {
-        "rlnImagePixelSize": "pixel_size", "rlnImageSize": "box", "rlnVoltage": "voltage",
-        "rlnSphericalAberration": "cs", "rlnAmplitudeContrast": "amplitude_contrast",
+        "rlnImagePixelSize": "pixel_size",
+        "rlnImageSize": "box",
+        "rlnVoltage": "voltage",
+        "rlnSphericalAberration": "cs",
+        "rlnAmplitudeContrast": "amplitude_contrast",
     }
     grouped = table.groupby("optics_group", sort=True)
     rows = []
@@ -296,7 +317,9 @@ def _build_optics(path: Path, raw: pd.DataFrame, table: pd.DataFrame) -> pd.Data
             if len(np.unique(values)) > 1:
                 logger.warning(
                     "%s: %s varies within cryoSPARC exposure group %s; kept per particle too",
-                    path, rln, int(group) - 1,
+                    path,
+                    rln,
+                    int(group) - 1,
                 )
                 raw[rln] = table[canon].to_numpy()
             row[rln] = values[0]

@@ -17,7 +17,21 @@ import numpy.typing as npt
 from z3lib.io._common import PathLike, Z3InputError, _check_readable_file, atomic_path, logger
 
 _TWO_LETTER_IONS = {
-    "CA", "MG", "ZN", "NA", "CL", "FE", "MN", "CU", "CO", "NI", "CD", "HG", "BR", "SE", "LI",
+    "CA",
+    "MG",
+    "ZN",
+    "NA",
+    "CL",
+    "FE",
+    "MN",
+    "CU",
+    "CO",
+    "NI",
+    "CD",
+    "HG",
+    "BR",
+    "SE",
+    "LI",
 }
 
 
@@ -153,15 +167,13 @@ def write_model_pdb(path: PathLike, model: AtomicModel, coords: npt.ArrayLike) -
     xyz = np.asarray(coords, dtype=np.float64)
     if xyz.shape != model.coords.shape:
         raise Z3InputError(
-            f"write_model_pdb({path}): coordinates of shape {xyz.shape}, the model has "
-            f"{model.coords.shape}"
+            f"write_model_pdb({path}): coordinates of shape {xyz.shape}, the model has {model.coords.shape}"
         )
     if not np.isfinite(xyz).all():
         raise Z3InputError(f"write_model_pdb({path}): coordinates contain NaN or inf")
     if np.abs(xyz).max(initial=0.0) >= 9999.9995 or xyz.min(initial=0.0) <= -999.9995:
         raise Z3InputError(
-            f"write_model_pdb({path}): coordinates outside the PDB range (-999.999…9999.999 Å); "
-            "write mmCIF instead"
+            f"write_model_pdb({path}): coordinates outside the PDB range (-999.999…9999.999 Å); write mmCIF instead"
         )
     if model._structure is None:
         raise Z3InputError("write_model_pdb: the model carries no structure (use read_model)")

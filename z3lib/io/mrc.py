@@ -85,13 +85,10 @@ def read_map(path: PathLike, *, require_isotropic: bool = False) -> MapData:
                 header = mrc.header
                 raw = mrc.data
                 if raw is None:
-                    raise Z3InputError(
-                        f"{p}: no readable data in the MRC file (truncated, or not an MRC file)"
-                    )
+                    raise Z3InputError(f"{p}: no readable data in the MRC file (truncated, or not an MRC file)")
                 voxel = mrc.voxel_size
                 vsize = (float(voxel.x), float(voxel.y), float(voxel.z))
-                head_origin = (float(header.origin.x), float(header.origin.y),
-                               float(header.origin.z))
+                head_origin = (float(header.origin.x), float(header.origin.y), float(header.origin.z))
                 starts = (int(header.nxstart), int(header.nystart), int(header.nzstart))
                 axes = (int(header.mapc), int(header.mapr), int(header.maps))
                 data = np.asarray(raw)
@@ -101,8 +98,7 @@ def read_map(path: PathLike, *, require_isotropic: bool = False) -> MapData:
                     raise Z3InputError(f"{p}: expected a 3-D map, the MRC data has shape {data.shape}")
                 # columns ↔ mapc, rows ↔ mapr, sections ↔ maps (1 = x, 2 = y, 3 = z)
                 if sorted(axes) != [1, 2, 3]:
-                    logger.warning("%s: invalid axis order mapc/mapr/maps = %s; assuming 1, 2, 3",
-                                   p, axes)
+                    logger.warning("%s: invalid axis order mapc/mapr/maps = %s; assuming 1, 2, 3", p, axes)
                     axes = (1, 2, 3)
                 labels = [axes[2], axes[1], axes[0]]  # label of data axis 0 (sections), 1, 2
                 order = [labels.index(3), labels.index(2), labels.index(1)]
@@ -110,9 +106,7 @@ def read_map(path: PathLike, *, require_isotropic: bool = False) -> MapData:
         except Z3InputError:
             raise
         except Exception as exc:
-            raise Z3InputError(
-                f"could not read {p} as an MRC map ({type(exc).__name__}: {exc})"
-            ) from exc
+            raise Z3InputError(f"could not read {p} as an MRC map ({type(exc).__name__}: {exc})") from exc
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     if messages:
         logger.warning("%s: the MRC header is not valid (%s); read it anyway", p, "; ".join(messages))

@@ -110,8 +110,10 @@ class Particles:
         """
         if self.has_poses:
             return
-        fix = ("give the particles of a 3D refinement job (RELION: Refine3D/jobNNN/run_data.star; "
-               "cryoSPARC: the refinement's exported particles with alignments3D)")
+        fix = (
+            "give the particles of a 3D refinement job (RELION: Refine3D/jobNNN/run_data.star; "
+            "cryoSPARC: the refinement's exported particles with alignments3D)"
+        )
         if self.source_format == ".cs":
             raise Z3InputError(
                 f"{self.path}: the .cs file has no alignments3D/pose field (particle poses); "
@@ -143,9 +145,7 @@ class Particles:
         distinct = np.unique(np.round(self.table["pixel_size"].to_numpy(dtype=np.float64), 9))
         if len(distinct) == 1:
             return float(self.table["pixel_size"].iloc[0])
-        per_group = ", ".join(
-            f"group {g}: {', '.join(f'{v:g}' for v in vals)} Å" for g, vals in sizes.items()
-        )
+        per_group = ", ".join(f"group {g}: {', '.join(f'{v:g}' for v in vals)} Å" for g, vals in sizes.items())
         raise Z3InputError(
             f"{self.path}: particles have different pixel sizes ({per_group}); z3 processes one "
             "pixel size at a time: split the particles by optics group, or rescale them first"
@@ -212,17 +212,21 @@ def apply_poses(particles: Particles, poses: Particles) -> Particles:
     n, m = len(particles), len(poses)
     both = f"{poses.path} (poses) and {particles.path} (particles)"
     if n != m:
-        raise Z3InputError(f"{both} hold {m} and {n} particles: the poses must be of the same particles in the same "
-                           "order (the STAR a later stage of the same run wrote)")
+        raise Z3InputError(
+            f"{both} hold {m} and {n} particles: the poses must be of the same particles in the same "
+            "order (the STAR a later stage of the same run wrote)"
+        )
     want = particle_identity(particles)
     have = [[str(v).strip() for v in poses.table["image_name"]]]
     if "rlnImageOriginalName" in poses.raw.columns:
         have.append([str(v).strip() for v in poses.raw["rlnImageOriginalName"]])
     if not any(names == want for names in have):
         row = next(i for i in range(n) if all(names[i] != want[i] for names in have))
-        raise Z3InputError(f"{both} do not hold the same particles in the same order: row {row + 1} is "
-                           f"{have[0][row]!r} in the poses but {want[row]!r} in the particles; give the STAR of "
-                           "the same run (same particles, same order)")
+        raise Z3InputError(
+            f"{both} do not hold the same particles in the same order: row {row + 1} is "
+            f"{have[0][row]!r} in the poses but {want[row]!r} in the particles; give the STAR of "
+            "the same run (same particles, same order)"
+        )
     poses.require_poses(f"the poses of {particles.path} are taken from it")
     table = particles.table.copy()
     src = poses.table
@@ -277,8 +281,14 @@ def read_particles(
     if p.suffix.lower() == ".cs" or (p.suffix.lower() != ".star" and _is_npy(p)):
         cs = _read_cs(p, pixel_size=pixel_size, image_root=root)
         return Particles(
-            table=cs.table, raw=cs.raw, optics=cs.optics, path=p, source_format=".cs",
-            relion_version=None, block="particles", image_search=cs.image_search,
+            table=cs.table,
+            raw=cs.raw,
+            optics=cs.optics,
+            path=p,
+            source_format=".cs",
+            relion_version=None,
+            block="particles",
+            image_search=cs.image_search,
         )
     return _read_star_particles(p, pixel_size=pixel_size, image_root=root)
 
@@ -289,6 +299,7 @@ def _is_npy(path: Path) -> bool:
             return fh.read(6) == b"\x93NUMPY"
     except OSError:
         return False
+
 
 # ==============================================================================================
 # The RELION STAR particle reader
@@ -320,9 +331,7 @@ def _choose_particle_block(path: Path, blocks: Mapping[str, Any]) -> tuple[str, 
     )
 
 
-def _merge_optics(
-    path: Path, block: str, raw: pd.DataFrame, optics: pd.DataFrame
-) -> pd.DataFrame:
+def _merge_optics(path: Path, block: str, raw: pd.DataFrame, optics: pd.DataFrame) -> pd.DataFrame:
     """Particle block with the optics columns joined on ``rlnOpticsGroup`` (particle columns win)."""
     if "rlnOpticsGroup" not in optics.columns:
         raise Z3InputError(
@@ -399,8 +408,11 @@ def _check_ctf_columns(path: Path, block: str, merged: pd.DataFrame, has_optics:
     if optics_missing:
         where.append(
             f"{', '.join(optics_missing)} belong in the data_optics block"
-            + (" (the file has one, but not these columns)" if has_optics else
-               " (RELION ≥ 3.1) or in each particle row (RELION 3.0)")
+            + (
+                " (the file has one, but not these columns)"
+                if has_optics
+                else " (RELION ≥ 3.1) or in each particle row (RELION 3.0)"
+            )
         )
     present = [c for c in (*_CTF_PARTICLE_COLUMNS, *_CTF_OPTICS_COLUMNS) if c in merged.columns]
     raise Z3InputError(
@@ -418,8 +430,10 @@ def _check_shift_columns(path: Path, block: str, merged: pd.DataFrame) -> None:
     from z3lib import conventions  # when needed: z3lib.io imports no other z3lib module
 
     columns = set(map(str, merged.columns))
-    if any(all(c in columns for c in pair)
-           for pair in (conventions.SHIFT_COLUMNS_ANGSTROM, conventions.SHIFT_COLUMNS_PIXELS)):
+    if any(
+        all(c in columns for c in pair)
+        for pair in (conventions.SHIFT_COLUMNS_ANGSTROM, conventions.SHIFT_COLUMNS_PIXELS)
+    ):
         return
     for pair in (conventions.SHIFT_COLUMNS_ANGSTROM, conventions.SHIFT_COLUMNS_PIXELS):
         present = [c for c in pair if c in columns]
@@ -463,12 +477,12 @@ def _split_image_names(path: Path, names: pd.Series) -> tuple[npt.NDArray[np.int
     index = number.to_numpy(dtype=np.float64).astype(np.int64) - 1
     return index, stack.tolist()
 
+
 def _bool_column(frame: pd.DataFrame, name: str) -> npt.NDArray[np.bool_]:
     if name not in frame.columns:
         return np.zeros(len(frame), dtype=bool)
     values = pd.to_numeric(frame[name], errors="coerce").fillna(0).to_numpy(dtype=np.float64)
     return np.asarray(values != 0, dtype=bool)
-
 
 
 def _read_particle_block(path: Path) -> tuple[str, pd.DataFrame, pd.DataFrame | None, pd.DataFrame]:
@@ -486,9 +500,7 @@ def _read_particle_block(path: Path) -> tuple[str, pd.DataFrame, pd.DataFrame | 
         logger.debug("%s: joining data_optics to data_%s", path, block)
     raw = raw.reset_index(drop=True)
     if len(raw) == 0:
-        raise Z3InputError(
-            f"{path}: the particle block data_{block} is empty (no rows); nothing to process"
-        )
+        raise Z3InputError(f"{path}: the particle block data_{block} is empty (no rows); nothing to process")
     if "rlnImageName" not in raw.columns:
         raise Z3InputError(
             f"{path}: block data_{block} has no rlnImageName column; z3 needs each particle's "
@@ -512,8 +524,12 @@ def _star_pixel_sizes(path: Path, merged: pd.DataFrame, pixel_size: float | None
         px = np.full(len(merged), float(pixel_size))
         from_meta = _resolve_pixel_sizes(merged)
         if np.any(np.isfinite(from_meta) & ~np.isclose(from_meta, px, rtol=1e-6)):
-            logger.info("%s: pixel_size=%g overrides the metadata's %s Å", path, pixel_size,
-                        ", ".join(f"{v:g}" for v in np.unique(from_meta[np.isfinite(from_meta)])))
+            logger.info(
+                "%s: pixel_size=%g overrides the metadata's %s Å",
+                path,
+                pixel_size,
+                ", ".join(f"{v:g}" for v in np.unique(from_meta[np.isfinite(from_meta)])),
+            )
         return px
     px = _resolve_pixel_sizes(merged)
     bad = ~np.isfinite(px)
@@ -534,12 +550,8 @@ def _star_shifts(
 
     n = len(merged)
     if all(c in merged.columns for c in conventions.SHIFT_COLUMNS_ANGSTROM):
-        sx = conventions.shift_angstrom_to_pixels(
-            _float_column(merged, conventions.SHIFT_COLUMNS_ANGSTROM[0], 0.0), px
-        )
-        sy = conventions.shift_angstrom_to_pixels(
-            _float_column(merged, conventions.SHIFT_COLUMNS_ANGSTROM[1], 0.0), px
-        )
+        sx = conventions.shift_angstrom_to_pixels(_float_column(merged, conventions.SHIFT_COLUMNS_ANGSTROM[0], 0.0), px)
+        sy = conventions.shift_angstrom_to_pixels(_float_column(merged, conventions.SHIFT_COLUMNS_ANGSTROM[1], 0.0), px)
         shift_names = conventions.SHIFT_COLUMNS_ANGSTROM
     elif all(c in merged.columns for c in conventions.SHIFT_COLUMNS_PIXELS):
         sx = _float_column(merged, conventions.SHIFT_COLUMNS_PIXELS[0], 0.0)
@@ -587,34 +599,37 @@ def _read_star_particles(path: Path, *, pixel_size: float | None, image_root: Pa
     image_index, image_paths, box, tried = _star_images(path, raw, merged, image_root)
     optics_group = (
         pd.to_numeric(merged["rlnOpticsGroup"], errors="coerce").fillna(1).to_numpy().astype(np.int64)
-        if "rlnOpticsGroup" in merged.columns else np.ones(n, dtype=np.int64)
+        if "rlnOpticsGroup" in merged.columns
+        else np.ones(n, dtype=np.int64)
     )
-    table = _make_table({
-        "image_index": image_index,
-        "image_path": image_paths,
-        "image_name": raw["rlnImageName"].astype(str).tolist(),
-        "rot": _float_column(merged, "rlnAngleRot", np.nan),
-        "tilt": _float_column(merged, "rlnAngleTilt", np.nan),
-        "psi": _float_column(merged, "rlnAnglePsi", np.nan),
-        "shift_x": sx,
-        "shift_y": sy,
-        "defocus_u": ctf["rlnDefocusU"],
-        "defocus_v": ctf["rlnDefocusV"],
-        "defocus_angle": ctf["rlnDefocusAngle"],
-        "voltage": ctf["rlnVoltage"],
-        "cs": ctf["rlnSphericalAberration"],
-        "amplitude_contrast": ctf["rlnAmplitudeContrast"],
-        "phase_shift": np.nan_to_num(_float_column(merged, "rlnPhaseShift", 0.0), nan=0.0),
-        "bfactor": np.nan_to_num(_float_column(merged, "rlnCtfBfactor", 0.0), nan=0.0),
-        "ctf_scale": np.nan_to_num(_float_column(merged, "rlnCtfScalefactor", 1.0), nan=1.0),
-        "pixel_size": px,
-        "box": box,
-        "optics_group": optics_group,
-        "random_subset": np.nan_to_num(_float_column(merged, "rlnRandomSubset", 0.0)).astype(np.int64),
-        "phase_flipped": _bool_column(merged, "rlnCtfDataArePhaseFlipped"),
-        "ctf_premultiplied": _bool_column(merged, "rlnCtfDataAreCtfPremultiplied"),
-        "image_sign": np.ones(n),
-    })
+    table = _make_table(
+        {
+            "image_index": image_index,
+            "image_path": image_paths,
+            "image_name": raw["rlnImageName"].astype(str).tolist(),
+            "rot": _float_column(merged, "rlnAngleRot", np.nan),
+            "tilt": _float_column(merged, "rlnAngleTilt", np.nan),
+            "psi": _float_column(merged, "rlnAnglePsi", np.nan),
+            "shift_x": sx,
+            "shift_y": sy,
+            "defocus_u": ctf["rlnDefocusU"],
+            "defocus_v": ctf["rlnDefocusV"],
+            "defocus_angle": ctf["rlnDefocusAngle"],
+            "voltage": ctf["rlnVoltage"],
+            "cs": ctf["rlnSphericalAberration"],
+            "amplitude_contrast": ctf["rlnAmplitudeContrast"],
+            "phase_shift": np.nan_to_num(_float_column(merged, "rlnPhaseShift", 0.0), nan=0.0),
+            "bfactor": np.nan_to_num(_float_column(merged, "rlnCtfBfactor", 0.0), nan=0.0),
+            "ctf_scale": np.nan_to_num(_float_column(merged, "rlnCtfScalefactor", 1.0), nan=1.0),
+            "pixel_size": px,
+            "box": box,
+            "optics_group": optics_group,
+            "random_subset": np.nan_to_num(_float_column(merged, "rlnRandomSubset", 0.0)).astype(np.int64),
+            "phase_flipped": _bool_column(merged, "rlnCtfDataArePhaseFlipped"),
+            "ctf_premultiplied": _bool_column(merged, "rlnCtfDataAreCtfPremultiplied"),
+            "image_sign": np.ones(n),
+        }
+    )
     return Particles(
         table=table,
         raw=raw,

@@ -95,7 +95,9 @@ def _read_relion_version(path: Path) -> str | None:
 # STAR writing
 # ==============================================================================================
 def write_star(
-    path: PathLike, blocks: Mapping[str, pd.DataFrame | Mapping[str, Any]], *,
+    path: PathLike,
+    blocks: Mapping[str, pd.DataFrame | Mapping[str, Any]],
+    *,
     relion_version: str | None = _DEFAULT_RELION_VERSION,
 ) -> None:
     """Write STAR blocks (``name → DataFrame`` loops or ``name → dict`` single values), atomically.
@@ -106,10 +108,10 @@ def write_star(
     """
     text = starfile.writer.StarWriter(dict(blocks), float_format=_format_float).to_string()
     if relion_version:
-        text = re.sub(r"^(data_(optics|particles))$", f"# version {relion_version}\n\n\\1", text,
-                      flags=re.MULTILINE)
-    text = text.replace("# Created by the starfile Python package",
-                        "# Written by z3lib with the starfile Python package", 1)
+        text = re.sub(r"^(data_(optics|particles))$", f"# version {relion_version}\n\n\\1", text, flags=re.MULTILINE)
+    text = text.replace(
+        "# Created by the starfile Python package", "# Written by z3lib with the starfile Python package", 1
+    )
     with atomic_path(path) as tmp:
         tmp.write_text(text)
 
@@ -138,18 +140,13 @@ def _same_values(a: npt.NDArray[Any], b: npt.NDArray[Any]) -> bool:
     return bool(np.array_equal(a, b))
 
 
-def _apply_table(
-    particles: ParticleSet, rows: npt.NDArray[np.int64], out: pd.DataFrame, table: pd.DataFrame
-) -> None:
+def _apply_table(particles: ParticleSet, rows: npt.NDArray[np.int64], out: pd.DataFrame, table: pd.DataFrame) -> None:
     """Write changed canonical values of ``table`` back into the RELION columns of ``out``."""
     from z3lib import conventions  # when needed: z3lib.io imports no other z3lib module
 
     base = particles.table.iloc[rows].reset_index(drop=True)
     new = table.reset_index(drop=True)
-    changed = [
-        c for c in new.columns
-        if c in base.columns and not _same_values(new[c].to_numpy(), base[c].to_numpy())
-    ]
+    changed = [c for c in new.columns if c in base.columns and not _same_values(new[c].to_numpy(), base[c].to_numpy())]
     shift_changed = [c for c in changed if c in ("shift_x", "shift_y")]
     other = [c for c in changed if c not in _WRITE_BACK and c not in ("shift_x", "shift_y")]
     if other:
@@ -164,17 +161,13 @@ def _apply_table(
             out[_WRITE_BACK[canon]] = values.astype(np.int64) if canon == "random_subset" else values
     if shift_changed:
         px = base["pixel_size"].to_numpy(dtype=np.float64)
-        use_angstrom = (
-            conventions.SHIFT_COLUMNS_ANGSTROM[0] in out.columns
-            or (conventions.SHIFT_COLUMNS_PIXELS[0] not in out.columns
-                and particles.source_format != "relion3.0")
+        use_angstrom = conventions.SHIFT_COLUMNS_ANGSTROM[0] in out.columns or (
+            conventions.SHIFT_COLUMNS_PIXELS[0] not in out.columns and particles.source_format != "relion3.0"
         )
         for axis, canon in enumerate(("shift_x", "shift_y")):
             shift = new[canon].to_numpy(dtype=np.float64)
             if use_angstrom:
-                out[conventions.SHIFT_COLUMNS_ANGSTROM[axis]] = (
-                    conventions.shift_pixels_to_angstrom(shift, px)
-                )
+                out[conventions.SHIFT_COLUMNS_ANGSTROM[axis]] = conventions.shift_pixels_to_angstrom(shift, px)
             else:
                 out[conventions.SHIFT_COLUMNS_PIXELS[axis]] = shift
 
@@ -187,9 +180,7 @@ def _column_values(name: str, values: Any, n: int) -> Any:
     if length is None:
         return [arr] * n
     if length != n:
-        raise Z3InputError(
-            f"write_particles_star: column {name!r} has {length} values for {n} particles"
-        )
+        raise Z3InputError(f"write_particles_star: column {name!r} has {length} values for {n} particles")
     return arr
 
 
@@ -254,7 +245,8 @@ def write_particles_star(
     if columns is not None:
         items = (
             [(str(c), columns[c].to_numpy()) for c in columns.columns]
-            if isinstance(columns, pd.DataFrame) else [(str(k), v) for k, v in columns.items()]
+            if isinstance(columns, pd.DataFrame)
+            else [(str(k), v) for k, v in columns.items()]
         )
         for name, values in items:
             out[name] = _column_values(name, values, n)

@@ -147,8 +147,7 @@ class ImageStack:
                     f"ImageStack: {len(paths)} paths but {len(idx)} indices; give one of each per particle"
                 )
             names_list = (
-                list(names) if names is not None
-                else [f"{i + 1}@{p}" for i, p in zip(idx.tolist(), paths, strict=True)]
+                list(names) if names is not None else [f"{i + 1}@{p}" for i, p in zip(idx.tolist(), paths, strict=True)]
             )
         if names is not None and isinstance(source, ParticleSet):
             names_list = list(names)
@@ -163,9 +162,7 @@ class ImageStack:
         negative = np.flatnonzero(idx < 0)
         if len(negative):
             r = int(negative[0])
-            raise Z3InputError(
-                f"particle row {r} ({names_list[r]!r}){self._origin}: image index {idx[r]} < 0"
-            )
+            raise Z3InputError(f"particle row {r} ({names_list[r]!r}){self._origin}: image index {idx[r]} < 0")
         self._files: list[str] = []
         file_id: dict[str, int] = {}
         ids = np.empty(len(paths), dtype=np.int64)
@@ -230,10 +227,7 @@ class ImageStack:
     # -- errors ----------------------------------------------------------------------------
     def _error(self, row: int, what: str, fix: str = "") -> Z3InputError:
         f = self._files[self._file_ids[row]]
-        text = (
-            f"particle row {row} (rlnImageName {self._names[row]!r}){self._origin}, "
-            f"file {f}: {what}"
-        )
+        text = f"particle row {row} (rlnImageName {self._names[row]!r}){self._origin}, file {f}: {what}"
         return Z3InputError(text + (f"; {fix}" if fix else ""))
 
     def _missing_error(self, row: int) -> Z3InputError:
@@ -259,8 +253,11 @@ class ImageStack:
                     h = mrc.header
                     return int(h.ny), int(h.nx), max(1, int(h.nz))
         except Exception as exc:
-            raise self._error(row, f"cannot read the MRC header ({type(exc).__name__}: {exc})",
-                              "check that the file is an MRC/MRCS stack") from exc
+            raise self._error(
+                row,
+                f"cannot read the MRC header ({type(exc).__name__}: {exc})",
+                "check that the file is an MRC/MRCS stack",
+            ) from exc
 
     def _data(self, fid: int, *, row: int) -> npt.NDArray[Any]:
         handle = self._handles.get(fid)
@@ -275,13 +272,17 @@ class ImageStack:
                 warnings.simplefilter("ignore")
                 handle = mrcfile.mmap(path, mode="r", permissive=True)
         except Exception as exc:
-            raise self._error(row, f"cannot open the stack ({type(exc).__name__}: {exc})",
-                              "check that the file is a complete MRC/MRCS stack") from exc
+            raise self._error(
+                row,
+                f"cannot open the stack ({type(exc).__name__}: {exc})",
+                "check that the file is a complete MRC/MRCS stack",
+            ) from exc
         data = handle.data
         if data is None or data.ndim not in (2, 3):
             handle.close()
             raise self._error(
-                row, "the file holds no readable image data (truncated or not an MRC stack)",
+                row,
+                "the file holds no readable image data (truncated or not an MRC stack)",
                 "re-extract or re-export the stack",
             )
         self._handles[fid] = handle
@@ -358,7 +359,8 @@ class ImageStack:
         if not finite.all():
             r = int(rows[np.flatnonzero(~finite)[0]])
             raise self._error(
-                r, "the image contains NaN or infinite pixels",
+                r,
+                "the image contains NaN or infinite pixels",
                 "re-extract the particle or remove it from the STAR file",
             )
         return out[0] if single else out
@@ -392,20 +394,31 @@ class ImageStack:
                 problems.append(str(exc))
                 continue
             if box is not None and (ny != nx or nx != box):
-                problems.append(str(self._error(
-                    row, f"mixed box sizes: its images are {ny}×{nx} px but the particles' box is "
-                    f"{box} px", "z3 needs one box size; re-extract or rescale these particles")))
+                problems.append(
+                    str(
+                        self._error(
+                            row,
+                            f"mixed box sizes: its images are {ny}×{nx} px but the particles' box is {box} px",
+                            "z3 needs one box size; re-extract or rescale these particles",
+                        )
+                    )
+                )
             if max_idx[fid] >= count:
                 r = int(max_row[fid])
-                problems.append(str(self._error(
-                    r, f"image index {int(max_idx[fid]) + 1} (1-based) is past the end of the "
-                    f"stack, which holds {count} image(s)",
-                    "fix rlnImageName or point image_root= at the right stacks")))
+                problems.append(
+                    str(
+                        self._error(
+                            r,
+                            f"image index {int(max_idx[fid]) + 1} (1-based) is past the end of the "
+                            f"stack, which holds {count} image(s)",
+                            "fix rlnImageName or point image_root= at the right stacks",
+                        )
+                    )
+                )
         if problems:
             more = f"\n… and {len(problems) - 10} more" if len(problems) > 10 else ""
             raise Z3InputError(
-                f"{len(problems)} problem(s) with the particle images:\n"
-                + "\n".join(problems[:10]) + more
+                f"{len(problems)} problem(s) with the particle images:\n" + "\n".join(problems[:10]) + more
             )
 
 
@@ -437,9 +450,7 @@ def write_stack(path: PathLike, stack: npt.ArrayLike, pixel_size: float) -> None
 
 
 @contextlib.contextmanager
-def open_stack_writer(
-    path: PathLike, n: int, box: int, pixel_size: float
-) -> Iterator[npt.NDArray[np.float32]]:
+def open_stack_writer(path: PathLike, n: int, box: int, pixel_size: float) -> Iterator[npt.NDArray[np.float32]]:
     """Create an ``(n, box, box)`` float32 MRCS stack and yield its memory-mapped data.
 
     The caller fills the array chunk by chunk (memory stays bounded: nothing is held in RAM

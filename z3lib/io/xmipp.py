@@ -70,9 +70,7 @@ def write_xmipp_particles(
     coeffs = np.asarray(coefficients, dtype=np.float64)
     n = len(table)
     if coeffs.ndim != 2 or coeffs.shape[0] != n:
-        raise Z3InputError(
-            f"write_xmipp_particles({path}): coefficients of shape {coeffs.shape} for {n} particles"
-        )
+        raise Z3InputError(f"write_xmipp_particles({path}): coefficients of shape {coeffs.shape} for {n} particles")
     columns: dict[str, list[str]] = {
         "itemId": [str(i + 1) for i in range(n)],
         "enabled": ["1"] * n,
@@ -95,8 +93,10 @@ def write_xmipp_particles(
     lines = ["# XMIPP_STAR_1 *", "# Written by z3lib"]
     if zernike is not None:
         z = _validate_zernike(zernike)
-        lines.append(f"# Zernike3D L1 {z['L1']} L2 {z['L2']} Rmax {_format_float(z['Rmax'])} px "
-                     f"basis {z['basis']} box {z['box']} px; sphCoefficients are [c_x c_y c_z] in px of that box")
+        lines.append(
+            f"# Zernike3D L1 {z['L1']} L2 {z['L2']} Rmax {_format_float(z['Rmax'])} px "
+            f"basis {z['basis']} box {z['box']} px; sphCoefficients are [c_x c_y c_z] in px of that box"
+        )
     lines += ["#", "data_", "loop_"]
     lines += [f" _{label}" for label in columns]
     lines += [" ".join(row) for row in zip(*columns.values(), strict=True)]

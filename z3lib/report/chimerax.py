@@ -50,8 +50,10 @@ def chimerax_series_script(
         f"open {stem}_*.mrc vseries true",
     ]
     if level is not None:
-        lines += ["# Show the maps as surfaces, contoured at the median of the reference inside the mask.",
-                  f"volume #1 style surface level {level:.6g}"]
+        lines += [
+            "# Show the maps as surfaces, contoured at the median of the reference inside the mask.",
+            f"volume #1 style surface level {level:.6g}",
+        ]
     else:
         lines += ["# Show the maps as surfaces (ChimeraX's initial contour level).", "volume #1 style surface"]
     if models:
@@ -63,17 +65,19 @@ def chimerax_series_script(
         ]
     lines += ["# Fit everything in the view.", "view"]
     if play:
-        lines += ["# Play the map series forward and backward in a loop, at most 4 maps per second",
-                  "# (stop with `vseries stop #1`).",
-                  "vseries play #1 loop true direction oscillate maxFrameRate 4"]
+        lines += [
+            "# Play the map series forward and backward in a loop, at most 4 maps per second",
+            "# (stop with `vseries stop #1`).",
+            "vseries play #1 loop true direction oscillate maxFrameRate 4",
+        ]
         if models:
-            lines += ["# Play the models as a model series, about 4 models per second at 60 frames/s,",
-                      "# repeated 1000 times.",
-                      f"mseries #{first}-{last} pauseFrames 15 loop 1000"]
+            lines += [
+                "# Play the models as a model series, about 4 models per second at 60 frames/s,",
+                "# repeated 1000 times.",
+                f"mseries #{first}-{last} pauseFrames 15 loop 1000",
+            ]
     else:
-        lines += ["# A slider to step through the maps (and `vseries play #1` to play them).",
-                  "vseries slider #1"]
+        lines += ["# A slider to step through the maps (and `vseries play #1` to play them).", "vseries slider #1"]
         if models:
             lines += ["# A slider for the models.", f"mseries slider #{first}-{last}"]
     return "\n".join(lines) + "\n"
-

@@ -19,8 +19,15 @@ from matplotlib.figure import Figure
 from z3lib.conventions import box_center
 from z3lib.io import write_bytes
 
-__all__ = ["plot_fsc", "plot_landscape", "plot_message", "plot_motion_series", "plot_rounds", "plot_slices",
-           "save_figure"]
+__all__ = [
+    "plot_fsc",
+    "plot_landscape",
+    "plot_message",
+    "plot_motion_series",
+    "plot_rounds",
+    "plot_slices",
+    "save_figure",
+]
 
 _PNG_DPI = 100
 
@@ -122,8 +129,15 @@ def plot_landscape(
     ax = axes[0]
     for j in range(k):
         sel = labels == j
-        ax.scatter(coords[sel, 0], coords[sel, 1], s=size, color=colours[j], alpha=0.8, linewidths=0,
-                   label=f"cluster {j + 1} ({int(sel.sum())})")
+        ax.scatter(
+            coords[sel, 0],
+            coords[sel, 1],
+            s=size,
+            color=colours[j],
+            alpha=0.8,
+            linewidths=0,
+            label=f"cluster {j + 1} ({int(sel.sum())})",
+        )
     for name, xy in paths_xy:
         ax.plot(xy[:, 0], xy[:, 1], "k.-", lw=1, ms=6)
         ax.annotate(name, xy[-1], textcoords="offset points", xytext=(4, 4), fontsize=9)
@@ -210,11 +224,18 @@ def plot_fsc(fsc: pd.DataFrame, summary: Mapping[str, Mapping[str, float]]) -> F
     fig = _new_figure(7.0, 4.2)
     ax = fig.add_subplot()
     f = fsc["frequency"].to_numpy()
-    for column, colour, name in (("fsc_corrected", "#2a6f97", "corrected"),
-                                 ("fsc_uncorrected", "#c44536", "uncorrected")):
+    for column, colour, name in (
+        ("fsc_corrected", "#2a6f97", "corrected"),
+        ("fsc_uncorrected", "#c44536", "uncorrected"),
+    ):
         res = summary[name]
-        ax.plot(f, fsc[column], color=colour, lw=2,
-                label=f"{name}: {res['fsc_0.143']:.1f} Å (0.143), {res['fsc_0.5']:.1f} Å (0.5)")
+        ax.plot(
+            f,
+            fsc[column],
+            color=colour,
+            lw=2,
+            label=f"{name}: {res['fsc_0.143']:.1f} Å (0.143), {res['fsc_0.5']:.1f} Å (0.5)",
+        )
     for level, style in ((0.143, ":"), (0.5, "--")):
         ax.axhline(level, color="0.4", ls=style, lw=1)
         ax.text(f[-1], level, f" {level}", va="center", ha="left", fontsize=9, color="0.3")
@@ -223,8 +244,9 @@ def plot_fsc(fsc: pd.DataFrame, summary: Mapping[str, Mapping[str, float]]) -> F
     ax.set_ylim(min(-0.1, float(np.nanmin(fsc[["fsc_corrected", "fsc_uncorrected"]].to_numpy())) - 0.05), 1.05)
     ax.set_xlabel("spatial frequency (1/Å)")
     ax.set_ylabel("half-map FSC")
-    top = ax.secondary_xaxis("top", functions=(lambda x: 1.0 / np.maximum(x, 1e-9),
-                                               lambda r: 1.0 / np.maximum(r, 1e-9)))
+    top = ax.secondary_xaxis(
+        "top", functions=(lambda x: 1.0 / np.maximum(x, 1e-9), lambda r: 1.0 / np.maximum(r, 1e-9))
+    )
     ticks = np.array([t for t in (50, 30, 20, 15, 10, 8, 6, 5, 4, 3, 2.5, 2) if 1.0 / t <= f[-1]])
     top.set_xticks(ticks)
     top.set_xticklabels([f"{t:g}" for t in ticks])
@@ -239,8 +261,7 @@ def _central_slices(volume: np.ndarray) -> list[np.ndarray]:
     return [volume[cz], volume[:, cy], volume[:, :, cx]]
 
 
-def plot_slices(maps: Sequence[tuple[str, np.ndarray]], *, cmap: str = "gray",
-                colorbar: str | None = None) -> Figure:
+def plot_slices(maps: Sequence[tuple[str, np.ndarray]], *, cmap: str = "gray", colorbar: str | None = None) -> Figure:
     """Central XY, XZ and YZ slices of each map, one row per map.
 
     Parameters
@@ -301,5 +322,3 @@ def plot_motion_series(series: Sequence[tuple[str, np.ndarray, np.ndarray]]) -> 
             ax.set_title(f"{name} {s[col]:+.1f}σ", fontsize=9)
     fig.suptitle("maps along the principal motions (projection along z; yellow: middle map)", fontsize=10)
     return fig
-
-

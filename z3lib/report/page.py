@@ -30,8 +30,9 @@ __all__ = ["GOLD_STANDARD_NOTES", "ReportContent", "render_html", "render_report
 #: How the report names the gold-standard modes (config ``gold_standard``).
 GOLD_STANDARD_NOTES = {
     "shared": "shared: one network and one refinement for all particles; the half sets meet only in ZART",
-    "independent": ("independent: each half set has its own networks, refinement and references; no "
-                    "information crosses the halves"),
+    "independent": (
+        "independent: each half set has its own networks, refinement and references; no information crosses the halves"
+    ),
 }
 
 _CSS = """
@@ -52,17 +53,22 @@ code { background: #f3f6f8; padding: 0 3px; }
 """
 
 
-
-
 def _img(png: bytes, alt: str, caption: str) -> str:
     """Return a ``<figure>`` with the PNG embedded as a data URI; ``caption`` is HTML."""
     data = base64.b64encode(png).decode("ascii")
-    return (f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
-            f"<figcaption>{caption}</figcaption></figure>")
+    return (
+        f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
+        f"<figcaption>{caption}</figcaption></figure>"
+    )
 
 
-def _table(frame: pd.DataFrame, *, left: Sequence[str] = (), formats: Mapping[str, str] | None = None,
-           raw_html: Sequence[str] = ()) -> str:
+def _table(
+    frame: pd.DataFrame,
+    *,
+    left: Sequence[str] = (),
+    formats: Mapping[str, str] | None = None,
+    raw_html: Sequence[str] = (),
+) -> str:
     """Render ``frame`` as an HTML table.
 
     Parameters
@@ -77,8 +83,10 @@ def _table(frame: pd.DataFrame, *, left: Sequence[str] = (), formats: Mapping[st
         Columns whose values are HTML already (not escaped).
     """
     fmts = dict(formats or {})
-    head = "".join(f'<th class="l">{html.escape(str(c))}</th>' if c in left else f"<th>{html.escape(str(c))}</th>"
-                   for c in frame.columns)
+    head = "".join(
+        f'<th class="l">{html.escape(str(c))}</th>' if c in left else f"<th>{html.escape(str(c))}</th>"
+        for c in frame.columns
+    )
     body = []
     for _, row in frame.iterrows():
         cells = []
@@ -115,8 +123,9 @@ def render_html(sections: Sequence[tuple[str, str, str]], *, title: str) -> str:
         The page's title and ``<h1>``.
     """
     nav = " · ".join(f'<a href="#{sid}">{html.escape(head)}</a>' for sid, head, _ in sections)
-    body = "\n".join(f'<section id="{sid}"><h2>{html.escape(head)}</h2>\n{content}\n</section>'
-                     for sid, head, content in sections)
+    body = "\n".join(
+        f'<section id="{sid}"><h2>{html.escape(head)}</h2>\n{content}\n</section>' for sid, head, content in sections
+    )
     return (
         "<!DOCTYPE html>\n"
         '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
@@ -125,7 +134,6 @@ def render_html(sections: Sequence[tuple[str, str, str]], *, title: str) -> str:
         f"<h1>{html.escape(title)}</h1>\n<nav>{nav}</nav>\n{body}\n"
         "</body>\n</html>\n"
     )
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -185,19 +193,35 @@ def _summary(c: ReportContent) -> Section:
     """Run, particles, degrees, boxes, deformation, resolutions, clusters, rounds, gold standard."""
     d, land, summary = c.data, c.landscape, c.reconstruction.summary
     spec, rms_a = d.spec, land.rms_a
-    overview = pd.DataFrame([
-        ("run", c.inputs.run_name or "-"), ("particles", f"{d.n}"),
-        ("Zernike3D degrees", f"L1 = {spec.L1}, L2 = {spec.L2} ({spec.basis} basis, 3K = {spec.n_coefficients})"),
-        ("boxes", (f"original {d.original_box} px at {d.original_pixel_size:.4g} Å/px; processing {d.box} px "
-                   f"at {d.pixel_size:.4g} Å/px")),
-        ("RMS deformation", f"median {np.median(rms_a):.2f} Å, 95th percentile {np.percentile(rms_a, 95):.2f} Å"),
-        *((f"{name} map", f"{summary[name]['fsc_0.143']:.2f} Å (FSC 0.143), {summary[name]['fsc_0.5']:.2f} Å (FSC 0.5)")
-          for name in ("corrected", "uncorrected")),
-        ("clusters", ", ".join(f"{j + 1}: {int(s)}" for j, s in enumerate(np.bincount(land.labels,
-                                                                                     minlength=land.k)))),
-        ("refinement rounds", f"{len(c.rounds)} (the maps, fields and landscape above are the final round's)"),
-        ("gold standard", GOLD_STANDARD_NOTES.get(c.inputs.gold_standard, c.inputs.gold_standard)),
-    ], columns=["item", "value"])
+    overview = pd.DataFrame(
+        [
+            ("run", c.inputs.run_name or "-"),
+            ("particles", f"{d.n}"),
+            ("Zernike3D degrees", f"L1 = {spec.L1}, L2 = {spec.L2} ({spec.basis} basis, 3K = {spec.n_coefficients})"),
+            (
+                "boxes",
+                (
+                    f"original {d.original_box} px at {d.original_pixel_size:.4g} Å/px; processing {d.box} px "
+                    f"at {d.pixel_size:.4g} Å/px"
+                ),
+            ),
+            ("RMS deformation", f"median {np.median(rms_a):.2f} Å, 95th percentile {np.percentile(rms_a, 95):.2f} Å"),
+            *(
+                (
+                    f"{name} map",
+                    f"{summary[name]['fsc_0.143']:.2f} Å (FSC 0.143), {summary[name]['fsc_0.5']:.2f} Å (FSC 0.5)",
+                )
+                for name in ("corrected", "uncorrected")
+            ),
+            (
+                "clusters",
+                ", ".join(f"{j + 1}: {int(s)}" for j, s in enumerate(np.bincount(land.labels, minlength=land.k))),
+            ),
+            ("refinement rounds", f"{len(c.rounds)} (the maps, fields and landscape above are the final round's)"),
+            ("gold standard", GOLD_STANDARD_NOTES.get(c.inputs.gold_standard, c.inputs.gold_standard)),
+        ],
+        columns=["item", "value"],
+    )
     if c.spearman is not None:
         overview.loc[len(overview)] = ["|Spearman| PC1 vs true t", f"{c.spearman:.3f}"]
     return ("summary", "Summary", _table(overview, left=("item", "value")))
@@ -214,25 +238,46 @@ def _landscape(c: ReportContent) -> Section:
     for j, files in enumerate(c.clusters.files):
         sel = labels == j
         links = " ".join(_link(p, out, f".{kind}") for kind, p in files.items())
-        rows.append({"cluster": j + 1, "particles": int(sel.sum()), "fraction": sel.mean(),
-                     "mean RMS deformation (Å)": float(rms_a[sel].mean()), "files": links})
+        rows.append(
+            {
+                "cluster": j + 1,
+                "particles": int(sel.sum()),
+                "fraction": sel.mean(),
+                "mean RMS deformation (Å)": float(rms_a[sel].mean()),
+                "files": links,
+            }
+        )
     clusters_table = pd.DataFrame(rows)
     umap_note = c.landscape.umap_note
-    land = (_img(c.pngs["landscape_pca"], "PCA landscape",
-                 "PCA of the per-particle Zernike3D coefficients (px of the original box), coloured by "
-                 "k-means cluster and by RMS deformation over the mask. Black dots: the motion series "
-                 "(−2σ…+2σ). SVG: " + _link(c.paths["landscape_pca_svg"], out) + ".")
-            + _table(var, formats={"σ (px)": ".3g", "variance fraction": ".1%", "cumulative": ".1%"})
-            + _img(c.pngs["landscape_umap"], "UMAP landscape",
-                   (esc(umap_note) if umap_note else "UMAP of the coefficients, same colours.")
-                   + " SVG: " + _link(c.paths["landscape_umap_svg"], out) + ".")
-            + "<h3>Clusters</h3><p>k-means on the coefficients (numbered by increasing mean PC1 score). "
-              "Each STAR holds the refine STAR's rows of one cluster with every input column, ready "
-              "for a RELION refinement; each map is the reference deformed by the cluster's mean field.</p>"
-            + _table(clusters_table, left=("files",), raw_html=("files",),
-                     formats={"fraction": ".1%", "mean RMS deformation (Å)": ".2f"})
-            + f"<p>ChimeraX: {_link(c.paths['clusters_cxc'], out)}; per-particle table: "
-              f"{_link(c.paths['landscape'], out)}.</p>")
+    land = (
+        _img(
+            c.pngs["landscape_pca"],
+            "PCA landscape",
+            "PCA of the per-particle Zernike3D coefficients (px of the original box), coloured by "
+            "k-means cluster and by RMS deformation over the mask. Black dots: the motion series "
+            "(−2σ…+2σ). SVG: " + _link(c.paths["landscape_pca_svg"], out) + ".",
+        )
+        + _table(var, formats={"σ (px)": ".3g", "variance fraction": ".1%", "cumulative": ".1%"})
+        + _img(
+            c.pngs["landscape_umap"],
+            "UMAP landscape",
+            (esc(umap_note) if umap_note else "UMAP of the coefficients, same colours.")
+            + " SVG: "
+            + _link(c.paths["landscape_umap_svg"], out)
+            + ".",
+        )
+        + "<h3>Clusters</h3><p>k-means on the coefficients (numbered by increasing mean PC1 score). "
+        "Each STAR holds the refine STAR's rows of one cluster with every input column, ready "
+        "for a RELION refinement; each map is the reference deformed by the cluster's mean field.</p>"
+        + _table(
+            clusters_table,
+            left=("files",),
+            raw_html=("files",),
+            formats={"fraction": ".1%", "mean RMS deformation (Å)": ".2f"},
+        )
+        + f"<p>ChimeraX: {_link(c.paths['clusters_cxc'], out)}; per-particle table: "
+        f"{_link(c.paths['landscape'], out)}.</p>"
+    )
     return ("landscape", "Conformational landscape", land)
 
 
@@ -243,75 +288,110 @@ def _motions(c: ReportContent) -> Section:
         rows = []
         for m in c.series:
             cxc, s, map_names, model_names = m.script, m.sigmas, m.map_names, m.model_names
-            rows.append({"motion": m.name, "steps": len(s), "range": f"{s[0]:+g}σ … {s[-1]:+g}σ",
-                         "ChimeraX movie": _link(cxc, out),
-                         "maps": f"{_link(cxc.parent / map_names[0], out, map_names[0])} … {esc(map_names[-1])}",
-                         "models": (f"{_link(cxc.parent / model_names[0], out, model_names[0])} … "
-                                    f"{esc(model_names[-1])}"
-                                    if model_names else "no model given")})
-        motion_html = (_img(c.pngs["motions"], "motion series",
-                            "The reference deformed along PC1 and PC2 (projections along z).")
-                       + _table(pd.DataFrame(rows), left=("motion", "ChimeraX movie", "maps", "models"),
-                                raw_html=("ChimeraX movie", "maps", "models"))
-                       + "<p>Open a <code>.cxc</code> in ChimeraX to play the series as a movie.</p>")
+            rows.append(
+                {
+                    "motion": m.name,
+                    "steps": len(s),
+                    "range": f"{s[0]:+g}σ … {s[-1]:+g}σ",
+                    "ChimeraX movie": _link(cxc, out),
+                    "maps": f"{_link(cxc.parent / map_names[0], out, map_names[0])} … {esc(map_names[-1])}",
+                    "models": (
+                        f"{_link(cxc.parent / model_names[0], out, model_names[0])} … {esc(model_names[-1])}"
+                        if model_names
+                        else "no model given"
+                    ),
+                }
+            )
+        motion_html = (
+            _img(c.pngs["motions"], "motion series", "The reference deformed along PC1 and PC2 (projections along z).")
+            + _table(
+                pd.DataFrame(rows),
+                left=("motion", "ChimeraX movie", "maps", "models"),
+                raw_html=("ChimeraX movie", "maps", "models"),
+            )
+            + "<p>Open a <code>.cxc</code> in ChimeraX to play the series as a movie.</p>"
+        )
     else:
         motion_html = '<p class="note">No motion series: the coefficients have no variance.</p>'
     if c.inputs.model is None:
-        motion_html += ('<p class="note">No atomic model was given (config <code>report.model</code>): '
-                        "no model series.</p>")
+        motion_html += (
+            '<p class="note">No atomic model was given (config <code>report.model</code>): no model series.</p>'
+        )
     return ("motions", "Motions", motion_html)
 
 
 def _deformation(c: ReportContent) -> Section:
     """Make the mean deformation section (its figure)."""
-    return ("deformation", "Mean deformation", _img(
-        c.pngs["deformation"], "mean deformation magnitude",
-        "Mean |d| over particles at every mask voxel (Å), central slices: "
-        + _link(c.paths["mean_deformation"], c.out) + "."))
+    return (
+        "deformation",
+        "Mean deformation",
+        _img(
+            c.pngs["deformation"],
+            "mean deformation magnitude",
+            "Mean |d| over particles at every mask voxel (Å), central slices: "
+            + _link(c.paths["mean_deformation"], c.out)
+            + ".",
+        ),
+    )
 
 
 def _reconstruction(c: ReportContent) -> Section:
     """FSC figure and table, central slices."""
     fsc_rows = c.reconstruction.fsc[["shell", "resolution", "fsc_corrected", "fsc_uncorrected"]].rename(
-        columns={"resolution": "resolution (Å)", "fsc_corrected": "FSC corrected",
-                 "fsc_uncorrected": "FSC uncorrected"})
-    recon = (_img(c.pngs["fsc"], "FSC curves",
-                  "Half-map FSC of the ZART reconstructions with (corrected) and without (uncorrected) the "
-                  "deformation fields. SVG: " + _link(c.paths["fsc_svg"], c.out) + ".")
-             + "<details><summary>FSC table</summary>"
-             + _table(fsc_rows, formats={"resolution (Å)": ".2f", "FSC corrected": ".3f", "FSC uncorrected": ".3f"})
-             + "</details>"
-             + _img(c.pngs["slices"], "central slices", "Central slices of the corrected and uncorrected maps."))
+        columns={"resolution": "resolution (Å)", "fsc_corrected": "FSC corrected", "fsc_uncorrected": "FSC uncorrected"}
+    )
+    recon = (
+        _img(
+            c.pngs["fsc"],
+            "FSC curves",
+            "Half-map FSC of the ZART reconstructions with (corrected) and without (uncorrected) the "
+            "deformation fields. SVG: " + _link(c.paths["fsc_svg"], c.out) + ".",
+        )
+        + "<details><summary>FSC table</summary>"
+        + _table(fsc_rows, formats={"resolution (Å)": ".2f", "FSC corrected": ".3f", "FSC uncorrected": ".3f"})
+        + "</details>"
+        + _img(c.pngs["slices"], "central slices", "Central slices of the corrected and uncorrected maps.")
+    )
     return ("reconstruction", "Reconstruction", recon)
 
 
 def _rounds(c: ReportContent) -> Section:
     """Make the rounds section: the gold-standard mode, the table of rounds and (with several) their landscapes."""
     gold, rounds_table = c.inputs.gold_standard, c.rounds
-    rounds_html = (f"<p>Gold standard: {html.escape(GOLD_STANDARD_NOTES.get(gold, gold))}. Round 1 "
-                   "refines against the consensus reference; each later round fine-tunes the previous round's "
-                   "network against the previous round's corrected map (and a mask made from it).</p>"
-                   + _table(rounds_table.astype(object).where(rounds_table.notna(), "–"),
-                            formats=dict.fromkeys(rounds_table.columns, ".2f")
-                            | {"round": ".0f", "wall time (s)": ".1f"})
-                   + "<p>Half-map FSC resolutions of each round's ZART maps; wall time: the round's jobs "
-                     "summed from the Snakemake benchmark files (– when missing). Table: "
-                   + _link(c.paths["rounds"], c.out) + ".</p>")
+    rounds_html = (
+        f"<p>Gold standard: {html.escape(GOLD_STANDARD_NOTES.get(gold, gold))}. Round 1 "
+        "refines against the consensus reference; each later round fine-tunes the previous round's "
+        "network against the previous round's corrected map (and a mask made from it).</p>"
+        + _table(
+            rounds_table.astype(object).where(rounds_table.notna(), "–"),
+            formats=dict.fromkeys(rounds_table.columns, ".2f") | {"round": ".0f", "wall time (s)": ".1f"},
+        )
+        + "<p>Half-map FSC resolutions of each round's ZART maps; wall time: the round's jobs "
+        "summed from the Snakemake benchmark files (– when missing). Table: "
+        + _link(c.paths["rounds"], c.out)
+        + ".</p>"
+    )
     if "rounds" in c.pngs:
-        rounds_html += _img(c.pngs["rounds"], "landscape per round",
-                            "PC1/PC2 of each round's refined coefficients, every particle coloured by its final "
-                            "PC1 score.")
+        rounds_html += _img(
+            c.pngs["rounds"],
+            "landscape per round",
+            "PC1/PC2 of each round's refined coefficients, every particle coloured by its final PC1 score.",
+        )
     return ("rounds", "Refinement rounds", rounds_html)
 
 
 def _timings(c: ReportContent) -> Section:
     """Make the timing section: the per-stage table (or a note that there is none)."""
     if len(c.timings):
-        timing_html = _table(c.timings.rename(columns={"wall_s": "wall (s)", "cpu_s": "CPU (s)",
-                                                       "max_rss_mb": "max RSS (MB)"}),
-                             left=("stage",), formats={"wall (s)": ".1f", "CPU (s)": ".1f", "max RSS (MB)": ".0f"})
-        timing_html += ("<p>From the Snakemake benchmark files (wall time summed over a rule's jobs; the "
-                        "report's own time is not yet recorded when it is written).</p>")
+        timing_html = _table(
+            c.timings.rename(columns={"wall_s": "wall (s)", "cpu_s": "CPU (s)", "max_rss_mb": "max RSS (MB)"}),
+            left=("stage",),
+            formats={"wall (s)": ".1f", "CPU (s)": ".1f", "max RSS (MB)": ".0f"},
+        )
+        timing_html += (
+            "<p>From the Snakemake benchmark files (wall time summed over a rule's jobs; the "
+            "report's own time is not yet recorded when it is written).</p>"
+        )
     else:
         timing_html = '<p class="note">No benchmark files found.</p>'
     return ("timings", "Timings", timing_html)
@@ -333,7 +413,16 @@ def _outputs(c: ReportContent) -> Section:
 
 #: The page's sections, in page order.
 SECTIONS: tuple[Callable[[ReportContent], Section], ...] = (
-    _summary, _landscape, _motions, _deformation, _reconstruction, _rounds, _timings, _parameters, _outputs)
+    _summary,
+    _landscape,
+    _motions,
+    _deformation,
+    _reconstruction,
+    _rounds,
+    _timings,
+    _parameters,
+    _outputs,
+)
 
 
 def report_sections(content: ReportContent) -> list[Section]:

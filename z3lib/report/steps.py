@@ -64,15 +64,33 @@ _BOTH = ("png", "svg")
 
 
 def make_report(
-    out_dir: str | Path, *, particles: str | Path, coefficients: str | Path, points: str | Path,
-    reference: str | Path, mask: str | Path, corrected: str | Path, uncorrected: str | Path, fsc: str | Path,
-    zernike: Mapping[str, Any], clusters: int = 3, motion_steps: int = 5, use_umap: bool = True,
-    model: str | Path | None = None, model_origin: Sequence[float] = (0.0, 0.0, 0.0),
-    ground_truth: str | Path | None = None, benchmarks: str | Path | None = None,
-    run_config: Mapping[str, Any] | None = None, run_name: str = "", seed: int = 0,
-    pixel_size: float | None = None, image_root: str | Path | None = None,
-    round_fsc: Sequence[str | Path] = (), round_coefficients: Sequence[str | Path] = (),
-    gold_standard: str = "shared", log: logging.Logger | None = None,
+    out_dir: str | Path,
+    *,
+    particles: str | Path,
+    coefficients: str | Path,
+    points: str | Path,
+    reference: str | Path,
+    mask: str | Path,
+    corrected: str | Path,
+    uncorrected: str | Path,
+    fsc: str | Path,
+    zernike: Mapping[str, Any],
+    clusters: int = 3,
+    motion_steps: int = 5,
+    use_umap: bool = True,
+    model: str | Path | None = None,
+    model_origin: Sequence[float] = (0.0, 0.0, 0.0),
+    ground_truth: str | Path | None = None,
+    benchmarks: str | Path | None = None,
+    run_config: Mapping[str, Any] | None = None,
+    run_name: str = "",
+    seed: int = 0,
+    pixel_size: float | None = None,
+    image_root: str | Path | None = None,
+    round_fsc: Sequence[str | Path] = (),
+    round_coefficients: Sequence[str | Path] = (),
+    gold_standard: str = "shared",
+    log: logging.Logger | None = None,
 ) -> dict[str, Path]:
     """Write the report of one run (see :mod:`z3lib.report` for every file).
 
@@ -131,12 +149,32 @@ def make_report(
     name → path of every file written.
     """
     inputs = ReportInputs(
-        out_dir=Path(out_dir), particles=particles, coefficients=coefficients, points=points, reference=reference,
-        mask=mask, corrected=corrected, uncorrected=uncorrected, fsc=fsc, zernike=dict(zernike),
-        clusters=clusters, motion_steps=motion_steps, use_umap=use_umap, model=model,
-        model_origin=model_origin, ground_truth=ground_truth, benchmarks=benchmarks, run_config=run_config,
-        run_name=run_name, seed=seed, pixel_size=pixel_size, image_root=image_root, round_fsc=tuple(round_fsc),
-        round_coefficients=tuple(round_coefficients), gold_standard=gold_standard)
+        out_dir=Path(out_dir),
+        particles=particles,
+        coefficients=coefficients,
+        points=points,
+        reference=reference,
+        mask=mask,
+        corrected=corrected,
+        uncorrected=uncorrected,
+        fsc=fsc,
+        zernike=dict(zernike),
+        clusters=clusters,
+        motion_steps=motion_steps,
+        use_umap=use_umap,
+        model=model,
+        model_origin=model_origin,
+        ground_truth=ground_truth,
+        benchmarks=benchmarks,
+        run_config=run_config,
+        run_name=run_name,
+        seed=seed,
+        pixel_size=pixel_size,
+        image_root=image_root,
+        round_fsc=tuple(round_fsc),
+        round_coefficients=tuple(round_coefficients),
+        gold_standard=gold_standard,
+    )
     return write_report(inputs, log)
 
 
@@ -176,12 +214,24 @@ def write_report(inputs: ReportInputs, log: logging.Logger | None = None) -> dic
     paths["rounds"] = out / "rounds.tsv"
     write_table(paths["rounds"], rounds.table)
     if len(rounds.coefficients) > 1:
-        pngs["rounds"] = _save(plot_rounds(round_landscapes(rounds, landscape), landscape.pca.scores[:, 0]), out,
-                               "rounds", ("png",), paths)
+        pngs["rounds"] = _save(
+            plot_rounds(round_landscapes(rounds, landscape), landscape.pca.scores[:, 0]), out, "rounds", ("png",), paths
+        )
     timings = read_stage_timings(inputs.benchmarks)
-    content = ReportContent(out=out, inputs=inputs, data=data, landscape=landscape, clusters=clusters, series=series,
-                            reconstruction=reconstruction, rounds=rounds.table, timings=timings,
-                            spearman=_spearman(landscape), pngs=pngs, paths=dict(paths))
+    content = ReportContent(
+        out=out,
+        inputs=inputs,
+        data=data,
+        landscape=landscape,
+        clusters=clusters,
+        series=series,
+        reconstruction=reconstruction,
+        rounds=rounds.table,
+        timings=timings,
+        spearman=_spearman(landscape),
+        pngs=pngs,
+        paths=dict(paths),
+    )
     paths["html"] = out / "report.html"
     write_text(paths["html"], render_report(content))
     logger.info("report written in %.1f s: %s", time.perf_counter() - t0, paths["html"])
@@ -216,18 +266,29 @@ def load_data(inputs: ReportInputs, logger: logging.Logger) -> ReportData:
     apix, orig_apix = float(cloud["pixel_size"]), float(cloud["original_pixel_size"])
     spec = zk.ZernikeSpec.from_config(inputs.zernike, orig_box)
     if coeffs.shape != (n, spec.n_coefficients):
-        raise ValueError(f"{inputs.coefficients} has shape {coeffs.shape}; {inputs.particles} has {n} particles and "
-                         f"(L1, L2) = {spec.degrees} needs 3K = {spec.n_coefficients} coefficients each")
+        raise ValueError(
+            f"{inputs.coefficients} has shape {coeffs.shape}; {inputs.particles} has {n} particles and "
+            f"(L1, L2) = {spec.degrees} needs 3K = {spec.n_coefficients} coefficients each"
+        )
     if n < 2:
         raise ValueError(f"{inputs.particles} has {n} particle(s): the landscape needs at least 2")
     _check_zernike_block(blocks, inputs, spec)
     ref = read_map(inputs.reference).data
     msk = read_map(inputs.mask).data
     logger.info("report: %d particles, %s px (processing box %d px)", n, spec, box)
-    return ReportData(particles=parts, coefficients=coeffs, points=cloud["points"], spec=spec, box=box,
-                      pixel_size=apix,
-                      original_pixel_size=orig_apix, reference=ref, mask=msk,
-                      origin=_map_origin(box, apix, orig_box, orig_apix), contour_level=_contour_level(ref, msk))
+    return ReportData(
+        particles=parts,
+        coefficients=coeffs,
+        points=cloud["points"],
+        spec=spec,
+        box=box,
+        pixel_size=apix,
+        original_pixel_size=orig_apix,
+        reference=ref,
+        mask=msk,
+        origin=_map_origin(box, apix, orig_box, orig_apix),
+        contour_level=_contour_level(ref, msk),
+    )
 
 
 def compute_landscape(inputs: ReportInputs, data: ReportData, logger: logging.Logger) -> Landscape:
@@ -254,12 +315,29 @@ def compute_landscape(inputs: ReportInputs, data: ReportData, logger: logging.Lo
     if k < inputs.clusters:
         logger.warning("%d clusters asked for %d particles: using k = %d", inputs.clusters, n, k)
     labels, _ = an.cluster_kmeans(coeffs, k, seed=inputs.seed, order_by=pca.scores[:, 0])
-    umap_note = "" if umap_xy is not None else (
-        "UMAP was not computed: " + ("it is disabled in the config (report.umap)." if not inputs.use_umap
-                                     else f"{n} particles (it needs at least {an.UMAP_MIN_PARTICLES}) or umap-learn "
-                                          "is missing (see the log)."))
-    return Landscape(pca=pca, umap=umap_xy, umap_note=umap_note, labels=labels, k=k, rms_px=rms_px,
-                     rms_a=rms_px * data.pixel_size, truth=_read_truth(inputs.ground_truth, n, logger))
+    umap_note = (
+        ""
+        if umap_xy is not None
+        else (
+            "UMAP was not computed: "
+            + (
+                "it is disabled in the config (report.umap)."
+                if not inputs.use_umap
+                else f"{n} particles (it needs at least {an.UMAP_MIN_PARTICLES}) or umap-learn "
+                "is missing (see the log)."
+            )
+        )
+    )
+    return Landscape(
+        pca=pca,
+        umap=umap_xy,
+        umap_note=umap_note,
+        labels=labels,
+        k=k,
+        rms_px=rms_px,
+        rms_a=rms_px * data.pixel_size,
+        truth=_read_truth(inputs.ground_truth, n, logger),
+    )
 
 
 def write_landscape_table(path: Path, landscape: Landscape) -> Path:
@@ -288,8 +366,14 @@ def write_landscape_table(path: Path, landscape: Landscape) -> Path:
     return path
 
 
-def write_clusters(folder: Path, inputs: ReportInputs, data: ReportData, landscape: Landscape,
-                   atomic: AtomicModel | None, logger: logging.Logger) -> ClusterSet:
+def write_clusters(
+    folder: Path,
+    inputs: ReportInputs,
+    data: ReportData,
+    landscape: Landscape,
+    atomic: AtomicModel | None,
+    logger: logging.Logger,
+) -> ClusterSet:
     """Write per k-means cluster its particles, its mean-field map (and model), and a ChimeraX script.
 
     Per cluster: its particles' STAR rows (every input column), the reference deformed by its mean
@@ -319,8 +403,7 @@ def write_clusters(folder: Path, inputs: ReportInputs, data: ReportData, landsca
     for j in range(k):
         stem = f"cluster_{j + 1:02d}"
         star, mrc = folder / f"{stem}.star", folder / f"{stem}.mrc"
-        write_particles_star(star, parts, table=parts.table.iloc[np.nonzero(labels == j)[0]],
-                             zernike=data.spec)
+        write_particles_star(star, parts, table=parts.table.iloc[np.nonzero(labels == j)[0]], zernike=data.spec)
         data.write_map(mrc, cluster_maps[j])
         files = {"star": star, "mrc": mrc}
         if atomic is not None:
@@ -329,17 +412,29 @@ def write_clusters(folder: Path, inputs: ReportInputs, data: ReportData, landsca
         all_files.append(files)
         written.update({f"{stem}_{kind}": path for kind, path in files.items()})
     written["clusters_cxc"] = folder / "clusters.cxc"
-    write_text(written["clusters_cxc"], chimerax_series_script(
-        [f["mrc"].name for f in all_files], level=data.contour_level, play=False,
-        models=[f["pdb"].name for f in all_files if "pdb" in f],
-        title=f"z3 run {inputs.run_name}: the reference deformed by the mean field of each of {k} k-means clusters",
-    ))
+    write_text(
+        written["clusters_cxc"],
+        chimerax_series_script(
+            [f["mrc"].name for f in all_files],
+            level=data.contour_level,
+            play=False,
+            models=[f["pdb"].name for f in all_files if "pdb" in f],
+            title=f"z3 run {inputs.run_name}: the reference deformed by the mean field of each of {k} k-means clusters",
+        ),
+    )
     logger.info("clusters: %s particles", ", ".join(str(int(s)) for s in np.bincount(labels, minlength=k)))
     return ClusterSet(files=tuple(all_files), script=written["clusters_cxc"], written=written)
 
 
-def write_motion_series(folder: Path, inputs: ReportInputs, data: ReportData, landscape: Landscape,
-                        atomic: AtomicModel | None, comp: int, logger: logging.Logger) -> MotionSeries:
+def write_motion_series(
+    folder: Path,
+    inputs: ReportInputs,
+    data: ReportData,
+    landscape: Landscape,
+    atomic: AtomicModel | None,
+    comp: int,
+    logger: logging.Logger,
+) -> MotionSeries:
     """Write the reference (and model) deformed along one principal component, and a ChimeraX script.
 
     The series runs from −2σ to +2σ; the script plays it.
@@ -379,20 +474,36 @@ def write_motion_series(folder: Path, inputs: ReportInputs, data: ReportData, la
             written[f"{stem}_pdb"] = folder / f"{stem}.pdb"
             model_names.append(f"{stem}.pdb")
     cxc = folder / f"motion_{name}.cxc"
-    write_text(cxc, chimerax_series_script(
-        map_names, level=data.contour_level, models=model_names,
-        title=(f"z3 run {inputs.run_name}: the reference deformed along PC{comp + 1} "
-               f"({pca.explained_variance_ratio[comp]:.0%} of the variance), {s[0]:+g} to {s[-1]:+g} σ"),
-    ))
+    write_text(
+        cxc,
+        chimerax_series_script(
+            map_names,
+            level=data.contour_level,
+            models=model_names,
+            title=(
+                f"z3 run {inputs.run_name}: the reference deformed along PC{comp + 1} "
+                f"({pca.explained_variance_ratio[comp]:.0%} of the variance), {s[0]:+g} to {s[-1]:+g} σ"
+            ),
+        ),
+    )
     written[f"motion_{name}_cxc"] = cxc
     xy = np.zeros((len(s), 2))
     xy[:, comp] = s * pca.sigmas[comp]
-    return MotionSeries(name=name.upper(), maps=maps, sigmas=s, script=cxc, map_names=tuple(map_names),
-                        model_names=tuple(model_names), landscape_xy=xy, written=written)
+    return MotionSeries(
+        name=name.upper(),
+        maps=maps,
+        sigmas=s,
+        script=cxc,
+        map_names=tuple(map_names),
+        model_names=tuple(model_names),
+        landscape_xy=xy,
+        written=written,
+    )
 
 
-def write_exports(out: Path, data: ReportData, landscape: Landscape,
-                  logger: logging.Logger) -> tuple[np.ndarray, dict[str, Path]]:
+def write_exports(
+    out: Path, data: ReportData, landscape: Landscape, logger: logging.Logger
+) -> tuple[np.ndarray, dict[str, Path]]:
     """Write ``mean_deformation.mrc`` and the Xmipp/Scipion export ``particles.xmd``.
 
     The export's fields are in Xmipp's basis, refitted with L2 ≤ 4 from another basis.
@@ -414,8 +525,9 @@ def write_exports(out: Path, data: ReportData, landscape: Landscape,
     """
     spec, box, orig_box = data.spec, data.box, data.original_box
     paths = {"mean_deformation": out / "mean_deformation.mrc"}
-    mean_def = an.mean_deformation_map(data.processing(data.coefficients), data.mask, data.processing_spec,
-                                       pixel_size=data.pixel_size)
+    mean_def = an.mean_deformation_map(
+        data.processing(data.coefficients), data.mask, data.processing_spec, pixel_size=data.pixel_size
+    )
     data.write_map(paths["mean_deformation"], mean_def)
     paths["xmd"] = out / "particles.xmd"
     raw = data.particles.raw
@@ -424,18 +536,39 @@ def write_exports(out: Path, data: ReportData, landscape: Landscape,
     if spec.basis != "xmipp":  # Xmipp/Scipion read sphCoefficients in their own basis (L2 <= 4)
         xmd_spec = zk.ZernikeSpec(spec.L1, min(spec.L2, zk.XMIPP_MAX_L2), "xmipp", orig_box)
         # the same linear refit in any box unit: fitted on the processing box's points
-        xmd_coeffs, residual = zk.refit_basis(data.coefficients, data.points, data.processing_spec,
-                                              xmd_spec.rescaled(box))
-        logger.info("particles.xmd: fields refitted from the %s (%d, %d) basis to Xmipp's (%d, %d): %.1f%% "
-                    "relative RMS residual", spec.basis, spec.L1, spec.L2, xmd_spec.L1, xmd_spec.L2, 100 * residual)
-    write_xmipp_particles(paths["xmd"], data.particles.table, xmd_coeffs, deformation=landscape.rms_px * orig_box / box,
-                          cost=cost, zernike=xmd_spec)
+        xmd_coeffs, residual = zk.refit_basis(
+            data.coefficients, data.points, data.processing_spec, xmd_spec.rescaled(box)
+        )
+        logger.info(
+            "particles.xmd: fields refitted from the %s (%d, %d) basis to Xmipp's (%d, %d): %.1f%% "
+            "relative RMS residual",
+            spec.basis,
+            spec.L1,
+            spec.L2,
+            xmd_spec.L1,
+            xmd_spec.L2,
+            100 * residual,
+        )
+    write_xmipp_particles(
+        paths["xmd"],
+        data.particles.table,
+        xmd_coeffs,
+        deformation=landscape.rms_px * orig_box / box,
+        cost=cost,
+        zernike=xmd_spec,
+    )
     return mean_def, paths
 
 
-def draw_figures(out: Path, inputs: ReportInputs, data: ReportData, landscape: Landscape,
-                 series: Sequence[MotionSeries], mean_def: np.ndarray,
-                 paths: dict[str, Path]) -> tuple[dict[str, bytes], Reconstruction]:
+def draw_figures(
+    out: Path,
+    inputs: ReportInputs,
+    data: ReportData,
+    landscape: Landscape,
+    series: Sequence[MotionSeries],
+    mean_def: np.ndarray,
+    paths: dict[str, Path],
+) -> tuple[dict[str, bytes], Reconstruction]:
     """Draw and write the landscape, FSC, slice, motion and deformation figures.
 
     Parameters
@@ -463,24 +596,52 @@ def draw_figures(out: Path, inputs: ReportInputs, data: ReportData, landscape: L
     pca_xy, pc_labels = _pc_plane(landscape.pca, data.n)
     pngs: dict[str, bytes] = {}
     pngs["landscape_pca"] = _save(
-        plot_landscape(pca_xy, labels, rms_a, axis_labels=pc_labels, truth=truth,
-                       paths_xy=[(m.name, m.landscape_xy) for m in series],
-                       title="Landscape: PCA of the Zernike3D coefficients"), out, "landscape_pca", _BOTH, paths)
+        plot_landscape(
+            pca_xy,
+            labels,
+            rms_a,
+            axis_labels=pc_labels,
+            truth=truth,
+            paths_xy=[(m.name, m.landscape_xy) for m in series],
+            title="Landscape: PCA of the Zernike3D coefficients",
+        ),
+        out,
+        "landscape_pca",
+        _BOTH,
+        paths,
+    )
     if landscape.umap is not None:
-        fig = plot_landscape(landscape.umap, labels, rms_a, axis_labels=("UMAP 1", "UMAP 2"), truth=truth,
-                             title="Landscape: UMAP of the Zernike3D coefficients")
+        fig = plot_landscape(
+            landscape.umap,
+            labels,
+            rms_a,
+            axis_labels=("UMAP 1", "UMAP 2"),
+            truth=truth,
+            title="Landscape: UMAP of the Zernike3D coefficients",
+        )
     else:
         fig = plot_message("Landscape: UMAP", landscape.umap_note)
     pngs["landscape_umap"] = _save(fig, out, "landscape_umap", _BOTH, paths)
     recon = read_reconstruction(inputs)
     pngs["fsc"] = _save(plot_fsc(recon.fsc, recon.summary), out, "fsc", _BOTH, paths)
-    pngs["slices"] = _save(plot_slices([("corrected", recon.corrected), ("uncorrected", recon.uncorrected)]), out,
-                           "slices", ("png",), paths)
+    pngs["slices"] = _save(
+        plot_slices([("corrected", recon.corrected), ("uncorrected", recon.uncorrected)]),
+        out,
+        "slices",
+        ("png",),
+        paths,
+    )
     if series:
-        pngs["motions"] = _save(plot_motion_series([(m.name, m.maps, m.sigmas) for m in series]), out, "motions",
-                                ("png",), paths)
-    pngs["deformation"] = _save(plot_slices([("mean |d|", mean_def)], cmap="viridis",
-                                            colorbar="mean deformation (Å)"), out, "deformation", ("png",), paths)
+        pngs["motions"] = _save(
+            plot_motion_series([(m.name, m.maps, m.sigmas) for m in series]), out, "motions", ("png",), paths
+        )
+    pngs["deformation"] = _save(
+        plot_slices([("mean |d|", mean_def)], cmap="viridis", colorbar="mean deformation (Å)"),
+        out,
+        "deformation",
+        ("png",),
+        paths,
+    )
     return pngs, recon
 
 
@@ -494,8 +655,12 @@ def read_reconstruction(inputs: ReportInputs) -> Reconstruction:
     """
     fsc_table = read_table(inputs.fsc)
     summary = {name: an.fsc_summary(fsc_table, f"fsc_{name}") for name in ("corrected", "uncorrected")}
-    return Reconstruction(fsc=fsc_table, summary=summary, corrected=read_map(inputs.corrected).data,
-                          uncorrected=read_map(inputs.uncorrected).data)
+    return Reconstruction(
+        fsc=fsc_table,
+        summary=summary,
+        corrected=read_map(inputs.corrected).data,
+        uncorrected=read_map(inputs.uncorrected).data,
+    )
 
 
 def summarise_refinement_rounds(inputs: ReportInputs, data: ReportData) -> RefinementRounds:
@@ -522,17 +687,18 @@ def summarise_refinement_rounds(inputs: ReportInputs, data: ReportData) -> Refin
     for c_path in coefficient_paths:
         c = np.asarray(read_coefficients(c_path), dtype=np.float64)
         if c.shape != data.coefficients.shape:
-            raise ValueError(f"{c_path} has shape {c.shape}; the final round's coefficients have "
-                             f"{data.coefficients.shape}")
+            raise ValueError(
+                f"{c_path} has shape {c.shape}; the final round's coefficients have {data.coefficients.shape}"
+            )
         fields.append(c)
     rms_median = [float(np.median(data.deformation_rms(c))) * data.pixel_size for c in fields]
-    table = summarise_rounds([read_table(path) for path in fsc_paths], rms_median,
-                             read_round_timings(inputs.benchmarks))
+    table = summarise_rounds(
+        [read_table(path) for path in fsc_paths], rms_median, read_round_timings(inputs.benchmarks)
+    )
     return RefinementRounds(table=table, coefficients=tuple(fields))
 
 
-def round_landscapes(rounds: RefinementRounds,
-                     landscape: Landscape) -> list[tuple[str, np.ndarray, tuple[str, str]]]:
+def round_landscapes(rounds: RefinementRounds, landscape: Landscape) -> list[tuple[str, np.ndarray, tuple[str, str]]]:
     """Return per round its title, PC1/PC2 scores of its own PCA and axis labels.
 
     The scores are ``(n, 2)`` (the final round's are ``landscape``'s), for

@@ -18,8 +18,20 @@ from z3lib.io import read_table
 __all__ = ["STAGE_ORDER", "read_round_timings", "read_stage_timings", "summarise_rounds"]
 
 #: Pipeline order of the stages in the timing table (others follow, alphabetically).
-STAGE_ORDER = ("simulate", "preprocess", "round_reference", "round_reference_half", "train", "train_half", "predict",
-               "refine_chunk", "refine", "zart", "publish", "report")
+STAGE_ORDER = (
+    "simulate",
+    "preprocess",
+    "round_reference",
+    "round_reference_half",
+    "train",
+    "train_half",
+    "predict",
+    "refine_chunk",
+    "refine",
+    "zart",
+    "publish",
+    "report",
+)
 
 #: The report's logger (the name it had before the report became a package).
 _LOG = logging.getLogger("z3lib.report")
@@ -69,8 +81,15 @@ def read_stage_timings(benchmark_dir: str | Path | None) -> pd.DataFrame:
             return float(pd.to_numeric(t[col], errors="coerce").sum()) if col in t else float("nan")
 
         rss = pd.to_numeric(table["max_rss"], errors="coerce").max() if "max_rss" in table else np.nan
-        rows.append({"stage": stage, "jobs": len(table), "wall_s": total("s"), "cpu_s": total("cpu_time"),
-                     "max_rss_mb": float(rss)})
+        rows.append(
+            {
+                "stage": stage,
+                "jobs": len(table),
+                "wall_s": total("s"),
+                "cpu_s": total("cpu_time"),
+                "max_rss_mb": float(rss),
+            }
+        )
     order = {name: i for i, name in enumerate(STAGE_ORDER)}
     rows.sort(key=lambda r: (order.get(str(r["stage"]), len(order)), str(r["stage"])))
     return pd.DataFrame(rows, columns=columns)
@@ -113,8 +132,9 @@ def read_round_timings(benchmark_dir: str | Path | None) -> dict[int, float]:
     return out
 
 
-def summarise_rounds(fsc_tables: Sequence[pd.DataFrame], rms_median: Sequence[float],
-                     wall: Mapping[int, float]) -> pd.DataFrame:
+def summarise_rounds(
+    fsc_tables: Sequence[pd.DataFrame], rms_median: Sequence[float], wall: Mapping[int, float]
+) -> pd.DataFrame:
     """Tabulate the refinement rounds: one row per round (1, 2, …).
 
     Half-map FSC 0.143 and 0.5 resolutions (Å) of the corrected and uncorrected maps, the median
@@ -137,8 +157,15 @@ def summarise_rounds(fsc_tables: Sequence[pd.DataFrame], rms_median: Sequence[fl
     rows = []
     for k, (fsc, rms) in enumerate(zip(fsc_tables, rms_median, strict=True), start=1):
         cor, unc = an.fsc_summary(fsc, "fsc_corrected"), an.fsc_summary(fsc, "fsc_uncorrected")
-        rows.append({"round": k, "corrected 0.143 (Å)": cor["fsc_0.143"], "corrected 0.5 (Å)": cor["fsc_0.5"],
-                     "uncorrected 0.143 (Å)": unc["fsc_0.143"], "uncorrected 0.5 (Å)": unc["fsc_0.5"],
-                     "median RMS deformation (Å)": float(rms), "wall time (s)": wall.get(k, float("nan"))})
+        rows.append(
+            {
+                "round": k,
+                "corrected 0.143 (Å)": cor["fsc_0.143"],
+                "corrected 0.5 (Å)": cor["fsc_0.5"],
+                "uncorrected 0.143 (Å)": unc["fsc_0.143"],
+                "uncorrected 0.5 (Å)": unc["fsc_0.5"],
+                "median RMS deformation (Å)": float(rms),
+                "wall time (s)": wall.get(k, float("nan")),
+            }
+        )
     return pd.DataFrame(rows)
-

@@ -79,8 +79,10 @@ def predict(
     parts = read_particles(particles)
     original = read_particles(original_particles, pixel_size=pixel_size, image_root=image_root)
     if len(parts) != len(original):
-        raise ValueError(f"{particles} has {len(parts)} particles but {original_particles} has {len(original)}; "
-                         "they must be the same particles in the same order")
+        raise ValueError(
+            f"{particles} has {len(parts)} particles but {original_particles} has {len(original)}; "
+            "they must be the same particles in the same order"
+        )
     table = None
     if poses is not None:
         latest = read_particles(poses, pixel_size=pixel_size, image_root=image_root)
@@ -94,8 +96,9 @@ def predict(
     t0 = time.perf_counter()
     pred: dict[str, np.ndarray] = {}
     for net, _, rows in models:
-        part = predict_coefficients(net, source if len(models) == 1 else source.take(rows), device=device,
-                                    batch_size=batch_size, log=logger)
+        part = predict_coefficients(
+            net, source if len(models) == 1 else source.take(rows), device=device, batch_size=batch_size, log=logger
+        )
         for key, values in part.items():
             pred.setdefault(key, np.zeros((n,) + values.shape[1:], dtype=values.dtype))[rows] = values
     elapsed = time.perf_counter() - t0
@@ -116,8 +119,9 @@ def predict(
     return paths
 
 
-def _load_models(model_paths: list[str | Path], parts: Particles, particles: str | Path,
-                 device: str | torch.device) -> list[tuple[Zernike3Deep, dict[str, Any], np.ndarray]]:
+def _load_models(
+    model_paths: list[str | Path], parts: Particles, particles: str | Path, device: str | torch.device
+) -> list[tuple[Zernike3Deep, dict[str, Any], np.ndarray]]:
     """Load each model with its metadata and the particle rows it encodes.
 
     All rows for one model; its ``meta["rows"]`` for one per half set, which must cover every
@@ -132,18 +136,22 @@ def _load_models(model_paths: list[str | Path], parts: Particles, particles: str
             raise ValueError(f"{particles} holds {parts.box} px images but {path} was trained at box {meta['box']}")
         rows = np.arange(n) if len(model_paths) == 1 else np.asarray(meta.get("rows", np.arange(0)), np.int64)
         if len(model_paths) > 1 and int(meta.get("n_total", -1)) != n:
-            raise ValueError(f"{path} was trained on a half set of {meta.get('n_total')} particles, not of the "
-                             f"{n} in {particles}")
+            raise ValueError(
+                f"{path} was trained on a half set of {meta.get('n_total')} particles, not of the {n} in {particles}"
+            )
         covered[rows] += 1
         models.append((net, meta, rows))
     if not np.all(covered == 1):
-        raise ValueError(f"the models {[str(p) for p in model_paths]} cover {int((covered > 0).sum())} of {n} "
-                         "particles (each must be encoded by exactly one model)")
+        raise ValueError(
+            f"the models {[str(p) for p in model_paths]} cover {int((covered > 0).sum())} of {n} "
+            "particles (each must be encoded by exactly one model)"
+        )
     return models
 
 
-def _apply_pose_corrections(table: pd.DataFrame, pred: dict[str, np.ndarray], processing_pixel_size: float,
-                            pixel_size: float) -> dict[str, np.ndarray]:
+def _apply_pose_corrections(
+    table: pd.DataFrame, pred: dict[str, np.ndarray], processing_pixel_size: float, pixel_size: float
+) -> dict[str, np.ndarray]:
     """Add the network's δ-angles and δ-shifts to ``table``'s poses, in place.
 
     δ-angles in deg; δ-shifts in px of the processing box, written in px of the particles as given
@@ -151,11 +159,17 @@ def _apply_pose_corrections(table: pd.DataFrame, pred: dict[str, np.ndarray], pr
     """
     d_ang = pred["delta_angles"]
     # δ-shifts: px of the processing box → Å → px of the particles as given
-    d_shift = shift_angstrom_to_pixels(shift_pixels_to_angstrom(pred["delta_shifts"], processing_pixel_size),
-                                       pixel_size)
+    d_shift = shift_angstrom_to_pixels(
+        shift_pixels_to_angstrom(pred["delta_shifts"], processing_pixel_size), pixel_size
+    )
     for j, name in enumerate(("rot", "tilt", "psi")):
         table[name] = table[name].to_numpy() + d_ang[:, j]
     table["shift_x"] = table["shift_x"].to_numpy() + d_shift[:, 0]
     table["shift_y"] = table["shift_y"].to_numpy() + d_shift[:, 1]
-    return {"delta_angle_rot": d_ang[:, 0], "delta_angle_tilt": d_ang[:, 1], "delta_angle_psi": d_ang[:, 2],
-            "delta_shift_x": d_shift[:, 0], "delta_shift_y": d_shift[:, 1]}
+    return {
+        "delta_angle_rot": d_ang[:, 0],
+        "delta_angle_tilt": d_ang[:, 1],
+        "delta_angle_psi": d_ang[:, 2],
+        "delta_shift_x": d_shift[:, 0],
+        "delta_shift_y": d_shift[:, 1],
+    }

@@ -92,31 +92,46 @@ def preprocess(
     stack.validate()
     ref = read_map(reference, require_isotropic=True)
     _check_map("reference", Path(reference), ref.data.shape, ref.pixel_size, parts, reference_pixel_size)
-    logger.info("%d particles of %d px at %.4g Å/px → processing box %d px at %.4g Å/px",
-                len(parts), n_in, apix_in, box, apix)
+    logger.info(
+        "%d particles of %d px at %.4g Å/px → processing box %d px at %.4g Å/px", len(parts), n_in, apix_in, box, apix
+    )
 
     ref_small = fourier_crop(ref.data, box, ndim=3)
     mask_small = _processing_mask(mask, ref_small, parts, box, mask_threshold, reference_pixel_size, logger)
-    paths = {name: out / fname for name, fname in (
-        ("particles", "particles.star"), ("stack", "particles.mrcs"), ("reference", "reference.mrc"),
-        ("mask", "mask.mrc"), ("points", "points.npz"),
-    )}
+    paths = {
+        name: out / fname
+        for name, fname in (
+            ("particles", "particles.star"),
+            ("stack", "particles.mrcs"),
+            ("reference", "reference.mrc"),
+            ("mask", "mask.mrc"),
+            ("points", "points.npz"),
+        )
+    }
     _write_stack(paths["stack"], stack, parts, box, apix, chunk_size, logger)
     stack.close()
 
     write_map(paths["reference"], ref_small, apix)
     write_map(paths["mask"], mask_small, apix)
     points, amplitudes = points_from_volume(ref_small, mask=mask_small, step=points_step)
-    write_npz(paths["points"], points=points.astype(np.float32), amplitudes=amplitudes.astype(np.float32),
-              box=np.int64(box), pixel_size=np.float64(apix), original_box=np.int64(n_in),
-              original_pixel_size=np.float64(apix_in), step=np.int64(points_step))
+    write_npz(
+        paths["points"],
+        points=points.astype(np.float32),
+        amplitudes=amplitudes.astype(np.float32),
+        box=np.int64(box),
+        pixel_size=np.float64(apix),
+        original_box=np.int64(n_in),
+        original_pixel_size=np.float64(apix_in),
+        step=np.int64(points_step),
+    )
     _write_star(paths["particles"], paths["stack"].name, parts, box, apix)
     logger.info("preprocess done in %.1f s: %d points in the mask", time.perf_counter() - t0, len(points))
     return paths
 
 
-def _read_particles(particles: str | Path, box: int, *, pixel_size: float | None,
-                    image_root: str | Path | None) -> Particles:
+def _read_particles(
+    particles: str | Path, box: int, *, pixel_size: float | None, image_root: str | Path | None
+) -> Particles:
     """Read the particles, refused without poses, CTF-premultiplied or smaller than ``box``.
 
     Refusals are :class:`z3lib.io.Z3InputError`; ``box`` is the processing box.
@@ -131,13 +146,22 @@ def _read_particles(particles: str | Path, box: int, *, pixel_size: float | None
             "projection for phase-flipped data): re-extract the particles without premultiplication"
         )
     if box > parts.box:
-        raise Z3InputError(f"processing box {box} px is larger than the particles' box {parts.box} px in "
-                           f"{parts.path}; set `box` to at most {parts.box}")
+        raise Z3InputError(
+            f"processing box {box} px is larger than the particles' box {parts.box} px in "
+            f"{parts.path}; set `box` to at most {parts.box}"
+        )
     return parts
 
 
-def _processing_mask(mask: str | Path | None, ref_small: np.ndarray, parts: Particles, box: int,
-                     mask_threshold: float, reference_pixel_size: float | None, log: logging.Logger) -> np.ndarray:
+def _processing_mask(
+    mask: str | Path | None,
+    ref_small: np.ndarray,
+    parts: Particles,
+    box: int,
+    mask_threshold: float,
+    reference_pixel_size: float | None,
+    log: logging.Logger,
+) -> np.ndarray:
     """Return the ``(box, box, box)`` float32 0/1 processing mask.
 
     The given mask cropped and thresholded, or one derived from the cropped reference ``ref_small``.
@@ -150,13 +174,16 @@ def _processing_mask(mask: str | Path | None, ref_small: np.ndarray, parts: Part
     _check_map("mask", Path(mask), m.data.shape, m.pixel_size, parts, reference_pixel_size)
     out: np.ndarray = (fourier_crop(m.data, box, ndim=3) > mask_threshold).astype(np.float32)
     if not out.any():
-        raise Z3InputError(f"mask {mask} is empty after thresholding at {mask_threshold}; "
-                           "lower `preprocess.mask_threshold` or check the mask")
+        raise Z3InputError(
+            f"mask {mask} is empty after thresholding at {mask_threshold}; "
+            "lower `preprocess.mask_threshold` or check the mask"
+        )
     return out
 
 
-def _write_stack(path: Path, stack: ImageStack, parts: Particles, box: int, apix: float, chunk_size: int,
-                 log: logging.Logger) -> None:
+def _write_stack(
+    path: Path, stack: ImageStack, parts: Particles, box: int, apix: float, chunk_size: int, log: logging.Logger
+) -> None:
     """Write the particles' images, sign-corrected, Fourier-cropped and normalised, to the stack ``path``.
 
     The images are cropped to ``box`` and written chunk by chunk into the MRCS stack.
@@ -195,8 +222,9 @@ def _write_star(path: Path, stack_name: str, parts: Particles, box: int, apix: f
     write_particles_star(path, parts, columns=columns, optics=_optics_for_output(parts, apix, box))
 
 
-def _check_map(kind: str, path: Path, shape: tuple[int, ...], pixel: float, particles: Particles,
-               override: float | None) -> None:
+def _check_map(
+    kind: str, path: Path, shape: tuple[int, ...], pixel: float, particles: Particles, override: float | None
+) -> None:
     """Check that a map is at the particles' box and pixel size (``override``: the config's).
 
     Else raise a :class:`z3lib.io.Z3InputError` that says what to give.
@@ -234,11 +262,15 @@ def _optics_for_output(particles: Particles, pixel_size: float, box: int) -> pd.
                     f"{particles.path}: RELION 3.0 particles with varying {col} need optics groups; "
                     "convert the file with RELION 3.1+ (relion_convert_star) first"
                 )
-        optics = pd.DataFrame({
-            "rlnOpticsGroup": [1], "rlnOpticsGroupName": ["opticsGroup1"],
-            "rlnVoltage": [float(first["voltage"])], "rlnSphericalAberration": [float(first["cs"])],
-            "rlnAmplitudeContrast": [float(first["amplitude_contrast"])],
-        })
+        optics = pd.DataFrame(
+            {
+                "rlnOpticsGroup": [1],
+                "rlnOpticsGroupName": ["opticsGroup1"],
+                "rlnVoltage": [float(first["voltage"])],
+                "rlnSphericalAberration": [float(first["cs"])],
+                "rlnAmplitudeContrast": [float(first["amplitude_contrast"])],
+            }
+        )
     optics["rlnImagePixelSize"] = float(pixel_size)
     optics["rlnImageSize"] = int(box)
     optics["rlnImageDimensionality"] = 2

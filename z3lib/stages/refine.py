@@ -54,9 +54,17 @@ def refine_landscape(
     from z3lib.zart import half_sets
 
     logger = log or logging.getLogger(__name__)
-    parts, clouds, prior, spec = _refine_inputs(particles, points, prior_coefficients, zernike,
-                                                independent_halves=independent_halves, poses=poses,
-                                                pixel_size=pixel_size, image_root=image_root, log=logger)
+    parts, clouds, prior, spec = _refine_inputs(
+        particles,
+        points,
+        prior_coefficients,
+        zernike,
+        independent_halves=independent_halves,
+        poses=poses,
+        pixel_size=pixel_size,
+        image_root=image_root,
+        log=logger,
+    )
     outs = [Path(out_paths)] if isinstance(out_paths, (str, Path)) else [Path(p) for p in out_paths]
     source = ParticleBatchSource.from_particles(parts)
     groups = list(half_sets(source.subsets, seed)) if independent_halves else [np.arange(len(parts))]
@@ -66,12 +74,14 @@ def refine_landscape(
         c = clouds[min(h, len(clouds) - 1)]
         box = int(c["box"])
         if independent_halves:
-            logger.info("gold-standard half %d: %d particles, its own reference (%d points)", h + 1, len(rows),
-                        len(c["points"]))
+            logger.info(
+                "gold-standard half %d: %d particles, its own reference (%d points)", h + 1, len(rows), len(c["points"])
+            )
         decoder = make_decoder(c["points"], c["amplitudes"], spec, float(c["pixel_size"]), device, roughness)
         fit = fit_population(decoder, source.take(rows), prior[rows], config, device=device, seed=seed, log=logger)
-        write_population(out, fit, rows=np.asarray(rows, dtype=np.int64), box=np.int64(box),
-                         original_box=np.int64(c["original_box"]))
+        write_population(
+            out, fit, rows=np.asarray(rows, dtype=np.int64), box=np.int64(box), original_box=np.int64(c["original_box"])
+        )
         logger.info("wrote %s: %d direction(s)", out, len(fit.landscape.directions))
     source.images.close()
     return outs
@@ -93,16 +103,20 @@ def _fitted_landscapes(paths: Sequence[str | Path], prior: np.ndarray) -> tuple[
         land, coeffs = read_population(path)
         rows = read_npz(path)["rows"]
         if coeffs.shape[1] != prior.shape[1] or len(rows) != len(coeffs) or rows.max(initial=-1) >= len(prior):
-            raise Z3InputError(f"{path} holds a landscape of other particles or degrees "
-                               f"({coeffs.shape} for rows up to {rows.max(initial=-1)}; the predictions are "
-                               f"{prior.shape}): remake it (rule refine_landscape)")
+            raise Z3InputError(
+                f"{path} holds a landscape of other particles or degrees "
+                f"({coeffs.shape} for rows up to {rows.max(initial=-1)}; the predictions are "
+                f"{prior.shape}): remake it (rule refine_landscape)"
+            )
         out[rows] = coeffs
         covered[rows] += 1
         lands.append(land)
     if not np.all(covered == 1):
-        raise Z3InputError(f"the landscape fits {', '.join(str(p) for p in paths)} cover {int((covered > 0).sum())} "
-                           f"of {len(prior)} particles ({int((covered > 1).sum())} twice): they belong to other "
-                           "particles or another gold-standard setting; remake them (rule refine_landscape)")
+        raise Z3InputError(
+            f"the landscape fits {', '.join(str(p) for p in paths)} cover {int((covered > 0).sum())} "
+            f"of {len(prior)} particles ({int((covered > 1).sum())} twice): they belong to other "
+            "particles or another gold-standard setting; remake them (rule refine_landscape)"
+        )
     return out, lands
 
 
@@ -172,34 +186,72 @@ def refine_chunk(
         fitted coefficients. None or empty: the landscape of the predictions.
     """
     logger = log or logging.getLogger(__name__)
-    parts, clouds, prior, spec = _refine_inputs(particles, points, prior_coefficients, zernike,
-                                                independent_halves=independent_halves, poses=poses,
-                                                pixel_size=pixel_size, image_root=image_root, log=logger)
+    parts, clouds, prior, spec = _refine_inputs(
+        particles,
+        points,
+        prior_coefficients,
+        zernike,
+        independent_halves=independent_halves,
+        poses=poses,
+        pixel_size=pixel_size,
+        image_root=image_root,
+        log=logger,
+    )
     fitted: list[Landscape] | None = None
     if landscapes and config.mode == "landscape":
         prior, fitted = _fitted_landscapes(landscapes, prior)
         logger.info("starting from the population's landscape (%s)", ", ".join(str(p) for p in landscapes))
     cloud = clouds[0]
     rows = chunk_rows(len(parts), chunk, n_chunks)
-    logger.info("refining chunk %d/%d: particles %d…%d of %d", chunk + 1, n_chunks,
-                rows[0] if len(rows) else 0, rows[-1] if len(rows) else -1, len(parts))
+    logger.info(
+        "refining chunk %d/%d: particles %d…%d of %d",
+        chunk + 1,
+        n_chunks,
+        rows[0] if len(rows) else 0,
+        rows[-1] if len(rows) else -1,
+        len(parts),
+    )
     source = ParticleBatchSource.from_particles(parts)
     image_id = _image_identity(parts)
     inputs: dict[str, Any] = {"independent_halves": bool(independent_halves), "roughness": roughness}
     progress_paths: list[Path] = []
     if not independent_halves:
-        decoder = make_decoder(cloud["points"], cloud["amplitudes"], spec, float(cloud["pixel_size"]), device,
-                               roughness)
-        result = refine_particles(decoder, source, prior, config, index=rows, device=device,
-                                  progress_path=progress_path, images=image_id(rows), inputs=inputs,
-                                  log=logger, landscape=fitted[0] if fitted else None)
+        decoder = make_decoder(
+            cloud["points"], cloud["amplitudes"], spec, float(cloud["pixel_size"]), device, roughness
+        )
+        result = refine_particles(
+            decoder,
+            source,
+            prior,
+            config,
+            index=rows,
+            device=device,
+            progress_path=progress_path,
+            images=image_id(rows),
+            inputs=inputs,
+            log=logger,
+            landscape=fitted[0] if fitted else None,
+        )
         arrays = result.to_arrays()
         if progress_path is not None:
             progress_paths.append(Path(progress_path))
     else:
-        arrays, progress_paths = _refine_halves(source, clouds, prior, rows, image_id, progress_path, seed=seed,
-                                                spec=spec, config=config, device=device,
-                                                roughness=roughness, inputs=inputs, log=logger, landscapes=fitted)
+        arrays, progress_paths = _refine_halves(
+            source,
+            clouds,
+            prior,
+            rows,
+            image_id,
+            progress_path,
+            seed=seed,
+            spec=spec,
+            config=config,
+            device=device,
+            roughness=roughness,
+            inputs=inputs,
+            log=logger,
+            landscapes=fitted,
+        )
     _write_chunk(out_path, arrays, parts, cloud, spec)
     for path in progress_paths:  # the results exist: the partial state is spent
         path.unlink(missing_ok=True)
@@ -207,8 +259,9 @@ def refine_chunk(
     return Path(out_path)
 
 
-def _write_chunk(out_path: str | Path, arrays: dict[str, np.ndarray], parts: Particles, cloud: dict[str, Any],
-                 spec: zk.ZernikeSpec) -> None:
+def _write_chunk(
+    out_path: str | Path, arrays: dict[str, np.ndarray], parts: Particles, cloud: dict[str, Any], spec: zk.ZernikeSpec
+) -> None:
     """Write a chunk's results ``arrays`` to ``out_path`` (``.npz``, atomic).
 
     The coefficients are converted from px of the processing box (``spec``'s) to px of the original
@@ -222,8 +275,13 @@ def _write_chunk(out_path: str | Path, arrays: dict[str, np.ndarray], parts: Par
     # round k >= 2 is already the previous round's refined one), not to the particles as given
     for name in ("defocus_u", "defocus_v"):
         arrays[name] = parts.table[name].to_numpy(np.float64)[arrays["index"]] + arrays["defocus_offset"]
-    write_npz(out_path, box=np.int64(box), original_box=np.int64(orig_box),
-              pixel_size=np.float64(cloud["pixel_size"]), **arrays)
+    write_npz(
+        out_path,
+        box=np.int64(box),
+        original_box=np.int64(orig_box),
+        pixel_size=np.float64(cloud["pixel_size"]),
+        **arrays,
+    )
 
 
 def _refine_inputs(
@@ -262,8 +320,10 @@ def _refine_inputs(
     spec_orig = zk.ZernikeSpec.from_config(zernike, orig_box)
     k3 = spec_orig.n_coefficients
     if prior_orig.shape != (len(parts), k3):
-        raise ValueError(f"{prior_coefficients} holds {prior_orig.shape} coefficients; expected "
-                         f"({len(parts)}, {k3}) for {len(parts)} particles at (L1, L2) = {spec_orig.degrees}")
+        raise ValueError(
+            f"{prior_coefficients} holds {prior_orig.shape} coefficients; expected "
+            f"({len(parts)}, {k3}) for {len(parts)} particles at (L1, L2) = {spec_orig.degrees}"
+        )
     spec = spec_orig.rescaled(box)
     return parts, clouds, spec_orig.convert(prior_orig, spec), spec
 
@@ -308,16 +368,29 @@ def _refine_halves(
     for h, half_rows in enumerate(half_sets(source.subsets, seed), start=1):
         c = clouds[min(h, len(clouds)) - 1]
         local = np.nonzero(np.isin(half_rows, rows))[0]  # this chunk's particles of half h
-        log.info("gold-standard half %d: %d particles of this chunk, against its own reference (%d points)",
-                 h, len(local), len(c["points"]))
+        log.info(
+            "gold-standard half %d: %d particles of this chunk, against its own reference (%d points)",
+            h,
+            len(local),
+            len(c["points"]),
+        )
         decoder = make_decoder(c["points"], c["amplitudes"], spec, float(c["pixel_size"]), device, roughness)
         half_progress = None if progress_path is None else Path(progress_path).with_suffix(f".half{h}.npz")
         if half_progress is not None:
             progress_paths.append(half_progress)
-        res = refine_particles(decoder, source.take(half_rows), prior[half_rows], config, index=local,
-                               device=device, progress_path=half_progress, images=image_id(half_rows[local]),
-                               inputs={**inputs, "half": h, "seed": int(seed)}, log=log,
-                               landscape=landscapes[h - 1] if landscapes else None).to_arrays()
+        res = refine_particles(
+            decoder,
+            source.take(half_rows),
+            prior[half_rows],
+            config,
+            index=local,
+            device=device,
+            progress_path=half_progress,
+            images=image_id(half_rows[local]),
+            inputs={**inputs, "half": h, "seed": int(seed)},
+            log=log,
+            landscape=landscapes[h - 1] if landscapes else None,
+        ).to_arrays()
         res["index"] = half_rows[res["index"]]
         pieces.append(res)
     order = np.argsort(np.concatenate([piece["index"] for piece in pieces]), kind="stable")
@@ -350,8 +423,10 @@ def gather_refined(
     index = np.concatenate([c["index"] for c in chunks])
     n = len(original)
     if len(index) != n or not np.array_equal(np.sort(index), np.arange(n)):
-        raise ValueError(f"the chunks cover {len(index)} rows ({len(np.unique(index))} distinct) but "
-                         f"{original_particles} has {n} particles: a chunk is missing or repeated")
+        raise ValueError(
+            f"the chunks cover {len(index)} rows ({len(np.unique(index))} distinct) but "
+            f"{original_particles} has {n} particles: a chunk is missing or repeated"
+        )
     order = np.argsort(index)
 
     def stacked(key: str) -> np.ndarray:
@@ -370,14 +445,24 @@ def gather_refined(
     for name in ("defocus_u", "defocus_v"):  # Å; chunks of z3lib <= 0.1.3 hold the offset only
         table[name] = stacked(name) if name in chunks[0] else table[name].to_numpy() + stacked("defocus_offset")
     flagged = stacked("flagged").astype(bool)
-    columns = {"zernikeCoefficients": coefficients, "zernikeCost": stacked("cost"),
-               "zernikeCostPrior": stacked("cost_prior"), "zernikeRefineFlag": flagged.astype(np.int64)}
+    columns = {
+        "zernikeCoefficients": coefficients,
+        "zernikeCost": stacked("cost"),
+        "zernikeCostPrior": stacked("cost_prior"),
+        "zernikeRefineFlag": flagged.astype(np.int64),
+    }
     spec = zk.ZernikeSpec.from_config(zernike, orig_box)
     spec.check(coefficients, f"the refined chunks {chunk_paths[0]}…")
     out = Path(out_dir)
     paths = {"particles": out / "particles.star", "coefficients": out / "coefficients.npy"}
     write_coefficients(paths["coefficients"], coefficients)
     write_particles_star(paths["particles"], original, columns=columns, zernike=spec, table=table)
-    logger.info("gathered %d particles from %d chunks: %d flagged (prior kept), mean cost %.4f → %.4f",
-                n, len(chunks), int(flagged.sum()), float(stacked("cost_prior").mean()), float(stacked("cost").mean()))
+    logger.info(
+        "gathered %d particles from %d chunks: %d flagged (prior kept), mean cost %.4f → %.4f",
+        n,
+        len(chunks),
+        int(flagged.sum()),
+        float(stacked("cost_prior").mean()),
+        float(stacked("cost").mean()),
+    )
     return paths

@@ -61,9 +61,16 @@ def reference_from_map(
     paths = {"reference": out / "reference.mrc", "mask": out / "mask.mrc", "points": out / "points.npz"}
     write_map(paths["reference"], vol, apix)
     write_map(paths["mask"], mask, apix)
-    write_npz(paths["points"], points=points.astype(np.float32), amplitudes=amplitudes.astype(np.float32),
-              box=np.int64(box), pixel_size=np.float64(apix), original_box=np.int64(template["original_box"]),
-              original_pixel_size=np.float64(template["original_pixel_size"]), step=np.int64(step))
+    write_npz(
+        paths["points"],
+        points=points.astype(np.float32),
+        amplitudes=amplitudes.astype(np.float32),
+        box=np.int64(box),
+        pixel_size=np.float64(apix),
+        original_box=np.int64(template["original_box"]),
+        original_pixel_size=np.float64(template["original_pixel_size"]),
+        step=np.int64(step),
+    )
     logger.info("reference from %s: %d mask voxels (%d points, step %d)", volume, int(mask.sum()), len(points), step)
     return paths
 

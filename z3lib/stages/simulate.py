@@ -90,19 +90,40 @@ def simulate_dataset(
     else:
         t = rng.choice(np.asarray(t_values, dtype=np.float64), size=n_particles)
     sim = simulate_particles(
-        motion, n=n_particles, box=box, pixel_size=pixel_size, resolution=resolution, snr=snr,
-        seed=seed + 1, t=t, shift_sigma=shift_sigma, defocus_range=(defocus_min, defocus_max),
+        motion,
+        n=n_particles,
+        box=box,
+        pixel_size=pixel_size,
+        resolution=resolution,
+        snr=snr,
+        seed=seed + 1,
+        t=t,
+        shift_sigma=shift_sigma,
+        defocus_range=(defocus_min, defocus_max),
     )
-    logger.info("simulated %d particles of %d px in %.1f s (noise sigma %.3g)", n_particles, box,
-                time.perf_counter() - t0, sim.noise_sigma)
+    logger.info(
+        "simulated %d particles of %d px in %.1f s (noise sigma %.3g)",
+        n_particles,
+        box,
+        time.perf_counter() - t0,
+        sim.noise_sigma,
+    )
     sigma_px = gaussian_sigma(resolution) / pixel_size
-    paths = {name: out / fname for name, fname in (
-        ("particles", "particles.star"), ("stack", "particles.mrcs"), ("ground_truth", "ground_truth.tsv"),
-        ("motion", "motion.npz"), ("reference", "reference.mrc"), ("mask", "mask.mrc"),
-        ("truth_reference", "truth_reference.mrc"), ("state_start", "state_start.mrc"),
-        ("state_end", "state_end.mrc"),
-        ("reference_model", "reference_model.pdb"),
-    )}
+    paths = {
+        name: out / fname
+        for name, fname in (
+            ("particles", "particles.star"),
+            ("stack", "particles.mrcs"),
+            ("ground_truth", "ground_truth.tsv"),
+            ("motion", "motion.npz"),
+            ("reference", "reference.mrc"),
+            ("mask", "mask.mrc"),
+            ("truth_reference", "truth_reference.mrc"),
+            ("state_start", "state_start.mrc"),
+            ("state_end", "state_end.mrc"),
+            ("reference_model", "reference_model.pdb"),
+        )
+    }
     with open_stack_writer(paths["stack"], n_particles, box, pixel_size) as data:
         data[:] = sim.images
     maps = {}
@@ -118,8 +139,18 @@ def simulate_dataset(
     else:
         write_map(paths["reference"], maps["truth_reference"], pixel_size)
         write_map(paths["mask"], make_mask(list(maps.values())), pixel_size)
-    _write_truth(paths, sim, start, motion, box=box, pixel_size=pixel_size, reference_t=reference_t,
-                 sigma_px=sigma_px, snr=snr, resolution=resolution)
+    _write_truth(
+        paths,
+        sim,
+        start,
+        motion,
+        box=box,
+        pixel_size=pixel_size,
+        reference_t=reference_t,
+        sigma_px=sigma_px,
+        snr=snr,
+        resolution=resolution,
+    )
     logger.info("wrote %s in %.1f s", ", ".join(p.name for p in paths.values()), time.perf_counter() - t0)
     return paths
 
@@ -142,8 +173,9 @@ def _read_motion(start_model: str | Path, end_model: str | Path) -> tuple[Atomic
     return start, build_motion(start.coords, end.coords, weights, ca if ca.any() else None)
 
 
-def _write_star(path: Path, stack_name: str, sim: SimulatedParticles, subset: np.ndarray, box: int,
-                pixel_size: float) -> None:
+def _write_star(
+    path: Path, stack_name: str, sim: SimulatedParticles, subset: np.ndarray, box: int, pixel_size: float
+) -> None:
     """Write the particles' RELION 3.1 STAR.
 
     One optics group (300 kV, Cs 2.7 mm, Q0 0.1), the true poses, shifts (Å), CTF and the half
@@ -152,25 +184,53 @@ def _write_star(path: Path, stack_name: str, sim: SimulatedParticles, subset: np
     from z3lib.io import write_star
 
     n_particles = len(subset)
-    optics = pd.DataFrame({
-        "rlnOpticsGroup": [1], "rlnOpticsGroupName": ["opticsGroup1"], "rlnImagePixelSize": [pixel_size],
-        "rlnImageSize": [box], "rlnImageDimensionality": [2], "rlnVoltage": [300.0],
-        "rlnSphericalAberration": [2.7], "rlnAmplitudeContrast": [0.1],
-    })
-    particles = pd.DataFrame({
-        "rlnImageName": [f"{i + 1:06d}@{stack_name}" for i in range(n_particles)],
-        "rlnAngleRot": sim.rot, "rlnAngleTilt": sim.tilt, "rlnAnglePsi": sim.psi,
-        "rlnOriginXAngst": sim.shift_x * pixel_size, "rlnOriginYAngst": sim.shift_y * pixel_size,
-        "rlnDefocusU": sim.defocus_u, "rlnDefocusV": sim.defocus_v, "rlnDefocusAngle": sim.defocus_angle,
-        "rlnPhaseShift": np.zeros(n_particles), "rlnCtfBfactor": np.zeros(n_particles),
-        "rlnCtfScalefactor": np.ones(n_particles), "rlnOpticsGroup": np.ones(n_particles, dtype=int),
-        "rlnRandomSubset": subset, "rlnClassNumber": np.ones(n_particles, dtype=int),
-    })
+    optics = pd.DataFrame(
+        {
+            "rlnOpticsGroup": [1],
+            "rlnOpticsGroupName": ["opticsGroup1"],
+            "rlnImagePixelSize": [pixel_size],
+            "rlnImageSize": [box],
+            "rlnImageDimensionality": [2],
+            "rlnVoltage": [300.0],
+            "rlnSphericalAberration": [2.7],
+            "rlnAmplitudeContrast": [0.1],
+        }
+    )
+    particles = pd.DataFrame(
+        {
+            "rlnImageName": [f"{i + 1:06d}@{stack_name}" for i in range(n_particles)],
+            "rlnAngleRot": sim.rot,
+            "rlnAngleTilt": sim.tilt,
+            "rlnAnglePsi": sim.psi,
+            "rlnOriginXAngst": sim.shift_x * pixel_size,
+            "rlnOriginYAngst": sim.shift_y * pixel_size,
+            "rlnDefocusU": sim.defocus_u,
+            "rlnDefocusV": sim.defocus_v,
+            "rlnDefocusAngle": sim.defocus_angle,
+            "rlnPhaseShift": np.zeros(n_particles),
+            "rlnCtfBfactor": np.zeros(n_particles),
+            "rlnCtfScalefactor": np.ones(n_particles),
+            "rlnOpticsGroup": np.ones(n_particles, dtype=int),
+            "rlnRandomSubset": subset,
+            "rlnClassNumber": np.ones(n_particles, dtype=int),
+        }
+    )
     write_star(path, {"optics": optics, "particles": particles})
 
 
-def _write_truth(paths: dict[str, Path], sim: SimulatedParticles, start: AtomicModel, motion: Motion, *, box: int,
-                 pixel_size: float, reference_t: float, sigma_px: float, snr: float, resolution: float) -> None:
+def _write_truth(
+    paths: dict[str, Path],
+    sim: SimulatedParticles,
+    start: AtomicModel,
+    motion: Motion,
+    *,
+    box: int,
+    pixel_size: float,
+    reference_t: float,
+    sigma_px: float,
+    snr: float,
+    resolution: float,
+) -> None:
     """Write the ground truth.
 
     ``ground_truth.tsv`` (per particle), ``motion.npz`` and the atomic model at ``reference_t`` in
@@ -178,14 +238,35 @@ def _write_truth(paths: dict[str, Path], sim: SimulatedParticles, start: AtomicM
     """
     from z3lib.io import write_model_pdb, write_npz, write_table
 
-    write_table(paths["ground_truth"], pd.DataFrame({
-        "particle": np.arange(len(sim.t)), "t": sim.t, "rot": sim.rot, "tilt": sim.tilt, "psi": sim.psi,
-        "shift_x_px": sim.shift_x, "shift_y_px": sim.shift_y, "defocus_u": sim.defocus_u,
-        "defocus_v": sim.defocus_v, "defocus_angle": sim.defocus_angle,
-    }))
-    write_npz(paths["motion"], start=motion.start, end=motion.end, weights=motion.weights,
-              pixel_size=float(pixel_size), box=float(box), reference_t=float(reference_t),
-              sigma=float(sigma_px), snr=float(snr), resolution=float(resolution))
+    write_table(
+        paths["ground_truth"],
+        pd.DataFrame(
+            {
+                "particle": np.arange(len(sim.t)),
+                "t": sim.t,
+                "rot": sim.rot,
+                "tilt": sim.tilt,
+                "psi": sim.psi,
+                "shift_x_px": sim.shift_x,
+                "shift_y_px": sim.shift_y,
+                "defocus_u": sim.defocus_u,
+                "defocus_v": sim.defocus_v,
+                "defocus_angle": sim.defocus_angle,
+            }
+        ),
+    )
+    write_npz(
+        paths["motion"],
+        start=motion.start,
+        end=motion.end,
+        weights=motion.weights,
+        pixel_size=float(pixel_size),
+        box=float(box),
+        reference_t=float(reference_t),
+        sigma=float(sigma_px),
+        snr=float(snr),
+        resolution=float(resolution),
+    )
     # the atomic model of the reference conformation, in the maps' frame (MRC origin at voxel 0,
     # as ChimeraX and Coot place it): centred coordinates + the box centre in Å
     centre = box_center(box) * pixel_size

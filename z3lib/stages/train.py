@@ -80,27 +80,49 @@ def train(
     """
     logger = log or logging.getLogger(__name__)
     out = Path(out_dir)
-    parts, cloud, source, rows = _training_particles(particles, points, config, half=half, poses=poses,
-                                                     pixel_size=pixel_size, image_root=image_root, log=logger)
+    parts, cloud, source, rows = _training_particles(
+        particles, points, config, half=half, poses=poses, pixel_size=pixel_size, image_root=image_root, log=logger
+    )
     box, n_all = int(cloud["box"]), len(parts)
     init_weights = None
     if init_model is not None:
         init_weights = load_weights(init_model)
         logger.info("starting from the weights of %s", init_model)
-    logger.info("Zernike3Deep: %d particles, box %d, %d points, (L1, L2) = (%d, %d) %s basis, %s encoder",
-                len(source), box, len(cloud["points"]), config.L1, config.L2, config.basis, config.encoder)
+    logger.info(
+        "Zernike3Deep: %d particles, box %d, %d points, (L1, L2) = (%d, %d) %s basis, %s encoder",
+        len(source),
+        box,
+        len(cloud["points"]),
+        config.L1,
+        config.L2,
+        config.basis,
+        config.encoder,
+    )
     t0 = time.perf_counter()
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    model, history = train_model(source, cloud["points"], cloud["amplitudes"], box, config,
-                                 checkpoint_dir=checkpoint_dir or out / "checkpoint", device=device, log=logger,
-                                 init_weights=init_weights,
-                                 data_digests=_data_digests(source, parts, rows, n_all))
-    meta: dict[str, Any] = {"box": box, "pixel_size": float(cloud["pixel_size"]),
-                            "original_box": int(cloud["original_box"]),
-                            "original_pixel_size": float(cloud["original_pixel_size"]), "n_particles": len(source),
-                            "n_total": n_all, "half": 0 if half is None else int(half),
-                            "rows": torch.as_tensor(rows)}
+    model, history = train_model(
+        source,
+        cloud["points"],
+        cloud["amplitudes"],
+        box,
+        config,
+        checkpoint_dir=checkpoint_dir or out / "checkpoint",
+        device=device,
+        log=logger,
+        init_weights=init_weights,
+        data_digests=_data_digests(source, parts, rows, n_all),
+    )
+    meta: dict[str, Any] = {
+        "box": box,
+        "pixel_size": float(cloud["pixel_size"]),
+        "original_box": int(cloud["original_box"]),
+        "original_pixel_size": float(cloud["original_pixel_size"]),
+        "n_particles": len(source),
+        "n_total": n_all,
+        "half": 0 if half is None else int(half),
+        "rows": torch.as_tensor(rows),
+    }
     paths = _write_training(out, model, history, cloud, meta, logger)
     logger.info("training done in %.1f s", time.perf_counter() - t0)
     if torch.device(device).type == "cuda":
@@ -148,8 +170,14 @@ def _training_particles(
     return parts, cloud, source, rows
 
 
-def _write_training(out: Path, model: Zernike3Deep, history: pd.DataFrame, cloud: dict[str, Any],
-                    meta: dict[str, Any], log: logging.Logger) -> dict[str, Path]:
+def _write_training(
+    out: Path,
+    model: Zernike3Deep,
+    history: pd.DataFrame,
+    cloud: dict[str, Any],
+    meta: dict[str, Any],
+    log: logging.Logger,
+) -> dict[str, Path]:
     """Write ``model.pt``, ``history.tsv`` and ``points.npz`` under ``out``; return their paths.
 
     ``points.npz`` is the input cloud with the amplitudes the decoder ended with.
@@ -179,10 +207,13 @@ def _data_digests(source: ParticleBatchSource, parts: Particles, rows: np.ndarra
 
     t = parts.table.iloc[rows]
     ctf = source.ctf
-    return {"rows": array_digest(rows), "n_total": str(n_all), "z3lib": z3lib.__version__,
-            "particles": array_digest(source.angles, source.shifts, source.subsets,
-                                      *(getattr(ctf, f.name) for f in fields(ctf))),
-            "optics": f"{source.pixel_size!r} {source.phase_flipped}",
-            "images": stack_identity(t["image_path"].astype(str).tolist(), t["image_index"].to_numpy(np.int64))}
-
-
+    return {
+        "rows": array_digest(rows),
+        "n_total": str(n_all),
+        "z3lib": z3lib.__version__,
+        "particles": array_digest(
+            source.angles, source.shifts, source.subsets, *(getattr(ctf, f.name) for f in fields(ctf))
+        ),
+        "optics": f"{source.pixel_size!r} {source.phase_flipped}",
+        "images": stack_identity(t["image_path"].astype(str).tolist(), t["image_index"].to_numpy(np.int64)),
+    }

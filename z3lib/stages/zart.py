@@ -81,16 +81,24 @@ def zart(
 
     logger = log or logging.getLogger(__name__)
     be = get_backend(backend, logger)
-    parts, clouds, half_pts, step = _zart_inputs(particles, points, poses=poses, pixel_size=pixel_size,
-                                                 image_root=image_root, log=logger)
+    parts, clouds, half_pts, step = _zart_inputs(
+        particles, points, poses=poses, pixel_size=pixel_size, image_root=image_root, log=logger
+    )
     box, orig = int(clouds[0]["box"]), int(clouds[0]["original_box"])
     apix = float(clouds[0]["pixel_size"])
     spec = ZernikeSpec.from_config(zernike, orig)
     coeffs, half_z = _fields(coefficients, parts, particles, half_pts, spec, box)
     h1, h2 = half_sets(parts.table["random_subset"].to_numpy(), config.seed)
-    logger.info("ZART: %d particles (halves %d + %d), box %d, %s mask voxels, %d iterations, batch %d",
-                len(parts), len(h1), len(h2), box, " / ".join(str(len(c["points"])) for c in clouds),
-                config.iterations, config.batch_size)
+    logger.info(
+        "ZART: %d particles (halves %d + %d), box %d, %s mask voxels, %d iterations, batch %d",
+        len(parts),
+        len(h1),
+        len(h2),
+        box,
+        " / ".join(str(len(c["points"])) for c in clouds),
+        config.iterations,
+        config.batch_size,
+    )
     stack = parts.images()
     out = Path(out_dir)
     paths: dict[str, Path] = {}
@@ -100,9 +108,21 @@ def zart(
     if coeffs is not None:
         coeffs = centre_fields(coeffs, (h1, h2), config.frame)
         if config.field_scale == "auto":
-            scale, scale_table = choose_field_scale(be, half_pts, [z for z in half_z if z is not None], coeffs, stack,
-                                                    parts.table, (h1, h2), box, apix, config, fsc_mask, step=step,
-                                                    log=logger)
+            scale, scale_table = choose_field_scale(
+                be,
+                half_pts,
+                [z for z in half_z if z is not None],
+                coeffs,
+                stack,
+                parts.table,
+                (h1, h2),
+                box,
+                apix,
+                config,
+                fsc_mask,
+                step=step,
+                log=logger,
+            )
         else:
             scale = float(config.field_scale)
             if not 0.0 <= scale <= 1.0:
@@ -112,8 +132,23 @@ def zart(
             scale_table = pd.DataFrame({"scale": [scale]})
         scale_table["chosen"] = scale_table["scale"] == scale
     for name, field_coeffs in (("corrected", coeffs), ("uncorrected", None)):
-        halves = _half_maps(be, name, half_pts, half_z, field_coeffs,
-                            stack, parts, (h1, h2), box, apix, step, config, out, paths, logger)
+        halves = _half_maps(
+            be,
+            name,
+            half_pts,
+            half_z,
+            field_coeffs,
+            stack,
+            parts,
+            (h1, h2),
+            box,
+            apix,
+            step,
+            config,
+            out,
+            paths,
+            logger,
+        )
         fsc = masked_fsc(halves[0], halves[1], fsc_mask, apix, step=step)
         curves[name] = fsc
         paths[name] = _write_average(out / f"{name}.mrc", name, halves, fsc, apix, logger)
@@ -164,8 +199,14 @@ def _zart_inputs(
     return parts, clouds, half_pts, step
 
 
-def _fields(coefficients: str | Path | None, parts: Particles, particles: str | Path, half_pts: list[np.ndarray],
-            spec: ZernikeSpec, box: int) -> tuple[np.ndarray | None, list[np.ndarray | None]]:
+def _fields(
+    coefficients: str | Path | None,
+    parts: Particles,
+    particles: str | Path,
+    half_pts: list[np.ndarray],
+    spec: ZernikeSpec,
+    box: int,
+) -> tuple[np.ndarray | None, list[np.ndarray | None]]:
     """Read the fields and evaluate each half's basis on the processing box.
 
     The fields ``(n, 3K)`` come back in px of the processing box ``box`` (``spec`` is their basis
@@ -187,10 +228,23 @@ def _fields(coefficients: str | Path | None, parts: Particles, particles: str | 
     return coeffs, half_z
 
 
-def _half_maps(backend: Any, name: str, half_pts: list[np.ndarray], half_z: list[np.ndarray | None],
-               coefficients: np.ndarray | None, stack: ImageStack, parts: Particles,
-               halves: tuple[np.ndarray, np.ndarray], box: int, apix: float, step: int, config: ZartConfig,
-               out: Path, paths: dict[str, Path], log: logging.Logger) -> list[np.ndarray]:
+def _half_maps(
+    backend: Any,
+    name: str,
+    half_pts: list[np.ndarray],
+    half_z: list[np.ndarray | None],
+    coefficients: np.ndarray | None,
+    stack: ImageStack,
+    parts: Particles,
+    halves: tuple[np.ndarray, np.ndarray],
+    box: int,
+    apix: float,
+    step: int,
+    config: ZartConfig,
+    out: Path,
+    paths: dict[str, Path],
+    log: logging.Logger,
+) -> list[np.ndarray]:
     """Reconstruct and write ``{name}_half1.mrc`` and ``{name}_half2.mrc``; return the two half maps.
 
     Their paths go into ``paths``; the maps are ``(box, box, box)``.
@@ -201,8 +255,20 @@ def _half_maps(backend: Any, name: str, half_pts: list[np.ndarray], half_z: list
     maps = []
     for h, rows in enumerate(halves, start=1):
         pts, z = half_pts[h - 1], half_z[h - 1]
-        vals, stats = reconstruct_zart(backend, pts, z, coefficients, stack, parts.table, rows, box, apix, config,
-                                       log=log, label=f" {name} half {h}")
+        vals, stats = reconstruct_zart(
+            backend,
+            pts,
+            z,
+            coefficients,
+            stack,
+            parts.table,
+            rows,
+            box,
+            apix,
+            config,
+            log=log,
+            label=f" {name} half {h}",
+        )
         log.info("%s half %d: %.0f images/s", name, h, stats["images_per_s"])
         half = values_to_volume(vals, pts, box, step=step)
         if step > 1:  # a sub-grid of spacing `step` holds nothing beyond its own Nyquist
@@ -213,8 +279,9 @@ def _half_maps(backend: Any, name: str, half_pts: list[np.ndarray], half_z: list
     return maps
 
 
-def _write_average(path: Path, name: str, halves: list[np.ndarray], fsc: pd.DataFrame, apix: float,
-                   log: logging.Logger) -> Path:
+def _write_average(
+    path: Path, name: str, halves: list[np.ndarray], fsc: pd.DataFrame, apix: float, log: logging.Logger
+) -> Path:
     """Write the half maps' average low-passed at their FSC = 0.143 resolution to ``path``."""
     from z3lib.analysis import lowpass_filter, resolution_at
     from z3lib.io import write_map

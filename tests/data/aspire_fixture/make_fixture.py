@@ -50,10 +50,15 @@ def blob_volume(box: int, rng: np.random.Generator) -> np.ndarray:
     within 8 px of the centre ``box // 2``."""
     z, y, x = np.meshgrid(*[np.arange(box) - box // 2] * 3, indexing="ij")
     vol = np.zeros((box,) * 3)
-    centres = [(5.0, 1.0, -2.0), (-4.0, 3.0, 1.0), (0.5, -5.0, 2.5), (-1.0, -1.0, -5.0), (2.0, 4.0, 4.0),
-               (-5.5, -3.0, -1.5)]
-    for (cx, cy, cz), sigma, weight in zip(centres, rng.uniform(1.6, 2.6, 6), rng.uniform(0.5, 1.5, 6),
-                                           strict=True):
+    centres = [
+        (5.0, 1.0, -2.0),
+        (-4.0, 3.0, 1.0),
+        (0.5, -5.0, 2.5),
+        (-1.0, -1.0, -5.0),
+        (2.0, 4.0, 4.0),
+        (-5.5, -3.0, -1.5),
+    ]
+    for (cx, cy, cz), sigma, weight in zip(centres, rng.uniform(1.6, 2.6, 6), rng.uniform(0.5, 1.5, 6), strict=True):
         vol += weight * np.exp(-((x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2) / (2 * sigma**2))
     return vol.astype(np.float32)
 
@@ -79,13 +84,28 @@ def main() -> None:
             from aspire.source import Simulation
             from aspire.volume import Volume
 
-            filters = [CTFFilter(voltage=VOLTAGE, defocus_u=float(u), defocus_v=float(v), defocus_ang=float(a),
-                                 Cs=CS, alpha=AMPLITUDE_CONTRAST)
-                       for u, v, a in zip(defocus_u, defocus_v, defocus_angle, strict=True)]
-            sim = Simulation(n=N, vols=Volume(vol_sim, pixel_size=PIXEL_SIZE), states=np.ones(N, dtype=int),
-                             unique_filters=filters, filter_indices=np.arange(N),
-                             offsets=offsets.astype(np.float32), amplitudes=np.ones(N, dtype=np.float32),
-                             seed=SEED, dtype=np.float32)
+            filters = [
+                CTFFilter(
+                    voltage=VOLTAGE,
+                    defocus_u=float(u),
+                    defocus_v=float(v),
+                    defocus_ang=float(a),
+                    Cs=CS,
+                    alpha=AMPLITUDE_CONTRAST,
+                )
+                for u, v, a in zip(defocus_u, defocus_v, defocus_angle, strict=True)
+            ]
+            sim = Simulation(
+                n=N,
+                vols=Volume(vol_sim, pixel_size=PIXEL_SIZE),
+                states=np.ones(N, dtype=int),
+                unique_filters=filters,
+                filter_indices=np.arange(N),
+                offsets=offsets.astype(np.float32),
+                amplitudes=np.ones(N, dtype=np.float32),
+                seed=SEED,
+                dtype=np.float32,
+            )
             sim.generation_pipeline.add_xform(Multiply(-1))  # ASPIRE's CTF is −RELION's
             images = sim.images[:N].asnumpy().astype(np.float32)
             meta = sim.get_metadata(as_dict=True)
@@ -93,32 +113,44 @@ def main() -> None:
             version = aspire.__version__
         finally:
             os.chdir(here)
-    clean = images[:, pad:pad + BOX, pad:pad + BOX]
+    clean = images[:, pad : pad + BOX, pad : pad + BOX]
 
     def col(name: str) -> np.ndarray:
         return np.asarray(meta[name], dtype=np.float64)
 
-    particles = pd.DataFrame({
-        "rlnImageName": [f"{i + 1:06d}@clean.mrcs" for i in range(N)],
-        "rlnAngleRot": col("_rlnAngleRot"),
-        "rlnAngleTilt": col("_rlnAngleTilt"),
-        "rlnAnglePsi": col("_rlnAnglePsi"),
-        "rlnOriginXAngst": col("_rlnOriginXAngst"),
-        "rlnOriginYAngst": col("_rlnOriginYAngst"),
-        "rlnDefocusU": col("_rlnDefocusU"),
-        "rlnDefocusV": col("_rlnDefocusV"),
-        "rlnDefocusAngle": np.rad2deg(col("_rlnDefocusAngle")),  # ASPIRE's metadata holds radians
-        "rlnOpticsGroup": np.ones(N, dtype=int),
-    })
-    for name, value in (("_rlnVoltage", VOLTAGE), ("_rlnSphericalAberration", CS),
-                        ("_rlnAmplitudeContrast", AMPLITUDE_CONTRAST)):
+    particles = pd.DataFrame(
+        {
+            "rlnImageName": [f"{i + 1:06d}@clean.mrcs" for i in range(N)],
+            "rlnAngleRot": col("_rlnAngleRot"),
+            "rlnAngleTilt": col("_rlnAngleTilt"),
+            "rlnAnglePsi": col("_rlnAnglePsi"),
+            "rlnOriginXAngst": col("_rlnOriginXAngst"),
+            "rlnOriginYAngst": col("_rlnOriginYAngst"),
+            "rlnDefocusU": col("_rlnDefocusU"),
+            "rlnDefocusV": col("_rlnDefocusV"),
+            "rlnDefocusAngle": np.rad2deg(col("_rlnDefocusAngle")),  # ASPIRE's metadata holds radians
+            "rlnOpticsGroup": np.ones(N, dtype=int),
+        }
+    )
+    for name, value in (
+        ("_rlnVoltage", VOLTAGE),
+        ("_rlnSphericalAberration", CS),
+        ("_rlnAmplitudeContrast", AMPLITUDE_CONTRAST),
+    ):
         if not np.allclose(col(name), value):
             raise RuntimeError(f"ASPIRE's metadata {name} is not the simulated {value}")
-    optics = pd.DataFrame({
-        "rlnOpticsGroup": [1], "rlnOpticsGroupName": ["opticsGroup1"],
-        "rlnVoltage": [VOLTAGE], "rlnSphericalAberration": [CS], "rlnAmplitudeContrast": [AMPLITUDE_CONTRAST],
-        "rlnImagePixelSize": [PIXEL_SIZE], "rlnImageSize": [BOX], "rlnImageDimensionality": [2],
-    })
+    optics = pd.DataFrame(
+        {
+            "rlnOpticsGroup": [1],
+            "rlnOpticsGroupName": ["opticsGroup1"],
+            "rlnVoltage": [VOLTAGE],
+            "rlnSphericalAberration": [CS],
+            "rlnAmplitudeContrast": [AMPLITUDE_CONTRAST],
+            "rlnImagePixelSize": [PIXEL_SIZE],
+            "rlnImageSize": [BOX],
+            "rlnImageDimensionality": [2],
+        }
+    )
     star = HERE / "particles.star"
     starfile.write({"optics": optics, "particles": particles}, star, overwrite=True, float_format="%.8f")
     # RELION's version line instead of starfile's time-stamped comment: the same script, the same file
@@ -133,11 +165,16 @@ def main() -> None:
             mrc.voxel_size = PIXEL_SIZE
             mrc.header.label[0] = b"ASPIRE fixture, tests/data/aspire_fixture/make_fixture.py"  # no time stamp
     np.savez_compressed(
-        HERE / "aspire_ctf.npz", ctf=ctf.astype(np.float64), pixel_size=np.float64(PIXEL_SIZE),
-        box=np.int64(BOX), aspire_version=np.str_(version),
-        note=np.str_("ASPIRE CTFFilter.evaluate_grid(32, pixel_size=3.0): (8, 32, 32) [y, x], DC at index 16 "
-                     "(centred, not fft order); ASPIRE's sign (minus RELION's CTF); image i = row i of "
-                     "particles.star"),
+        HERE / "aspire_ctf.npz",
+        ctf=ctf.astype(np.float64),
+        pixel_size=np.float64(PIXEL_SIZE),
+        box=np.int64(BOX),
+        aspire_version=np.str_(version),
+        note=np.str_(
+            "ASPIRE CTFFilter.evaluate_grid(32, pixel_size=3.0): (8, 32, 32) [y, x], DC at index 16 "
+            "(centred, not fft order); ASPIRE's sign (minus RELION's CTF); image i = row i of "
+            "particles.star"
+        ),
     )
     print(f"ASPIRE {version}: wrote {N} images of {BOX}² px at {PIXEL_SIZE} Å to {HERE}")
 
