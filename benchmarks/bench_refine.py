@@ -36,7 +36,8 @@ from z3lib.conventions import euler_to_matrix
 from z3lib.decoder import circle_mask, image_loss
 from z3lib.io import read_coefficients, read_npz, read_particles, read_table
 from z3lib.network import NetworkConfig
-from z3lib.refine import RefineConfig, make_decoder, refine_particles
+from z3lib.refine import RefineConfig, make_decoder
+from z3lib.refine_run import refine_particles
 from z3lib.training import ParticleBatch, ParticleBatchSource
 
 #: The network run whose predictions start the refinement (bench_zernike3deep's default setting).

@@ -31,7 +31,8 @@ from z3lib.analysis import fourier_shell_correlation, fsc_area, resolution_at
 from z3lib.devices import cupy_device_name, cupy_usable
 from z3lib.geometry import matrix_to_euler, points_from_mask, random_rotations, sphere_mask
 from z3lib.io import read_map, read_npz, read_particles, read_table
-from z3lib.refine import RefineConfig, make_decoder, refine_particles
+from z3lib.refine import RefineConfig, make_decoder
+from z3lib.refine_run import refine_particles
 from z3lib.simulate import load_motion
 from z3lib.training import ParticleBatchSource, array_digest
 from z3lib.zart import (

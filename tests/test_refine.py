@@ -14,12 +14,8 @@ from z3lib.decoder import PhysicalDecoder
 from z3lib.geometry import euler_to_matrix, points_from_volume
 from z3lib.io import read_coefficients, read_star_blocks, write_coefficients
 from z3lib.network import NetworkConfig
-from z3lib.refine import (
-    RefineConfig,
-    chunk_rows,
-    landscape_from_predictions,
-    refine_batch,
-)
+from z3lib.refine import RefineConfig, landscape_from_predictions, refine_batch
+from z3lib.refine_run import chunk_rows
 from z3lib.stages.preprocess import preprocess
 from z3lib.stages.refine import gather_refined, refine_chunk
 from z3lib.stages.simulate import simulate_dataset

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import z3lib
-import z3lib.refine as refine_module
+import z3lib.refine_run as refine_module
 from z3lib.io import read_npz, write_coefficients, write_npz
 from z3lib.refine import RefineConfig
 from z3lib.stages.preprocess import preprocess

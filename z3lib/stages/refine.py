@@ -1,7 +1,7 @@
 """Stages ``refine_landscape``, ``refine_chunk`` and ``refine``.
 
 The landscape fitted to all particles (:func:`z3lib.population.fit_population`), the
-per-particle refinement of one chunk of particles (:func:`z3lib.refine.refine_particles`), then
+per-particle refinement of one chunk of particles (:func:`z3lib.refine_run.refine_particles`), then
 the chunks gathered back in STAR order.
 """
 
@@ -20,7 +20,8 @@ from z3lib.conventions import shift_angstrom_to_pixels, shift_pixels_to_angstrom
 from z3lib.decoder import Roughness
 from z3lib.io import Particles
 from z3lib.network import NetworkConfig
-from z3lib.refine import Landscape, RefineConfig, chunk_rows, make_decoder, refine_particles
+from z3lib.refine import Landscape, RefineConfig, make_decoder
+from z3lib.refine_run import chunk_rows, refine_particles
 from z3lib.training import ParticleBatchSource, stack_identity
 
 
@@ -165,7 +166,7 @@ def refine_chunk(
         ZART uses) on its own: its own reference, and a landscape and prior built from its own
         particles' predictions only, so that no information crosses the halves.
     progress_path
-        partial results (:func:`refine_particles`; with ``independent_halves`` one file per half,
+        partial results (:func:`z3lib.refine_run.refine_particles`; with ``independent_halves`` one file per half,
         ``….half1.npz`` and ``….half2.npz``), reused only for the same inputs, settings and
         library version, and removed once ``out_path`` is written.
     poses
