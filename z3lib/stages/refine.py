@@ -146,45 +146,37 @@ def refine_chunk(
 
     Parameters
     ----------
-    particles
-        the preprocess stage's STAR (processing box).
-    points
-        the point cloud (processing box) of the reference the fields are refined against; with
-        ``independent_halves``, one per gold-standard half (or one for both).
+    particles, points
+        the preprocess stage's STAR and point cloud (processing box) of the reference; with
+        ``independent_halves``, one cloud per gold-standard half (or one for both).
     prior_coefficients
         the predict stage's ``coefficients.npy`` (px of the original box), same row order.
     out_path, chunk, n_chunks
         The results file of chunk ``chunk`` (0-based) of ``n_chunks`` equal shares of the particles.
-    zernike
-        the config's ``zernike`` section (``L1``, ``L2``, ``basis``): the basis of the coefficients.
-    config
-        The refinement settings.
-    device
-        Torch device of the refinement.
+    zernike, config, device
+        the config's ``zernike`` section (the basis of the coefficients), the refinement settings
+        and the torch device.
     independent_halves, seed
-        refine each gold-standard half (:func:`z3lib.zart.half_sets` with ``seed``, the split
-        ZART uses) on its own: its own reference, and a landscape and prior built from its own
-        particles' predictions only, so that no information crosses the halves.
+        refine each gold-standard half (:func:`z3lib.zart.half_sets` with ``seed``, ZART's split)
+        on its own reference, landscape and prior: no information crosses the halves.
     progress_path
-        partial results (:func:`z3lib.refine_run.refine_particles`; with ``independent_halves`` one file per half,
-        ``….half1.npz`` and ``….half2.npz``), reused only for the same inputs, settings and
-        library version, and removed once ``out_path`` is written.
+        partial results (:func:`z3lib.refine_run.refine_particles`; one file per half with
+        ``independent_halves``), reused only for the same inputs, settings and library version,
+        removed once ``out_path`` is written.
     poses
-        the STAR with the particles' latest poses and CTF (the predict stage's ``particles.star``:
-        with ``train.refine_pose`` the network's corrected angles and shifts), same particles and
-        order, original box; refinement starts from them instead of the poses of ``particles``
-        (:func:`z3lib.io.apply_poses`). None: the poses of ``particles``.
+        the STAR with the particles' latest poses and CTF (the predict stage's ``particles.star``),
+        same particles and order, original box (:func:`z3lib.io.apply_poses`); None: those of
+        ``particles``.
     roughness
-        the field roughness of ``config.smooth_weight`` and ``config.free_smooth_weight``, the
-        network's measure (``train.roughness``: ``strain`` or ``gradient``).
+        the measure of ``config.smooth_weight`` and ``config.free_smooth_weight`` (``train.roughness``).
     pixel_size, image_root
         the overrides the preprocess stage used for the original particles, to read ``poses``.
     log
         Logger for progress; default this module's.
     landscapes
-        landscape mode: the population fits of :func:`refine_landscape` (one, or one per half
-        with ``independent_halves``); the particles start from (and are measured against) their
-        fitted coefficients. None or empty: the landscape of the predictions.
+        landscape mode: the population fits of :func:`refine_landscape` (one, or one per half);
+        the particles start from, and are measured against, their fitted coefficients. None or
+        empty: the landscape of the predictions.
     """
     logger = log or logging.getLogger(__name__)
     parts, clouds, prior, spec = _refine_inputs(
@@ -202,58 +194,29 @@ def refine_chunk(
     if landscapes and config.mode == "landscape":
         prior, fitted = _fitted_landscapes(landscapes, prior)
         logger.info("starting from the population's landscape (%s)", ", ".join(str(p) for p in landscapes))
-    cloud = clouds[0]
     rows = chunk_rows(len(parts), chunk, n_chunks)
-    logger.info(
-        "refining chunk %d/%d: particles %d…%d of %d",
-        chunk + 1,
-        n_chunks,
-        rows[0] if len(rows) else 0,
-        rows[-1] if len(rows) else -1,
-        len(parts),
-    )
+    first, last = (int(rows[0]), int(rows[-1])) if len(rows) else (0, -1)
+    logger.info("refining chunk %d/%d: particles %d…%d of %d", chunk + 1, n_chunks, first, last, len(parts))
     source = ParticleBatchSource.from_particles(parts)
-    image_id = _image_identity(parts)
     inputs: dict[str, Any] = {"independent_halves": bool(independent_halves), "roughness": roughness}
-    progress_paths: list[Path] = []
-    if not independent_halves:
-        decoder = make_decoder(
-            cloud["points"], cloud["amplitudes"], spec, float(cloud["pixel_size"]), device, roughness
-        )
-        result = refine_particles(
-            decoder,
-            source,
-            prior,
-            config,
-            index=rows,
-            device=device,
-            progress_path=progress_path,
-            images=image_id(rows),
-            inputs=inputs,
-            log=logger,
-            landscape=fitted[0] if fitted else None,
-        )
-        arrays = result.to_arrays()
-        if progress_path is not None:
-            progress_paths.append(Path(progress_path))
-    else:
-        arrays, progress_paths = _refine_halves(
-            source,
-            clouds,
-            prior,
-            rows,
-            image_id,
-            progress_path,
-            seed=seed,
-            spec=spec,
-            config=config,
-            device=device,
-            roughness=roughness,
-            inputs=inputs,
-            log=logger,
-            landscapes=fitted,
-        )
-    _write_chunk(out_path, arrays, parts, cloud, spec)
+    arrays, progress_paths = _refine_rows(
+        source,
+        clouds,
+        prior,
+        rows,
+        _image_identity(parts),
+        progress_path,
+        halves=independent_halves,
+        seed=seed,
+        spec=spec,
+        config=config,
+        device=device,
+        roughness=roughness,
+        inputs=inputs,
+        log=logger,
+        landscapes=fitted,
+    )
+    _write_chunk(out_path, arrays, parts, clouds[0], spec)
     for path in progress_paths:  # the results exist: the partial state is spent
         path.unlink(missing_ok=True)
     source.images.close()
@@ -340,7 +303,7 @@ def _image_identity(parts: Particles) -> Callable[[np.ndarray], str]:
     return image_id
 
 
-def _refine_halves(
+def _refine_rows(
     source: ParticleBatchSource,
     clouds: list[dict[str, Any]],
     prior: np.ndarray,
@@ -348,6 +311,7 @@ def _refine_halves(
     image_id: Callable[[np.ndarray], str],
     progress_path: str | Path | None,
     *,
+    halves: bool,
     seed: int,
     spec: zk.ZernikeSpec,
     config: RefineConfig,
@@ -357,42 +321,51 @@ def _refine_halves(
     log: logging.Logger,
     landscapes: list[Landscape] | None = None,
 ) -> tuple[dict[str, np.ndarray], list[Path]]:
-    """Refine the chunk's particles ``rows`` of each gold-standard half on their own.
+    """Refine the chunk's particles ``rows``: together, or (``halves``) each gold-standard half on its own.
 
-    Each half has its own reference, landscape and prior. Returns the results in ``rows`` order and
-    the progress files used.
+    Each half has its own reference (``clouds[h]``, or one for both), landscape and prior, and its
+    own progress file ``….half{h}.npz``. Returns the results in ``rows`` order and the progress
+    files used.
     """
     from z3lib.zart import half_sets
 
+    if halves:
+        groups = [
+            (h, half_rows, clouds[min(h, len(clouds)) - 1])
+            for h, half_rows in enumerate(half_sets(source.subsets, seed), start=1)
+        ]
+    else:
+        groups = [(0, np.arange(len(source)), clouds[0])]
     pieces = []
     progress_paths: list[Path] = []
-    for h, half_rows in enumerate(half_sets(source.subsets, seed), start=1):
-        c = clouds[min(h, len(clouds)) - 1]
-        local = np.nonzero(np.isin(half_rows, rows))[0]  # this chunk's particles of half h
-        log.info(
-            "gold-standard half %d: %d particles of this chunk, against its own reference (%d points)",
-            h,
-            len(local),
-            len(c["points"]),
-        )
+    for h, group_rows, c in groups:
+        local = np.nonzero(np.isin(group_rows, rows))[0]  # this chunk's particles of the group
+        group_progress = progress_path
+        if h:
+            log.info(
+                "gold-standard half %d: %d particles of this chunk, against its own reference (%d points)",
+                h,
+                len(local),
+                len(c["points"]),
+            )
+            group_progress = None if progress_path is None else Path(progress_path).with_suffix(f".half{h}.npz")
+        if group_progress is not None:
+            progress_paths.append(Path(group_progress))
         decoder = make_decoder(c["points"], c["amplitudes"], spec, float(c["pixel_size"]), device, roughness)
-        half_progress = None if progress_path is None else Path(progress_path).with_suffix(f".half{h}.npz")
-        if half_progress is not None:
-            progress_paths.append(half_progress)
         res = refine_particles(
             decoder,
-            source.take(half_rows),
-            prior[half_rows],
+            source.take(group_rows) if h else source,
+            prior[group_rows],
             config,
             index=local,
             device=device,
-            progress_path=half_progress,
-            images=image_id(half_rows[local]),
-            inputs={**inputs, "half": h, "seed": int(seed)},
+            progress_path=group_progress,
+            images=image_id(group_rows[local]),
+            inputs={**inputs, "half": h, "seed": int(seed)} if h else inputs,
             log=log,
-            landscape=landscapes[h - 1] if landscapes else None,
+            landscape=landscapes[max(h, 1) - 1] if landscapes else None,
         ).to_arrays()
-        res["index"] = half_rows[res["index"]]
+        res["index"] = group_rows[res["index"]]
         pieces.append(res)
     order = np.argsort(np.concatenate([piece["index"] for piece in pieces]), kind="stable")
     return {key: np.concatenate([piece[key] for piece in pieces])[order] for key in pieces[0]}, progress_paths

@@ -77,8 +77,6 @@ def zart(
     config, backend, log
         ZART settings, back end (:func:`z3lib.zart.get_backend`) and logger (default this module's).
     """
-    from z3lib.io import write_table
-
     logger = log or logging.getLogger(__name__)
     be = get_backend(backend, logger)
     parts, clouds, half_pts, step = _zart_inputs(
@@ -104,33 +102,9 @@ def zart(
     paths: dict[str, Path] = {}
     curves = {}
     fsc_mask = soft_support(np.unique(np.concatenate(half_pts), axis=0), box, step=step)
-    scale_table = None
-    if coeffs is not None:
-        coeffs = centre_fields(coeffs, (h1, h2), config.frame)
-        if config.field_scale == "auto":
-            scale, scale_table = choose_field_scale(
-                be,
-                half_pts,
-                [z for z in half_z if z is not None],
-                coeffs,
-                stack,
-                parts.table,
-                (h1, h2),
-                box,
-                apix,
-                config,
-                fsc_mask,
-                step=step,
-                log=logger,
-            )
-        else:
-            scale = float(config.field_scale)
-            if not 0.0 <= scale <= 1.0:
-                raise ValueError(f"zart.field_scale must be 'auto' or a number in [0, 1], got {config.field_scale!r}")
-        coeffs = coeffs * scale if scale > 0 else None
-        if scale_table is None:
-            scale_table = pd.DataFrame({"scale": [scale]})
-        scale_table["chosen"] = scale_table["scale"] == scale
+    coeffs, scale_table = _scaled_fields(
+        be, coeffs, half_pts, half_z, stack, parts, (h1, h2), box, apix, config, fsc_mask, step, logger
+    )
     for name, field_coeffs in (("corrected", coeffs), ("uncorrected", None)):
         halves = _half_maps(
             be,
@@ -152,6 +126,56 @@ def zart(
         fsc = masked_fsc(halves[0], halves[1], fsc_mask, apix, step=step)
         curves[name] = fsc
         paths[name] = _write_average(out / f"{name}.mrc", name, halves, fsc, apix, logger)
+    _write_tables(out, curves, scale_table, paths)
+    stack.close()
+    return paths
+
+
+def _scaled_fields(
+    be: Any,
+    coeffs: np.ndarray | None,
+    half_pts: list[np.ndarray],
+    half_z: list[np.ndarray | None],
+    stack: Any,
+    parts: Particles,
+    halves: tuple[np.ndarray, np.ndarray],
+    box: int,
+    apix: float,
+    config: ZartConfig,
+    fsc_mask: np.ndarray,
+    step: int,
+    logger: logging.Logger,
+) -> tuple[np.ndarray | None, pd.DataFrame | None]:
+    """Return the fields centred on ``config.frame`` and scaled by ``config.field_scale``, and the scale table.
+
+    ``"auto"`` cross-validates the scale (:func:`z3lib.zart.choose_field_scale`); a number must be
+    in [0, 1]. A scale of 0 gives no fields (None). Without fields: ``(None, None)``.
+    """
+    if coeffs is None:
+        return None, None
+    coeffs = centre_fields(coeffs, halves, config.frame)
+    scale_table = None
+    if config.field_scale == "auto":
+        zs = [z for z in half_z if z is not None]
+        scale, scale_table = choose_field_scale(
+            be, half_pts, zs, coeffs, stack, parts.table, halves, box, apix, config, fsc_mask, step=step, log=logger
+        )
+    else:
+        scale = float(config.field_scale)
+        if not 0.0 <= scale <= 1.0:
+            raise ValueError(f"zart.field_scale must be 'auto' or a number in [0, 1], got {config.field_scale!r}")
+    if scale_table is None:
+        scale_table = pd.DataFrame({"scale": [scale]})
+    scale_table["chosen"] = scale_table["scale"] == scale
+    return (coeffs * scale if scale > 0 else None), scale_table
+
+
+def _write_tables(
+    out: Path, curves: dict[str, pd.DataFrame], scale_table: pd.DataFrame | None, paths: dict[str, Path]
+) -> None:
+    """Write ``fsc.tsv`` (both FSC curves) and ``field_scale.tsv`` into ``out``; add them to ``paths``."""
+    from z3lib.io import write_table
+
     table = curves["corrected"][["shell", "frequency", "resolution"]].copy()
     table["fsc_corrected"] = curves["corrected"]["fsc"]
     table["fsc_uncorrected"] = curves["uncorrected"]["fsc"]
@@ -160,8 +184,6 @@ def zart(
     if scale_table is not None:
         paths["field_scale"] = out / "field_scale.tsv"
         write_table(paths["field_scale"], scale_table)
-    stack.close()
-    return paths
 
 
 def _zart_inputs(
