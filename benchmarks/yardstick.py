@@ -448,6 +448,53 @@ def half_average(folder: Path, name: str) -> np.ndarray:
     return 0.5 * (read_map(folder / f"{name}_half1.mrc").data + read_map(folder / f"{name}_half2.mrc").data)
 
 
+def round_metrics(
+    workdir: Path,
+    run: str,
+    truth: dict[str, np.ndarray],
+    degrees: tuple[int, int],
+    basis: str,
+    box: int,
+    apix: float,
+    truth_map: np.ndarray,
+    areas: dict[str, float],
+) -> list[dict[str, Any]]:
+    """Every refinement round's figures (``results/<run>/rounds/<k>/``): the refined landscape and
+    displacement error, the corrected map's FSC area and the gap it closes (against the final
+    round's uncorrected and oracle maps), the field scale ZART chose and each stage's wall time."""
+    import pandas as pd
+
+    from z3lib.io import read_coefficients
+
+    rounds_dir = workdir / "results" / run / "rounds"
+    times = stage_times(workdir, run, len(truth["state"]))
+    gap = areas["oracle"] - areas["uncorrected"]
+    out = []
+    for k in sorted(int(p.name) for p in rounds_dir.iterdir() if p.name.isdigit()):
+        folder = rounds_dir / str(k)
+        if not (folder / "zart" / "corrected_half1.mrc").exists():
+            continue
+        c = read_coefficients(folder / "refine" / "coefficients.npy")
+        corrected = map_metrics(half_average(folder / "zart", "corrected"), truth_map, apix)
+        table = folder / "zart" / "field_scale.tsv"
+        scales = pd.read_csv(table, sep="\t") if table.exists() else pd.DataFrame({"chosen": [], "scale": []})
+        chosen = scales.loc[scales["chosen"].astype(str) == "True", "scale"]
+        out.append(
+            {
+                "round": k,
+                "landscape_refine": landscape(c, truth),
+                "displacement_refine": field_errors(c, truth, degrees, basis, box, apix),
+                "corrected": corrected,
+                "fsc_area_gap_closed": round((corrected["fsc_area"] - areas["uncorrected"]) / gap, 3) if gap else None,
+                "zart_field_scale": float(chosen.iloc[0]) if len(chosen) else None,
+                "stage_wall_s": {
+                    key.split("/", 1)[1]: v["wall_s"] for key, v in times.items() if key.startswith(f"round{k}/")
+                },
+            }
+        )
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 def measure(job: str, degree: str, extra: dict[str, Any], full: bool, smoke: bool) -> dict[str, Any]:
     from z3lib.io import read_coefficients, read_map
@@ -523,6 +570,7 @@ def measure(job: str, degree: str, extra: dict[str, Any], full: bool, smoke: boo
     gap = a["oracle"] - a["uncorrected"]
     row["fsc_area_gap_closed"] = round((a["corrected"] - a["uncorrected"]) / gap, 3) if gap else None
     row["fsc_area_gap_closed_true_fields"] = round((a["true_fields"] - a["uncorrected"]) / gap, 3) if gap else None
+    row["rounds"] = round_metrics(workdir, run, truth, (int(l1), int(l2)), basis, box, apix, truth_map, a)
     scale_table = res / "zart" / "field_scale.tsv"
     if scale_table.exists():
         import pandas as pd

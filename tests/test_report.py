@@ -116,6 +116,11 @@ def _build_run(root: Path) -> dict[str, Any]:
     table = fsc_c[["shell", "frequency", "resolution"]].copy()
     table["fsc_corrected"], table["fsc_uncorrected"] = fsc_c["fsc"], fsc_u["fsc"]
     write_table(zart / "fsc.tsv", table)
+    # another run of the same particles (say, the shared-network run beside this one): a straight
+    # FSC line 1 − 2 f / f_max, which crosses 0.5 at f_max / 4 and 0.143 at 0.4285 f_max
+    other = table.copy()
+    other["fsc_corrected"] = 1.0 - 2.0 * other["frequency"] / other["frequency"].max()
+    write_table(root / "results" / "shared_run" / "zart" / "fsc.tsv", other)
     bench = root / "benchmarks"
     header = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
     for name, seconds in (
@@ -136,6 +141,7 @@ def _build_run(root: Path) -> dict[str, Any]:
         "pre": pre,
         "zart": zart,
         "bench": bench,
+        "compare_fsc": root / "results" / "shared_run" / "zart" / "fsc.tsv",
     }
 
 
@@ -165,6 +171,8 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         run_config={"run": "tiny", "report": {"clusters": 3}},
         run_name="tiny",
         seed=0,
+        gold_standard="independent",
+        compare_fsc=data["compare_fsc"],
     )
     return data
 
@@ -594,3 +602,31 @@ def test_report_renders_in_headless_chromium(run: dict[str, Any], tmp_path: Path
     assert body, dom.stdout[:500]
     assert 'data-images="6"' in body.group(0) and 'data-broken="0"' in body.group(0), body.group(0)
     assert "data-errors" not in dom.stdout.split("<head", 1)[0]
+
+
+def test_fsc_comparison_with_another_run_is_tabulated_in_the_report(run: dict[str, Any]) -> None:
+    """Item 4 of issue 11: the FSC difference against another run (the shared-network one) is
+    shown. The other run's curve is the line 1 − 2 f / f_max over n shells f_k = k f_max / n: its
+    area (the mean of 1 − 2k/n over k = 1..n) is −1/n, it crosses 0.5 at f_max / 4 and 0.143 at
+    (1 − 0.143) / 2 · f_max; this run's row is its own fsc.tsv's."""
+    from z3lib.report.timings import compare_fsc
+
+    this = pd.read_csv(run["zart"] / "fsc.tsv", sep="\t")
+    other = pd.read_csv(run["compare_fsc"], sep="\t")
+    f_max, n = float(other["frequency"].max()), len(other)
+    table = compare_fsc(this, other, other_name="shared_run")
+    assert list(table.index) == ["this run", "shared_run", "difference"]
+    assert table.loc["shared_run", "FSC area"] == pytest.approx(-1.0 / n, abs=1e-6)
+    assert table.loc["shared_run", "0.5 (Å)"] == pytest.approx(4.0 / f_max, rel=1e-6)
+    assert table.loc["shared_run", "0.143 (Å)"] == pytest.approx(2.0 / ((1 - 0.143) * f_max), rel=1e-6)
+    assert table.loc["this run", "FSC area"] == pytest.approx(this["fsc_corrected"].mean(), abs=1e-12)
+    assert table.loc["difference"].to_numpy() == pytest.approx(
+        (table.loc["this run"] - table.loc["shared_run"]).to_numpy()
+    )
+    page = (run["out"] / "report.html").read_text(encoding="utf-8")
+    section = page[page.index("gold standard: independent) beside shared_run") :]
+    assert "difference" in section[:3000] and str(run["compare_fsc"]) in section[:3000]
+    assert f"{table.loc['difference', 'FSC area']:.4f}" in section[:3000]
+    # a run of another box or pixel size cannot be compared shell by shell
+    with pytest.raises(ValueError, match="other.tsv.*same particles, box and pixel size"):
+        compare_fsc(this, other.iloc[:-3], other_name="x", source="other.tsv")

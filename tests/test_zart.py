@@ -490,7 +490,7 @@ def test_field_scale_keeps_true_fields_and_drops_noisy_ones(fields_are: str) -> 
     """zart.field_scale auto, judged by held-out image prediction (no truth): with the particles'
     true fields it keeps them (s >= 0.75); with fields that are pure noise on an undeformed
     population it drops them (s <= 0.25), so that the corrected map is not blurred by them."""
-    from z3lib.zart import FIELD_SCALES, centre_fields, choose_field_scale
+    from z3lib.field_scale import FIELD_SCALES, centre_fields, choose_field_scale
 
     rng = np.random.default_rng(11)
     _, pts, amps = _phantom(2)
@@ -668,7 +668,7 @@ def test_geometric_median_of_collinear_points_is_their_median() -> None:
     """On a line the summed distance is minimised by the ordinary median (analytic), which for
     this skewed sample is far from the mean; off the line, the equilateral triangle's Fermat
     point is its centroid."""
-    from z3lib.zart import geometric_median
+    from z3lib.field_scale import geometric_median
 
     rng = np.random.default_rng(5)
     t = rng.exponential(size=301)
@@ -684,7 +684,7 @@ def test_medoid_frame_lies_on_a_curved_landscape_where_the_mean_does_not() -> No
     """Particles along a curved path c(t) = (t, t², 0, …), t uniform in [−1, 1]: the mean field
     (0, 1/3) is a conformation no particle takes; the medoid frame is c(0), the path's middle.
     On a straight symmetric segment both frames agree. Each half set gets its own frame."""
-    from z3lib.zart import centre_fields, medoid_field
+    from z3lib.field_scale import centre_fields, medoid_field
 
     rng = np.random.default_rng(9)
     t = rng.uniform(-1, 1, 2000)

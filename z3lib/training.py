@@ -284,6 +284,30 @@ def _evaluate(
     return total / len(index)
 
 
+def _save_checkpoint(
+    path: Path,
+    model: Zernike3Deep,
+    optimiser: torch.optim.Optimizer,
+    epochs_done: int,
+    history: list[dict[str, float]],
+    fingerprint: dict[str, Any],
+    schedule: list[float],
+) -> None:
+    """Write the training state after ``epochs_done`` epochs to ``path`` (atomically)."""
+    from z3lib.io import atomic_path
+
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimiser.state_dict(),
+        "epoch": epochs_done,
+        "history": history,
+        "fingerprint": fingerprint,
+        "lr_schedule": schedule,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
 def train_model(
     source: ParticleBatchSource,
     points: np.ndarray,
@@ -341,8 +365,6 @@ def train_model(
     the model's job is to explain the particles it is trained on (an autoencoder of this
     dataset), and at low SNR its image loss keeps rising while the landscape keeps improving.
     """
-    from z3lib.io import atomic_path
-
     logger = log or logging.getLogger(__name__)
     dev = torch.device(device)
     use_amp = dev.type == "cuda"
@@ -375,23 +397,9 @@ def train_model(
         row["images_per_s"] = len(train_idx) / elapsed
         row["learning_rate"] = schedule[epoch]
         history.append(row)
-        state = {
-            "model": model.state_dict(),
-            "optimizer": optimiser.state_dict(),
-            "epoch": epoch + 1,
-            "history": history,
-            "fingerprint": fingerprint,
-            "lr_schedule": schedule,
-        }
-        with atomic_path(ckpt_path) as tmp:
-            torch.save(state, tmp)
-        logger.info(
-            "epoch %d done: train %.4f, validation %.4f, %.0f images/s",
-            epoch + 1,
-            row["train_image"],
-            row["val_image"],
-            row["images_per_s"],
-        )
+        _save_checkpoint(ckpt_path, model, optimiser, epoch + 1, history, fingerprint, schedule)
+        done = (epoch + 1, row["train_image"], row["val_image"], row["images_per_s"])
+        logger.info("epoch %d done: train %.4f, validation %.4f, %.0f images/s", *done)
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, row)
     return model, pd.DataFrame(history)

@@ -22,8 +22,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -292,7 +292,7 @@ class ZartConfig:
     # the corrected map uses s · (c − c₀), c₀ the half set's frame (centre_fields): "medoid", the
     # mean field of the particles nearest the landscape's geometric median (a conformation the
     # particles take), or "mean" (the average field, off a curved landscape); fields shrunk by
-    # s ∈ [0, 1]; "auto" picks s among FIELD_SCALES by held-out image prediction
+    # s ∈ [0, 1]; "auto" picks s among z3lib.field_scale.FIELD_SCALES by held-out image prediction
     frame: Literal["medoid", "mean"] = "medoid"
     field_scale: float | Literal["auto"] = "auto"
     extra: dict[str, Any] = field(default_factory=dict)
@@ -363,6 +363,51 @@ def _table_columns(table: Any) -> tuple[np.ndarray, np.ndarray, dict[str, np.nda
     return angles, shifts, ctf_cols, flipped
 
 
+def _zart_step(
+    backend: Any,
+    values: Any,
+    pts: Any,
+    basis: Any,
+    coefficients: np.ndarray | None,
+    imgs: Any,
+    rot: Any,
+    shifts: Any,
+    ctf_params: dict[str, np.ndarray],
+    flipped: np.ndarray,
+    blur: Any,
+    box: int,
+    pixel_size: float,
+    config: ZartConfig,
+) -> Any:
+    """Return the voxel values after one ZART update from a batch of B images.
+
+    ``values`` ``(N,)`` and ``pts`` ``(N, 3)`` (px) on the back end; ``basis`` ``(N, K)`` on it and
+    ``coefficients`` ``(B, 3, K)`` px (host), or None for zero fields; ``imgs`` ``(B, box, box)``,
+    ``rot`` ``(B, 3, 3)`` and ``shifts`` ``(B, 2)`` px on the back end; ``ctf_params`` the CTF
+    columns of the batch and ``flipped`` ``(B,)`` its phase-flipped rows (modelled with
+    ``|CTF|``); ``blur`` the iteration's Gaussian transfer or None.
+    """
+    xp = backend.xp
+    fields = None if coefficients is None else backend.fields(basis, backend.asarray(coefficients))
+    size = config.ctf_pad * box
+    ctf = ctf_grid(xp, size, pixel_size, ctf_params, dtype=xp.float32)
+    if flipped.any():
+        ctf = xp.where(backend.asarray(flipped, dtype=bool)[:, None, None], xp.abs(ctf), ctf)
+    transfer = ctf if blur is None else ctf * blur
+    proj = backend.project(values, pts, fields, rot, shifts, box)
+    residual = imgs - _filter(backend, proj, transfer, config.ctf_pad)
+    eps = config.wiener_epsilon * float(xp.mean(ctf * ctf))
+    wiener = ctf / (ctf * ctf + eps)
+    corrected = _filter(backend, residual, wiener if blur is None else wiener * blur, config.ctf_pad)
+    ray = backend.project(xp.ones_like(values), pts, fields, rot, shifts, box)
+    if blur is not None:
+        ray = _filter(backend, ray, blur, config.ctf_pad)
+    update = backend.backproject(corrected / xp.maximum(ray, 1.0), pts, fields, rot, shifts)
+    hits = backend.backproject(xp.ones_like(imgs), pts, fields, rot, shifts)
+    values = values + config.relaxation * update / xp.maximum(hits, 1e-3)
+    return xp.maximum(values, 0.0) if config.positivity else values
+
+
 def reconstruct_zart(
     backend: Any,
     points: np.ndarray,
@@ -430,41 +475,18 @@ def reconstruct_zart(
             imgs = backend.asarray(images[sel])
             rot = euler_to_matrix(angles[sel, 0], angles[sel, 1], angles[sel, 2]).astype(np.float32)
             rot_d, sh_d = backend.asarray(rot), backend.asarray(shifts_all[sel])
-            fields = None
-            if z_dev is not None:
-                c = backend.asarray(np.asarray(coefficients)[sel].reshape(len(sel), 3, k))
-                fields = backend.fields(z_dev, c)
-            ctf = ctf_grid(xp, size, pixel_size, {name: col[sel] for name, col in ctf_cols.items()}, dtype=xp.float32)
-            if flipped[sel].any():
-                ctf = xp.where(backend.asarray(flipped[sel], dtype=bool)[:, None, None], xp.abs(ctf), ctf)
-            transfer = ctf if blur is None else ctf * blur
-            proj = backend.project(values, pts, fields, rot_d, sh_d, box)
-            residual = imgs - _filter(backend, proj, transfer, config.ctf_pad)
-            eps = config.wiener_epsilon * float(xp.mean(ctf * ctf))
-            wiener = ctf / (ctf * ctf + eps)
-            corrected = _filter(backend, residual, wiener if blur is None else wiener * blur, config.ctf_pad)
-            ray = backend.project(xp.ones_like(values), pts, fields, rot_d, sh_d, box)
-            if blur is not None:
-                ray = _filter(backend, ray, blur, config.ctf_pad)
-            update = backend.backproject(corrected / xp.maximum(ray, 1.0), pts, fields, rot_d, sh_d)
-            hits = backend.backproject(xp.ones_like(imgs), pts, fields, rot_d, sh_d)
-            values += config.relaxation * update / xp.maximum(hits, 1e-3)
-            if config.positivity:
-                values = xp.maximum(values, 0.0)
+            c = None if z_dev is None else np.asarray(coefficients)[sel].reshape(len(sel), 3, k)
+            ctf_sel = {name: col[sel] for name, col in ctf_cols.items()}
+            values = _zart_step(
+                backend, values, pts, z_dev, c, imgs, rot_d, sh_d, ctf_sel, flipped[sel], blur, box, pixel_size, config
+            )
             n_done += len(sel)
             now = time.perf_counter()
             if now - last > 10 or n_done == total:
                 rate = n_done / (now - t0)
-                logger.info(
-                    "ZART%s iteration %d/%d: %d/%d image updates (%.0f images/s, ETA %.0f s)",
-                    label,
-                    it + 1,
-                    config.iterations,
-                    n_done,
-                    total,
-                    rate,
-                    (total - n_done) / max(rate, 1e-9),
-                )
+                eta = (total - n_done) / max(rate, 1e-9)
+                progress = (label, it + 1, config.iterations, n_done, total, rate, eta)
+                logger.info("ZART%s iteration %d/%d: %d/%d image updates (%.0f images/s, ETA %.0f s)", *progress)
                 last = now
     if backend.name == "cupy":
         xp.cuda.Stream.null.synchronize()
@@ -542,64 +564,6 @@ def half_sets(subsets: npt.ArrayLike, seed: int) -> tuple[np.ndarray, np.ndarray
     order = np.random.default_rng([seed, 7]).permutation(len(s))
     half = len(s) // 2
     return np.sort(order[:half]), np.sort(order[half:])
-
-
-FIELD_SCALES = (0.0, 0.25, 0.5, 0.75, 1.0)  # the candidates of field_scale "auto"
-SCALE_PARTICLES = 1000  # particles per half set that choose the field scale (fewer: all)
-SCALE_ITERATIONS = 2  # ZART iterations of each candidate's half maps
-
-
-MEDOID_FRACTION = 0.05  # share of a half set whose mean field is the "medoid" frame
-
-
-def geometric_median(points: np.ndarray, *, iterations: int = 200, tol: float = 1e-10) -> np.ndarray:
-    """Return the point ``(D,)`` that minimises the summed Euclidean distance to ``points`` ``(n, D)``.
-
-    Weiszfeld's iteration from the coordinate-wise median; a point that coincides with a sample is
-    kept away from a division by zero.
-    """
-    x = np.asarray(points, dtype=np.float64)
-    m = np.median(x, axis=0)
-    for _ in range(iterations):
-        w = 1.0 / np.maximum(np.linalg.norm(x - m, axis=1), 1e-12)
-        new: np.ndarray = (w[:, None] * x).sum(0) / w.sum()
-        if np.linalg.norm(new - m) <= tol * (1.0 + np.linalg.norm(m)):
-            return new
-        m = new
-    return m
-
-
-def medoid_field(coefficients: np.ndarray, *, fraction: float = MEDOID_FRACTION) -> np.ndarray:
-    """Return the mean ``(3K,)`` of the coefficient vectors ``(n, 3K)`` nearest to their geometric median.
-
-    Nearest in the Euclidean sense (for the orthonormal basis, the RMS field difference over the
-    ball); at least one and ``fraction`` of them: a conformation that particles take, at the centre
-    of the landscape. On a landscape that is a straight, symmetric segment it is the mean; on a
-    curved one (a path through an intermediate) the mean lies off the path, where no particle is,
-    and a map in that frame is an average of conformations instead of one.
-    """
-    c = np.asarray(coefficients, dtype=np.float64)
-    centre = geometric_median(c)
-    k = min(len(c), max(1, round(fraction * len(c))))
-    nearest = np.argsort(np.linalg.norm(c - centre, axis=1), kind="stable")[:k]
-    frame: np.ndarray = c[nearest].mean(0)
-    return frame
-
-
-def centre_fields(coefficients: np.ndarray, halves: Sequence[np.ndarray], frame: str = "medoid") -> np.ndarray:
-    """Subtract from ``(n, 3K)`` coefficients their gold-standard half set's frame field.
-
-    Each half on its own, so no information crosses them: ``"medoid"`` (:func:`medoid_field`, the
-    frame of a conformation at the landscape's centre) or ``"mean"`` (the population's average
-    field). The corrected map is then the map of that conformation.
-    """
-    if frame not in ("medoid", "mean"):
-        raise ValueError(f"zart.frame must be 'medoid' or 'mean', got {frame!r}")
-    out = np.array(coefficients, dtype=np.float64, copy=True)
-    for rows in halves:
-        if len(rows):
-            out[rows] -= medoid_field(out[rows]) if frame == "medoid" else out[rows].mean(0)
-    return out
 
 
 def masked_fsc(a: np.ndarray, b: np.ndarray, mask: np.ndarray, pixel_size: float, *, step: int = 1) -> pd.DataFrame:
@@ -686,108 +650,3 @@ def heldout_correlation(
         total += float((num / xp.maximum(den, 1e-30)).sum())
         count += len(sel)
     return total / max(count, 1)
-
-
-def choose_field_scale(
-    backend: Any,
-    half_points: Sequence[np.ndarray],
-    half_basis: Sequence[np.ndarray],
-    fields: np.ndarray,
-    images: Any,
-    table: Any,
-    halves: Sequence[np.ndarray],
-    box: int,
-    pixel_size: float,
-    config: ZartConfig,
-    fsc_mask: np.ndarray,
-    *,
-    step: int = 1,
-    log: logging.Logger | None = None,
-) -> tuple[float, pd.DataFrame]:
-    """Choose the field scale s of :data:`FIELD_SCALES` whose corrected maps best predict held-out images.
-
-    The images are those of the particles the maps were not built from (cross-validation; no ground
-    truth is used).
-
-    Each candidate reconstructs both half sets (at most :data:`SCALE_PARTICLES` particles each,
-    :data:`SCALE_ITERATIONS` iterations) with ``s · fields``; half 1's map, deformed by each
-    half-2 particle's own ``s · field``, predicts that particle's image, and the other way round
-    (:func:`heldout_correlation`). The score is the mean of the two correlations: fields that
-    describe the images move the map where the held-out particles put their density, and fields
-    that are noise blur the map and misplace it, so s = 0 (the uncorrected map) wins when the
-    fields do not help. The half-map FSC is reported beside it (``fsc_area``,
-    ``resolution_0143``, inside ``fsc_mask``) but does not choose: it measures how alike the two
-    halves are, not how right, and on the yardstick (ASPIRE images, reconstructed consensus) it
-    picked s = 0.75 on each scenario where the map against the truth was best at s = 1, and an
-    earlier mix with an FSC against the other half's uncorrected map picked 0.25.
-
-    Returns
-    -------
-    the chosen s and a table (``scale``, ``score``, ``fsc_area``, ``resolution_0143``) of every
-    candidate.
-    """
-    from z3lib.analysis import fsc_area, resolution_at
-
-    logger = log or logging.getLogger(__name__)
-    rng = np.random.default_rng([config.seed, 7])
-    subsets = [
-        np.sort(rng.choice(rows, SCALE_PARTICLES, replace=False)) if len(rows) > SCALE_PARTICLES else rows
-        for rows in halves
-    ]
-    quick = replace(config, iterations=min(config.iterations, SCALE_ITERATIONS))
-    records = []
-    for scale in FIELD_SCALES:
-        coeffs = (scale * fields).astype(np.float32) if scale > 0 else None
-        values = []
-        for h, rows in enumerate(subsets):
-            vals, _ = reconstruct_zart(
-                backend,
-                half_points[h],
-                half_basis[h] if scale > 0 else None,
-                coeffs,
-                images,
-                table,
-                rows,
-                box,
-                pixel_size,
-                quick,
-            )
-            values.append(vals)
-        score = 0.5 * sum(
-            heldout_correlation(
-                backend,
-                values[h],
-                half_points[h],
-                half_basis[h],
-                coeffs,
-                images,
-                table,
-                subsets[1 - h],
-                box,
-                pixel_size,
-                quick,
-            )
-            for h in (0, 1)
-        )
-        maps = [values_to_volume(values[h], half_points[h], box, step=step) for h in (0, 1)]
-        fsc = masked_fsc(maps[0], maps[1], fsc_mask, pixel_size, step=step)
-        records.append(
-            {"scale": scale, "score": score, "fsc_area": fsc_area(fsc), "resolution_0143": resolution_at(fsc, 0.143)}
-        )
-        logger.info(
-            "field scale %.2f: held-out image correlation %.5f (half-map FSC area %.4f, %.2f Å at 0.143)",
-            scale,
-            score,
-            records[-1]["fsc_area"],
-            records[-1]["resolution_0143"],
-        )
-    frame = pd.DataFrame(records)
-    best = float(frame.loc[frame["score"].idxmax(), "scale"])
-    logger.info(
-        "field scale %.2f chosen (of %s) on %d + %d particles",
-        best,
-        ", ".join(f"{s:g}" for s in FIELD_SCALES),
-        len(subsets[0]),
-        len(subsets[1]),
-    )
-    return best, frame

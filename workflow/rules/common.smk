@@ -64,6 +64,7 @@ def check_config(cfg):
     else:
         files = {key: cfg[key] for key in ("particles", "reference", "mask")}
     files["report.model"] = cfg["report"]["model"]
+    files["report.compare_fsc"] = cfg["report"]["compare_fsc"]
     for key, path in files.items():
         if path is not None and not os.path.isfile(path):
             raise WorkflowError(

@@ -38,6 +38,9 @@ with _bootstrap.job(snakemake, "z3.report", "report") as job:
         round_fsc=list(inputs.round_fsc),  # every refinement round, round 1 first
         round_coefficients=list(inputs.round_coefficients),
         gold_standard=params.gold_standard,
+        # another run's fsc.tsv, read as it is: a param, not an input, so that Snakemake never
+        # plans to remake the other run's files with this run's config
+        compare_fsc=params.report["compare_fsc"],
         log=job.log,
     )
     job.log.info("wrote %d files, the report is %s", len(written), written["html"])

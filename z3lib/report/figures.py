@@ -16,6 +16,7 @@ import pandas as pd
 from matplotlib import rc_context
 from matplotlib.figure import Figure
 
+from z3lib import analysis as an
 from z3lib.conventions import box_center
 from z3lib.io import write_bytes
 
@@ -211,7 +212,11 @@ def plot_message(title: str, message: str) -> Figure:
     return fig
 
 
-def plot_fsc(fsc: pd.DataFrame, summary: Mapping[str, Mapping[str, float]]) -> Figure:
+def plot_fsc(
+    fsc: pd.DataFrame,
+    summary: Mapping[str, Mapping[str, float]],
+    other: tuple[str, pd.DataFrame] | None = None,
+) -> Figure:
     """FSC curves (corrected vs uncorrected) against frequency, with the 0.143 and 0.5 lines.
 
     Parameters
@@ -220,6 +225,8 @@ def plot_fsc(fsc: pd.DataFrame, summary: Mapping[str, Mapping[str, float]]) -> F
         ``frequency`` (1/Å), ``fsc_corrected`` and ``fsc_uncorrected`` per shell.
     summary
         ``corrected``/``uncorrected`` → ``fsc_0.143``/``fsc_0.5`` → resolution (Å), for the legend.
+    other
+        Optional name and ``fsc.tsv`` of another run (same shells): its corrected curve, dashed.
     """
     fig = _new_figure(7.0, 4.2)
     ax = fig.add_subplot()
@@ -235,6 +242,17 @@ def plot_fsc(fsc: pd.DataFrame, summary: Mapping[str, Mapping[str, float]]) -> F
             color=colour,
             lw=2,
             label=f"{name}: {res['fsc_0.143']:.1f} Å (0.143), {res['fsc_0.5']:.1f} Å (0.5)",
+        )
+    if other is not None:
+        name, table = other
+        res = an.fsc_summary(table, "fsc_corrected")
+        ax.plot(
+            f,
+            table["fsc_corrected"].to_numpy()[: len(f)],
+            color="#2a6f97",
+            lw=1.5,
+            ls="--",
+            label=f"corrected, {name}: {res['fsc_0.143']:.1f} Å (0.143), {res['fsc_0.5']:.1f} Å (0.5)",
         )
     for level, style in ((0.143, ":"), (0.5, "--")):
         ax.axhline(level, color="0.4", ls=style, lw=1)

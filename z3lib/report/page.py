@@ -350,9 +350,30 @@ def _reconstruction(c: ReportContent) -> Section:
         + "<details><summary>FSC table</summary>"
         + _table(fsc_rows, formats={"resolution (Å)": ".2f", "FSC corrected": ".3f", "FSC uncorrected": ".3f"})
         + "</details>"
+        + _comparison(c)
         + _img(c.pngs["slices"], "central slices", "Central slices of the corrected and uncorrected maps.")
     )
     return ("reconstruction", "Reconstruction", recon)
+
+
+def _comparison(c: ReportContent) -> str:
+    """Return the table comparing this run's corrected-map FSC with another run's ("" without one)."""
+    table = c.reconstruction.comparison
+    if table is None:
+        return ""
+    gold = c.inputs.gold_standard
+    return (
+        f"<p>This run (gold standard: {html.escape(gold)}) beside {html.escape(str(table.index[1]))} "
+        f"({html.escape(str(c.inputs.compare_fsc))}), corrected maps. With shared networks the fields "
+        "of one half set are learnt from both, which can make the two half maps agree more than "
+        "their content warrants; with independent half sets no information crosses them. "
+        "Difference: this run − the other.</p>"
+        + _table(
+            table.reset_index(),
+            left=["corrected map"],
+            formats={"FSC area": ".4f", "0.143 (Å)": ".2f", "0.5 (Å)": ".2f"},
+        )
+    )
 
 
 def _rounds(c: ReportContent) -> Section:

@@ -41,7 +41,9 @@ class ReportInputs:
         The refine stage's ``(n, 3K)`` coefficients (``.npy``), px of the original box.
     points, reference, mask
         The final round's point cloud (``.npz`` with ``box``, ``original_box``, ``pixel_size``,
-        ``original_pixel_size``), reference map and mask at the processing box.
+        ``original_pixel_size``; they set the units), reference map and mask at the processing
+        box: the preprocess stage's in round 1, else those made from the previous round's
+        corrected map. The motion and cluster maps are this reference deformed by the fields.
     corrected, uncorrected, fsc
         The ZART maps (MRC) and ``fsc.tsv``.
     zernike
@@ -51,13 +53,15 @@ class ReportInputs:
     motion_steps
         Maps (and models) per principal-motion series, from −2σ to +2σ.
     use_umap
-        Compute the UMAP landscape.
+        Compute the UMAP landscape (skipped, with a logged reason, below 15 particles).
     model
-        Optional atomic model (PDB/mmCIF) in the frame of the original map (Å).
+        Optional atomic model (PDB/mmCIF) in the frame of the original map (Å); with it, model
+        series along the motions and one model per cluster are written (PDB).
     model_origin
         ``(3,)`` position (Å) of voxel ``[0, 0, 0]`` of the original map, in the model's frame.
     ground_truth
-        Optional ``ground_truth.tsv`` of simulated data (column ``t``).
+        Optional ``ground_truth.tsv`` of simulated data (column ``t``): adds a landscape panel
+        coloured by the true motion coordinate and its Spearman correlation with PC1.
     benchmarks
         ``benchmarks/<run>/`` (Snakemake benchmark files); None: no timings.
     run_config
@@ -72,7 +76,12 @@ class ReportInputs:
         Every refinement round's ``fsc.tsv`` and ``coefficients.npy``, round 1 first; empty:
         one round, ``fsc`` and ``coefficients``.
     gold_standard
-        ``shared`` or ``independent``.
+        ``shared`` or ``independent`` (each half set with its own networks and refinement):
+        stated in the report.
+    compare_fsc
+        Optional ``fsc.tsv`` of another run of the same particles (for instance the
+        ``gold_standard: shared`` run beside an ``independent`` one): its corrected-map FSC is
+        drawn beside this run's and the differences in FSC area and resolution are tabulated.
     """
 
     out_dir: Path
@@ -100,6 +109,7 @@ class ReportInputs:
     round_fsc: Sequence[str | Path] = ()
     round_coefficients: Sequence[str | Path] = ()
     gold_standard: str = "shared"
+    compare_fsc: str | Path | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -285,12 +295,19 @@ class Reconstruction:
         ``corrected``/``uncorrected`` → ``fsc_0.143``/``fsc_0.5`` → resolution (Å).
     corrected, uncorrected
         ``(box, box, box)`` maps.
+    compared
+        The other run's ``fsc.tsv`` (:attr:`ReportInputs.compare_fsc`), or None.
+    comparison
+        With :attr:`compared`: rows ``this run``, the other run and ``difference``; columns FSC
+        area and the 0.143 and 0.5 resolutions (Å) of the corrected maps.
     """
 
     fsc: pd.DataFrame
     summary: Mapping[str, Mapping[str, float]]
     corrected: np.ndarray
     uncorrected: np.ndarray
+    compared: pd.DataFrame | None = None
+    comparison: pd.DataFrame | None = None
 
 
 @dataclass(frozen=True, eq=False)

@@ -54,7 +54,7 @@ from z3lib.report.records import (
     ReportData,
     ReportInputs,
 )
-from z3lib.report.timings import read_round_timings, read_stage_timings, summarise_rounds
+from z3lib.report.timings import compare_fsc, read_round_timings, read_stage_timings, summarise_rounds
 
 __all__ = ["make_report", "write_report"]
 
@@ -90,59 +90,13 @@ def make_report(
     round_fsc: Sequence[str | Path] = (),
     round_coefficients: Sequence[str | Path] = (),
     gold_standard: str = "shared",
+    compare_fsc: str | Path | None = None,
     log: logging.Logger | None = None,
 ) -> dict[str, Path]:
     """Write the report of one run (see :mod:`z3lib.report` for every file).
 
-    Parameters
-    ----------
-    out_dir
-        ``results/<run>/report/``.
-    particles, coefficients
-        The refine stage's STAR (the input STAR with the Zernike3D columns) and ``(n, 3K)``
-        coefficients in px of the original box (``Rmax`` = original box / 2).
-    points, reference, mask
-        The final round's point cloud (its ``box``, ``original_box``, ``pixel_size`` and
-        ``original_pixel_size`` set the units), reference map and mask at the processing box:
-        the preprocess stage's in round 1, else those made from the previous round's corrected
-        map. The motion and cluster maps are this reference deformed by the fields (the map the
-        fields were estimated against).
-    corrected, uncorrected, fsc
-        The ZART maps and ``fsc.tsv``.
-    zernike
-        The config's ``zernike`` section (``L1``, ``L2``, ``basis``): the basis of the coefficients.
-    clusters
-        k of k-means (capped at the number of particles).
-    motion_steps
-        Maps (and models) per principal-motion series, from −2σ to +2σ.
-    use_umap
-        Compute the UMAP landscape (skipped, with a logged reason, below 15 particles).
-    model
-        Optional atomic model (PDB/mmCIF) in the frame of the original map (Å); with it, model
-        series along the motions and one model per cluster are written (PDB).
-    model_origin
-        Position (Å) of voxel ``[0, 0, 0]`` of the original map, in the model's frame.
-    ground_truth
-        Optional ``ground_truth.tsv`` of simulated data (column ``t``): adds a landscape panel
-        coloured by the true motion coordinate and its Spearman correlation with PC1.
-    benchmarks
-        ``benchmarks/<run>/`` (per-stage timings); None or missing: no timing table.
-    run_config
-        The run's configuration, shown in the report.
-    run_name
-        The run's name, in the page's title and the ChimeraX scripts (``""``: none).
-    seed
-        Seed of k-means and UMAP.
-    pixel_size, image_root
-        Overrides for :func:`z3lib.io.read_particles` (as in the refine stage).
-    round_fsc, round_coefficients
-        Every refinement round's ``fsc.tsv`` and refined ``coefficients.npy`` (round 1 first; the
-        last are the final round's); empty: one round, ``fsc`` and ``coefficients``.
-    gold_standard
-        ``shared`` or ``independent`` (each half set with its own networks and refinement):
-        stated in the report.
-    log
-        Logger of the progress messages (default: ``z3lib.report``).
+    The parameters are the fields of :class:`z3lib.report.records.ReportInputs`, documented
+    there, and ``log``, the logger of the progress messages (default: ``z3lib.report``).
 
     Returns
     -------
@@ -174,6 +128,7 @@ def make_report(
         round_fsc=tuple(round_fsc),
         round_coefficients=tuple(round_coefficients),
         gold_standard=gold_standard,
+        compare_fsc=compare_fsc,
     )
     return write_report(inputs, log)
 
@@ -623,7 +578,8 @@ def draw_figures(
         fig = plot_message("Landscape: UMAP", landscape.umap_note)
     pngs["landscape_umap"] = _save(fig, out, "landscape_umap", _BOTH, paths)
     recon = read_reconstruction(inputs)
-    pngs["fsc"] = _save(plot_fsc(recon.fsc, recon.summary), out, "fsc", _BOTH, paths)
+    other = None if recon.compared is None else (compare_name(inputs.compare_fsc or ""), recon.compared)
+    pngs["fsc"] = _save(plot_fsc(recon.fsc, recon.summary, other), out, "fsc", _BOTH, paths)
     pngs["slices"] = _save(
         plot_slices([("corrected", recon.corrected), ("uncorrected", recon.uncorrected)]),
         out,
@@ -655,12 +611,30 @@ def read_reconstruction(inputs: ReportInputs) -> Reconstruction:
     """
     fsc_table = read_table(inputs.fsc)
     summary = {name: an.fsc_summary(fsc_table, f"fsc_{name}") for name in ("corrected", "uncorrected")}
+    compared = comparison = None
+    if inputs.compare_fsc is not None:
+        compared = read_table(inputs.compare_fsc)
+        name = compare_name(inputs.compare_fsc)
+        comparison = compare_fsc(fsc_table, compared, other_name=name, source=str(inputs.compare_fsc))
     return Reconstruction(
         fsc=fsc_table,
         summary=summary,
         corrected=read_map(inputs.corrected).data,
         uncorrected=read_map(inputs.uncorrected).data,
+        compared=compared,
+        comparison=comparison,
     )
+
+
+def compare_name(path: str | Path) -> str:
+    """Name another run's ``fsc.tsv`` by its run: ``results/<run>/zart/fsc.tsv`` → ``<run>``.
+
+    A file elsewhere is named by its path.
+    """
+    p = Path(path)
+    if p.name == "fsc.tsv" and p.parent.name == "zart" and p.parent.parent.name:
+        return p.parent.parent.name
+    return str(p)
 
 
 def summarise_refinement_rounds(inputs: ReportInputs, data: ReportData) -> RefinementRounds:

@@ -1,4 +1,4 @@
-"""Wall times and resolutions: per-stage timings and the table of refinement rounds.
+"""Wall times and resolutions: stage timings, refinement rounds, another run's FSC beside this one's.
 
 The per-stage timings come from Snakemake benchmark files.
 """
@@ -15,7 +15,7 @@ import pandas as pd
 from z3lib import analysis as an
 from z3lib.io import read_table
 
-__all__ = ["STAGE_ORDER", "read_round_timings", "read_stage_timings", "summarise_rounds"]
+__all__ = ["STAGE_ORDER", "compare_fsc", "read_round_timings", "read_stage_timings", "summarise_rounds"]
 
 #: Pipeline order of the stages in the timing table (others follow, alphabetically).
 STAGE_ORDER = (
@@ -169,3 +169,49 @@ def summarise_rounds(
             }
         )
     return pd.DataFrame(rows)
+
+
+def compare_fsc(this: pd.DataFrame, other: pd.DataFrame, *, other_name: str, source: str = "") -> pd.DataFrame:
+    """Compare the corrected-map FSC of this run with another run's, shell by shell.
+
+    Parameters
+    ----------
+    this, other
+        Two ``fsc.tsv`` tables (``shell``, ``frequency`` in 1/Å, ``fsc_corrected``) of the same
+        box and pixel size.
+    other_name
+        The other run's row label.
+    source
+        The other table's file, named in the error.
+
+    Returns
+    -------
+    Rows ``this run``, ``other_name`` and ``difference`` (this − other); columns ``FSC area``
+    (mean corrected FSC over the shells up to Nyquist), ``0.143 (Å)`` and ``0.5 (Å)``.
+
+    Raises
+    ------
+    ValueError
+        The tables have other shells or frequencies (another box or pixel size), or lack a column.
+    """
+    for name, table in ((source or other_name, other), ("this run's fsc.tsv", this)):
+        missing = {"shell", "frequency", "fsc_corrected"} - set(table.columns)
+        if missing:
+            raise ValueError(f"{name}: column(s) {sorted(missing)} missing; expected a z3 zart/fsc.tsv")
+    same = len(this) == len(other) and np.allclose(this["frequency"], other["frequency"], rtol=1e-4)
+    if not same:
+        raise ValueError(
+            f"{source or other_name}: its FSC shells ({len(other)} up to "
+            f"{float(other['frequency'].max()):.4f} 1/Å) are not this run's ({len(this)} up to "
+            f"{float(this['frequency'].max()):.4f} 1/Å): compare runs of the same particles, box and pixel size"
+        )
+    rows = []
+    for table in (this, other):
+        res = an.fsc_summary(table, "fsc_corrected")
+        rows.append([float(table["fsc_corrected"].mean()), res["fsc_0.143"], res["fsc_0.5"]])
+    values = np.array(rows)
+    return pd.DataFrame(
+        np.vstack([values, values[0] - values[1]]),
+        index=pd.Index(["this run", other_name, "difference"], name="corrected map"),
+        columns=["FSC area", "0.143 (Å)", "0.5 (Å)"],
+    )

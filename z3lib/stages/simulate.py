@@ -26,6 +26,20 @@ from z3lib.simulate import (
     simulate_particles,
 )
 
+#: name → file of everything :func:`simulate_dataset` writes.
+_FILES = {
+    "particles": "particles.star",
+    "stack": "particles.mrcs",
+    "ground_truth": "ground_truth.tsv",
+    "motion": "motion.npz",
+    "reference": "reference.mrc",
+    "mask": "mask.mrc",
+    "truth_reference": "truth_reference.mrc",
+    "state_start": "state_start.mrc",
+    "state_end": "state_end.mrc",
+    "reference_model": "reference_model.pdb",
+}
+
 
 def simulate_dataset(
     out_dir: str | Path,
@@ -77,7 +91,7 @@ def simulate_dataset(
     -------
     name → path of every file written.
     """
-    from z3lib.io import open_stack_writer, write_map
+    from z3lib.io import open_stack_writer
 
     logger = log or logging.getLogger(__name__)
     out = Path(out_dir)
@@ -85,10 +99,11 @@ def simulate_dataset(
     t0 = time.perf_counter()
     start, motion = _read_motion(start_model, end_model)
     rng = np.random.default_rng(seed)
-    if t_values is None:
-        t = rng.uniform(t_range[0], t_range[1], size=n_particles)
-    else:
-        t = rng.choice(np.asarray(t_values, dtype=np.float64), size=n_particles)
+    t = (
+        rng.uniform(t_range[0], t_range[1], size=n_particles)
+        if t_values is None
+        else rng.choice(np.asarray(t_values, dtype=np.float64), size=n_particles)
+    )
     sim = simulate_particles(
         motion,
         n=n_particles,
@@ -101,44 +116,17 @@ def simulate_dataset(
         shift_sigma=shift_sigma,
         defocus_range=(defocus_min, defocus_max),
     )
+    elapsed = time.perf_counter() - t0
     logger.info(
-        "simulated %d particles of %d px in %.1f s (noise sigma %.3g)",
-        n_particles,
-        box,
-        time.perf_counter() - t0,
-        sim.noise_sigma,
+        "simulated %d particles of %d px in %.1f s (noise sigma %.3g)", n_particles, box, elapsed, sim.noise_sigma
     )
     sigma_px = gaussian_sigma(resolution) / pixel_size
-    paths = {
-        name: out / fname
-        for name, fname in (
-            ("particles", "particles.star"),
-            ("stack", "particles.mrcs"),
-            ("ground_truth", "ground_truth.tsv"),
-            ("motion", "motion.npz"),
-            ("reference", "reference.mrc"),
-            ("mask", "mask.mrc"),
-            ("truth_reference", "truth_reference.mrc"),
-            ("state_start", "state_start.mrc"),
-            ("state_end", "state_end.mrc"),
-            ("reference_model", "reference_model.pdb"),
-        )
-    }
+    paths = {name: out / fname for name, fname in _FILES.items()}
     with open_stack_writer(paths["stack"], n_particles, box, pixel_size) as data:
         data[:] = sim.images
-    maps = {}
-    for name, tt in (("truth_reference", reference_t), ("state_start", 0.0), ("state_end", 1.0)):
-        maps[name] = density_from_atoms(motion.at(tt) / pixel_size, motion.weights, box, sigma_px)
-        write_map(paths[name], maps[name], pixel_size)
     subset = rng.permutation(np.arange(n_particles) % 2) + 1
     _write_star(paths["particles"], paths["stack"].name, sim, subset, box, pixel_size)
-    if consensus:
-        from z3lib.consensus import consensus_reference
-
-        consensus_reference(paths["particles"], paths["reference"], paths["mask"], seed=seed, log=logger)
-    else:
-        write_map(paths["reference"], maps["truth_reference"], pixel_size)
-        write_map(paths["mask"], make_mask(list(maps.values())), pixel_size)
+    _write_maps(paths, motion, box, pixel_size, sigma_px, reference_t, consensus=consensus, seed=seed, log=logger)
     _write_truth(
         paths,
         sim,
@@ -153,6 +141,37 @@ def simulate_dataset(
     )
     logger.info("wrote %s in %.1f s", ", ".join(p.name for p in paths.values()), time.perf_counter() - t0)
     return paths
+
+
+def _write_maps(
+    paths: dict[str, Path],
+    motion: Motion,
+    box: int,
+    pixel_size: float,
+    sigma_px: float,
+    reference_t: float,
+    *,
+    consensus: bool,
+    seed: int,
+    log: logging.Logger,
+) -> None:
+    """Write the true maps at ``reference_t``, 0 and 1, and the pipeline's reference and mask.
+
+    With ``consensus`` the reference is reconstructed from the particles of ``paths["particles"]``
+    and the mask derived from it; else they are the true reference map and a mask over every state.
+    """
+    from z3lib.consensus import consensus_reference
+    from z3lib.io import write_map
+
+    maps = {}
+    for name, tt in (("truth_reference", reference_t), ("state_start", 0.0), ("state_end", 1.0)):
+        maps[name] = density_from_atoms(motion.at(tt) / pixel_size, motion.weights, box, sigma_px)
+        write_map(paths[name], maps[name], pixel_size)
+    if consensus:
+        consensus_reference(paths["particles"], paths["reference"], paths["mask"], seed=seed, log=log)
+    else:
+        write_map(paths["reference"], maps["truth_reference"], pixel_size)
+        write_map(paths["mask"], make_mask(list(maps.values())), pixel_size)
 
 
 def _read_motion(start_model: str | Path, end_model: str | Path) -> tuple[AtomicModel, Motion]:

@@ -70,9 +70,11 @@ def train(
         of the poses of ``particles`` (:func:`z3lib.io.apply_poses`). None: those of ``particles``.
     pixel_size, image_root
         the overrides the preprocess stage used for the original particles, to read ``poses``.
-
     log
         Logger for progress; default this module's.
+
+    Notes
+    -----
     A checkpoint is resumed only when its fingerprint matches: the settings (but ``epochs``), the
     particle rows, their poses, shifts, CTF and half-set labels, the identity of their images
     (stack paths, indices, file sizes and modification times), the point cloud, the initial
@@ -88,16 +90,8 @@ def train(
     if init_model is not None:
         init_weights = load_weights(init_model)
         logger.info("starting from the weights of %s", init_model)
-    logger.info(
-        "Zernike3Deep: %d particles, box %d, %d points, (L1, L2) = (%d, %d) %s basis, %s encoder",
-        len(source),
-        box,
-        len(cloud["points"]),
-        config.L1,
-        config.L2,
-        config.basis,
-        config.encoder,
-    )
+    what = (len(source), box, len(cloud["points"]), config.L1, config.L2, config.basis, config.encoder)
+    logger.info("Zernike3Deep: %d particles, box %d, %d points, (L1, L2) = (%d, %d) %s basis, %s encoder", *what)
     t0 = time.perf_counter()
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -113,17 +107,7 @@ def train(
         init_weights=init_weights,
         data_digests=_data_digests(source, parts, rows, n_all),
     )
-    meta: dict[str, Any] = {
-        "box": box,
-        "pixel_size": float(cloud["pixel_size"]),
-        "original_box": int(cloud["original_box"]),
-        "original_pixel_size": float(cloud["original_pixel_size"]),
-        "n_particles": len(source),
-        "n_total": n_all,
-        "half": 0 if half is None else int(half),
-        "rows": torch.as_tensor(rows),
-    }
-    paths = _write_training(out, model, history, cloud, meta, logger)
+    paths = _write_training(out, model, history, cloud, _model_meta(cloud, len(source), n_all, half, rows), logger)
     logger.info("training done in %.1f s", time.perf_counter() - t0)
     if torch.device(device).type == "cuda":
         logger.info("GPU peak memory %.2f GiB", torch.cuda.max_memory_allocated() / 2**30)
@@ -168,6 +152,22 @@ def _training_particles(
         source = source.take(rows)
         log.info("gold-standard half %d: training on its %d of %d particles only", half, len(rows), n_all)
     return parts, cloud, source, rows
+
+
+def _model_meta(
+    cloud: dict[str, Any], n_particles: int, n_total: int, half: int | None, rows: np.ndarray
+) -> dict[str, Any]:
+    """Return what ``model.pt`` records besides the weights: boxes, pixel sizes, particle rows, half set."""
+    return {
+        "box": int(cloud["box"]),
+        "pixel_size": float(cloud["pixel_size"]),
+        "original_box": int(cloud["original_box"]),
+        "original_pixel_size": float(cloud["original_pixel_size"]),
+        "n_particles": n_particles,
+        "n_total": n_total,
+        "half": 0 if half is None else int(half),
+        "rows": torch.as_tensor(rows),
+    }
 
 
 def _write_training(

@@ -13,11 +13,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from z3lib.field_scale import centre_fields, choose_field_scale
 from z3lib.io import ImageStack, Particles
 from z3lib.zart import (
     ZartConfig,
-    centre_fields,
-    choose_field_scale,
     get_backend,
     half_sets,
     masked_fsc,
@@ -87,16 +86,9 @@ def zart(
     spec = ZernikeSpec.from_config(zernike, orig)
     coeffs, half_z = _fields(coefficients, parts, particles, half_pts, spec, box)
     h1, h2 = half_sets(parts.table["random_subset"].to_numpy(), config.seed)
-    logger.info(
-        "ZART: %d particles (halves %d + %d), box %d, %s mask voxels, %d iterations, batch %d",
-        len(parts),
-        len(h1),
-        len(h2),
-        box,
-        " / ".join(str(len(c["points"])) for c in clouds),
-        config.iterations,
-        config.batch_size,
-    )
+    voxels = " / ".join(str(len(c["points"])) for c in clouds)
+    what = (len(parts), len(h1), len(h2), box, voxels, config.iterations, config.batch_size)
+    logger.info("ZART: %d particles (halves %d + %d), box %d, %s mask voxels, %d iterations, batch %d", *what)
     stack = parts.images()
     out = Path(out_dir)
     paths: dict[str, Path] = {}
@@ -148,7 +140,7 @@ def _scaled_fields(
 ) -> tuple[np.ndarray | None, pd.DataFrame | None]:
     """Return the fields centred on ``config.frame`` and scaled by ``config.field_scale``, and the scale table.
 
-    ``"auto"`` cross-validates the scale (:func:`z3lib.zart.choose_field_scale`); a number must be
+    ``"auto"`` cross-validates the scale (:func:`z3lib.field_scale.choose_field_scale`); a number must be
     in [0, 1]. A scale of 0 gives no fields (None). Without fields: ``(None, None)``.
     """
     if coeffs is None:
