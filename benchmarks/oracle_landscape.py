@@ -186,6 +186,7 @@ def main() -> None:
 
     os.chdir(here)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", force=True)
+    log.disabled = False  # importing aspire disables the loggers that exist
     for job in args.jobs:
         emit(measure(job), args.out)
 

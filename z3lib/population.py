@@ -11,7 +11,9 @@ the directions are refitted against *all* images at once, alternating two steps:
 
        min_{μ, D}  Σ_i loss(image_i, CTF_i ∗ P(μ + z_i · D, pose_i)) + w · Σ_i roughness(μ + z_i · D)
 
-   (mini-batch Adam over the particles; ``D`` is ``(k, 3K)``, one row per direction);
+   (mini-batch Adam over the particles, its step optionally annealed to zero over each round
+   so that the directions settle instead of following the last mini-batches; ``D`` is
+   ``(k, 3K)``, one row per direction);
 2. **scores**: every particle is scored on a grid along each direction (coordinate-wise, as the
    landscape refinement does; the first round starts from the network's predicted scores), and
    its score is the **posterior mean** over that grid: the image
@@ -31,6 +33,7 @@ alternation from the network's landscape as the start.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,12 +179,18 @@ def fit_directions(
     mask = circle_mask(decoder.box, config.mask_radius, device=device)
     rng = np.random.default_rng(seed)
     n = len(source)
+    steps = config.population_epochs * -(-n // config.population_batch_size)
+    step = 0
     last = float("nan")
     for epoch in range(config.population_epochs):
         t0 = time.perf_counter()
         order = rng.permutation(n)
         total = 0.0
         for lo in range(0, n, config.population_batch_size):
+            if config.population_anneal:
+                for group in opt.param_groups:
+                    group["lr"] = config.population_learning_rate * 0.5 * (1 + math.cos(math.pi * step / steps))
+            step += 1
             rows = order[lo : lo + config.population_batch_size]
             b = source.batch(rows, device)
             coeffs = mean[None] + z[rows] @ directions

@@ -85,6 +85,7 @@ class RefineConfig:
     population_rounds: int = 2
     population_epochs: int = 3  # that fit: passes over all particles per round
     population_learning_rate: float = 0.02  # that fit: Adam step (px)
+    population_anneal: bool = False  # that fit: Adam's step decays to 0 over each round (cosine)
     population_batch_size: int = 64  # that fit: particles per step
     population_grid_points: int = 21  # that fit's scoring: grid points per direction
     population_smooth_weight: float = 0.01  # that fit: weight of the fields' mean roughness
