@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from z3lib import analysis as an
-from z3lib.io import read_table
+from z3lib.io import Z3InputError, read_table
 
 __all__ = ["STAGE_ORDER", "compare_fsc", "read_round_timings", "read_stage_timings", "summarise_rounds"]
 
@@ -191,16 +191,16 @@ def compare_fsc(this: pd.DataFrame, other: pd.DataFrame, *, other_name: str, sou
 
     Raises
     ------
-    ValueError
+    Z3InputError
         The tables have other shells or frequencies (another box or pixel size), or lack a column.
     """
     for name, table in ((source or other_name, other), ("this run's fsc.tsv", this)):
         missing = {"shell", "frequency", "fsc_corrected"} - set(table.columns)
         if missing:
-            raise ValueError(f"{name}: column(s) {sorted(missing)} missing; expected a z3 zart/fsc.tsv")
+            raise Z3InputError(f"{name}: column(s) {sorted(missing)} missing; expected a z3 zart/fsc.tsv")
     same = len(this) == len(other) and np.allclose(this["frequency"], other["frequency"], rtol=1e-4)
     if not same:
-        raise ValueError(
+        raise Z3InputError(
             f"{source or other_name}: its FSC shells ({len(other)} up to "
             f"{float(other['frequency'].max()):.4f} 1/Å) are not this run's ({len(this)} up to "
             f"{float(this['frequency'].max()):.4f} 1/Å): compare runs of the same particles, box and pixel size"
