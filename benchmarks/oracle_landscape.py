@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import platform
 import time
@@ -32,7 +31,7 @@ from typing import Any
 
 import numpy as np
 from common import ROOT, emit, landscape_metrics
-from yardstick import YARD, field_errors
+from yardstick import YARD, beam_split_rms, field_errors
 from yardstick_sim import RESOLUTION, SimParams, load_atoms, simulate
 
 RESULTS = ROOT / "benchmarks" / "results" / "oracle_landscape.jsonl"
@@ -153,24 +152,14 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 def _posterior_displacement_error(post: np.ndarray, truth: dict[str, np.ndarray]) -> dict[str, float]:
     """RMS (Å) over heavy atoms and particles of the posterior-mean displacement − the truth,
-    total, in-plane and along the beam (as the yardstick's ``field_errors``)."""
-    from z3lib.conventions import euler_to_matrix
-
+    total, in-plane and along the beam (the yardstick's split)."""
     coords, ref, state = truth["coords"], int(truth["reference"]), truth["state"]
     disp = (coords - coords[ref]).reshape(len(coords), -1)  # (S, 3N) Å
-    a = euler_to_matrix(truth["rot"], truth["tilt"], truth["psi"])
-    sums = np.zeros(2)
-    for lo in range(0, len(state), 500):
-        sl = slice(lo, lo + 500)
-        err = (post[sl] @ disp - disp[state[sl]]).reshape(len(state[sl]), -1, 3)
-        rotated = np.einsum("bij,bnj->bni", a[sl], err)
-        sums += [(rotated[..., :2] ** 2).sum(), (rotated[..., 2] ** 2).sum()]
-    n_atoms = len(state) * coords.shape[1]
-    return {
-        "rms_A": round(math.sqrt(sums.sum() / n_atoms), 4),
-        "in_plane_rms_A": round(math.sqrt(sums[0] / n_atoms), 4),
-        "along_beam_rms_A": round(math.sqrt(sums[1] / n_atoms), 4),
-    }
+
+    def error(sl: slice) -> np.ndarray:
+        return np.asarray(post[sl] @ disp - disp[state[sl]]).reshape(len(state[sl]), -1, 3)
+
+    return beam_split_rms(error, truth, 1.0)
 
 
 def main() -> None:

@@ -46,6 +46,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -94,26 +95,40 @@ def field_errors(
     ref_px = coords[ref] / pixel_size
     true_px = (coords - coords[ref]) / pixel_size  # (S, N, 3)
     z = zk.evaluate_basis(ref_px, *degrees, box / 2, basis) if coefficients is not None else None
+
+    def error(sl: slice) -> np.ndarray:
+        if residual is not None:
+            return residual[state[sl]]
+        if coefficients is not None and z is not None:
+            pred = np.einsum("nk,bak->bna", z, coefficients[sl].reshape(len(state[sl]), 3, -1))
+            return pred - true_px[state[sl]]
+        return -true_px[state[sl]]
+
+    return beam_split_rms(error, truth, pixel_size, chunk)
+
+
+def beam_split_rms(
+    error: Callable[[slice], np.ndarray], truth: dict[str, np.ndarray], unit: float, chunk: int = 500
+) -> dict[str, float]:
+    """RMS (Å) over atoms and particles of a per-particle error, total, in-plane and along the beam.
+
+    ``error(rows)`` is the ``(b, N, 3)`` error of those particles in units of ``unit`` Å; each is
+    rotated by its particle's RELION matrix A (``truth``'s ``rot``, ``tilt``, ``psi``), whose
+    third row is the beam.
+    """
     a = euler_to_matrix(truth["rot"], truth["tilt"], truth["psi"])
     sums = np.zeros(2)
     n_atoms = 0
-    for lo in range(0, len(state), chunk):
+    for lo in range(0, len(a), chunk):
         sl = slice(lo, lo + chunk)
-        if residual is not None:
-            err = residual[state[sl]]
-        elif coefficients is not None and z is not None:
-            pred = np.einsum("nk,bak->bna", z, coefficients[sl].reshape(len(state[sl]), 3, -1))
-            err = pred - true_px[state[sl]]
-        else:
-            err = -true_px[state[sl]]
+        err = error(sl)
         rotated = np.einsum("bij,bnj->bni", a[sl], err)
         sums += [(rotated[..., :2] ** 2).sum(), (rotated[..., 2] ** 2).sum()]
         n_atoms += err.shape[0] * err.shape[1]
-    total = np.sqrt(sums.sum() / n_atoms) * pixel_size
     return {
-        "rms_A": round(float(total), 4),
-        "in_plane_rms_A": round(float(np.sqrt(sums[0] / n_atoms) * pixel_size), 4),
-        "along_beam_rms_A": round(float(np.sqrt(sums[1] / n_atoms) * pixel_size), 4),
+        "rms_A": round(float(np.sqrt(sums.sum() / n_atoms) * unit), 4),
+        "in_plane_rms_A": round(float(np.sqrt(sums[0] / n_atoms) * unit), 4),
+        "along_beam_rms_A": round(float(np.sqrt(sums[1] / n_atoms) * unit), 4),
     }
 
 
@@ -448,6 +463,17 @@ def half_average(folder: Path, name: str) -> np.ndarray:
     return 0.5 * (read_map(folder / f"{name}_half1.mrc").data + read_map(folder / f"{name}_half2.mrc").data)
 
 
+def chosen_field_scale(zart: Path) -> float | None:
+    """The field scale ZART chose (``zart/field_scale.tsv``, row ``chosen``); None without the table."""
+    import pandas as pd
+
+    table = zart / "field_scale.tsv"
+    if not table.exists():
+        return None
+    scales = pd.read_csv(table, sep="\t")
+    return float(scales.loc[scales["chosen"].astype(str) == "True", "scale"].iloc[0])
+
+
 def half_map_fsc(path: Path) -> dict[str, float]:
     """The pipeline's own gold-standard figures (``zart/fsc.tsv``, no ground truth): FSC area and
     0.143 resolution of the corrected and uncorrected half maps. With ``gold_standard: shared`` the
@@ -459,7 +485,7 @@ def half_map_fsc(path: Path) -> dict[str, float]:
     table = pd.read_csv(path, sep="\t")
     out = {}
     for name in ("corrected", "uncorrected"):
-        out[f"{name}_fsc_area"] = round(float(table[f"fsc_{name}"].mean()), 4)
+        out[f"{name}_fsc_area"] = round(fsc_area(pd.DataFrame({"fsc": table[f"fsc_{name}"]})), 4)
         out[f"{name}_fsc0.143_A"] = round(fsc_summary(table, f"fsc_{name}")["fsc_0.143"], 3)
     return out
 
@@ -478,7 +504,6 @@ def round_metrics(
     """Every refinement round's figures (``results/<run>/rounds/<k>/``): the refined landscape and
     displacement error, the corrected map's FSC area and the gap it closes (against the final
     round's uncorrected and oracle maps), the field scale ZART chose and each stage's wall time."""
-    import pandas as pd
 
     from z3lib.io import read_coefficients
 
@@ -492,9 +517,6 @@ def round_metrics(
             continue
         c = read_coefficients(folder / "refine" / "coefficients.npy")
         corrected = map_metrics(half_average(folder / "zart", "corrected"), truth_map, apix)
-        table = folder / "zart" / "field_scale.tsv"
-        scales = pd.read_csv(table, sep="\t") if table.exists() else pd.DataFrame({"chosen": [], "scale": []})
-        chosen = scales.loc[scales["chosen"].astype(str) == "True", "scale"]
         out.append(
             {
                 "round": k,
@@ -502,7 +524,7 @@ def round_metrics(
                 "displacement_refine": field_errors(c, truth, degrees, basis, box, apix),
                 "corrected": corrected,
                 "fsc_area_gap_closed": round((corrected["fsc_area"] - areas["uncorrected"]) / gap, 3) if gap else None,
-                "zart_field_scale": float(chosen.iloc[0]) if len(chosen) else None,
+                "zart_field_scale": chosen_field_scale(folder / "zart"),
                 "stage_wall_s": {
                     key.split("/", 1)[1]: v["wall_s"] for key, v in times.items() if key.startswith(f"round{k}/")
                 },
@@ -588,12 +610,8 @@ def measure(job: str, degree: str, extra: dict[str, Any], full: bool, smoke: boo
     row["fsc_area_gap_closed_true_fields"] = round((a["true_fields"] - a["uncorrected"]) / gap, 3) if gap else None
     row["half_map_fsc"] = half_map_fsc(res / "zart" / "fsc.tsv")
     row["rounds"] = round_metrics(workdir, run, truth, (int(l1), int(l2)), basis, box, apix, truth_map, a)
-    scale_table = res / "zart" / "field_scale.tsv"
-    if scale_table.exists():
-        import pandas as pd
-
-        scales = pd.read_csv(scale_table, sep="\t")
-        row["zart_field_scale"] = float(scales.loc[scales["chosen"].astype(str) == "True", "scale"].iloc[0])
+    if (scale := chosen_field_scale(res / "zart")) is not None:
+        row["zart_field_scale"] = scale
     row["training_images_per_s"] = training_rate(workdir, run)
     row["stages"] = stage_times(workdir, run, int(n))
     row["pipeline_wall_s_this_call"] = round(wall, 1)

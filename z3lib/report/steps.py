@@ -578,7 +578,9 @@ def draw_figures(
         fig = plot_message("Landscape: UMAP", landscape.umap_note)
     pngs["landscape_umap"] = _save(fig, out, "landscape_umap", _BOTH, paths)
     recon = read_reconstruction(inputs)
-    other = None if recon.compared is None else (compare_name(inputs.compare_fsc or ""), recon.compared)
+    other = None
+    if recon.compared is not None and recon.comparison is not None:
+        other = (str(recon.comparison.index[1]), recon.compared)  # the other run's name, as tabulated
     pngs["fsc"] = _save(plot_fsc(recon.fsc, recon.summary, other), out, "fsc", _BOTH, paths)
     pngs["slices"] = _save(
         plot_slices([("corrected", recon.corrected), ("uncorrected", recon.uncorrected)]),

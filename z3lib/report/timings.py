@@ -208,7 +208,8 @@ def compare_fsc(this: pd.DataFrame, other: pd.DataFrame, *, other_name: str, sou
     rows = []
     for table in (this, other):
         res = an.fsc_summary(table, "fsc_corrected")
-        rows.append([float(table["fsc_corrected"].mean()), res["fsc_0.143"], res["fsc_0.5"]])
+        area = an.fsc_area(pd.DataFrame({"fsc": table["fsc_corrected"]}))
+        rows.append([area, res["fsc_0.143"], res["fsc_0.5"]])
     values = np.array(rows)
     return pd.DataFrame(
         np.vstack([values, values[0] - values[1]]),
