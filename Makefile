@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 
 DEMO_ARGS ?=
 
-.PHONY: venv demo test test-all test-gpu bench lint clean
+.PHONY: venv browser demo test test-all test-gpu bench lint clean
 
 # The environment is built from nothing: torch first (a pinned CPU-capable wheel;
 # an unpinned `torch` would pull a multi-GB CUDA build), then the project with its test extra.
@@ -27,13 +27,28 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m snakemake $(DEMO_ARGS)
 
+## Headless Chromium for the tests of the report's pages (Debian's chromium package), installed
+## with apt-get where it is missing (as root, or through sudo); Z3_CHROMIUM names another browser.
+CHROMIUM ?= $(or $(Z3_CHROMIUM),/usr/bin/chromium)
+browser:
+	@if [ ! -x "$(CHROMIUM)" ]; then \
+		if command -v apt-get >/dev/null 2>&1; then \
+			SUDO=""; if [ "$$(id -u)" -ne 0 ]; then SUDO="sudo -n"; fi; \
+			echo "installing Debian's chromium for the page tests"; \
+			export DEBIAN_FRONTEND=noninteractive; \
+			$$SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 \
+			|| { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null; } \
+			|| echo "WARNING: could not install chromium: the page tests will be skipped"; \
+		else echo "WARNING: no apt-get: install Chromium and set Z3_CHROMIUM to run the page tests"; fi; \
+	fi
+
 ## Run the test suite (CI runs this): everything but the tests marked slow (kill and resume of
 ## whole pipelines, minutes each) and gpu (pyproject.toml's addopts deselects both).
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q
 
 ## Everything a CPU can run, slow tests included (-m replaces the default selection).
-test-all: $(STAMP)
+test-all: $(STAMP) browser
 	$(PY) -m pytest -q -m "not gpu"
 
 ## GPU tests only (on a machine with a usable CUDA device): cupy tests and torch tests on cuda,

@@ -11,7 +11,6 @@ import math
 import os
 import re
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -19,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import starfile
+from browser import CHROMIUM, SKIP_REASON, body_attribute, chromium, console_errors, dump_dom
 
 from z3lib import analysis as an
 from z3lib import zernike as zk
@@ -28,6 +28,7 @@ from z3lib.io import (
     read_model,
     read_particles,
     read_star_blocks,
+    read_table,
     write_coefficients,
     write_map,
     write_npz,
@@ -40,8 +41,6 @@ from z3lib.simulate import load_motion
 from z3lib.stages.simulate import simulate_dataset
 
 ADK = Path(__file__).parent / "data" / "mdanalysistests_adk"
-# Debian's chromium package; Z3_CHROMIUM points elsewhere (or at nothing, to check the skip).
-CHROMIUM = Path(os.environ.get("Z3_CHROMIUM", "/usr/bin/chromium"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -355,6 +354,10 @@ def test_cluster_stars_round_trip_with_every_input_column(run: dict[str, Any]) -
         pd.testing.assert_frame_equal(sub.optics, refine.optics)
         blocks = read_star_blocks(run["out"] / "clusters" / f"cluster_{j:02d}.star")
         assert int(blocks["zernike3d"]["box"].iloc[0]) == BOX
+        cs = read_particles(run["out"] / "clusters" / f"cluster_{j:02d}.cs").table  # for cryoSPARC
+        want = refine.table.iloc[rows].reset_index(drop=True)
+        for column in ("image_index", "rot", "tilt", "psi", "shift_x", "shift_y", "defocus_u", "optics_group"):
+            np.testing.assert_allclose(cs[column], want[column], atol=1e-4, err_msg=column)
         seen.extend(rows.tolist())
     assert sorted(seen) == list(range(N_PARTICLES))
     # clusters are numbered by increasing mean PC1 score
@@ -511,6 +514,8 @@ def test_report_is_valid_self_contained_html_with_every_figure(run: dict[str, An
         "Run parameters",
         "&quot;clusters&quot;: 3",
         "cluster_01.star",
+        "cluster_01.cs",
+        "landscape.html",
         "motion_pc1.cxc",
         "particles.xmd",
         "|Spearman| PC1 vs true t",
@@ -533,19 +538,8 @@ def test_chimerax_script_without_models_uses_the_glob_of_the_series() -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Headless Chromium (Debian's chromium package; skipped where it is absent, e.g. CI)
+# Headless Chromium (Debian's chromium package, tests/browser.py)
 # ----------------------------------------------------------------------------------------------
-_CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--hide-scrollbars",
-]
-
 # Injected into a copy of the report only: marks every image that failed to decode, and counts
 # script errors, in attributes that --dump-dom shows. The report itself has no script.
 _PROBE = """<script>
@@ -562,46 +556,48 @@ window.addEventListener('load', function () {
 </script>"""
 
 
-@pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} is not installed (Debian package chromium)")
+@pytest.mark.skipif(not CHROMIUM.exists(), reason=SKIP_REASON)
 def test_report_renders_in_headless_chromium(run: dict[str, Any], tmp_path: Path) -> None:
     page = run["out"] / "report.html"
-    profile = tmp_path / "profile"
     shot = tmp_path / "report.png"
-    env = {**os.environ, "HOME": str(tmp_path)}
-    common = [str(CHROMIUM), *_CHROMIUM_FLAGS, f"--user-data-dir={profile}"]
-    result = subprocess.run(
-        [*common, "--enable-logging=stderr", "--v=0", f"--screenshot={shot}", "--window-size=1280,2000", page.as_uri()],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-        check=False,
+    result = chromium(
+        ["--enable-logging=stderr", "--v=0", f"--screenshot={shot}", "--window-size=1280,2000", page.as_uri()], tmp_path
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert shot.is_file() and shot.read_bytes().startswith(b"\x89PNG")
-    console = [
-        line
-        for line in result.stderr.splitlines()
-        if "CONSOLE" in line or "Uncaught" in line or "ERR_FILE_NOT_FOUND" in line or "Failed to load resource" in line
-    ]
-    assert not console, console
+    assert not console_errors(result.stderr), console_errors(result.stderr)
     if os.environ.get("Z3_REPORT_SCREENSHOT"):
         shutil.copy(shot, os.environ["Z3_REPORT_SCREENSHOT"])
     probe = tmp_path / "probe.html"
     probe.write_text(page.read_text(encoding="utf-8").replace("</head>", _PROBE + "</head>", 1), encoding="utf-8")
-    dom = subprocess.run(
-        [*common, "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-        check=False,
+    dom = dump_dom(probe, tmp_path)
+    assert body_attribute(dom, "data-images") == "6" and body_attribute(dom, "data-broken") == "0", dom[:300]
+    assert "data-errors" not in dom.split("<head", 1)[0]
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason=SKIP_REASON)
+def test_report_landscape_page_loads_with_every_particle(run: dict[str, Any], tmp_path: Path) -> None:
+    """The run's interactive landscape (report/landscape.html) loads without errors, holds every
+    particle of landscape.tsv, and a box over everything selects all of them."""
+    page = run["out"] / "landscape.html"
+    assert 'href="landscape.html"' in (run["out"] / "report.html").read_text(encoding="utf-8")
+    result = chromium(
+        ["--enable-logging=stderr", "--v=0", f"--screenshot={tmp_path / 'l.png'}", page.as_uri()], tmp_path
     )
-    assert dom.returncode == 0, dom.stderr[-2000:]
-    body = re.search(r"<body[^>]*>", dom.stdout)
-    assert body, dom.stdout[:500]
-    assert 'data-images="6"' in body.group(0) and 'data-broken="0"' in body.group(0), body.group(0)
-    assert "data-errors" not in dom.stdout.split("<head", 1)[0]
+    assert result.returncode == 0 and not console_errors(result.stderr), result.stderr[-2000:]
+    probe = tmp_path / "probe.html"
+    script = (
+        "<script>window.addEventListener('load', function () { var z = window.z3explorer;"
+        " z.setTool('box'); var c = document.getElementById('plot'), r = c.getBoundingClientRect();"
+        " var f = function (t, x, y) {"
+        " c.dispatchEvent(new PointerEvent(t, {clientX: x, clientY: y, bubbles: true})); };"
+        " f('pointerdown', r.left + 1, r.top + 1); f('pointermove', r.right - 2, r.bottom - 2);"
+        " f('pointerup', r.right - 2, r.bottom - 2);"
+        " document.body.setAttribute('data-n', String(z.selected().length)); });</script>"
+    )
+    probe.write_text(page.read_text(encoding="utf-8").replace("</head>", script + "</head>", 1), encoding="utf-8")
+    n = len(read_table(run["out"] / "landscape.tsv"))
+    assert body_attribute(dump_dom(probe, tmp_path), "data-n") == str(n)
 
 
 def test_fsc_comparison_with_another_run_is_tabulated_in_the_report(run: dict[str, Any]) -> None:

@@ -4,7 +4,7 @@ The library behind the z3 Snakemake workflow; ``__version__`` and the per-rule o
 live here.
 """
 
-__version__ = "0.1.7"
+__version__ = "0.1.8"
 
 #: The library version at which each pipeline rule's numerical output last changed. Snakemake
 #: cannot see library code, so every rule carries its entry in its params: a library change that
@@ -23,5 +23,6 @@ OUTPUT_VERSIONS: dict[str, str] = {
     "zart": "0.1.7",  # the medoid frame (0.1.6: the field scale by held-out image prediction)
     "round_reference": "0.1.5",
     "publish": "0.1.5",
-    "report": "0.1.5",
+    "report": "0.1.8",  # landscape.html and a cryoSPARC .cs per cluster
+    "select": "0.1.8",
 }

@@ -177,6 +177,36 @@ def cryosparc_pose_to_relion_matrix(rotvec: npt.ArrayLike) -> np.ndarray:
     return np.swapaxes(rotvec_to_matrix(rotvec), -1, -2)
 
 
+def matrix_to_rotvec(matrix: npt.ArrayLike) -> np.ndarray:
+    """Rotation matrices to axis-angle vectors (the inverse of :func:`rotvec_to_matrix`).
+
+    Parameters
+    ----------
+    matrix
+        ``(..., 3, 3)`` rotation matrices acting on column vectors.
+
+    Returns
+    -------
+    ``(..., 3)`` float64 axis × angle, the angle in ``[0, π]`` radians.
+    """
+    from scipy.spatial.transform import Rotation  # when needed: keeps this module's import light
+
+    a = np.asarray(matrix, dtype=np.float64)
+    if a.shape[-2:] != (3, 3):
+        raise ValueError(f"matrix_to_rotvec expects (..., 3, 3) matrices, got shape {a.shape}")
+    flat = a.reshape(-1, 3, 3)
+    out = Rotation.from_matrix(flat).as_rotvec() if len(flat) else np.zeros((0, 3))
+    return np.asarray(out, dtype=np.float64).reshape(a.shape[:-2] + (3,))
+
+
+def relion_matrix_to_cryosparc_pose(matrix: npt.ArrayLike) -> np.ndarray:
+    """RELION's projection matrix ``A`` to cryoSPARC ``alignments3D/pose`` (radians, ``(..., 3)``).
+
+    The inverse of :func:`cryosparc_pose_to_relion_matrix`: the axis-angle vector of ``Aᵀ``.
+    """
+    return matrix_to_rotvec(np.swapaxes(np.asarray(matrix, dtype=np.float64), -1, -2))
+
+
 # ----------------------------------------------------------------------------------------------
 # Shifts and pixel sizes
 # ----------------------------------------------------------------------------------------------

@@ -545,6 +545,24 @@ def test_real_particles_with_two_optics_groups_end_to_end(tmp_path: Path) -> Non
         assert m.data.shape == (64, 64, 64) and m.pixel_size == pytest.approx(1.4 * 200 / 64)
         assert np.isfinite(m.data).all()
     assert (out / "report" / "report.html").stat().st_size > 0
+    assert (out / "report" / "landscape.html").stat().st_size > 0
+    # particles chosen from the landscape (a selection file as the page saves it, and a cluster):
+    # only rule select runs, and its STAR keeps every column of the refined STAR for those rows
+    selection = tmp_path / "selection.txt"
+    selection.write_text("# saved from landscape.html\n16\n0\n3\n")
+    config["select"] = {"file": str(selection), "clusters": [1, 2, 3]}
+    config_path.write_text(yaml.safe_dump(config))
+    result = snakemake(tmp_path, "--workflow-profile", str(CI_PROFILE), "--configfile", str(config_path), timeout=300)
+    assert_ok(result)
+    assert job_counts(result.stdout) == {"select": 1, "all": 1}
+    chosen = read_particles(out / "select" / "particles.star")
+    assert list(chosen.raw.columns) == list(refined.raw.columns)
+    assert chosen.raw.equals(refined.raw.iloc[[0, 3, 16]].reset_index(drop=True))
+    exported = read_particles(out / "select" / "particles.cs").table
+    np.testing.assert_allclose(
+        exported[["rot", "tilt", "psi"]], source.table.iloc[[0, 3, 16]][["rot", "tilt", "psi"]], atol=1e-3
+    )
+    np.testing.assert_array_equal(exported["voltage"], source.table["voltage"].iloc[[0, 3, 16]])
 
 
 @pytest.mark.e2e

@@ -65,6 +65,7 @@ def check_config(cfg):
         files = {key: cfg[key] for key in ("particles", "reference", "mask")}
     files["report.model"] = cfg["report"]["model"]
     files["report.compare_fsc"] = cfg["report"]["compare_fsc"]
+    files["select.file"] = cfg["select"]["file"]
     for key, path in files.items():
         if path is not None and not os.path.isfile(path):
             raise WorkflowError(
@@ -155,7 +156,10 @@ STAGE_OUTPUTS = {
         "motion_pc2": "motion/motion_pc2.cxc",
         "clusters": "clusters/clusters.cxc",
         "rounds": "rounds.tsv",
+        "explorer": "landscape.html",
     },
+    # rule select (only when config select names a criterion): the chosen particles
+    "select": {"star": "particles.star", "cs": "particles.cs", "indices": "indices.txt"},
 }
 
 # Stages whose outputs `rule all` asks for; earlier ones are pulled in through their inputs.
@@ -203,9 +207,17 @@ def stage_outputs(stage, run=RUN):
     return [f"results/{run}/{stage}/{name}" for name in STAGE_OUTPUTS[stage].values()]
 
 
+def selecting():
+    """True when config select names a criterion (a file, clusters or a PC range)."""
+    sel = config["select"]
+    return sel["file"] is not None or bool(sel["clusters"]) or sel["pc"] is not None
+
+
 def final_targets():
-    """Targets of `all`, the default target: main outputs of every final stage of this run."""
-    return [path for stage in FINAL_STAGES for path in stage_outputs(stage)]
+    """Targets of `all`, the default target: main outputs of every final stage of this run, and
+    the selection's files when config select names a criterion."""
+    targets = [path for stage in FINAL_STAGES for path in stage_outputs(stage)]
+    return targets + (stage_outputs("select") if selecting() else [])
 
 
 def is_demo():
@@ -370,4 +382,16 @@ def report_inputs(wildcards):
         inputs["model"] = f"{run}/simulate/reference_model.pdb"
     if is_demo():
         inputs["ground_truth"] = f"{run}/simulate/ground_truth.tsv"
+    return inputs
+
+
+def select_inputs(wildcards):
+    """The refined particles, the landscape, and the selection file when one is given."""
+    run = f"results/{wildcards.run}"
+    inputs = {
+        "particles": f"{run}/refine/particles.star",
+        "landscape": f"{run}/report/landscape.tsv",
+    }
+    if config["select"]["file"] is not None:
+        inputs["file"] = config["select"]["file"]
     return inputs

@@ -67,5 +67,33 @@ rule report:
         gold_standard=lookup(dpath="gold_standard", within=config),
         benchmarks=lambda wildcards: f"benchmarks/{wildcards.run}",
         run_config=config,
+        # the input particle file (a .cs gives each cluster's .cs its rows with every field)
+        source_particles=original_particles,
     script:
         "../scripts/report.py"
+
+
+# Particles chosen from the landscape (config select): a RELION STAR with every input column and
+# the refined values, a cryoSPARC .cs and the rows chosen. Cheap: where Snakemake runs.
+rule select:
+    input:
+        unpack(select_inputs),
+    output:
+        **declared_outputs("select", "results/{run}/select"),
+    log:
+        "logs/{run}/select.log",
+    benchmark:
+        "benchmarks/{run}/select.tsv"
+    localrule: True
+    conda:
+        "../../envs/base.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime="30m",
+    params:
+        z3lib=output_version("select"),
+        select=lookup(dpath="select", within=config),
+        source_particles=original_particles,
+    script:
+        "../scripts/select.py"

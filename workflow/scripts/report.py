@@ -41,6 +41,7 @@ with _bootstrap.job(snakemake, "z3.report", "report") as job:
         # another run's fsc.tsv, read as it is: a param, not an input, so that Snakemake never
         # plans to remake the other run's files with this run's config
         compare_fsc=params.report["compare_fsc"],
+        source_particles=params.source_particles,
         log=job.log,
     )
     job.log.info("wrote %d files, the report is %s", len(written), written["html"])

@@ -28,7 +28,7 @@ The modules, each importing only those above it in this list:
     STAR blocks (:func:`read_star_blocks`) and STAR writing (:func:`write_star`,
     :func:`write_particles_star`).
 ``cryosparc``
-    The ``.cs`` reader.
+    The ``.cs`` reader and writer (:func:`write_cs`).
 ``particles``
     :class:`Particles`, :func:`read_particles` (RELION STAR reader and dispatch),
     :func:`apply_poses`, :func:`particle_identity`.
@@ -67,6 +67,7 @@ from z3lib.io.coefficients import (
     write_coefficients,
     write_zernike_file,
 )
+from z3lib.io.cryosparc import write_cs
 from z3lib.io.models import AtomicModel, read_model, write_model_pdb
 from z3lib.io.mrc import MapData, read_map, write_map
 from z3lib.io.particles import (
@@ -108,6 +109,7 @@ __all__ = [
     "read_zernike_file",
     "write_bytes",
     "write_coefficients",
+    "write_cs",
     "write_map",
     "write_model_pdb",
     "write_npz",

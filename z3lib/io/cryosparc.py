@@ -9,6 +9,7 @@ through their shortest decimal (2.95 Å, not 2.9500000477).
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -18,10 +19,12 @@ import pandas as pd
 
 from z3lib.io._common import (
     _PICKLE_MESSAGE,
+    PathLike,
     Z3InputError,
     _float32_to_decimal,
     _make_table,
     _missing_pixel_size_error,
+    atomic_path,
     logger,
 )
 from z3lib.io.stack import _boxes_from_headers, _resolve_image_paths
@@ -328,3 +331,198 @@ def _build_optics(path: Path, raw: pd.DataFrame, table: pd.DataFrame) -> pd.Data
     optics = pd.DataFrame(rows)
     optics["rlnImageSize"] = optics["rlnImageSize"].astype(np.int64)
     return optics[[c for c in _CS_OPTICS_COLUMNS if c in optics.columns]]
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------------
+def _cs_uids(names: list[str], index: npt.NDArray[np.int64]) -> npt.NDArray[np.uint64]:
+    """Return stable 64-bit unique ids from each particle's image identity (cryoSPARC's ``uid``).
+
+    cryoSPARC draws its uids at random; here the same particle gets the same uid in every export,
+    so two selections of one run can be joined or compared in cryoSPARC. Rows that name the same
+    image (or none) are told apart by their row number.
+    """
+
+    def hashed(keys: list[str]) -> npt.NDArray[np.uint64]:
+        digests = b"".join(hashlib.blake2b(k.encode(), digest_size=8).digest() for k in keys)
+        return np.frombuffer(digests, dtype="<u8").astype(np.uint64)
+
+    keys = [f"{name}|{idx}" for name, idx in zip(names, index.tolist(), strict=True)]
+    out = hashed(keys)
+    if len(np.unique(out)) != len(out):
+        out = hashed([f"{key}|{row}" for row, key in enumerate(keys)])
+    return out
+
+
+def _cs_from_table(table: pd.DataFrame) -> npt.NDArray[Any]:
+    """Build a ``.cs`` structured array (cryoSPARC's field names, types and layout) from a canonical table."""
+    from z3lib import conventions  # when needed: z3lib.io imports no other z3lib module
+
+    n = len(table)
+    names = [str(v) for v in table["image_name"].tolist()]
+    stacks = [v.split("@", 1)[1] if "@" in v else "" for v in names]
+    index = table["image_index"].to_numpy(dtype=np.int64)
+    has_split = bool((table["random_subset"].to_numpy() > 0).any())
+    angles = table[["rot", "tilt", "psi"]].to_numpy(dtype=np.float64)
+    has_pose = bool(n and np.isfinite(angles).all())
+    width = max([1, *(len(s.encode()) for s in stacks)])
+    fields: list[tuple[Any, ...]] = [
+        ("uid", "<u8"),
+        ("blob/path", f"S{width}"),
+        ("blob/idx", "<u4"),
+        ("blob/shape", "<u4", (2,)),
+        ("blob/psize_A", "<f4"),
+        ("blob/sign", "<f4"),
+        ("ctf/type", "S9"),
+        ("ctf/exp_group_id", "<u4"),
+        *((name, "<f4") for name in _CS_CTF_WRITTEN),
+        *([("alignments3D/split", "<u4")] if has_split else []),
+        *(
+            [("alignments3D/shift", "<f4", (2,)), ("alignments3D/pose", "<f4", (3,)), ("alignments3D/psize_A", "<f4")]
+            if has_pose
+            else []
+        ),
+    ]
+    arr = np.zeros(n, dtype=np.dtype(fields))
+    arr["uid"] = _cs_uids(names, index)
+    arr["blob/path"] = [s.encode() for s in stacks]
+    arr["blob/idx"] = index
+    box = table["box"].to_numpy(dtype=np.int64)
+    arr["blob/shape"] = np.stack([box, box], axis=1)
+    arr["blob/psize_A"] = table["pixel_size"].to_numpy(dtype=np.float64)
+    arr["blob/sign"] = table["image_sign"].to_numpy(dtype=np.float64)
+    arr["ctf/type"] = b"imported"
+    arr["ctf/exp_group_id"] = table["optics_group"].to_numpy(dtype=np.int64) - 1
+    for name, value in _cs_ctf_values(table).items():
+        arr[name] = value
+    if has_split:
+        arr["alignments3D/split"] = np.clip(table["random_subset"].to_numpy(dtype=np.int64) - 1, 0, 1)
+    if has_pose:
+        arr["alignments3D/shift"] = table[["shift_x", "shift_y"]].to_numpy(dtype=np.float64)
+        matrices = conventions.euler_to_matrix(angles[:, 0], angles[:, 1], angles[:, 2])
+        arr["alignments3D/pose"] = conventions.relion_matrix_to_cryosparc_pose(matrices)
+        arr["alignments3D/psize_A"] = table["pixel_size"].to_numpy(dtype=np.float64)
+    return arr
+
+
+#: CTF fields written from the canonical table (cryoSPARC's order).
+_CS_CTF_WRITTEN = (
+    "ctf/accel_kv",
+    "ctf/cs_mm",
+    "ctf/amp_contrast",
+    "ctf/df1_A",
+    "ctf/df2_A",
+    "ctf/df_angle_rad",
+    "ctf/phase_shift_rad",
+    "ctf/scale",
+    "ctf/bfactor",
+)
+
+
+def _cs_ctf_values(table: pd.DataFrame) -> dict[str, npt.NDArray[np.float64]]:
+    """Return the ``ctf/*`` values (Å, radians, kV, mm) of a canonical table, by ``.cs`` field."""
+
+    def col(name: str) -> npt.NDArray[np.float64]:
+        return np.asarray(table[name].to_numpy(dtype=np.float64), dtype=np.float64)
+
+    return {
+        "ctf/accel_kv": col("voltage"),
+        "ctf/cs_mm": col("cs"),
+        "ctf/amp_contrast": col("amplitude_contrast"),
+        "ctf/df1_A": col("defocus_u"),
+        "ctf/df2_A": col("defocus_v"),
+        "ctf/df_angle_rad": np.deg2rad(col("defocus_angle")),
+        "ctf/phase_shift_rad": np.deg2rad(col("phase_shift")),
+        "ctf/scale": col("ctf_scale"),
+        "ctf/bfactor": col("bfactor"),
+    }
+
+
+def _overwrite_changed(out: npt.NDArray[Any], table: pd.DataFrame, source_table: pd.DataFrame) -> None:
+    """Write the table's poses, shifts and defoci into ``out`` where they differ from the source's.
+
+    ``source_table`` is what the source's rows read as; unchanged values keep their stored bits.
+    """
+    from z3lib import conventions  # when needed: z3lib.io imports no other z3lib module
+
+    names = set(out.dtype.names or ())
+    new, old = table.reset_index(drop=True), source_table.reset_index(drop=True)
+    angles = new[["rot", "tilt", "psi"]].to_numpy(dtype=np.float64)
+    if "alignments3D/pose" in names and np.isfinite(angles).all():
+        a_new = conventions.euler_to_matrix(angles[:, 0], angles[:, 1], angles[:, 2])
+        a_old = conventions.euler_to_matrix(*(old[c].to_numpy(dtype=np.float64) for c in ("rot", "tilt", "psi")))
+        moved = np.abs(a_new - a_old).max(axis=(1, 2)) > 1e-6
+        out["alignments3D/pose"][moved] = conventions.relion_matrix_to_cryosparc_pose(a_new[moved])
+    if "alignments3D/shift" in names:
+        xy_new = new[["shift_x", "shift_y"]].to_numpy(dtype=np.float64)
+        xy_old = old[["shift_x", "shift_y"]].to_numpy(dtype=np.float64)
+        moved = np.abs(xy_new - xy_old).max(axis=1) > 1e-4
+        scale = np.ones(len(out))
+        if "alignments3D/psize_A" in names and "blob/psize_A" in names:  # stored in alignment pixels
+            scale = out["blob/psize_A"].astype(np.float64) / out["alignments3D/psize_A"].astype(np.float64)
+        out["alignments3D/shift"][moved] = xy_new[moved] * scale[moved, None]
+    for field_name, canon, convert in (
+        ("ctf/df1_A", "defocus_u", 1.0),
+        ("ctf/df2_A", "defocus_v", 1.0),
+        ("ctf/df_angle_rad", "defocus_angle", np.pi / 180.0),
+    ):
+        moved = np.abs(new[canon].to_numpy(dtype=np.float64) - old[canon].to_numpy(dtype=np.float64)) > 1e-3
+        out[field_name][moved] = new[canon].to_numpy(dtype=np.float64)[moved] * convert
+
+
+def write_cs(
+    path: PathLike,
+    table: pd.DataFrame,
+    *,
+    source: PathLike | None = None,
+    source_rows: npt.ArrayLike | None = None,
+) -> None:
+    """Write particles as a cryoSPARC ``.cs`` file (a numpy structured array, written atomically).
+
+    Parameters
+    ----------
+    path
+        Output ``.cs`` file.
+    table
+        A canonical table like :attr:`Particles.table` (``n`` rows): poses (RELION ZYZ degrees)
+        become ``alignments3D/pose`` (axis-angle radians of ``Aᵀ``), shifts stay pixels with
+        RELION's sign, defoci stay Å, angles become radians, optics groups ``ctf/exp_group_id``
+        (0-based), half sets ``alignments3D/split`` (0/1; only when the table has them),
+        ``image_sign`` is ``blob/sign``, and ``blob/path``/``blob/idx`` name the image as the
+        table's ``image_name`` does (``N@stack``: the stack's path as written, 0-based index).
+        ``uid`` is a stable hash of the image's identity.
+    source
+        The cryoSPARC ``.cs`` the particles were read from: its rows ``source_rows`` are copied
+        with every field (cryoSPARC's own uids, passthrough fields and all), and only the poses,
+        shifts and defoci the table changed are written over them.
+    source_rows
+        ``(n,)`` 0-based rows of ``source``, one per table row (required with ``source``).
+
+    Raises
+    ------
+    Z3InputError
+        An unreadable source, rows outside it, or a source whose images are not the table's.
+    """
+    if source is None:
+        arr = _cs_from_table(table)
+    else:
+        src = Path(source)
+        full = _load_cs(src)
+        if source_rows is None:
+            raise Z3InputError(f"write_cs: source_rows are needed to copy rows of {src}")
+        rows = np.asarray(source_rows, dtype=np.int64)
+        if len(rows) != len(table) or (len(rows) and (rows.min() < 0 or rows.max() >= len(full))):
+            raise Z3InputError(f"write_cs: {len(rows)} source rows for {len(table)} particles, {src} has {len(full)}")
+        source_read = _read_cs(src, pixel_size=None, image_root=None).table.iloc[rows]
+        if "blob/idx" in (full.dtype.names or ()) and not np.array_equal(
+            source_read["image_index"].to_numpy(), table["image_index"].to_numpy()
+        ):
+            raise Z3InputError(
+                f"write_cs: the particles are not rows of {src} in the order given (their image "
+                "indices differ); export from the run whose input this .cs was"
+            )
+        arr = full[rows].copy()
+        _overwrite_changed(arr, table, source_read)
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, arr)

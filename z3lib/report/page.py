@@ -266,9 +266,14 @@ def _landscape(c: ReportContent) -> Section:
             + _link(c.paths["landscape_umap_svg"], out)
             + ".",
         )
+        + "<p><b>Choose particles</b> in the interactive landscape, "
+        + _link(c.paths["explorer"], out)
+        + " (pan, zoom, lasso or box on PCA or UMAP; it saves <code>selection.txt</code>, which the "
+        "config key <code>select.file</code> turns into a RELION STAR and a cryoSPARC .cs).</p>"
         + "<h3>Clusters</h3><p>k-means on the coefficients (numbered by increasing mean PC1 score). "
         "Each STAR holds the refine STAR's rows of one cluster with every input column, ready "
-        "for a RELION refinement; each map is the reference deformed by the cluster's mean field.</p>"
+        "for a RELION refinement, and each .cs the same particles for cryoSPARC; each map is the "
+        "reference deformed by the cluster's mean field.</p>"
         + _table(
             clusters_table,
             left=("files",),

@@ -82,6 +82,10 @@ class ReportInputs:
         Optional ``fsc.tsv`` of another run of the same particles (for instance the
         ``gold_standard: shared`` run beside an ``independent`` one): its corrected-map FSC is
         drawn beside this run's and the differences in FSC area and resolution are tabulated.
+    source_particles
+        The run's input particle file (config ``particles``); when it is a cryoSPARC ``.cs``, each
+        cluster's ``.cs`` holds its rows with every field. None: the ``.cs`` files are built from
+        the refine STAR.
     """
 
     out_dir: Path
@@ -110,6 +114,7 @@ class ReportInputs:
     round_coefficients: Sequence[str | Path] = ()
     gold_standard: str = "shared"
     compare_fsc: str | Path | None = None
+    source_particles: str | Path | None = None
 
 
 @dataclass(frozen=True, eq=False)

@@ -28,6 +28,7 @@ from z3lib.io import (
     read_particles,
     read_star_blocks,
     read_table,
+    write_cs,
     write_model_pdb,
     write_particles_star,
     write_table,
@@ -35,6 +36,7 @@ from z3lib.io import (
     write_xmipp_particles,
 )
 from z3lib.report.chimerax import chimerax_series_script
+from z3lib.report.explorer import explorer_html
 from z3lib.report.figures import (
     plot_fsc,
     plot_landscape,
@@ -91,6 +93,7 @@ def make_report(
     round_coefficients: Sequence[str | Path] = (),
     gold_standard: str = "shared",
     compare_fsc: str | Path | None = None,
+    source_particles: str | Path | None = None,
     log: logging.Logger | None = None,
 ) -> dict[str, Path]:
     """Write the report of one run (see :mod:`z3lib.report` for every file).
@@ -129,6 +132,7 @@ def make_report(
         round_coefficients=tuple(round_coefficients),
         gold_standard=gold_standard,
         compare_fsc=compare_fsc,
+        source_particles=source_particles,
     )
     return write_report(inputs, log)
 
@@ -154,6 +158,8 @@ def write_report(inputs: ReportInputs, log: logging.Logger | None = None) -> dic
     data = load_data(inputs, logger)
     landscape = compute_landscape(inputs, data, logger)
     paths = {"landscape": write_landscape_table(out / "landscape.tsv", landscape)}
+    paths["explorer"] = out / "landscape.html"
+    write_text(paths["explorer"], explorer_html(read_table(paths["landscape"]), run_name=inputs.run_name))
     atomic = read_model(inputs.model) if inputs.model is not None else None
     clusters = write_clusters(out / "clusters", inputs, data, landscape, atomic, logger)
     paths.update(clusters.written)
@@ -331,8 +337,9 @@ def write_clusters(
 ) -> ClusterSet:
     """Write per k-means cluster its particles, its mean-field map (and model), and a ChimeraX script.
 
-    Per cluster: its particles' STAR rows (every input column), the reference deformed by its mean
-    field (and the model), and a ChimeraX script of the cluster maps.
+    Per cluster: its particles' STAR rows (every input column) and cryoSPARC ``.cs`` (see
+    :func:`z3lib.io.write_cs`), the reference deformed by its mean field (and the model), and a
+    ChimeraX script of the cluster maps.
 
     Parameters
     ----------
@@ -353,14 +360,18 @@ def write_clusters(
     means = an.cluster_means(data.coefficients, labels, k)
     cluster_maps = data.deform_reference(means)
     parts = data.particles
+    source = inputs.source_particles
+    cs_source = source if source is not None and Path(source).suffix == ".cs" else None
     all_files: list[dict[str, Path]] = []
     written: dict[str, Path] = {}
     for j in range(k):
         stem = f"cluster_{j + 1:02d}"
-        star, mrc = folder / f"{stem}.star", folder / f"{stem}.mrc"
-        write_particles_star(star, parts, table=parts.table.iloc[np.nonzero(labels == j)[0]], zernike=data.spec)
+        star, cs, mrc = folder / f"{stem}.star", folder / f"{stem}.cs", folder / f"{stem}.mrc"
+        rows = np.flatnonzero(labels == j)
+        write_particles_star(star, parts, table=parts.table.iloc[rows], zernike=data.spec)
+        write_cs(cs, parts.table.iloc[rows], source=cs_source, source_rows=rows if cs_source is not None else None)
         data.write_map(mrc, cluster_maps[j])
-        files = {"star": star, "mrc": mrc}
+        files = {"star": star, "cs": cs, "mrc": mrc}
         if atomic is not None:
             files["pdb"] = folder / f"{stem}.pdb"
             write_model_pdb(files["pdb"], atomic, data.deform_model(atomic, means[j], inputs.model_origin))
