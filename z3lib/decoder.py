@@ -90,6 +90,12 @@ class PhysicalDecoder(nn.Module):
     settings
         ``roughness``, ``ctf_pad`` and ``learn_reference`` (:class:`DecoderOptions`, or the
         network's settings).
+    blur_px
+        σ (px) of an isotropic Gaussian every point carries (atoms, :mod:`z3lib.atoms`); 0: none
+        (a map's voxels). Projections are filtered by its 2D transform ``exp(−2π²σ²k²)``.
+    pairs
+        ``(M, 2)`` point pairs whose distances :meth:`pair_strain` measures (an atomic model's
+        bonds and Cα–Cα links), or None.
     """
 
     points: torch.Tensor
@@ -98,6 +104,9 @@ class PhysicalDecoder(nn.Module):
     energy_form: torch.Tensor
     smooth_form: torch.Tensor
     cross_form: torch.Tensor
+    blur: torch.Tensor
+    pairs: torch.Tensor
+    pair_lengths: torch.Tensor
 
     def __init__(
         self,
@@ -106,6 +115,9 @@ class PhysicalDecoder(nn.Module):
         spec: zk.ZernikeSpec,
         pixel_size: float,
         settings: DecoderSettings,
+        *,
+        blur_px: float = 0.0,
+        pairs: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.spec = spec
@@ -134,6 +146,13 @@ class PhysicalDecoder(nn.Module):
         self.register_buffer("energy_form", energy.to(torch.float32))
         self.register_buffer("smooth_form", smooth.to(torch.float32))
         self.register_buffer("cross_form", cross.to(torch.float32) if self.strain else torch.zeros(0), persistent=False)
+        self.register_buffer("blur", torch.tensor(float(blur_px), dtype=torch.float32))
+        pair_index = (
+            torch.zeros((0, 2), dtype=torch.long) if pairs is None else torch.as_tensor(pairs).long().reshape(-1, 2)
+        )
+        self.register_buffer("pairs", pair_index)
+        ends = points.to(torch.float32)[pair_index]  # (M, 2, 3)
+        self.register_buffer("pair_lengths", (ends[:, 0] - ends[:, 1]).norm(dim=-1), persistent=False)
         # learned reference (3DFlex-like): amplitudes + scale · delta, delta in units of the
         # largest starting amplitude so that one learning rate suits every map's scale
         self.amplitude_scale = float(amplitudes.abs().max().clamp_min(1e-12))
@@ -168,6 +187,31 @@ class PhysicalDecoder(nn.Module):
         # |sym J|² = (|J|² + Σ_aj J_aj J_ja) / 2
         return 0.5 * grad2 + 0.5 * torch.einsum("bak,kjla,bjl->b", c, self.cross_form, c)
 
+    def pair_strain(self, coefficients: torch.Tensor) -> torch.Tensor:
+        """Mean squared change of the pairs' distances (px²), ``(B, 3K)`` → ``(B,)``; 0 without pairs."""
+        if not len(self.pairs):
+            return coefficients.new_zeros(coefficients.shape[0])
+        c = zk.split_axes(coefficients)  # (B, 3, K)
+        p0, p1 = self.pairs[:, 0], self.pairs[:, 1]
+        diff_basis = self.basis[p0] - self.basis[p1]  # (M, K)
+        moved = (self.points[p0] - self.points[p1]).unsqueeze(0) + torch.einsum("mk,bak->bma", diff_basis, c)
+        strain: torch.Tensor = ((moved.norm(dim=-1) - self.pair_lengths) ** 2).mean(dim=1)
+        return strain
+
+    def blur_transfer(
+        self, dtype: torch.dtype = torch.float32, device: torch.device | None = None
+    ) -> torch.Tensor | None:
+        """Return the points' Gaussian on the padded rfft grid, ``(P, P // 2 + 1)``; None without blur."""
+        sigma = float(self.blur)
+        if sigma <= 0:
+            return None
+        size = self.ctf_pad * self.box
+        dev = device if device is not None else self.points.device
+        ky = torch.fft.fftfreq(size, device=dev, dtype=torch.float64)
+        kx = torch.fft.rfftfreq(size, device=dev, dtype=torch.float64)
+        k2 = ky[:, None] ** 2 + kx[None, :] ** 2
+        return torch.exp(-2.0 * torch.pi**2 * sigma**2 * k2).to(dtype)
+
     def transfer(
         self,
         ctf: CtfParams,
@@ -182,7 +226,9 @@ class PhysicalDecoder(nn.Module):
         """
         dev = device if device is not None else self.points.device
         out = compute_ctf(self.ctf_pad * self.box, self.pixel_size, ctf.to(dev, dtype))
-        return out.abs() if phase_flipped else out
+        out = out.abs() if phase_flipped else out
+        blur = self.blur_transfer(dtype, dev)
+        return out if blur is None else out * blur
 
     def forward(
         self,
@@ -210,7 +256,8 @@ class PhysicalDecoder(nn.Module):
         proj = splat_bilinear(pos, self.values(), self.box)
         if transfer is None:
             if ctf is None:
-                return proj
+                blur = self.blur_transfer(proj.dtype, proj.device)
+                return proj if blur is None else filter_images(proj, blur, pad=self.ctf_pad)
             transfer = self.transfer(ctf, phase_flipped=phase_flipped, dtype=proj.dtype, device=proj.device)
         return filter_images(proj, transfer.to(proj.dtype), pad=self.ctf_pad)
 

@@ -76,6 +76,7 @@ class NetworkConfig:
     seed: int = 0
     mask_radius: float = 0.9  # image circle (fraction of box / 2) seen by the encoder and the loss
     learn_reference: bool = True  # the point cloud's amplitudes are learned with the fields
+    bond_weight: float = 0.0  # atoms: mean squared change of bond and Cα–Cα lengths (px²)
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -83,7 +84,8 @@ class NetworkConfig:
     @classmethod
     def from_config(cls, zernike: Mapping[str, Any], train: Mapping[str, Any], seed: int = 0) -> NetworkConfig:
         """From the pipeline config's ``zernike`` and ``train`` sections and its ``seed``."""
-        return from_section(cls, {**zernike, **train}, seed=seed)
+        # zernike.points (voxels or atoms) picks the point cloud the stage reads, not a setting
+        return from_section(cls, {**zernike, **train}, seed=seed, ignore={"points"})
 
     def zernike_spec(self, box: int) -> zk.ZernikeSpec:
         """Return the network's Zernike3D basis on ``box`` px (the processing box)."""
@@ -172,7 +174,15 @@ class Zernike3Deep(nn.Module):
     image_mask: torch.Tensor
 
     def __init__(
-        self, points: torch.Tensor, amplitudes: torch.Tensor, box: int, pixel_size: float, config: NetworkConfig
+        self,
+        points: torch.Tensor,
+        amplitudes: torch.Tensor,
+        box: int,
+        pixel_size: float,
+        config: NetworkConfig,
+        *,
+        blur_px: float = 0.0,
+        pairs: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -194,7 +204,9 @@ class Zernike3Deep(nn.Module):
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
             head.requires_grad_(config.refine_pose)
-        self.decoder = PhysicalDecoder(points, amplitudes, config.zernike_spec(box), pixel_size, config)
+        self.decoder = PhysicalDecoder(
+            points, amplitudes, config.zernike_spec(box), pixel_size, config, blur_px=blur_px, pairs=pairs
+        )
         self.register_buffer("image_mask", circle_mask(box, config.mask_radius))
 
     def flip_signs(
@@ -309,8 +321,15 @@ def build_model(
     pixel_size: float,
     config: NetworkConfig,
     device: torch.device | str = "cpu",
+    *,
+    blur_px: float = 0.0,
+    pairs: np.ndarray | None = None,
 ) -> Zernike3Deep:
-    """Build a freshly initialised (seeded) model for a point cloud in px of the processing box."""
+    """Build a freshly initialised (seeded) model for a point cloud in px of the processing box.
+
+    ``blur_px`` and ``pairs``: the points' Gaussian width and the atom pairs of an atomic model's
+    cloud (see :class:`~z3lib.decoder.PhysicalDecoder`).
+    """
     torch.manual_seed(config.seed)
     model = Zernike3Deep(
         torch.as_tensor(points, dtype=torch.float32),
@@ -318,6 +337,8 @@ def build_model(
         box,
         pixel_size,
         config,
+        blur_px=blur_px,
+        pairs=None if pairs is None else torch.as_tensor(pairs, dtype=torch.long),
     )
     return model.to(device)
 
@@ -346,8 +367,15 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Ze
     sd = payload["state_dict"]
     meta = dict(payload["meta"])
     model = Zernike3Deep(
-        sd["decoder.points"], sd["decoder.amplitudes"], int(meta["box"]), float(meta["pixel_size"]), config
+        sd["decoder.points"],
+        sd["decoder.amplitudes"],
+        int(meta["box"]),
+        float(meta["pixel_size"]),
+        config,
+        blur_px=float(sd["decoder.blur"]) if "decoder.blur" in sd else 0.0,
+        pairs=sd.get("decoder.pairs"),
     )
+    sd = {**sd, "decoder.blur": model.decoder.blur, "decoder.pairs": model.decoder.pairs}  # older files lack them
     model.load_state_dict(sd)
     return model.to(device).eval(), meta
 

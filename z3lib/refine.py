@@ -183,6 +183,7 @@ def make_decoder(
     pixel_size: float,
     device: str | torch.device = "cpu",
     roughness: Roughness = NetworkConfig.roughness,
+    blur_px: float = 0.0,
 ) -> PhysicalDecoder:
     """Build the physical decoder of refinement: a fixed map, the network's roughness measure.
 
@@ -198,6 +199,8 @@ def make_decoder(
         Torch device of the decoder's buffers.
     roughness
         ``strain`` or ``gradient``: the measure of ``field_roughness`` (the network's).
+    blur_px
+        σ (px) of the points' Gaussians (an atomic model's cloud, ``blur_px`` of its ``.npz``).
     """
     options = DecoderOptions(roughness=roughness, ctf_pad=NetworkConfig.ctf_pad, learn_reference=False)
     return PhysicalDecoder(
@@ -206,6 +209,7 @@ def make_decoder(
         spec,
         pixel_size,
         options,
+        blur_px=blur_px,
     ).to(device)
 
 

@@ -148,6 +148,10 @@ def _forward_loss(model: Zernike3Deep, batch: ParticleBatch, use_amp: bool) -> t
     pose = (d_ang**2).sum(1).mean() + (d_shift**2).sum(1).mean()
     total = img + cfg.energy_weight * energy + cfg.smooth_weight * rough + cfg.pose_weight * pose
     parts = {"loss": total, "image": img, "energy": energy, "roughness": rough, "pose": pose}
+    if cfg.bond_weight > 0 and len(model.decoder.pairs):  # an atomic model's bonds and Cα–Cα links
+        bonds = model.decoder.pair_strain(coeffs).mean()
+        total = total + cfg.bond_weight * bonds
+        parts.update(loss=total, bonds=bonds)
     return total, {k: float(v.detach()) for k, v in parts.items()}
 
 
@@ -321,6 +325,8 @@ def train_model(
     on_epoch_end: Callable[[int, dict[str, float]], Any] | None = None,
     init_weights: dict[str, torch.Tensor] | None = None,
     data_digests: dict[str, str] | None = None,
+    blur_px: float = 0.0,
+    pairs: np.ndarray | None = None,
 ) -> tuple[Zernike3Deep, pd.DataFrame]:
     """Train Zernike3Deep; resumable.
 
@@ -357,6 +363,9 @@ def train_model(
     data_digests
         digests of the inputs (particle rows, point cloud) for the checkpoint fingerprint; the
         initial weights' digest is added to it here.
+    blur_px, pairs
+        An atomic model's cloud: the atoms' Gaussian width (px) and the pairs whose lengths
+        ``config.bond_weight`` keeps (see :class:`~z3lib.decoder.PhysicalDecoder`).
 
     Returns
     -------
@@ -368,7 +377,7 @@ def train_model(
     logger = log or logging.getLogger(__name__)
     dev = torch.device(device)
     use_amp = dev.type == "cuda"
-    model = build_model(points, amplitudes, box, source.pixel_size, config, dev)
+    model = build_model(points, amplitudes, box, source.pixel_size, config, dev, blur_px=blur_px, pairs=pairs)
     inputs = dict(data_digests or {})
     inputs["points"] = array_digest(np.asarray(points, np.float32), np.asarray(amplitudes, np.float32))
     if init_weights is not None:

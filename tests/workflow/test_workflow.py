@@ -16,6 +16,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 import yaml
 from packaging.requirements import Requirement
@@ -36,7 +37,7 @@ PATH_KEYS = [
     (None, "image_root"),
     ("demo", "start_model"),
     ("demo", "end_model"),
-    ("report", "model"),
+    (None, "model"),
 ]
 
 PREPROCESS_OUTPUTS = ["particles.star", "particles.mrcs", "reference.mrc", "mask.mrc", "points.npz"]
@@ -285,7 +286,9 @@ def test_slurm_profile_sets_per_rule_resources(demo_dir: Path) -> None:
         ("bad_nested_key", "Unknown config key 'zernike.L3'"),
         ("no_reference", "Config key 'reference' is required when 'particles' is set"),
         ("missing_file", "Config key 'particles': file not found"),
-        ("missing_model", "Config key 'report.model': file not found"),
+        ("missing_model", "Config key 'model': file not found"),
+        ("atoms_no_model", "Config key 'zernike.points' is 'atoms' but 'model' is null"),
+        ("old_report_model", "Config key 'report.model' moved to the top level"),
     ],
 )
 def test_bad_config_is_rejected_naming_the_key(tmp_path: Path, scenario: str, expected: str) -> None:
@@ -444,6 +447,37 @@ def test_tiny_end_to_end_run(tmp_path: Path) -> None:
     assert_ok(report)
     assert (tmp_path / "report.html").stat().st_size > 0
     assert "landscape_pca.png" in (tmp_path / "report.html").read_text(errors="replace")
+
+
+@pytest.mark.e2e
+def test_tiny_run_with_atoms_as_the_decoders_points(tmp_path: Path) -> None:
+    """zernike.points atoms with the bond regulariser on the tiny demo: the demo's model becomes
+    the cloud that training and refinement move (its Gaussians fitted to the reference), ZART keeps
+    the voxels, and the report measures the deformed models' geometry."""
+    import numpy as np
+
+    from z3lib.io import read_npz
+    from z3lib.network import load_model
+
+    config = scenario_config("tiny", tmp_path)
+    values = yaml.safe_load(config.read_text())
+    values["zernike"] = {"points": "atoms"}
+    values["train"]["bond_weight"] = 1.0
+    config.write_text(yaml.safe_dump(values))
+    result = snakemake(tmp_path, "--workflow-profile", str(CI_PROFILE), "--configfile", str(config), timeout=600)
+    assert_ok(result)
+    out = tmp_path / "results" / "tiny"
+    atoms, voxels = read_npz(out / "preprocess" / "atoms.npz"), read_npz(out / "preprocess" / "points.npz")
+    assert str(atoms["kind"]) == "atoms" and float(atoms["blur_px"]) > 0 and len(atoms["pairs"]) > 1000
+    model, _ = load_model(out / "train" / "model.pt")
+    assert model.decoder.points.shape[0] == len(atoms["points"]) != len(voxels["points"])
+    assert float(model.decoder.blur) == pytest.approx(float(atoms["blur_px"]))
+    assert len(read_npz(out / "train" / "points.npz")["points"]) == len(atoms["points"])
+    assert "bonds" in (out / "train" / "history.tsv").read_text()
+    geometry = pd.read_csv(out / "report" / "model_geometry.tsv", sep="\t")
+    assert len(geometry) == 3 + 2 * 5  # the cluster models and the two motion series
+    assert np.isfinite(geometry["bond_rmsd_A"]).all()
+    assert (out / "zart" / "corrected.mrc").is_file()
 
 
 def default_terms() -> int:

@@ -25,6 +25,11 @@ def describe_config_error(error):
 
 
 # The schema fills in every default and rejects unknown keys (additionalProperties: false).
+if isinstance(config.get("report"), dict) and "model" in config["report"]:
+    raise WorkflowError(
+        "Config key 'report.model' moved to the top level in z3lib 0.1.8: write `model: <file>` "
+        "(the model is now used by training too, with zernike.points: atoms)."
+    )
 try:
     validate(config, schema="../schemas/config.schema.yaml")
 except WorkflowError as error:
@@ -46,6 +51,17 @@ def check_config(cfg):
             f"(particles: {cfg['particles']!r}): give the consensus map (MRC) of that refinement. "
             "Only the demo (particles: null) simulates its own reference."
         )
+    if cfg["zernike"]["points"] == "atoms":
+        if cfg["model"] is None and cfg["particles"] is not None:
+            raise WorkflowError(
+                "Config key 'zernike.points' is 'atoms' but 'model' is null: give the atomic model "
+                "(PDB/mmCIF) fitted into the consensus map, or use zernike.points: voxels."
+            )
+        if cfg["rounds"] > 1:
+            raise WorkflowError(
+                f"Config keys 'zernike.points'='atoms' and 'rounds'={cfg['rounds']}: the atoms are "
+                "fitted to the consensus map only; use rounds: 1 with atoms, or voxels for rounds."
+            )
     if cfg["zernike"]["L2"] > cfg["zernike"]["L1"]:
         raise WorkflowError(
             f"Config keys 'zernike.L1'={cfg['zernike']['L1']} and 'zernike.L2'="
@@ -63,7 +79,7 @@ def check_config(cfg):
             )
     else:
         files = {key: cfg[key] for key in ("particles", "reference", "mask")}
-    files["report.model"] = cfg["report"]["model"]
+    files["model"] = cfg["model"]
     files["report.compare_fsc"] = cfg["report"]["compare_fsc"]
     files["select.file"] = cfg["select"]["file"]
     for key, path in files.items():
@@ -162,6 +178,12 @@ STAGE_OUTPUTS = {
     "select": {"star": "particles.star", "cs": "particles.cs", "indices": "indices.txt"},
 }
 
+# zernike.points atoms: preprocess fits the atomic model's atoms to the consensus map
+# (atoms.npz), the cloud that training and refinement move; ZART keeps the voxels.
+ATOMS = config["zernike"]["points"] == "atoms"
+if ATOMS:
+    STAGE_OUTPUTS["preprocess"]["atoms"] = "atoms.npz"
+
 # Stages whose outputs `rule all` asks for; earlier ones are pulled in through their inputs.
 FINAL_STAGES = ["report"]
 
@@ -233,18 +255,22 @@ def original_particles(wildcards):
 
 
 def preprocess_inputs(wildcards):
-    """Particles, reference and (optional) mask: simulated for the demo, else the user's files."""
+    """Particles, reference and (optional) mask: simulated for the demo, else the user's files;
+    with zernike.points atoms, the atomic model too (config model, else the demo's own)."""
+    sim = f"results/{wildcards.run}/simulate"
     if is_demo():
-        sim = f"results/{wildcards.run}/simulate"
-        return {
+        inputs = {
             "particles": f"{sim}/particles.star",
             "stack": f"{sim}/particles.mrcs",
             "reference": f"{sim}/reference.mrc",
             "mask": f"{sim}/mask.mrc",
         }
-    inputs = {"particles": config["particles"], "reference": config["reference"]}
-    if config["mask"] is not None:
-        inputs["mask"] = config["mask"]
+    else:
+        inputs = {"particles": config["particles"], "reference": config["reference"]}
+        if config["mask"] is not None:
+            inputs["mask"] = config["mask"]
+    if ATOMS:
+        inputs["model"] = config["model"] or f"{sim}/reference_model.pdb"
     return inputs
 
 
@@ -325,7 +351,11 @@ def train_inputs(wildcards):
     inputs = {
         "particles": f"{pre}/particles.star",
         "stack": f"{pre}/particles.mrcs",
-        "points": reference_files(wildcards, k, half if k > 1 else None)["points"],
+        "points": (
+            f"{pre}/atoms.npz"
+            if ATOMS
+            else reference_files(wildcards, k, half if k > 1 else None)["points"]
+        ),
         **round_poses(wildcards),
     }
     if k > 1:
@@ -360,7 +390,7 @@ def publish_inputs(wildcards):
 
 def report_inputs(wildcards):
     """What the report reads: the refined fields, the final round's reference and mask, the ZART
-    maps, every round's FSC and fields, and the atomic model (config report.model, else the demo's simulated reference model)
+    maps, every round's FSC and fields, and the atomic model (config model, else the demo's simulated reference model)
     plus, for the demo, the ground truth."""
     run = f"results/{wildcards.run}"
     inputs = {
@@ -376,8 +406,8 @@ def report_inputs(wildcards):
             round_path(wildcards, k, "refine", "coefficients.npy") for k in range(1, ROUNDS + 1)
         ],
     }
-    if config["report"]["model"] is not None:
-        inputs["model"] = config["report"]["model"]
+    if config["model"] is not None:
+        inputs["model"] = config["model"]
     elif is_demo():
         inputs["model"] = f"{run}/simulate/reference_model.pdb"
     if is_demo():

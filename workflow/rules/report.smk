@@ -66,7 +66,8 @@ rule report:
         image_root=lookup(dpath="image_root", within=config),
         gold_standard=lookup(dpath="gold_standard", within=config),
         benchmarks=lambda wildcards: f"benchmarks/{wildcards.run}",
-        run_config=config,
+        # shown in the report; the selection is not (choosing particles does not remake the report)
+        run_config={key: value for key, value in config.items() if key != "select"},
         # the input particle file (a .cs gives each cluster's .cs its rows with every field)
         source_particles=original_particles,
     script:

@@ -27,7 +27,7 @@ with _bootstrap.job(snakemake, "z3.report", "report") as job:
         clusters=params.report["clusters"],
         motion_steps=params.report["motion_steps"],
         use_umap=params.report["umap"],
-        model=inputs.get("model"),  # optional: config report.model, or the demo's model
+        model=inputs.get("model"),  # optional: config model, or the demo's model
         ground_truth=inputs.get("ground_truth"),  # the demo only
         benchmarks=params.benchmarks,
         run_config=dict(params.run_config),

@@ -319,8 +319,17 @@ def _motions(c: ReportContent) -> Section:
     else:
         motion_html = '<p class="note">No motion series: the coefficients have no variance.</p>'
     if c.inputs.model is None:
+        motion_html += '<p class="note">No atomic model was given (config <code>model</code>): no model series.</p>'
+    if "model_geometry" in c.paths:
+        geometry = pd.read_csv(c.paths["model_geometry"], sep="\t")
         motion_html += (
-            '<p class="note">No atomic model was given (config <code>report.model</code>): no model series.</p>'
+            "<h3>Geometry of the deformed models</h3><p>Per model (clusters and motion series): RMS change "
+            "of the bond lengths and of the Cα–Cα distances of consecutive residues against the model "
+            "as given, and clashes (heavy atoms more than two bonds apart closer than 2.2 Å; the model "
+            "as given has <code>clashes_reference</code>). Table: "
+            + _link(c.paths["model_geometry"], c.out)
+            + ".</p>"
+            + _table(geometry, left=("model",), formats={"bond_rmsd_A": ".3f", "ca_rmsd_A": ".3f", "clashes": ".0f"})
         )
     return ("motions", "Motions", motion_html)
 

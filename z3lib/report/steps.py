@@ -17,6 +17,7 @@ import pandas as pd
 
 from z3lib import analysis as an
 from z3lib import zernike as zk
+from z3lib.atoms import model_geometry_table
 from z3lib.conventions import box_center
 from z3lib.io import (
     ZERNIKE_BLOCK,
@@ -166,6 +167,10 @@ def write_report(inputs: ReportInputs, log: logging.Logger | None = None) -> dic
     series = [write_motion_series(out / "motion", inputs, data, landscape, atomic, comp, logger) for comp in (0, 1)]
     for motion in series:
         paths.update(motion.written)
+    if atomic is not None:  # the deformed models' covalent geometry
+        models = {p.stem: p for p in paths.values() if p.suffix == ".pdb"}
+        paths["model_geometry"] = out / "model_geometry.tsv"
+        write_table(paths["model_geometry"], model_geometry_table(atomic, models))
     _remove_stale(out / "motion", "motion_pc*_*", paths.values(), logger)
     _remove_stale(out / "clusters", "cluster_*", paths.values(), logger)
     mean_def, exports = write_exports(out, data, landscape, logger)

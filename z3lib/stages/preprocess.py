@@ -48,6 +48,7 @@ def preprocess(
     mask_threshold: float = 0.5,
     points_step: int = 1,
     chunk_size: int = 1024,
+    model: str | Path | None = None,
     log: logging.Logger | None = None,
 ) -> dict[str, Path]:
     """Validate the inputs and write everything later stages read, at the processing box.
@@ -74,6 +75,9 @@ def preprocess(
         keep every ``step``-th voxel per axis for the point cloud.
     chunk_size
         particles processed per chunk (bounds memory).
+    model
+        An atomic model fitted into the reference (map frame, Å): its heavy atoms, fitted to the
+        processing-box reference, are written as ``atoms.npz`` (:func:`write_atom_cloud`).
     log
         Logger for progress; default this module's.
 
@@ -125,8 +129,87 @@ def preprocess(
         step=np.int64(points_step),
     )
     _write_star(paths["particles"], paths["stack"].name, parts, box, apix)
+    if model is not None:
+        paths["atoms"] = out / "atoms.npz"
+        write_atom_cloud(paths["atoms"], model, ref_small, mask_small, box, apix, n_in, apix_in, logger)
     logger.info("preprocess done in %.1f s: %d points in the mask", time.perf_counter() - t0, len(points))
     return paths
+
+
+def write_atom_cloud(
+    path: Path,
+    model: str | Path,
+    reference: np.ndarray,
+    mask: np.ndarray,
+    box: int,
+    pixel_size: float,
+    original_box: int,
+    original_pixel_size: float,
+    log: logging.Logger,
+) -> None:
+    """Write ``atoms.npz``: the model's heavy atoms as the decoder's point cloud.
+
+    Keys as ``points.npz`` (``points`` px of the processing box, ``amplitudes`` fitted to
+    ``reference`` over ``mask``, boxes, pixel sizes, ``step`` 1) plus
+    ``blur_px`` (the atoms' Gaussian σ, px), ``pairs`` (bonds and Cα–Cα links) and ``kind``.
+
+    Raises
+    ------
+    Z3InputError
+        The model has no heavy atom inside the box, or most of it lies outside the map's density
+        (not fitted into this map, or in another frame).
+    """
+    from z3lib import atoms as at
+    from z3lib.io import Z3InputError, read_model
+    from z3lib.simulate import atom_weights
+
+    atomic = read_model(model)
+    heavy = at.heavy_atoms(atomic.elements)
+    points = at.model_to_points(atomic.coords[heavy], original_pixel_size, original_box, pixel_size)
+    inside = np.all(np.abs(points) < box / 2 - 1, axis=1)
+    if not inside.any():
+        raise Z3InputError(f"{model}: no heavy atom lies inside the {box} px box of the reference")
+    support = np.zeros(len(points))
+    support[inside] = _sample(mask, points[inside])
+    if np.mean(support > 0.5) < 0.5:
+        raise Z3InputError(
+            f"{model}: only {100 * np.mean(support > 0.5):.0f} % of its heavy atoms lie inside the mask of "
+            "the reference: the model must be fitted into the consensus map, in the map's frame (Å, "
+            "voxel [0, 0, 0] at the origin, as RELION and cryoSPARC write maps)"
+        )
+    pairs = at.model_pairs(
+        atomic.coords[heavy], atomic.atom_names[heavy], atomic.chain_ids[heavy], atomic.residue_numbers[heavy]
+    )
+    fit = at.fit_atom_amplitudes(reference, points, atom_weights(atomic.elements[heavy]), mask=mask > 0)
+    write_npz(
+        path,
+        points=points.astype(np.float32),
+        amplitudes=fit.amplitudes.astype(np.float32),
+        box=np.int64(box),
+        pixel_size=np.float64(pixel_size),
+        original_box=np.int64(original_box),
+        original_pixel_size=np.float64(original_pixel_size),
+        step=np.int64(1),
+        blur_px=np.float64(fit.sigma_px),
+        pairs=pairs.kept,
+        kind=np.str_("atoms"),
+    )
+    log.info(
+        "atoms: %d heavy atoms of %s, Gaussians of σ %.2f px fitted to the reference (correlation %.3f), "
+        "%d bonds and %d Cα–Cα links",
+        len(points),
+        model,
+        fit.sigma_px,
+        fit.correlation,
+        len(pairs.bonds),
+        len(pairs.ca),
+    )
+
+
+def _sample(volume: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Nearest-voxel values of a ``[z, y, x]`` volume at points (px from its centre)."""
+    idx = np.clip(np.rint(points + volume.shape[0] // 2).astype(np.int64), 0, volume.shape[0] - 1)
+    return np.asarray(volume[idx[:, 2], idx[:, 1], idx[:, 0]], dtype=np.float64)
 
 
 def _read_particles(

@@ -78,7 +78,9 @@ def refine_landscape(
             logger.info(
                 "gold-standard half %d: %d particles, its own reference (%d points)", h + 1, len(rows), len(c["points"])
             )
-        decoder = make_decoder(c["points"], c["amplitudes"], spec, float(c["pixel_size"]), device, roughness)
+        decoder = make_decoder(
+            c["points"], c["amplitudes"], spec, float(c["pixel_size"]), device, roughness, float(c.get("blur_px", 0.0))
+        )
         fit = fit_population(decoder, source.take(rows), prior[rows], config, device=device, seed=seed, log=logger)
         write_population(
             out, fit, rows=np.asarray(rows, dtype=np.int64), box=np.int64(box), original_box=np.int64(c["original_box"])
@@ -351,7 +353,9 @@ def _refine_rows(
             group_progress = None if progress_path is None else Path(progress_path).with_suffix(f".half{h}.npz")
         if group_progress is not None:
             progress_paths.append(Path(group_progress))
-        decoder = make_decoder(c["points"], c["amplitudes"], spec, float(c["pixel_size"]), device, roughness)
+        decoder = make_decoder(
+            c["points"], c["amplitudes"], spec, float(c["pixel_size"]), device, roughness, float(c.get("blur_px", 0.0))
+        )
         res = refine_particles(
             decoder,
             source.take(group_rows) if h else source,
