@@ -96,6 +96,10 @@ class PhysicalDecoder(nn.Module):
     pairs
         ``(M, 2)`` point pairs whose distances :meth:`pair_strain` measures (an atomic model's
         bonds and Cα–Cα links), or None.
+    smooth_points
+        ``(N', 3)`` px: where the field energy and roughness are averaged (an atomic model's cloud:
+        the mask's voxels, so that the fields stay smooth between and around the atoms, where ZART
+        uses them too); None: over ``points``.
     """
 
     points: torch.Tensor
@@ -118,6 +122,7 @@ class PhysicalDecoder(nn.Module):
         *,
         blur_px: float = 0.0,
         pairs: torch.Tensor | None = None,
+        smooth_points: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.spec = spec
@@ -126,16 +131,19 @@ class PhysicalDecoder(nn.Module):
         self.ctf_pad = int(settings.ctf_pad)
         points = points.detach()
         amplitudes = amplitudes.detach()
-        pts = points.to(torch.float64).clone().requires_grad_(True)
-        z = spec.evaluate(pts)
+        z = spec.evaluate(points.to(torch.float64))
+        # the regularisers' points: the projected ones, or (atoms) the voxels of the whole mask
+        where = points if smooth_points is None else torch.as_tensor(smooth_points).detach()
+        pts = where.to(torch.float64).clone().requires_grad_(True)
+        z_reg = spec.evaluate(pts)
         # ∂Z_k/∂x_j at every point, by autograd through the polynomial basis
         grads = []
-        for k in range(z.shape[1]):
-            (g,) = torch.autograd.grad(z[:, k].sum(), pts, retain_graph=True)
+        for k in range(z_reg.shape[1]):
+            (g,) = torch.autograd.grad(z_reg[:, k].sum(), pts, retain_graph=True)
             grads.append(g)
         grad = torch.stack(grads, dim=1)  # (N, K, 3)
-        n = z.shape[0]
-        energy = (z.T @ z / n).detach()
+        n = z_reg.shape[0]
+        energy = (z_reg.T @ z_reg / n).detach()
         smooth = torch.einsum("nkj,nlj->kl", grad, grad).detach() / n
         # Σ_aj J_aj J_ja of the Jacobian J_aj = Σ_k c_ak ∂_j Z_k: X[k, j, l, a] = mean ∂_j Z_k ∂_a Z_l
         cross = torch.einsum("nkj,nla->kjla", grad, grad).detach() / n

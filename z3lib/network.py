@@ -183,6 +183,7 @@ class Zernike3Deep(nn.Module):
         *,
         blur_px: float = 0.0,
         pairs: torch.Tensor | None = None,
+        smooth_points: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -205,7 +206,14 @@ class Zernike3Deep(nn.Module):
             nn.init.zeros_(head.bias)
             head.requires_grad_(config.refine_pose)
         self.decoder = PhysicalDecoder(
-            points, amplitudes, config.zernike_spec(box), pixel_size, config, blur_px=blur_px, pairs=pairs
+            points,
+            amplitudes,
+            config.zernike_spec(box),
+            pixel_size,
+            config,
+            blur_px=blur_px,
+            pairs=pairs,
+            smooth_points=smooth_points,
         )
         self.register_buffer("image_mask", circle_mask(box, config.mask_radius))
 
@@ -324,11 +332,13 @@ def build_model(
     *,
     blur_px: float = 0.0,
     pairs: np.ndarray | None = None,
+    smooth_points: np.ndarray | None = None,
 ) -> Zernike3Deep:
     """Build a freshly initialised (seeded) model for a point cloud in px of the processing box.
 
-    ``blur_px`` and ``pairs``: the points' Gaussian width and the atom pairs of an atomic model's
-    cloud (see :class:`~z3lib.decoder.PhysicalDecoder`).
+    ``blur_px``, ``pairs`` and ``smooth_points``: the points' Gaussian width, the atom pairs and
+    the voxels the regularisers average over, of an atomic model's cloud (see
+    :class:`~z3lib.decoder.PhysicalDecoder`).
     """
     torch.manual_seed(config.seed)
     model = Zernike3Deep(
@@ -339,6 +349,7 @@ def build_model(
         config,
         blur_px=blur_px,
         pairs=None if pairs is None else torch.as_tensor(pairs, dtype=torch.long),
+        smooth_points=None if smooth_points is None else torch.as_tensor(smooth_points, dtype=torch.float32),
     )
     return model.to(device)
 

@@ -184,6 +184,7 @@ def make_decoder(
     device: str | torch.device = "cpu",
     roughness: Roughness = NetworkConfig.roughness,
     blur_px: float = 0.0,
+    smooth_points: np.ndarray | None = None,
 ) -> PhysicalDecoder:
     """Build the physical decoder of refinement: a fixed map, the network's roughness measure.
 
@@ -199,8 +200,9 @@ def make_decoder(
         Torch device of the decoder's buffers.
     roughness
         ``strain`` or ``gradient``: the measure of ``field_roughness`` (the network's).
-    blur_px
-        σ (px) of the points' Gaussians (an atomic model's cloud, ``blur_px`` of its ``.npz``).
+    blur_px, smooth_points
+        An atomic model's cloud (its ``.npz``): the atoms' Gaussian σ (px) and the voxels the
+        regularisers average over.
     """
     options = DecoderOptions(roughness=roughness, ctf_pad=NetworkConfig.ctf_pad, learn_reference=False)
     return PhysicalDecoder(
@@ -210,6 +212,7 @@ def make_decoder(
         pixel_size,
         options,
         blur_px=blur_px,
+        smooth_points=None if smooth_points is None else torch.as_tensor(smooth_points, dtype=torch.float32),
     ).to(device)
 
 

@@ -327,6 +327,7 @@ def train_model(
     data_digests: dict[str, str] | None = None,
     blur_px: float = 0.0,
     pairs: np.ndarray | None = None,
+    smooth_points: np.ndarray | None = None,
 ) -> tuple[Zernike3Deep, pd.DataFrame]:
     """Train Zernike3Deep; resumable.
 
@@ -363,9 +364,10 @@ def train_model(
     data_digests
         digests of the inputs (particle rows, point cloud) for the checkpoint fingerprint; the
         initial weights' digest is added to it here.
-    blur_px, pairs
-        An atomic model's cloud: the atoms' Gaussian width (px) and the pairs whose lengths
-        ``config.bond_weight`` keeps (see :class:`~z3lib.decoder.PhysicalDecoder`).
+    blur_px, pairs, smooth_points
+        An atomic model's cloud: the atoms' Gaussian width (px), the pairs whose lengths
+        ``config.bond_weight`` keeps and the voxels the regularisers average over (see
+        :class:`~z3lib.decoder.PhysicalDecoder`).
 
     Returns
     -------
@@ -377,7 +379,17 @@ def train_model(
     logger = log or logging.getLogger(__name__)
     dev = torch.device(device)
     use_amp = dev.type == "cuda"
-    model = build_model(points, amplitudes, box, source.pixel_size, config, dev, blur_px=blur_px, pairs=pairs)
+    model = build_model(
+        points,
+        amplitudes,
+        box,
+        source.pixel_size,
+        config,
+        dev,
+        blur_px=blur_px,
+        pairs=pairs,
+        smooth_points=smooth_points,
+    )
     inputs = dict(data_digests or {})
     inputs["points"] = array_digest(np.asarray(points, np.float32), np.asarray(amplitudes, np.float32))
     if init_weights is not None:

@@ -131,7 +131,7 @@ def preprocess(
     _write_star(paths["particles"], paths["stack"].name, parts, box, apix)
     if model is not None:
         paths["atoms"] = out / "atoms.npz"
-        write_atom_cloud(paths["atoms"], model, ref_small, mask_small, box, apix, n_in, apix_in, logger)
+        write_atom_cloud(paths["atoms"], model, ref_small, mask_small, box, apix, n_in, apix_in, logger, points)
     logger.info("preprocess done in %.1f s: %d points in the mask", time.perf_counter() - t0, len(points))
     return paths
 
@@ -146,12 +146,15 @@ def write_atom_cloud(
     original_box: int,
     original_pixel_size: float,
     log: logging.Logger,
+    voxels: np.ndarray | None = None,
 ) -> None:
     """Write ``atoms.npz``: the model's heavy atoms as the decoder's point cloud.
 
     Keys as ``points.npz`` (``points`` px of the processing box, ``amplitudes`` fitted to
     ``reference`` over ``mask``, boxes, pixel sizes, ``step`` 1) plus
-    ``blur_px`` (the atoms' Gaussian σ, px), ``pairs`` (bonds and Cα–Cα links) and ``kind``.
+    ``blur_px`` (the atoms' Gaussian σ, px), ``pairs`` (bonds and Cα–Cα links), ``kind`` and
+    ``smooth_points``: ``voxels`` (the mask's voxel cloud, px; the atoms when None), where the
+    fields' regularisers are averaged so that they stay smooth between and around the atoms.
 
     Raises
     ------
@@ -193,6 +196,7 @@ def write_atom_cloud(
         blur_px=np.float64(fit.sigma_px),
         pairs=pairs.kept,
         kind=np.str_("atoms"),
+        smooth_points=(points if voxels is None else voxels).astype(np.float32),
     )
     log.info(
         "atoms: %d heavy atoms of %s, Gaussians of σ %.2f px fitted to the reference (correlation %.3f), "

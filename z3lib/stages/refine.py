@@ -79,7 +79,14 @@ def refine_landscape(
                 "gold-standard half %d: %d particles, its own reference (%d points)", h + 1, len(rows), len(c["points"])
             )
         decoder = make_decoder(
-            c["points"], c["amplitudes"], spec, float(c["pixel_size"]), device, roughness, float(c.get("blur_px", 0.0))
+            c["points"],
+            c["amplitudes"],
+            spec,
+            float(c["pixel_size"]),
+            device,
+            roughness,
+            float(c.get("blur_px", 0.0)),
+            c.get("smooth_points"),
         )
         fit = fit_population(decoder, source.take(rows), prior[rows], config, device=device, seed=seed, log=logger)
         write_population(
@@ -354,7 +361,14 @@ def _refine_rows(
         if group_progress is not None:
             progress_paths.append(Path(group_progress))
         decoder = make_decoder(
-            c["points"], c["amplitudes"], spec, float(c["pixel_size"]), device, roughness, float(c.get("blur_px", 0.0))
+            c["points"],
+            c["amplitudes"],
+            spec,
+            float(c["pixel_size"]),
+            device,
+            roughness,
+            float(c.get("blur_px", 0.0)),
+            c.get("smooth_points"),
         )
         res = refine_particles(
             decoder,
