@@ -173,9 +173,11 @@ def test_atom_cloud_refuses_a_model_outside_the_map(adk: dict[str, np.ndarray], 
     write_model_pdb(fitted, model, model.coords + shift)
     write_model_pdb(off, model, model.coords + shift + np.array([40.0, 0.0, 0.0]))
     log = logging.getLogger("test")
-    write_atom_cloud(tmp_path / "atoms.npz", fitted, volume, mask, BOX, APIX, BOX, APIX, log)
+    voxels = np.argwhere(mask > 0)[:, ::-1] - BOX // 2  # (x, y, z) px of the mask's voxels
+    write_atom_cloud(tmp_path / "atoms.npz", fitted, volume, mask, BOX, APIX, BOX, APIX, log, voxels.astype(float))
     cloud = read_npz(tmp_path / "atoms.npz")
     assert len(cloud["points"]) == heavy.sum() and float(cloud["blur_px"]) > 1.0
+    np.testing.assert_array_equal(cloud["smooth_points"], voxels)  # the regularisers' points: the mask
     assert cloud["pairs"].shape[1] == 2 and str(cloud["kind"]) == "atoms"
     with pytest.raises(Z3InputError, match="fitted into the consensus map"):
         write_atom_cloud(tmp_path / "bad.npz", off, volume, mask, BOX, APIX, BOX, APIX, log)
