@@ -161,6 +161,31 @@ def test_pair_strain_is_zero_for_a_translation_and_the_stretch_for_a_uniform_one
     assert strain[1] == pytest.approx(np.mean((eps * lengths) ** 2), rel=1e-3)
 
 
+def test_regularisers_average_over_the_smoothing_points() -> None:
+    """Atoms with the mask's voxels as smoothing points (and a learned reference): the field energy
+    of d = ε x is the mean of ε²|x|² over the voxels, not over the atoms."""
+    rng = np.random.default_rng(4)
+    box, eps = 32, 0.05
+    atoms_xyz = rng.uniform(-3, 3, size=(30, 3))
+    voxels = rng.uniform(-10, 10, size=(500, 3))
+    options = DecoderOptions(roughness="strain", ctf_pad=2, learn_reference=True)
+    decoder = PhysicalDecoder(
+        torch.as_tensor(atoms_xyz, dtype=torch.float32),
+        torch.ones(30),
+        zk.ZernikeSpec(3, 3, "orthonormal", box),
+        1.0,
+        options,
+        blur_px=1.0,
+        smooth_points=torch.as_tensor(voxels, dtype=torch.float32),
+    )
+    stretch = decoder.spec.fit(voxels, eps * voxels)
+    energy = float(decoder.field_energy(torch.as_tensor(stretch[None], dtype=torch.float32))[0])
+    assert energy == pytest.approx(np.mean(eps**2 * (voxels**2).sum(1)), rel=1e-3)
+    assert decoder.values().shape == (30,)  # one learned amplitude per atom
+    image = decoder(torch.as_tensor(stretch[None], dtype=torch.float32), torch.eye(3)[None], torch.zeros(1, 2), None)
+    assert image.shape == (1, box, box) and bool(torch.isfinite(image).all())
+
+
 def test_atom_cloud_refuses_a_model_outside_the_map(adk: dict[str, np.ndarray], tmp_path: Path) -> None:
     """A model not fitted into the map (here 40 Å off) is one clear message; a fitted one is
     written with its Gaussian width and pairs."""

@@ -166,7 +166,7 @@ class PhysicalDecoder(nn.Module):
         self.amplitude_scale = float(amplitudes.abs().max().clamp_min(1e-12))
         self.amplitude_delta: nn.Parameter | None = None
         if settings.learn_reference:
-            self.amplitude_delta = nn.Parameter(torch.zeros(n, dtype=torch.float32))
+            self.amplitude_delta = nn.Parameter(torch.zeros(z.shape[0], dtype=torch.float32))
 
     def values(self) -> torch.Tensor:
         """``(N,)`` the amplitudes the decoder projects (the starting ones, or the learned ones)."""
