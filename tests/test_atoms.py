@@ -159,6 +159,13 @@ def test_pair_strain_is_zero_for_a_translation_and_the_stretch_for_a_uniform_one
     lengths = np.linalg.norm(points[pairs[:, 0]] - points[pairs[:, 1]], axis=1)
     assert strain[0] == pytest.approx(0.0, abs=1e-8)
     assert strain[1] == pytest.approx(np.mean((eps * lengths) ** 2), rel=1e-3)
+    # contacts 3 px apart (pixel 1 Å, clash below 2.2 Å) squeezed by 40 %: each ends 1.8 px apart
+    contact_points = np.array([[0.0, 0.0, 0.0], [3.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, -3.0]])
+    contacts = np.array([[0, 1], [0, 2], [0, 3]])
+    squeezer = _decoder(contact_points, np.ones(4), box, contacts=torch.as_tensor(contacts))
+    squeeze = squeezer.spec.fit(contact_points, -0.4 * contact_points)
+    penalty = squeezer.clash_penalty(torch.as_tensor(np.stack([squeeze, 0 * squeeze]), dtype=torch.float32)).numpy()
+    assert penalty[0] == pytest.approx((at.CLASH_A - 1.8) ** 2, rel=1e-3) and penalty[1] == 0.0
 
 
 def test_regularisers_average_over_the_smoothing_points() -> None:

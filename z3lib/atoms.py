@@ -36,8 +36,11 @@ IndexPairs = npt.NDArray[np.int64]
 BOND_MAX_A = 2.1
 #: Longest Cα–Cα distance (Å) of consecutive residues counted as a peptide link (trans: 3.8 Å).
 CA_MAX_A = 4.3
-#: A clash: two atoms more than three bonds apart closer than this (Å).
+#: A clash: two atoms more than two bonds apart closer than this (Å).
 CLASH_A = 2.2
+#: Atom pairs more than two bonds apart within this distance (Å) in the model are the contacts
+#: the clash regulariser watches.
+CONTACT_A = 4.0
 #: The widths σ (px of the processing box) tried for the atoms' Gaussians.
 SIGMAS_PX = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0)
 
@@ -80,11 +83,15 @@ class ModelPairs:
         ``(P, 2)`` Cα atoms of consecutive residues of one chain (closer than :data:`CA_MAX_A`).
     near
         ``(Q, 2)`` pairs one or two bonds apart (never counted as clashes).
+    contacts
+        ``(R, 2)`` pairs more than two bonds apart within :data:`CONTACT_A` of each other: those a
+        deformation could push into a clash.
     """
 
     bonds: IndexPairs
     ca: IndexPairs
     near: IndexPairs
+    contacts: IndexPairs
 
     @property
     def kept(self) -> IndexPairs:
@@ -125,7 +132,13 @@ def model_pairs(
     for a, b in bonds.tolist():  # two bonds apart: a's other neighbours with b, b's with a
         near |= {(min(b, c), max(b, c)) for c in neighbours[a] if c != b}
         near |= {(min(a, c), max(a, c)) for c in neighbours[b] if c != a}
-    return ModelPairs(bonds=bonds, ca=ca, near=np.asarray(sorted(near), dtype=np.int64).reshape(-1, 2))
+    close = {(int(a), int(b)) for a, b in np.sort(tree.query_pairs(CONTACT_A, output_type="ndarray"), axis=1).tolist()}
+    return ModelPairs(
+        bonds=bonds,
+        ca=ca,
+        near=np.asarray(sorted(near), dtype=np.int64).reshape(-1, 2),
+        contacts=np.asarray(sorted(close - near), dtype=np.int64).reshape(-1, 2),
+    )
 
 
 def geometry_stats(reference: npt.ArrayLike, moved: npt.ArrayLike, pairs: ModelPairs) -> dict[str, float]:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from z3lib import zernike as zk
+from z3lib.atoms import CLASH_A
 from z3lib.conventions import box_center
 from z3lib.ctf import CtfParams, compute_ctf, filter_images
 from z3lib.projection import image_positions, splat_bilinear
@@ -96,6 +97,9 @@ class PhysicalDecoder(nn.Module):
     pairs
         ``(M, 2)`` point pairs whose distances :meth:`pair_strain` measures (an atomic model's
         bonds and Cα–Cα links), or None.
+    contacts
+        ``(R, 2)`` point pairs that must not come closer than :attr:`clash_px` (atoms more than
+        two bonds apart; :meth:`clash_penalty`), or None.
     smooth_points
         ``(N', 3)`` px: where the field energy and roughness are averaged (an atomic model's cloud:
         the mask's voxels, so that the fields stay smooth between and around the atoms, where ZART
@@ -111,6 +115,7 @@ class PhysicalDecoder(nn.Module):
     blur: torch.Tensor
     pairs: torch.Tensor
     pair_lengths: torch.Tensor
+    contacts: torch.Tensor
 
     def __init__(
         self,
@@ -123,6 +128,7 @@ class PhysicalDecoder(nn.Module):
         blur_px: float = 0.0,
         pairs: torch.Tensor | None = None,
         smooth_points: torch.Tensor | None = None,
+        contacts: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.spec = spec
@@ -159,6 +165,13 @@ class PhysicalDecoder(nn.Module):
             torch.zeros((0, 2), dtype=torch.long) if pairs is None else torch.as_tensor(pairs).long().reshape(-1, 2)
         )
         self.register_buffer("pairs", pair_index)
+        contact_index = (
+            torch.zeros((0, 2), dtype=torch.long)
+            if contacts is None
+            else torch.as_tensor(contacts).long().reshape(-1, 2)
+        )
+        self.register_buffer("contacts", contact_index)
+        self.clash_px = CLASH_A / self.pixel_size
         ends = points.to(torch.float32)[pair_index]  # (M, 2, 3)
         self.register_buffer("pair_lengths", (ends[:, 0] - ends[:, 1]).norm(dim=-1), persistent=False)
         # learned reference (3DFlex-like): amplitudes + scale · delta, delta in units of the
@@ -205,6 +218,18 @@ class PhysicalDecoder(nn.Module):
         moved = (self.points[p0] - self.points[p1]).unsqueeze(0) + torch.einsum("mk,bak->bma", diff_basis, c)
         strain: torch.Tensor = ((moved.norm(dim=-1) - self.pair_lengths) ** 2).mean(dim=1)
         return strain
+
+    def clash_penalty(self, coefficients: torch.Tensor) -> torch.Tensor:
+        """Mean over the contacts of ``max(0, clash_px − distance)²`` (px²), ``(B, 3K)`` → ``(B,)``."""
+        if not len(self.contacts):
+            return coefficients.new_zeros(coefficients.shape[0])
+        c = zk.split_axes(coefficients)
+        p0, p1 = self.contacts[:, 0], self.contacts[:, 1]
+        moved = (self.points[p0] - self.points[p1]).unsqueeze(0) + torch.einsum(
+            "mk,bak->bma", self.basis[p0] - self.basis[p1], c
+        )
+        penalty: torch.Tensor = (torch.relu(self.clash_px - moved.norm(dim=-1)) ** 2).mean(dim=1)
+        return penalty
 
     def blur_transfer(
         self, dtype: torch.dtype = torch.float32, device: torch.device | None = None

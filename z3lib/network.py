@@ -77,6 +77,7 @@ class NetworkConfig:
     mask_radius: float = 0.9  # image circle (fraction of box / 2) seen by the encoder and the loss
     learn_reference: bool = True  # the point cloud's amplitudes are learned with the fields
     bond_weight: float = 0.0  # atoms: mean squared change of bond and Cα–Cα lengths (px²)
+    clash_weight: float = 0.0  # atoms: mean squared approach of non-bonded contacts below 2.2 Å (px²)
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -184,6 +185,7 @@ class Zernike3Deep(nn.Module):
         blur_px: float = 0.0,
         pairs: torch.Tensor | None = None,
         smooth_points: torch.Tensor | None = None,
+        contacts: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -214,6 +216,7 @@ class Zernike3Deep(nn.Module):
             blur_px=blur_px,
             pairs=pairs,
             smooth_points=smooth_points,
+            contacts=contacts,
         )
         self.register_buffer("image_mask", circle_mask(box, config.mask_radius))
 
@@ -333,11 +336,12 @@ def build_model(
     blur_px: float = 0.0,
     pairs: np.ndarray | None = None,
     smooth_points: np.ndarray | None = None,
+    contacts: np.ndarray | None = None,
 ) -> Zernike3Deep:
     """Build a freshly initialised (seeded) model for a point cloud in px of the processing box.
 
-    ``blur_px``, ``pairs`` and ``smooth_points``: the points' Gaussian width, the atom pairs and
-    the voxels the regularisers average over, of an atomic model's cloud (see
+    ``blur_px``, ``pairs``, ``smooth_points`` and ``contacts``: the points' Gaussian width, the
+    atom pairs, the voxels the regularisers average over and the contacts, of an atomic model's cloud (see
     :class:`~z3lib.decoder.PhysicalDecoder`).
     """
     torch.manual_seed(config.seed)
@@ -350,6 +354,7 @@ def build_model(
         blur_px=blur_px,
         pairs=None if pairs is None else torch.as_tensor(pairs, dtype=torch.long),
         smooth_points=None if smooth_points is None else torch.as_tensor(smooth_points, dtype=torch.float32),
+        contacts=None if contacts is None else torch.as_tensor(contacts, dtype=torch.long),
     )
     return model.to(device)
 
@@ -385,8 +390,15 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Ze
         config,
         blur_px=float(sd["decoder.blur"]) if "decoder.blur" in sd else 0.0,
         pairs=sd.get("decoder.pairs"),
+        contacts=sd.get("decoder.contacts"),
     )
-    sd = {**sd, "decoder.blur": model.decoder.blur, "decoder.pairs": model.decoder.pairs}  # older files lack them
+    # files of z3lib < 0.1.8 lack these
+    sd = {
+        **sd,
+        **{
+            f"decoder.{k}": getattr(model.decoder, k) for k in ("blur", "pairs", "contacts") if f"decoder.{k}" not in sd
+        },
+    }
     model.load_state_dict(sd)
     return model.to(device).eval(), meta
 

@@ -152,6 +152,10 @@ def _forward_loss(model: Zernike3Deep, batch: ParticleBatch, use_amp: bool) -> t
         bonds = model.decoder.pair_strain(coeffs).mean()
         total = total + cfg.bond_weight * bonds
         parts.update(loss=total, bonds=bonds)
+    if cfg.clash_weight > 0 and len(model.decoder.contacts):  # atoms pushed into each other
+        clashes = model.decoder.clash_penalty(coeffs).mean()
+        total = total + cfg.clash_weight * clashes
+        parts.update(loss=total, clashes=clashes)
     return total, {k: float(v.detach()) for k, v in parts.items()}
 
 
@@ -328,6 +332,7 @@ def train_model(
     blur_px: float = 0.0,
     pairs: np.ndarray | None = None,
     smooth_points: np.ndarray | None = None,
+    contacts: np.ndarray | None = None,
 ) -> tuple[Zernike3Deep, pd.DataFrame]:
     """Train Zernike3Deep; resumable.
 
@@ -364,9 +369,10 @@ def train_model(
     data_digests
         digests of the inputs (particle rows, point cloud) for the checkpoint fingerprint; the
         initial weights' digest is added to it here.
-    blur_px, pairs, smooth_points
+    blur_px, pairs, smooth_points, contacts
         An atomic model's cloud: the atoms' Gaussian width (px), the pairs whose lengths
-        ``config.bond_weight`` keeps and the voxels the regularisers average over (see
+        ``config.bond_weight`` keeps, the voxels the regularisers average over and the contacts
+        ``config.clash_weight`` keeps apart (see
         :class:`~z3lib.decoder.PhysicalDecoder`).
 
     Returns
@@ -389,9 +395,13 @@ def train_model(
         blur_px=blur_px,
         pairs=pairs,
         smooth_points=smooth_points,
+        contacts=contacts,
     )
     inputs = dict(data_digests or {})
-    inputs["points"] = array_digest(np.asarray(points, np.float32), np.asarray(amplitudes, np.float32))
+    extras = [np.asarray(v) for v in (pairs, smooth_points, contacts) if v is not None]
+    inputs["points"] = array_digest(
+        np.asarray(points, np.float32), np.asarray(amplitudes, np.float32), np.asarray([blur_px]), *extras
+    )
     if init_weights is not None:
         inputs["init"] = _load_initial_weights(model, init_weights, logger)
     optimiser = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)

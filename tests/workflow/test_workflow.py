@@ -451,7 +451,7 @@ def test_tiny_end_to_end_run(tmp_path: Path) -> None:
 
 @pytest.mark.e2e
 def test_tiny_run_with_atoms_as_the_decoders_points(tmp_path: Path) -> None:
-    """zernike.points atoms with the bond regulariser on the tiny demo: the demo's model becomes
+    """zernike.points atoms with the bond and clash regularisers on the tiny demo: the demo's model becomes
     the cloud that training and refinement move (its Gaussians fitted to the reference), ZART keeps
     the voxels, and the report measures the deformed models' geometry."""
     import numpy as np
@@ -463,6 +463,7 @@ def test_tiny_run_with_atoms_as_the_decoders_points(tmp_path: Path) -> None:
     values = yaml.safe_load(config.read_text())
     values["zernike"] = {"points": "atoms"}
     values["train"]["bond_weight"] = 1.0
+    values["train"]["clash_weight"] = 1.0
     config.write_text(yaml.safe_dump(values))
     result = snakemake(tmp_path, "--workflow-profile", str(CI_PROFILE), "--configfile", str(config), timeout=600)
     assert_ok(result)
@@ -473,7 +474,9 @@ def test_tiny_run_with_atoms_as_the_decoders_points(tmp_path: Path) -> None:
     assert model.decoder.points.shape[0] == len(atoms["points"]) != len(voxels["points"])
     assert float(model.decoder.blur) == pytest.approx(float(atoms["blur_px"]))
     assert len(read_npz(out / "train" / "points.npz")["points"]) == len(atoms["points"])
-    assert "bonds" in (out / "train" / "history.tsv").read_text()
+    history = (out / "train" / "history.tsv").read_text()
+    assert "bonds" in history and "clashes" in history
+    assert len(atoms["contacts"]) > 1000
     geometry = pd.read_csv(out / "report" / "model_geometry.tsv", sep="\t")
     assert len(geometry) == 3 + 2 * 5  # the cluster models and the two motion series
     assert np.isfinite(geometry["bond_rmsd_A"]).all()

@@ -152,7 +152,8 @@ def write_atom_cloud(
 
     Keys as ``points.npz`` (``points`` px of the processing box, ``amplitudes`` fitted to
     ``reference`` over ``mask``, boxes, pixel sizes, ``step`` 1) plus
-    ``blur_px`` (the atoms' Gaussian σ, px), ``pairs`` (bonds and Cα–Cα links), ``kind`` and
+    ``blur_px`` (the atoms' Gaussian σ, px), ``pairs`` (bonds and Cα–Cα links), ``contacts``
+    (pairs more than two bonds apart within 4 Å, for the clash regulariser), ``kind`` and
     ``smooth_points``: ``voxels`` (the mask's voxel cloud, px; the atoms when None), where the
     fields' regularisers are averaged so that they stay smooth between and around the atoms.
 
@@ -195,6 +196,7 @@ def write_atom_cloud(
         step=np.int64(1),
         blur_px=np.float64(fit.sigma_px),
         pairs=pairs.kept,
+        contacts=pairs.contacts,
         kind=np.str_("atoms"),
         smooth_points=(points if voxels is None else voxels).astype(np.float32),
     )

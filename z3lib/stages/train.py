@@ -109,6 +109,7 @@ def train(
         blur_px=float(cloud["blur_px"]) if "blur_px" in cloud else 0.0,  # an atomic model's cloud
         pairs=cloud.get("pairs"),
         smooth_points=cloud.get("smooth_points"),
+        contacts=cloud.get("contacts"),
     )
     paths = _write_training(out, model, history, cloud, _model_meta(cloud, len(source), n_all, half, rows), logger)
     logger.info("training done in %.1f s", time.perf_counter() - t0)
