@@ -706,3 +706,24 @@ def test_medoid_frame_lies_on_a_curved_landscape_where_the_mean_does_not() -> No
     np.testing.assert_allclose(centre_fields(shifted, halves, "mean")[halves[0]].mean(0), 0.0, atol=1e-12)
     with pytest.raises(ValueError, match="zart.frame"):
         centre_fields(shifted, halves, "median")
+
+
+def test_pull_back_inverts_the_frame_field_and_composes_two_fields() -> None:
+    """A smooth field d_c: the pulled-back points x satisfy x + d_c(x) = y; and the displacement
+    the corrected map uses there, d_i(x) − d_c(x), takes the frame's points y exactly to where
+    particle i's field takes the reference's points (x + d_i(x)): for a rotation about z by 20°
+    as d_c (not small: 3 px at the edge of the cloud) and d_i = 0, the map's points go back onto
+    the reference's."""
+    from z3lib.field_scale import pull_back
+
+    spec = zk.ZernikeSpec(3, 3, "orthonormal", 32)
+    rng = np.random.default_rng(5)
+    reference = rng.uniform(-8, 8, size=(300, 3))
+    angle = np.deg2rad(20.0)
+    rz = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    frame = spec.fit(reference, reference @ rz.T - reference)  # a rotation is degree 1: exact
+    frame_points = reference @ rz.T  # the reference moved by the frame field
+    x = pull_back(frame_points, spec, frame)
+    np.testing.assert_allclose(x, reference, atol=1e-6)
+    d_frame = spec.evaluate(x) @ frame.reshape(3, -1).T
+    np.testing.assert_allclose(frame_points + (0.0 - d_frame), reference, atol=1e-6)  # d_i = 0

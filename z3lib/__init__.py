@@ -20,7 +20,7 @@ OUTPUT_VERSIONS: dict[str, str] = {
     "refine_landscape": "0.1.5",
     "refine_chunk": "0.1.5",
     "refine": "0.1.5",
-    "zart": "0.1.7",  # the medoid frame (0.1.6: the field scale by held-out image prediction)
+    "zart": "0.1.8",  # the basis at the points pulled back through the frame field (0.1.7: the medoid frame)
     "round_reference": "0.1.5",
     "publish": "0.1.5",
     "report": "0.1.8",  # landscape.html and a cryoSPARC .cs per cluster

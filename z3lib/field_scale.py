@@ -63,20 +63,62 @@ def medoid_field(coefficients: np.ndarray, *, fraction: float = MEDOID_FRACTION)
     return frame
 
 
-def centre_fields(coefficients: np.ndarray, halves: Sequence[np.ndarray], frame: str = "medoid") -> np.ndarray:
-    """Subtract from ``(n, 3K)`` coefficients their gold-standard half set's frame field.
+def frame_fields(coefficients: np.ndarray, halves: Sequence[np.ndarray], frame: str = "medoid") -> list[np.ndarray]:
+    """Return each gold-standard half set's frame field ``(3K,)`` (zeros for an empty half).
 
     Each half on its own, so no information crosses them: ``"medoid"`` (:func:`medoid_field`, the
     frame of a conformation at the landscape's centre) or ``"mean"`` (the population's average
-    field). The corrected map is then the map of that conformation.
+    field).
     """
     if frame not in ("medoid", "mean"):
         raise ValueError(f"zart.frame must be 'medoid' or 'mean', got {frame!r}")
+    c = np.asarray(coefficients, dtype=np.float64)
+    return [
+        (medoid_field(c[rows]) if frame == "medoid" else c[rows].mean(0)) if len(rows) else np.zeros(c.shape[1])
+        for rows in halves
+    ]
+
+
+def centre_fields(coefficients: np.ndarray, halves: Sequence[np.ndarray], frame: str = "medoid") -> np.ndarray:
+    """Subtract from ``(n, 3K)`` coefficients their half set's frame field (:func:`frame_fields`).
+
+    The corrected map is then the map of that conformation; its points are the reference's pulled
+    back through the frame field (:func:`pull_back`).
+    """
     out = np.array(coefficients, dtype=np.float64, copy=True)
-    for rows in halves:
-        if len(rows):
-            out[rows] -= medoid_field(out[rows]) if frame == "medoid" else out[rows].mean(0)
+    for rows, field in zip(halves, frame_fields(out, halves, frame), strict=True):
+        out[rows] -= field
     return out
+
+
+def pull_back(points: np.ndarray, spec: Any, coefficients: np.ndarray, *, iterations: int = 30) -> np.ndarray:
+    """Return the reference points ``x`` that a field moves onto ``points``: ``x + d(x) = y``.
+
+    The fields are Lagrangian: each moves the points of the reference it was fitted on (the
+    consensus map's voxels, or an atomic model's atoms). A map in the frame of the field ``c``
+    holds at ``y`` what the reference holds at ``x``, and particle ``i`` moves it to
+    ``x + d_i(x)``: its displacement there is ``d_i(x) − d_c(x)``, with the basis evaluated at
+    ``x``, not at ``y`` (which matters where the frame field is large, as between an atomic model
+    and the consensus map). Fixed-point iteration ``x ← y − d(x)`` (it converges where the field's
+    gradient is below 1, as for any deformation that does not fold).
+
+    Parameters
+    ----------
+    points
+        ``(N, 3)`` px ``y``.
+    spec
+        The fields' :class:`~z3lib.zernike.ZernikeSpec` (on the points' box).
+    coefficients
+        ``(3K,)`` the frame field ``c`` (px).
+    iterations
+        Fixed-point iterations.
+    """
+    y = np.asarray(points, dtype=np.float64)
+    c = np.asarray(coefficients, dtype=np.float64).reshape(3, -1)
+    x = y.copy()
+    for _ in range(iterations):
+        x = y - spec.evaluate(x) @ c.T
+    return x
 
 
 def _score_scale(

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from z3lib.field_scale import centre_fields, choose_field_scale
+from z3lib.field_scale import centre_fields, choose_field_scale, frame_fields, pull_back
 from z3lib.io import ImageStack, Particles
 from z3lib.zart import (
     ZartConfig,
@@ -84,8 +84,8 @@ def zart(
     box, orig = int(clouds[0]["box"]), int(clouds[0]["original_box"])
     apix = float(clouds[0]["pixel_size"])
     spec = ZernikeSpec.from_config(zernike, orig)
-    coeffs, half_z = _fields(coefficients, parts, particles, half_pts, spec, box)
     h1, h2 = half_sets(parts.table["random_subset"].to_numpy(), config.seed)
+    coeffs, half_z = _fields(coefficients, parts, particles, half_pts, spec, box, (h1, h2), config.frame)
     voxels = " / ".join(str(len(c["points"])) for c in clouds)
     what = (len(parts), len(h1), len(h2), box, voxels, config.iterations, config.batch_size)
     logger.info("ZART: %d particles (halves %d + %d), box %d, %s mask voxels, %d iterations, batch %d", *what)
@@ -220,11 +220,14 @@ def _fields(
     half_pts: list[np.ndarray],
     spec: ZernikeSpec,
     box: int,
+    halves: tuple[np.ndarray, np.ndarray],
+    frame: str,
 ) -> tuple[np.ndarray | None, list[np.ndarray | None]]:
     """Read the fields and evaluate each half's basis on the processing box.
 
     The fields ``(n, 3K)`` come back in px of the processing box ``box`` (``spec`` is their basis
-    on the original box), each half's basis values ``(N_h, K)``; None (and no basis) without
+    on the original box), each half's basis values ``(N_h, K)`` at its points pulled back through
+    its frame field (:func:`z3lib.field_scale.pull_back`); None (and no basis) without
     ``coefficients``.
     """
     from z3lib.io import read_coefficients
@@ -238,7 +241,11 @@ def _fields(
     coeffs = spec.convert(original, processing)
     if coeffs.shape[0] != len(parts):
         raise ValueError(f"{coefficients} has {coeffs.shape[0]} rows but {particles} has {len(parts)} particles")
-    half_z = [processing.evaluate(p).astype(np.float32) for p in half_pts]
+    frames = frame_fields(coeffs, halves, frame)
+    half_z = [
+        processing.evaluate(pull_back(p, processing, c)).astype(np.float32)
+        for p, c in zip(half_pts, frames, strict=True)
+    ]
     return coeffs, half_z
 
 
