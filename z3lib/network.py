@@ -169,6 +169,56 @@ class MlpEncoder(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # The model
 # ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CloudExtras:
+    """What an atomic model's point cloud adds to the decoder (``atoms.npz``, :mod:`z3lib.atoms`).
+
+    Attributes
+    ----------
+    blur_px
+        σ (px) of the atoms' Gaussians.
+    pairs
+        ``(M, 2)`` bonds and Cα–Cα links (``train.bond_weight``).
+    smooth_points
+        ``(N', 3)`` px: the mask's voxels, where the field regularisers are averaged.
+    contacts
+        ``(R, 2)`` atom pairs more than two bonds apart within 4 Å (``train.clash_weight``).
+    """
+
+    blur_px: float = 0.0
+    pairs: np.ndarray | None = None
+    smooth_points: np.ndarray | None = None
+    contacts: np.ndarray | None = None
+
+    @classmethod
+    def from_cloud(cls, cloud: Mapping[str, Any]) -> CloudExtras:
+        """From a point-cloud ``.npz`` as read (a map's voxels have none of these keys)."""
+        return cls(
+            blur_px=float(cloud["blur_px"]) if "blur_px" in cloud else 0.0,
+            pairs=cloud.get("pairs"),
+            smooth_points=cloud.get("smooth_points"),
+            contacts=cloud.get("contacts"),
+        )
+
+    def decoder_arguments(self) -> dict[str, Any]:
+        """Return the keyword arguments of :class:`~z3lib.decoder.PhysicalDecoder` (tensors)."""
+
+        def tensor(values: np.ndarray | torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+            return None if values is None else torch.as_tensor(values, dtype=dtype)
+
+        return {
+            "blur_px": self.blur_px,
+            "pairs": tensor(self.pairs, torch.long),
+            "smooth_points": tensor(self.smooth_points, torch.float32),
+            "contacts": tensor(self.contacts, torch.long),
+        }
+
+    def arrays(self) -> list[np.ndarray]:
+        """Return everything as arrays (for fingerprints)."""
+        rest = [np.asarray(v) for v in (self.pairs, self.smooth_points, self.contacts) if v is not None]
+        return [np.asarray([self.blur_px]), *rest]
+
+
 class Zernike3Deep(nn.Module):
     """Encoder → 3K Zernike3D coefficients (+ optional pose corrections) → physical decoder."""
 
@@ -181,11 +231,7 @@ class Zernike3Deep(nn.Module):
         box: int,
         pixel_size: float,
         config: NetworkConfig,
-        *,
-        blur_px: float = 0.0,
-        pairs: torch.Tensor | None = None,
-        smooth_points: torch.Tensor | None = None,
-        contacts: torch.Tensor | None = None,
+        extras: CloudExtras | None = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -213,10 +259,7 @@ class Zernike3Deep(nn.Module):
             config.zernike_spec(box),
             pixel_size,
             config,
-            blur_px=blur_px,
-            pairs=pairs,
-            smooth_points=smooth_points,
-            contacts=contacts,
+            **(extras or CloudExtras()).decoder_arguments(),
         )
         self.register_buffer("image_mask", circle_mask(box, config.mask_radius))
 
@@ -332,17 +375,11 @@ def build_model(
     pixel_size: float,
     config: NetworkConfig,
     device: torch.device | str = "cpu",
-    *,
-    blur_px: float = 0.0,
-    pairs: np.ndarray | None = None,
-    smooth_points: np.ndarray | None = None,
-    contacts: np.ndarray | None = None,
+    extras: CloudExtras | None = None,
 ) -> Zernike3Deep:
     """Build a freshly initialised (seeded) model for a point cloud in px of the processing box.
 
-    ``blur_px``, ``pairs``, ``smooth_points`` and ``contacts``: the points' Gaussian width, the
-    atom pairs, the voxels the regularisers average over and the contacts, of an atomic model's cloud (see
-    :class:`~z3lib.decoder.PhysicalDecoder`).
+    ``extras``: what an atomic model's cloud adds (:class:`CloudExtras`).
     """
     torch.manual_seed(config.seed)
     model = Zernike3Deep(
@@ -351,10 +388,7 @@ def build_model(
         box,
         pixel_size,
         config,
-        blur_px=blur_px,
-        pairs=None if pairs is None else torch.as_tensor(pairs, dtype=torch.long),
-        smooth_points=None if smooth_points is None else torch.as_tensor(smooth_points, dtype=torch.float32),
-        contacts=None if contacts is None else torch.as_tensor(contacts, dtype=torch.long),
+        extras,
     )
     return model.to(device)
 
@@ -388,9 +422,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Ze
         int(meta["box"]),
         float(meta["pixel_size"]),
         config,
-        blur_px=float(sd["decoder.blur"]) if "decoder.blur" in sd else 0.0,
-        pairs=sd.get("decoder.pairs"),
-        contacts=sd.get("decoder.contacts"),
+        CloudExtras(
+            blur_px=float(sd["decoder.blur"]) if "decoder.blur" in sd else 0.0,
+            pairs=sd.get("decoder.pairs"),
+            contacts=sd.get("decoder.contacts"),
+        ),
     )
     # files of z3lib < 0.1.8 lack these
     sd = {

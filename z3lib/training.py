@@ -29,7 +29,7 @@ from z3lib.conventions import euler_to_matrix
 from z3lib.ctf import CtfParams
 from z3lib.decoder import image_loss
 from z3lib.io import ImageStack, Particles
-from z3lib.network import NetworkConfig, Zernike3Deep, build_model, transferable_weights
+from z3lib.network import CloudExtras, NetworkConfig, Zernike3Deep, build_model, transferable_weights
 
 # particles encoded at once by :func:`predict_coefficients` (the pipeline's predict.batch_size)
 PREDICT_BATCH_SIZE = 256
@@ -329,10 +329,7 @@ def train_model(
     on_epoch_end: Callable[[int, dict[str, float]], Any] | None = None,
     init_weights: dict[str, torch.Tensor] | None = None,
     data_digests: dict[str, str] | None = None,
-    blur_px: float = 0.0,
-    pairs: np.ndarray | None = None,
-    smooth_points: np.ndarray | None = None,
-    contacts: np.ndarray | None = None,
+    extras: CloudExtras | None = None,
 ) -> tuple[Zernike3Deep, pd.DataFrame]:
     """Train Zernike3Deep; resumable.
 
@@ -369,11 +366,8 @@ def train_model(
     data_digests
         digests of the inputs (particle rows, point cloud) for the checkpoint fingerprint; the
         initial weights' digest is added to it here.
-    blur_px, pairs, smooth_points, contacts
-        An atomic model's cloud: the atoms' Gaussian width (px), the pairs whose lengths
-        ``config.bond_weight`` keeps, the voxels the regularisers average over and the contacts
-        ``config.clash_weight`` keeps apart (see
-        :class:`~z3lib.decoder.PhysicalDecoder`).
+    extras
+        What an atomic model's cloud adds (:class:`~z3lib.network.CloudExtras`).
 
     Returns
     -------
@@ -385,22 +379,10 @@ def train_model(
     logger = log or logging.getLogger(__name__)
     dev = torch.device(device)
     use_amp = dev.type == "cuda"
-    model = build_model(
-        points,
-        amplitudes,
-        box,
-        source.pixel_size,
-        config,
-        dev,
-        blur_px=blur_px,
-        pairs=pairs,
-        smooth_points=smooth_points,
-        contacts=contacts,
-    )
+    model = build_model(points, amplitudes, box, source.pixel_size, config, dev, extras)
     inputs = dict(data_digests or {})
-    extras = [np.asarray(v) for v in (pairs, smooth_points, contacts) if v is not None]
     inputs["points"] = array_digest(
-        np.asarray(points, np.float32), np.asarray(amplitudes, np.float32), np.asarray([blur_px]), *extras
+        np.asarray(points, np.float32), np.asarray(amplitudes, np.float32), *(extras or CloudExtras()).arrays()
     )
     if init_weights is not None:
         inputs["init"] = _load_initial_weights(model, init_weights, logger)

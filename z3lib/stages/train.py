@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from z3lib.io import Particles
-from z3lib.network import NetworkConfig, Zernike3Deep, load_weights, save_model
+from z3lib.network import CloudExtras, NetworkConfig, Zernike3Deep, load_weights, save_model
 from z3lib.training import ParticleBatchSource, array_digest, stack_identity, train_model
 
 
@@ -106,10 +106,7 @@ def train(
         log=logger,
         init_weights=init_weights,
         data_digests=_data_digests(source, parts, rows, n_all),
-        blur_px=float(cloud["blur_px"]) if "blur_px" in cloud else 0.0,  # an atomic model's cloud
-        pairs=cloud.get("pairs"),
-        smooth_points=cloud.get("smooth_points"),
-        contacts=cloud.get("contacts"),
+        extras=CloudExtras.from_cloud(cloud),  # an atomic model's cloud: its Gaussians and pairs
     )
     paths = _write_training(out, model, history, cloud, _model_meta(cloud, len(source), n_all, half, rows), logger)
     logger.info("training done in %.1f s", time.perf_counter() - t0)
