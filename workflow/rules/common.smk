@@ -174,7 +174,7 @@ STAGE_OUTPUTS = {
         "rounds": "rounds.tsv",
         "explorer": "landscape.html",
     },
-    # rule select (only when config select names a criterion): the chosen particles
+    # the chosen particles (written only when config select names a criterion)
     "select": {"star": "particles.star", "cs": "particles.cs", "indices": "indices.txt"},
 }
 
