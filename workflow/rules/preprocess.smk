@@ -27,6 +27,5 @@ rule preprocess:
         mask_threshold=lookup(dpath="preprocess/mask_threshold", within=config),
         points_step=lookup(dpath="preprocess/points_step", within=config),
         chunk_size=lookup(dpath="preprocess/chunk_size", within=config),
-        points=lookup(dpath="zernike/points", within=config),
     script:
         "../scripts/preprocess.py"

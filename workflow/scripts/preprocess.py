@@ -24,7 +24,7 @@ with _bootstrap.job(snakemake, "z3.preprocess", "preprocess") as job:
         mask_threshold=params.mask_threshold,
         points_step=params.points_step,
         chunk_size=params.chunk_size,
-        model=snakemake.input.get("model") if params.points == "atoms" else None,
+        model=snakemake.input.get("model"),  # zernike.points atoms only (common.smk: preprocess_inputs)
         log=job.log,
     )
     job.log.info("wrote %s", _bootstrap.written_list(written))
