@@ -14,6 +14,7 @@ import torch
 
 from z3lib import atoms as at
 from z3lib import zernike as zk
+from z3lib.analysis import splat_trilinear
 from z3lib.decoder import DecoderOptions, PhysicalDecoder
 from z3lib.io import Z3InputError, read_model, read_npz, write_model_pdb
 from z3lib.simulate import atom_weights
@@ -70,7 +71,9 @@ def test_splat_and_gather_are_adjoint_and_the_filter_is_the_analytic_gaussian() 
     rng = np.random.default_rng(0)
     points = rng.uniform(-10, 10, size=(50, 3))
     a, grid = rng.normal(size=50), rng.normal(size=(24, 24, 24))
-    assert np.sum(at._splat(points, a, 24) * grid) == pytest.approx(np.sum(a * at._gather(grid, points)), rel=1e-10)
+    assert np.sum(splat_trilinear(points, a, (24,) * 3) * grid) == pytest.approx(
+        np.sum(a * at._gather(grid, points)), rel=1e-10
+    )
     delta = np.zeros((32, 32, 32))
     delta[16, 16, 16] = 1.0
     sigma = 1.5

@@ -22,7 +22,7 @@ import numpy.typing as npt
 import pandas as pd
 
 from z3lib import zernike as zk
-from z3lib.conventions import box_center
+from z3lib.conventions import box_center, box_px_to_model, model_to_box_px
 
 
 def _shell_index(shape: tuple[int, ...]) -> np.ndarray:
@@ -523,8 +523,8 @@ def deform_model(
     ----------
     coords
         ``(N, 3)`` atom positions ``(x, y, z)`` in Å in the map frame: ``origin`` is the position
-        of voxel ``[0, 0, 0]`` (0 for RELION and cryoSPARC maps), so an atom sits at
-        ``(xyz − origin) / pixel_size − box // 2`` px from the box centre.
+        of voxel ``[0, 0, 0]`` (0 for RELION and cryoSPARC maps; px as
+        :func:`z3lib.conventions.model_to_box_px`).
     coefficients
         ``(3K,)`` field, or ``(m, 3K)`` fields, in px of ``spec.box`` (the refine stage's
         coefficients with the original box and pixel size).
@@ -543,13 +543,9 @@ def deform_model(
     xyz = np.asarray(coords, dtype=np.float64)
     if xyz.ndim != 2 or xyz.shape[1] != 3:
         raise ValueError(f"coords must be (N, 3) positions in Å, got shape {xyz.shape}")
-    org = np.asarray(origin, dtype=np.float64)
-    centre = float(box_center(spec.box))
-    px = (xyz - org) / pixel_size - centre
-    z = spec.evaluate(px)
-    moved = px + zk.deformation_field(z, np.asarray(coefficients, dtype=np.float64))
-    out: np.ndarray = (moved + centre) * pixel_size + org
-    return out
+    px = model_to_box_px(xyz, pixel_size, spec.box, origin)
+    moved = px + zk.deformation_field(spec.evaluate(px), np.asarray(coefficients, dtype=np.float64))
+    return box_px_to_model(moved, pixel_size, spec.box, origin)
 
 
 def mean_deformation_map(

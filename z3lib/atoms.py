@@ -11,9 +11,7 @@ keeps (:func:`model_pairs`: bonds found by distance, and Cα–Cα of consecutiv
 model and clashes.
 
 Frames: the model is in the map frame (Å, voxel ``[0, 0, 0]`` of the original map at the origin,
-as RELION and cryoSPARC write maps); an atom at ``xyz`` sits at ``xyz / a₀ − N₀ // 2`` px of the
-original box (``a₀`` Å/px, ``N₀`` px) from its centre, and at that times ``a₀ / a`` px of the
-processing box (``a`` Å/px).
+as RELION and cryoSPARC write maps; :func:`z3lib.conventions.model_to_box_px`).
 """
 
 from __future__ import annotations
@@ -26,7 +24,8 @@ import numpy.typing as npt
 import pandas as pd
 from scipy.spatial import cKDTree
 
-from z3lib.conventions import box_center
+from z3lib.analysis import splat_trilinear
+from z3lib.conventions import box_center, model_to_box_px
 from z3lib.io import AtomicModel, PathLike, read_model
 
 FloatArray = npt.NDArray[np.float64]
@@ -54,18 +53,12 @@ def heavy_atoms(elements: npt.ArrayLike) -> npt.NDArray[np.bool_]:
 def model_to_points(
     coords: npt.ArrayLike, original_pixel_size: float, original_box: int, pixel_size: float
 ) -> FloatArray:
-    """Atom positions (Å, map frame) → ``(N, 3)`` px of the processing box from its centre."""
-    xyz = np.asarray(coords, dtype=np.float64)
-    return (xyz / original_pixel_size - box_center(original_box)) * (original_pixel_size / pixel_size)
+    """Atom positions (Å, map frame) → ``(N, 3)`` px of the processing box from its centre.
 
-
-def points_to_model(
-    points: npt.ArrayLike, original_pixel_size: float, original_box: int, pixel_size: float
-) -> FloatArray:
-    """Invert :func:`model_to_points`: ``(…, N, 3)`` px of the processing box → Å."""
-    px = np.asarray(points, dtype=np.float64) * (pixel_size / original_pixel_size)
-    out: FloatArray = (px + box_center(original_box)) * original_pixel_size
-    return out
+    :func:`z3lib.conventions.model_to_box_px` on the original box, rescaled to the processing
+    box's pixels.
+    """
+    return model_to_box_px(coords, original_pixel_size, original_box) * (original_pixel_size / pixel_size)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -185,46 +178,24 @@ def _clashes(xyz: FloatArray, near: IndexPairs) -> int:
 # ----------------------------------------------------------------------------------------------
 # Amplitudes fitted to the map
 # ----------------------------------------------------------------------------------------------
-def _splat(points: FloatArray, values: FloatArray, box: int) -> FloatArray:
-    """Trilinear splat of point values into a ``[z, y, x]`` grid (points in px from the centre)."""
-    grid = np.zeros((box + 2,) * 3)
-    pos = points + box_center(box) + 1.0  # one voxel of padding on each side
-    base = np.floor(pos).astype(np.int64)
-    frac = pos - base
-    inside = np.all((base >= 0) & (base <= box), axis=1)
-    base, frac, vals = base[inside], frac[inside], values[inside]
-    for dz in (0, 1):
-        for dy in (0, 1):
-            for dx in (0, 1):
-                w = (
-                    (frac[:, 2] if dz else 1 - frac[:, 2])
-                    * (frac[:, 1] if dy else 1 - frac[:, 1])
-                    * (frac[:, 0] if dx else 1 - frac[:, 0])
-                )
-                np.add.at(grid, (base[:, 2] + dz, base[:, 1] + dy, base[:, 0] + dx), w * vals)
-    return grid[1:-1, 1:-1, 1:-1]
-
-
 def _gather(grid: FloatArray, points: FloatArray) -> FloatArray:
-    """Trilinear interpolation of a ``[z, y, x]`` grid at points: the adjoint of :func:`_splat`."""
-    box = grid.shape[0]
-    padded = np.pad(grid, 1)
-    pos = points + box_center(box) + 1.0
-    base = np.floor(pos).astype(np.int64)
-    frac = pos - base
-    inside = np.all((base >= 0) & (base <= box), axis=1)
-    out = np.zeros(len(points))
-    b, f = np.clip(base, 0, box), frac
-    for dz in (0, 1):
-        for dy in (0, 1):
-            for dx in (0, 1):
-                w = (
-                    (f[:, 2] if dz else 1 - f[:, 2])
-                    * (f[:, 1] if dy else 1 - f[:, 1])
-                    * (f[:, 0] if dx else 1 - f[:, 0])
-                )
-                out += w * padded[b[:, 2] + dz, b[:, 1] + dy, b[:, 0] + dx]
-    return np.where(inside, out, 0.0)
+    """Trilinear interpolation of a ``[z, y, x]`` grid at points (``(x, y, z)`` px from its centre).
+
+    The adjoint of :func:`z3lib.analysis.splat_trilinear`: the same weights, and corners outside
+    the grid dropped the same way.
+    """
+    dims = np.asarray(grid.shape, dtype=np.int64)
+    zyx = np.asarray(points, dtype=np.float64)[:, ::-1] + np.array([box_center(int(n)) for n in dims])
+    base = np.floor(zyx).astype(np.int64)
+    frac = zyx - base
+    out = np.zeros(len(zyx))
+    for corner in range(8):
+        offs = np.array([(corner >> 2) & 1, (corner >> 1) & 1, corner & 1])
+        idx = base + offs
+        w = np.prod(np.where(offs[None, :] == 1, frac, 1.0 - frac), axis=1)
+        inside = np.all((idx >= 0) & (idx < dims), axis=1)
+        out[inside] += w[inside] * grid[idx[inside, 0], idx[inside, 1], idx[inside, 2]]
+    return out
 
 
 def gaussian_filter_3d(grid: FloatArray, sigma_px: float) -> FloatArray:
@@ -298,7 +269,7 @@ def fit_atom_amplitudes(
     target = vol * m
 
     def forward(a: FloatArray, sigma: float) -> FloatArray:
-        return gaussian_filter_3d(_splat(pts, a, box), sigma) * m
+        return gaussian_filter_3d(splat_trilinear(pts, a, (box,) * 3), sigma) * m
 
     best: tuple[float, float, float] | None = None
     for sigma in SIGMAS_PX:
@@ -311,7 +282,9 @@ def fit_atom_amplitudes(
     assert best is not None
     _, sigma, scale = best
     base = scale * w
-    one_atom = gaussian_filter_3d(_splat(np.zeros((1, 3)), np.ones(1), box), sigma)  # an atom's response
+    one_atom = gaussian_filter_3d(
+        splat_trilinear(np.zeros((1, 3)), np.ones(1), (box,) * 3), sigma
+    )  # an atom's response
     lam = ridge * float((one_atom**2).sum())
 
     def gradient(a: FloatArray) -> FloatArray:  # of ½|A a − b|² + ½ λ |a − s w|²

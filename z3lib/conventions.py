@@ -208,6 +208,25 @@ def relion_matrix_to_cryosparc_pose(matrix: npt.ArrayLike) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
+# Atomic models in a map's frame
+# ----------------------------------------------------------------------------------------------
+def model_to_box_px(coords: npt.ArrayLike, pixel_size: float, box: int, origin: Any = 0.0) -> np.ndarray:
+    """Atom positions (Å, map frame) → px from the map box's centre: ``(xyz − origin) / a − box // 2``.
+
+    ``origin`` is the position (Å) of voxel ``[0, 0, 0]`` (0 for RELION and cryoSPARC maps).
+    """
+    out: np.ndarray = (np.asarray(coords, dtype=np.float64) - np.asarray(origin, dtype=np.float64)) / pixel_size
+    return out - box_center(box)
+
+
+def box_px_to_model(points: npt.ArrayLike, pixel_size: float, box: int, origin: Any = 0.0) -> np.ndarray:
+    """Invert :func:`model_to_box_px`: px from the box's centre → Å in the map frame."""
+    px = np.asarray(points, dtype=np.float64) + box_center(box)
+    out: np.ndarray = px * pixel_size + np.asarray(origin, dtype=np.float64)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
 # Shifts and pixel sizes
 # ----------------------------------------------------------------------------------------------
 def shift_angstrom_to_pixels(shift_angstrom: ArrayT, pixel_size: Any) -> ArrayT:

@@ -48,7 +48,7 @@ from z3lib import zernike as zk
 from z3lib.conventions import euler_to_matrix
 from z3lib.ctf import CtfParams
 from z3lib.decoder import DecoderOptions, Loss, PhysicalDecoder, Roughness, circle_mask, image_loss
-from z3lib.network import NetworkConfig
+from z3lib.network import CloudExtras, NetworkConfig
 from z3lib.settings import check_choices, from_section
 
 
@@ -183,8 +183,7 @@ def make_decoder(
     pixel_size: float,
     device: str | torch.device = "cpu",
     roughness: Roughness = NetworkConfig.roughness,
-    blur_px: float = 0.0,
-    smooth_points: np.ndarray | None = None,
+    extras: CloudExtras | None = None,
 ) -> PhysicalDecoder:
     """Build the physical decoder of refinement: a fixed map, the network's roughness measure.
 
@@ -200,9 +199,8 @@ def make_decoder(
         Torch device of the decoder's buffers.
     roughness
         ``strain`` or ``gradient``: the measure of ``field_roughness`` (the network's).
-    blur_px, smooth_points
-        An atomic model's cloud (its ``.npz``): the atoms' Gaussian σ (px) and the voxels the
-        regularisers average over.
+    extras
+        What an atomic model's cloud adds (:class:`~z3lib.network.CloudExtras`).
     """
     options = DecoderOptions(roughness=roughness, ctf_pad=NetworkConfig.ctf_pad, learn_reference=False)
     return PhysicalDecoder(
@@ -211,8 +209,7 @@ def make_decoder(
         spec,
         pixel_size,
         options,
-        blur_px=blur_px,
-        smooth_points=None if smooth_points is None else torch.as_tensor(smooth_points, dtype=torch.float32),
+        **(extras or CloudExtras()).decoder_arguments(),
     ).to(device)
 
 

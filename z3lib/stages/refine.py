@@ -17,9 +17,9 @@ import torch
 
 from z3lib import zernike as zk
 from z3lib.conventions import shift_angstrom_to_pixels, shift_pixels_to_angstrom
-from z3lib.decoder import Roughness
+from z3lib.decoder import PhysicalDecoder, Roughness
 from z3lib.io import Particles
-from z3lib.network import NetworkConfig
+from z3lib.network import CloudExtras, NetworkConfig
 from z3lib.refine import Landscape, RefineConfig, make_decoder
 from z3lib.refine_run import chunk_rows, refine_particles
 from z3lib.training import ParticleBatchSource, stack_identity
@@ -78,16 +78,7 @@ def refine_landscape(
             logger.info(
                 "gold-standard half %d: %d particles, its own reference (%d points)", h + 1, len(rows), len(c["points"])
             )
-        decoder = make_decoder(
-            c["points"],
-            c["amplitudes"],
-            spec,
-            float(c["pixel_size"]),
-            device,
-            roughness,
-            float(c.get("blur_px", 0.0)),
-            c.get("smooth_points"),
-        )
+        decoder = _cloud_decoder(c, spec, device, roughness)
         fit = fit_population(decoder, source.take(rows), prior[rows], config, device=device, seed=seed, log=logger)
         write_population(
             out, fit, rows=np.asarray(rows, dtype=np.int64), box=np.int64(box), original_box=np.int64(c["original_box"])
@@ -360,16 +351,7 @@ def _refine_rows(
             group_progress = None if progress_path is None else Path(progress_path).with_suffix(f".half{h}.npz")
         if group_progress is not None:
             progress_paths.append(Path(group_progress))
-        decoder = make_decoder(
-            c["points"],
-            c["amplitudes"],
-            spec,
-            float(c["pixel_size"]),
-            device,
-            roughness,
-            float(c.get("blur_px", 0.0)),
-            c.get("smooth_points"),
-        )
+        decoder = _cloud_decoder(c, spec, device, roughness)
         res = refine_particles(
             decoder,
             source.take(group_rows) if h else source,
@@ -458,3 +440,18 @@ def gather_refined(
         float(stacked("cost").mean()),
     )
     return paths
+
+
+def _cloud_decoder(
+    cloud: Mapping[str, Any], spec: zk.ZernikeSpec, device: str | torch.device, roughness: Roughness
+) -> PhysicalDecoder:
+    """Return the refinement's decoder of a point cloud ``.npz`` as read (voxels, or an atomic model's atoms)."""
+    return make_decoder(
+        cloud["points"],
+        cloud["amplitudes"],
+        spec,
+        float(cloud["pixel_size"]),
+        device,
+        roughness,
+        CloudExtras.from_cloud(cloud),
+    )
