@@ -102,6 +102,40 @@ def test_preprocess_outputs(sim: dict[str, Path], tmp_path: Path) -> None:
     np.testing.assert_allclose(pts["amplitudes"], ref.data[i[:, 0], i[:, 1], i[:, 2]], rtol=1e-6)
 
 
+def test_chunks_shrink_with_the_box_so_their_memory_stays_within_the_budget(
+    sim: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A chunk of large images is cut down to the memory budget (the 512 px case, scaled down:
+    a budget of 40 px images); the peak memory of writing the stack follows, the images do not change."""
+    import logging
+    import tracemalloc
+
+    import z3lib.stages.preprocess as stage
+
+    assert stage.chunk_for_box(1024, 128) == 1024 and stage.chunk_for_box(1024, 512) == 64
+    peaks: dict[str, int] = {}
+    write = stage._write_stack
+
+    def measured(*args: object, **kw: object) -> None:
+        tracemalloc.start()
+        write(*args, **kw)  # type: ignore[arg-type]
+        peaks[str(args[0].parent.name)] = tracemalloc.get_traced_memory()[1]  # type: ignore[attr-defined]
+        tracemalloc.stop()
+
+    monkeypatch.setattr(stage, "_write_stack", measured)
+    whole = preprocess(sim["particles"], sim["reference"], sim["mask"], tmp_path / "whole", box=32, chunk_size=1000)
+    budget = 8 * stage.CHUNK_BYTES_PER_PIXEL * 40 * 40  # 8 images of 40 px
+    monkeypatch.setattr(stage, "CHUNK_MEMORY_BYTES", budget)
+    with caplog.at_level(logging.INFO):
+        small = preprocess(sim["particles"], sim["reference"], sim["mask"], tmp_path / "small", box=32, chunk_size=1000)
+    assert "chunks of 8 particles, not 1000: 40 px images" in caplog.text
+    assert peaks["small"] <= budget < peaks["whole"] / 4  # 50 images at once: about 6x the budget
+    idx = np.arange(50)
+    np.testing.assert_array_equal(
+        read_particles(small["particles"]).images()[idx], read_particles(whole["particles"]).images()[idx]
+    )
+
+
 def test_preprocess_without_mask_derives_one(sim: dict[str, Path], tmp_path: Path) -> None:
     """The derived mask holds the whole particle: checked on the noise-free true map, where every
     positive voxel is particle density."""

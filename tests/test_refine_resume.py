@@ -15,6 +15,7 @@ import pytest
 import z3lib
 import z3lib.refine_run as refine_module
 from z3lib.io import read_npz, write_coefficients, write_npz
+from z3lib.io.journal import Journal
 from z3lib.refine import RefineConfig
 from z3lib.stages.preprocess import preprocess
 from z3lib.stages.refine import refine_chunk
@@ -111,7 +112,7 @@ def _interrupt(tiny: dict[str, Path], counted: Callable[[int | None], _Counter],
     counted(1)
     with pytest.raises(KeyboardInterrupt):
         _run(tiny, "killed.npz", progress=progress, **kw)
-    assert progress.exists() or progress.with_suffix(".half1.npz").exists()
+    assert progress.exists() or progress.with_suffix(".half1.progress").exists()
 
 
 @pytest.mark.parametrize("halves", [False, True], ids=["together", "independent-halves"])
@@ -120,7 +121,7 @@ def test_interrupted_chunk_resumes_to_the_uninterrupted_result(
 ) -> None:
     """Killed after one batch and rerun: only the unfinished batches are refined, the result is
     the uninterrupted run's exactly, and the progress files are gone once the chunk is written."""
-    progress = tiny["root"] / f"resume-{halves}.progress.npz"
+    progress = tiny["root"] / f"resume-{halves}.progress"
     full = counted(None)
     fresh = _run(tiny, f"fresh-{halves}.npz", independent_halves=halves)
     n_batches = full.calls
@@ -131,7 +132,9 @@ def test_interrupted_chunk_resumes_to_the_uninterrupted_result(
     for key in ("index", "coefficients", "angles", "shifts", "cost", "cost_prior", "flagged", "steps"):
         np.testing.assert_array_equal(resumed[key], fresh[key], err_msg=key)
     leftovers = [
-        p for p in (progress, progress.with_suffix(".half1.npz"), progress.with_suffix(".half2.npz")) if p.exists()
+        p
+        for p in (progress, progress.with_suffix(".half1.progress"), progress.with_suffix(".half2.progress"))
+        if p.exists()
     ]
     assert leftovers == []
 
@@ -147,9 +150,9 @@ def test_progress_of_other_inputs_or_settings_is_not_reused(
     """Partial state of a killed run, then one input, setting or the library version changes:
     every batch is refined again (with a warning) and the result is a fresh run's with the new
     ones; where the change changes the numbers, it differs from what the stale state held."""
-    progress = tiny["root"] / f"stale-{change}.progress.npz"
+    progress = tiny["root"] / f"stale-{change}.progress"
     _interrupt(tiny, counted, progress)
-    stale = read_npz(progress)
+    _, stale, stale_done = Journal.load(progress)
     new: dict[str, Any] = {
         "predictions": {"prior": "prior_b"},
         "mode": {"config": dataclasses.replace(CFG, mode="free")},
@@ -169,7 +172,7 @@ def test_progress_of_other_inputs_or_settings_is_not_reused(
     np.testing.assert_array_equal(got["coefficients"], expected["coefficients"])
     np.testing.assert_array_equal(got["cost"], expected["cost"])
     if change in ("predictions", "mode", "points"):
-        first = stale["done"].astype(bool)
+        first = stale_done
         assert first.sum() == CFG.batch_size
         assert not np.allclose(stale["cost"][first], got["cost"][first])
     assert not progress.exists()

@@ -18,7 +18,12 @@ from z3lib.training import PREDICT_BATCH_SIZE
 from z3lib.zart import ZartConfig
 
 SCHEMA = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
-WORKFLOW_ONLY = {"refine": {"chunks"}, "zart": {"backend"}, "zernike": {"points"}}  # keys no library object holds
+WORKFLOW_ONLY = {
+    "refine": {"chunks"},
+    "zart": {"backend"},
+    "zernike": {"points"},
+    "train": {"processes"},
+}  # keys no library object holds
 
 
 @pytest.fixture(scope="module")

@@ -85,8 +85,9 @@ class NetworkConfig:
     @classmethod
     def from_config(cls, zernike: Mapping[str, Any], train: Mapping[str, Any], seed: int = 0) -> NetworkConfig:
         """From the pipeline config's ``zernike`` and ``train`` sections and its ``seed``."""
-        # zernike.points (voxels or atoms) picks the point cloud the stage reads, not a setting
-        return from_section(cls, {**zernike, **train}, seed=seed, ignore={"points"})
+        # zernike.points (voxels or atoms) picks the point cloud the stage reads, not a setting;
+        # train.processes is how many processes run the same training (z3lib.distributed)
+        return from_section(cls, {**zernike, **train}, seed=seed, ignore={"points", "processes"})
 
     def zernike_spec(self, box: int) -> zk.ZernikeSpec:
         """Return the network's Zernike3D basis on ``box`` px (the processing box)."""

@@ -163,17 +163,18 @@ def refine_particles(
         landscape mode: the population's fitted landscape (``prior`` its coefficients; see
         ``fitted`` of :func:`refine_batch`); None: the principal directions of ``prior``.
     progress_path
-        optional ``.npz`` where finished batches are saved (atomically) after each batch, with
-        the :func:`progress_fingerprint` of this call; a rerun skips them only when the
-        fingerprint matches exactly, else it warns and starts afresh. The caller removes the
-        file once it has written the results.
+        optional journal (:class:`z3lib.io.journal.Journal`) to which each finished batch's
+        results are appended, under the :func:`progress_fingerprint` of this call (which covers
+        the rows ``index``); a rerun skips the batches it holds only when the fingerprint
+        matches exactly, else it warns and starts afresh. The caller removes the file once it
+        has written the results.
     images
         identity of the images of ``index`` for the fingerprint (:func:`z3lib.training.stack_identity`); None:
         :func:`images_digest` (one extra read of them). Only used with ``progress_path``.
     inputs
         further values the fingerprint must cover (JSON-serialisable).
     """
-    from z3lib.io import write_npz
+    from z3lib.io.journal import Journal
 
     logger = log or logging.getLogger(__name__)
     dev = torch.device(device)
@@ -191,7 +192,9 @@ def refine_particles(
         fingerprint = progress_fingerprint(
             decoder, source, prior, idx, config, device=dev, images=image_id, inputs=inputs
         )
-    done = _resume_progress(progress_path, fingerprint, idx, out, logger)
+    journal, done = None, np.zeros(n, dtype=bool)
+    if progress_path is not None:
+        journal, done = Journal.open(progress_path, fingerprint, out, logger)
     t0 = time.perf_counter()
     n_done_start = int(done.sum())
     for lo in range(0, n, config.batch_size):
@@ -215,8 +218,8 @@ def refine_particles(
         for key, column in out.items():
             column[sl] = res[key].cpu().numpy()
         done[sl] = True
-        if progress_path is not None:
-            write_npz(progress_path, index=idx, done=done, fingerprint=np.str_(fingerprint), **out)
+        if journal is not None:  # this batch's rows only: the partial state grows as O(n)
+            journal.append(sl.start, {key: column[sl] for key, column in out.items()})
         _log_progress(logger, done, out["flagged"], n_done_start, time.perf_counter() - t0)
     return RefineResult(index=idx, **out)
 
@@ -254,42 +257,6 @@ def _log_progress(
         (n - n_done) / max(rate, 1e-9),
         int(flagged[done].sum()),
     )
-
-
-def _resume_progress(
-    progress_path: str | Path | None,
-    fingerprint: str,
-    idx: np.ndarray,
-    out: dict[str, np.ndarray],
-    logger: logging.Logger,
-) -> np.ndarray:
-    """Load the partial results of :func:`refine_particles` into ``out`` when they match.
-
-    They are used only when the file at ``progress_path`` exists and its fingerprint and rows
-    equal ``fingerprint`` and ``idx`` (else a warning). Returns the ``(n,)`` flags of the
-    particles already refined (all False without usable partial results).
-    """
-    from z3lib.io import read_npz
-
-    done = np.zeros(len(idx), dtype=bool)
-    if progress_path is None or not Path(progress_path).exists():
-        return done
-    saved = read_npz(progress_path)
-    saved_print = str(saved["fingerprint"]) if "fingerprint" in saved else "(none)"
-    if saved_print == fingerprint and np.array_equal(saved.get("index", np.array([])), idx):
-        for key in out:
-            out[key] = saved[key]
-        done = saved["done"].astype(bool)
-        logger.info("resuming: %d/%d particles already refined", int(done.sum()), len(idx))
-    else:
-        logger.warning(
-            "%s holds partial results of other inputs, settings or library version "
-            "(fingerprint %s…, now %s…): not used, refining these particles afresh",
-            progress_path,
-            saved_print[:12],
-            fingerprint[:12],
-        )
-    return done
 
 
 def chunk_rows(n: int, chunk: int, n_chunks: int) -> np.ndarray:

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from z3lib import distributed
 from z3lib.conventions import euler_to_matrix
 from z3lib.ctf import CtfParams
 from z3lib.decoder import image_loss
@@ -159,6 +160,19 @@ def _forward_loss(model: Zernike3Deep, batch: ParticleBatch, use_amp: bool) -> t
     return total, {k: float(v.detach()) for k, v in parts.items()}
 
 
+class _LossStep(torch.nn.Module):
+    """The training loss of a batch as a module's forward (what DistributedDataParallel wraps)."""
+
+    def __init__(self, model: Zernike3Deep, use_amp: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.use_amp = use_amp
+
+    def forward(self, batch: ParticleBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        """Return :func:`_forward_loss` of ``batch``."""
+        return _forward_loss(self.model, batch, self.use_amp)
+
+
 # ----------------------------------------------------------------------------------------------
 # Digests (checkpoint and partial-result fingerprints)
 # ----------------------------------------------------------------------------------------------
@@ -278,18 +292,24 @@ def _evaluate(
     batch_size: int,
     use_amp: bool,
 ) -> float:
-    """Mean image term over the particles ``index`` (no gradients; NaN when there are none)."""
+    """Mean image term over the particles ``index`` (no gradients; NaN when there are none).
+
+    With several training processes each rank evaluates every ``world``-th particle and the sums
+    are exchanged (the same mean on every rank).
+    """
     if len(index) == 0:
         return float("nan")
     model.eval()
+    ctx = distributed.context()
+    mine = index[ctx.rank :: ctx.world]
     total = 0.0
     with torch.no_grad():
-        for lo in range(0, len(index), batch_size):
-            sel = index[lo : lo + batch_size]
+        for lo in range(0, len(mine), batch_size):
+            sel = mine[lo : lo + batch_size]
             b = source.batch(sel, device)
             _, parts = _forward_loss(model, b, use_amp)
             total += parts["image"] * len(sel)
-    return total / len(index)
+    return distributed.all_reduce_sum({"image": total}, device)["image"] / len(index)
 
 
 def _save_checkpoint(
@@ -301,8 +321,15 @@ def _save_checkpoint(
     fingerprint: dict[str, Any],
     schedule: list[float],
 ) -> None:
-    """Write the training state after ``epochs_done`` epochs to ``path`` (atomically)."""
+    """Write the training state after ``epochs_done`` epochs to ``path`` (atomically; rank 0 only).
+
+    The other training processes wait until it is written.
+    """
     from z3lib.io import atomic_path
+
+    if not distributed.context().main:
+        distributed.barrier()
+        return
 
     state = {
         "model": model.state_dict(),
@@ -314,6 +341,7 @@ def _save_checkpoint(
     }
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
+    distributed.barrier()
 
 
 def train_model(
@@ -394,6 +422,7 @@ def train_model(
     history, start_epoch, schedule = _resume(ckpt_path, fingerprint, model, optimiser, config, dev, logger)
     n_batches = math.ceil(len(train_idx) / config.batch_size)
     progress = _Progress(total=n_batches * max(config.epochs - start_epoch, 0), batch_size=config.batch_size)
+    step = _training_step(model, use_amp, config.batch_size, logger)
     for epoch in range(start_epoch, config.epochs):
         model.train()
         for group in optimiser.param_groups:
@@ -401,14 +430,11 @@ def train_model(
         torch.manual_seed(config.seed * 100003 + epoch)
         order = train_idx[np.random.default_rng([config.seed, epoch]).permutation(len(train_idx))]
         t_epoch = time.perf_counter()
-        sums = _train_epoch(model, optimiser, source, order, epoch, config, dev, use_amp, progress, logger)
+        sums = _train_epoch(step, optimiser, source, order, epoch, config, dev, progress, logger)
+        sums = distributed.all_reduce_sum(sums, dev)
         elapsed = time.perf_counter() - t_epoch
-        row = {"epoch": float(epoch + 1)}
-        row.update({f"train_{k}": v / len(train_idx) for k, v in sums.items()})
-        row["val_image"] = _evaluate(model, source, val_idx, dev, 4 * config.batch_size, use_amp)
-        row["seconds"] = elapsed
-        row["images_per_s"] = len(train_idx) / elapsed
-        row["learning_rate"] = schedule[epoch]
+        validation = _evaluate(model, source, val_idx, dev, 4 * config.batch_size, use_amp)
+        row = _history_row(epoch, sums, len(train_idx), validation, elapsed, schedule[epoch])
         history.append(row)
         _save_checkpoint(ckpt_path, model, optimiser, epoch + 1, history, fingerprint, schedule)
         done = (epoch + 1, row["train_image"], row["val_image"], row["images_per_s"])
@@ -416,6 +442,31 @@ def train_model(
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, row)
     return model, pd.DataFrame(history)
+
+
+def _history_row(
+    epoch: int, sums: dict[str, float], n_train: int, validation: float, seconds: float, learning_rate: float
+) -> dict[str, float]:
+    """Return one epoch's row of the training history (loss parts per particle, rate, learning rate)."""
+    row = {"epoch": float(epoch + 1)}
+    row.update({f"train_{k}": v / n_train for k, v in sums.items()})
+    row.update(val_image=validation, seconds=seconds, images_per_s=n_train / seconds, learning_rate=learning_rate)
+    return row
+
+
+def _training_step(model: Zernike3Deep, use_amp: bool, batch_size: int, logger: logging.Logger) -> torch.nn.Module:
+    """Return the :class:`_LossStep` of ``model``, in DistributedDataParallel with several processes.
+
+    With several processes (torchrun) each global batch is split across the ranks and the
+    gradients averaged, so that every step is the one-process step on the same batch.
+    """
+    ctx = distributed.context()
+    if ctx.world > 1:
+        per_rank = math.ceil(batch_size / ctx.world)
+        logger.info(
+            "data parallel: %d processes, %d particles of each batch of %d per process", ctx.world, per_rank, batch_size
+        )
+    return distributed.wrap(_LossStep(model, use_amp), ctx)
 
 
 def _load_initial_weights(model: Zernike3Deep, init_weights: dict[str, torch.Tensor], logger: logging.Logger) -> str:
@@ -483,37 +534,41 @@ class _Progress:
 
 
 def _train_epoch(
-    model: Zernike3Deep,
+    step: torch.nn.Module,
     optimiser: torch.optim.Optimizer,
     source: ParticleBatchSource,
     order: np.ndarray,
     epoch: int,
     config: NetworkConfig,
     device: torch.device,
-    use_amp: bool,
     progress: _Progress,
     logger: logging.Logger,
 ) -> dict[str, float]:
     """Train one pass over the particles ``order`` in batches of ``config.batch_size``.
 
-    One optimiser step per batch. Returns the loss parts summed over the particles
-    (:func:`_forward_loss`).
+    ``step`` is the :class:`_LossStep` (wrapped in DistributedDataParallel with several
+    processes: this rank then reads and encodes only its share of each batch,
+    :func:`z3lib.distributed.shard`). One optimiser step per batch. Returns this rank's loss
+    parts summed over its particles (:func:`_forward_loss`).
     """
+    ctx = distributed.context()
     n_batches = math.ceil(len(order) / config.batch_size)
     sums: dict[str, float] = {}
     last_log = time.perf_counter()
     for i in range(n_batches):
         sel = order[i * config.batch_size : (i + 1) * config.batch_size]
-        b = source.batch(sel, device)
-        loss, parts = _forward_loss(model, b, use_amp)
+        mine = distributed.shard(sel, ctx)
+        weight = distributed.shard_weight(sel, mine, ctx)
+        b = source.batch(mine, device)
+        loss, parts = step(b)
         optimiser.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[no-untyped-call]
+        (loss * weight if weight != 1.0 else loss).backward()
         optimiser.step()
         for k, v in parts.items():
-            sums[k] = sums.get(k, 0.0) + v * len(sel)
+            sums[k] = sums.get(k, 0.0) + v * len(mine) * (weight > 0)
         progress.done += 1
         now = time.perf_counter()
-        if now - last_log > 10 or i == n_batches - 1:
+        if ctx.main and (now - last_log > 10 or i == n_batches - 1):
             rate = progress.done * config.batch_size / (now - progress.start)
             eta = (progress.total - progress.done) * config.batch_size / max(rate, 1e-9)
             logger.info(

@@ -10,7 +10,7 @@ options, then the same command again (README, Resuming); ``rerun-incomplete`` (i
 restarts the job the kill interrupted, and that job resumes from its own partial state:
 
 - train: ``rounds/<k>/train/checkpoint/checkpoint.pt``, written after every epoch;
-- refine: ``rounds/<k>/refine/chunks/<i>-of-<n>.progress.npz``, written after every batch;
+- refine: ``rounds/<k>/refine/chunks/<i>-of-<n>.progress``, written after every batch;
 - ZART has no partial state: its job starts again (its half-written outputs are removed).
 
 All comparisons are exact (CPU, the same thread count in every run): a resumed stage computes
@@ -353,7 +353,7 @@ def test_train_killed_then_particles_changed_ignores_the_checkpoint(clean: dict[
 # --- refine ---------------------------------------------------------------------------------------
 REFINE = f"results/{RUN}/rounds/1/refine/particles.star"
 REFINE_LOG = f"logs/{RUN}/rounds/1/refine_chunk/1-of-1.log"
-PROGRESS = f"results/{RUN}/rounds/1/refine/chunks/1-of-1.progress.npz"
+PROGRESS = f"results/{RUN}/rounds/1/refine/chunks/1-of-1.progress"
 N_BATCHES = N_PARTICLES // REFINE_BATCH
 
 
@@ -479,7 +479,7 @@ def test_round_two_killed_then_round_one_changed_uses_no_stale_state(clean: dict
         float(generator.uniform(0.0, 0.9)) * per_batch,
     )
     out2 = workdir / "results" / RUN / "rounds/2"
-    assert (out2 / "train/checkpoint/checkpoint.pt").exists() and (out2 / "refine/chunks/1-of-1.progress.npz").exists()
+    assert (out2 / "train/checkpoint/checkpoint.pt").exists() and (out2 / "refine/chunks/1-of-1.progress").exists()
     old_reference = read_map(out2 / "reference/reference.mrc").data
     resume(workdir, command(workdir, ROUND2, changed))
     assert differs(workdir, clean["dir"], "rounds/1/zart/corrected.mrc")

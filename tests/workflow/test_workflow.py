@@ -278,6 +278,41 @@ def test_slurm_profile_sets_per_rule_resources(demo_dir: Path) -> None:
     assert {"mem_mb=16000", "runtime=120"} <= set(resources["preprocess"].split(", "))
 
 
+def test_slurm_profile_gives_distributed_training_its_gpus_in_one_task(demo_dir: Path) -> None:
+    """train.processes 2: the train job asks for 2 GPUs, 8 cores per GPU, and is ONE Slurm task
+    (sbatch as the executor plugin builds it: no --ntasks-per-gpu, which would split the job)."""
+    from types import SimpleNamespace
+
+    from snakemake_executor_plugin_slurm.submit_string import get_submit_command
+    from snakemake_executor_plugin_slurm.utils import set_gres_string
+
+    slurm = str(REPO / "profiles" / "slurm")
+    config = demo_dir / "two_processes.yaml"
+    config.write_text("train:\n  processes: 2\n")
+    result = snakemake(demo_dir, "-n", "--workflow-profile", slurm, "--sdm", "env-modules", "--configfile", str(config))
+    assert_ok(result)
+    resources = dict(re.findall(r"rule (\w+):\n(?: {4}.*\n)*? {4}resources: (.*)", result.stdout))
+    train = dict(item.split("=", 1) for item in resources["train"].split(", "))
+    assert (train["gpu"], train["cpus_per_gpu"], train["tasks_per_gpu"]) == ("2", "8", "0")
+
+    class Resources(dict):  # what the plugin reads: job.resources.get(...) and job.resources.name
+        __getattr__ = dict.get
+
+    values = {k: int(v) if v.isdigit() else v for k, v in train.items()}
+    job = SimpleNamespace(resources=Resources(values), threads=8, is_group=lambda: False, name="train")
+    params = {
+        "run_uuid": "x",
+        "slurm_logfile": "log",
+        "comment_str": "c",
+        "account": "",
+        "partition": "",
+        "workdir": "",
+    }
+    call = get_submit_command(job, params)
+    assert "--cpus-per-gpu=8" in call and "--ntasks-per-gpu" not in call and "--ntasks=" not in call, call
+    assert set_gres_string(job).strip() == "--gpus=2"
+
+
 # --- config errors ----------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("scenario", "expected"),
@@ -706,14 +741,17 @@ def test_two_rounds_resume_per_round_and_publish_the_final_one(tmp_path: Path) -
 def test_independent_half_sets_end_to_end(tmp_path: Path) -> None:
     """gold_standard: independent over two rounds — each half's network records exactly ZART's
     half-set rows, round 2's half references are the half maps of round 1, and the outputs still
-    hold every particle in input order."""
+    hold every particle in input order. Each network trains as two gloo ranks under torchrun
+    (train.processes: 2 on a machine without a GPU), with every option of the training command
+    (half set, checkpoint folder, round 1's network and round 1's poses in round 2)."""
     import numpy as np
     import torch
 
     from z3lib.io import read_coefficients, read_map
     from z3lib.zart import half_sets
 
-    config = tiny_config(tmp_path, rounds=2, gold_standard="independent")
+    train = {**yaml.safe_load((Path(__file__).parent / "config_tiny.yaml").read_text())["train"], "processes": 2}
+    config = tiny_config(tmp_path, rounds=2, gold_standard="independent", train=train)
     result = snakemake(tmp_path, "--workflow-profile", str(CI_PROFILE), "--configfile", config, timeout=400)
     assert_ok(result)
     out = tmp_path / "results" / "tiny"
@@ -730,6 +768,10 @@ def test_independent_half_sets_end_to_end(tmp_path: Path) -> None:
                 )
                 log = (tmp_path / f"logs/tiny/rounds/2/train_half{h}.log").read_text()
                 assert f"rounds/1/train/half{h}/model.pt" in log and f"half {h}: training on its" in log
+                assert (
+                    "torchrun: 2 training processes on the CPU" in log
+                    and "rank 0 of 2 (local rank 0) on cpu, backend gloo" in log
+                )
     for h in (1, 2):
         assert (out / f"train/half{h}/model.pt").read_bytes() == (out / f"rounds/2/train/half{h}/model.pt").read_bytes()
     assert read_coefficients(out / "refine/coefficients.npy").shape == (60, default_terms())

@@ -195,6 +195,8 @@ ROUNDS = config["rounds"]
 # gold_standard: independent gives each half set its own networks (rule train_half), its own
 # refinement and, from round 2 on, its own reference (rule round_reference_half).
 INDEPENDENT = config["gold_standard"] == "independent"
+# train.processes: rule train runs that many torchrun ranks, one GPU each (resources gpu).
+TRAIN_PROCESSES = config["train"]["processes"]
 HALVES = [1, 2]
 # Stages that run once per round, and their files inside results/<run>/rounds/<k>/<stage>/.
 ROUND_STAGES = ["train", "predict", "refine", "zart"]

@@ -18,7 +18,7 @@ rule train:
         "../../envs/torch.yaml"
     threads: 8
     resources:
-        gpu=1,
+        gpu=TRAIN_PROCESSES,  # train.processes > 1: one torchrun rank per GPU
         mem_mb=16000,
         runtime="8h",
     params:

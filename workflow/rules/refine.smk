@@ -70,7 +70,7 @@ rule refine_chunk:
         pixel_size=lookup(dpath="pixel_size", within=config),
         image_root=lookup(dpath="image_root", within=config),
         progress=lambda wildcards: round_path(
-            wildcards, wildcards.k, "refine", f"chunks/{wildcards.scatteritem}.progress.npz"
+            wildcards, wildcards.k, "refine", f"chunks/{wildcards.scatteritem}.progress"
         ),
     script:
         "../scripts/refine_chunk.py"

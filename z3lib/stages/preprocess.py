@@ -74,7 +74,8 @@ def preprocess(
     points_step
         keep every ``step``-th voxel per axis for the point cloud.
     chunk_size
-        particles processed per chunk (bounds memory).
+        particles processed per chunk at most (bounds memory; fewer for large boxes:
+        :func:`chunk_for_box`).
     model
         An atomic model fitted into the reference (map frame, Å): its heavy atoms, fitted to the
         processing-box reference, are written as ``atoms.npz`` (:func:`write_atom_cloud`).
@@ -270,15 +271,45 @@ def _processing_mask(
     return out
 
 
+#: Memory the images of one preprocess chunk may take (bytes): with the full-box reference in
+#: memory, the rule's declared 8 GB hold a 512 px box (1 GiB: 64 images of 512 px, 1,024 of 128 px).
+CHUNK_MEMORY_BYTES = 1 << 30
+#: Peak bytes per input pixel while a chunk is read, sign-corrected, Fourier-cropped (complex128
+#: spectrum and its shifted copy), normalised and written (tracemalloc: 59–62 B measured).
+CHUNK_BYTES_PER_PIXEL = 64
+
+
+def chunk_for_box(chunk_size: int, box: int, budget: int | None = None) -> int:
+    """Return the particles per preprocess chunk: ``chunk_size``, or fewer where it would not fit.
+
+    A chunk of ``box`` px images must take at most ``budget`` bytes (default
+    :data:`CHUNK_MEMORY_BYTES`) at :data:`CHUNK_BYTES_PER_PIXEL`.
+    """
+    limit = CHUNK_MEMORY_BYTES if budget is None else budget
+    return max(1, min(chunk_size, limit // (CHUNK_BYTES_PER_PIXEL * box * box)))
+
+
 def _write_stack(
     path: Path, stack: ImageStack, parts: Particles, box: int, apix: float, chunk_size: int, log: logging.Logger
 ) -> None:
     """Write the particles' images, sign-corrected, Fourier-cropped and normalised, to the stack ``path``.
 
-    The images are cropped to ``box`` and written chunk by chunk into the MRCS stack.
+    The images are cropped to ``box`` and written chunk by chunk into the MRCS stack; a chunk
+    holds ``chunk_size`` particles or fewer, so that it stays within :data:`CHUNK_MEMORY_BYTES`
+    at any input box (:func:`chunk_for_box`).
     """
     sign = parts.table["image_sign"].to_numpy(dtype=np.float32)
     n = len(parts)
+    chunk = chunk_for_box(chunk_size, stack.box)
+    if chunk < chunk_size:
+        log.info(
+            "chunks of %d particles, not %d: %d px images (%.2f GiB a chunk at most)",
+            chunk,
+            chunk_size,
+            stack.box,
+            chunk * CHUNK_BYTES_PER_PIXEL * stack.box**2 / 2**30,
+        )
+    chunk_size = chunk
     with open_stack_writer(path, n, box, apix) as data:
         t_start = time.perf_counter()
         for lo in range(0, n, chunk_size):

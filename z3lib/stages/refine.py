@@ -324,7 +324,7 @@ def _refine_rows(
     """Refine the chunk's particles ``rows``: together, or (``halves``) each gold-standard half on its own.
 
     Each half has its own reference (``clouds[h]``, or one for both), landscape and prior, and its
-    own progress file ``….half{h}.npz``. Returns the results in ``rows`` order and the progress
+    own progress journal ``….half{h}.progress``. Returns the results in ``rows`` order and the progress
     files used.
     """
     from z3lib.zart import half_sets
@@ -348,7 +348,11 @@ def _refine_rows(
                 len(local),
                 len(c["points"]),
             )
-            group_progress = None if progress_path is None else Path(progress_path).with_suffix(f".half{h}.npz")
+            group_progress = (
+                None
+                if progress_path is None
+                else Path(progress_path).with_suffix(f".half{h}{Path(progress_path).suffix}")
+            )
         if group_progress is not None:
             progress_paths.append(Path(group_progress))
         decoder = _cloud_decoder(c, spec, device, roughness)

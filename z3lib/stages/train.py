@@ -2,11 +2,20 @@
 
 The preprocessed particles train the network (:func:`z3lib.training.train_model`), written as
 ``model.pt``, ``history.tsv`` and the point cloud the fields refer to.
+
+It is also a command, for training on several GPUs or machines with ``torchrun`` (one process
+per GPU, :mod:`z3lib.distributed`); the rule runs it that way when ``train.processes`` is above 1::
+
+    torchrun --nproc_per_node 4 -m z3lib.stages.train --config config.yaml \
+        --particles results/RUN/preprocess/particles.star --points results/RUN/preprocess/points.npz \
+        --out results/RUN/rounds/1/train --device cuda
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
+import os
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -16,6 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from z3lib import distributed
 from z3lib.io import Particles
 from z3lib.network import CloudExtras, NetworkConfig, Zernike3Deep, load_weights, save_model
 from z3lib.training import ParticleBatchSource, array_digest, stack_identity, train_model
@@ -108,7 +118,11 @@ def train(
         data_digests=_data_digests(source, parts, rows, n_all),
         extras=CloudExtras.from_cloud(cloud),  # an atomic model's cloud: its Gaussians and pairs
     )
-    paths = _write_training(out, model, history, cloud, _model_meta(cloud, len(source), n_all, half, rows), logger)
+    meta = _model_meta(cloud, len(source), n_all, half, rows)
+    if distributed.context().main:  # with several training processes, rank 0 writes
+        paths = _write_training(out, model, history, cloud, meta, logger)
+    else:
+        paths = {"model": out / "model.pt", "history": out / "history.tsv", "points": out / "points.npz"}
     logger.info("training done in %.1f s", time.perf_counter() - t0)
     if torch.device(device).type == "cuda":
         logger.info("GPU peak memory %.2f GiB", torch.cuda.max_memory_allocated() / 2**30)
@@ -218,3 +232,154 @@ def _data_digests(source: ParticleBatchSource, parts: Particles, rows: np.ndarra
         "optics": f"{source.pixel_size!r} {source.phase_flipped}",
         "images": stack_identity(t["image_path"].astype(str).tolist(), t["image_index"].to_numpy(np.int64)),
     }
+
+
+def torchrun_training(
+    particles: str | Path,
+    points: str | Path,
+    out_dir: str | Path,
+    settings: dict[str, Any],
+    *,
+    processes: int,
+    device: str | torch.device,
+    threads: int,
+    log_file: str | Path,
+    log: logging.Logger | None = None,
+    checkpoint_dir: str | Path | None = None,
+    init_model: str | Path | None = None,
+    half: int | None = None,
+    poses: str | Path | None = None,
+    pixel_size: float | None = None,
+    image_root: str | Path | None = None,
+) -> None:
+    """Run :func:`train` as ``processes`` ranks of one machine under ``torchrun`` and wait for them.
+
+    ``settings`` holds the config's ``zernike`` and ``train`` sections and ``seed``. On a CUDA
+    ``device`` each rank takes one GPU (NCCL); on the CPU the ranks are gloo processes that share
+    ``threads`` cores. The ranks append their log to ``log_file``; rank 0 writes the outputs.
+    Raises ``RuntimeError`` (naming the log) when a rank fails.
+    """
+    import subprocess
+    import sys
+    import tempfile
+
+    import yaml
+
+    import z3lib
+
+    logger = log or logging.getLogger(__name__)
+    kind = torch.device(device).type
+    if kind == "cuda" and torch.cuda.device_count() < processes:
+        raise ValueError(
+            f"train.processes is {processes} but this job sees {torch.cuda.device_count()} GPU(s): "
+            "lower train.processes, or give the rule as many GPUs (resources gpu)"
+        )
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    argv = ["--particles", str(particles), "--points", str(points), "--out", str(out_dir), "--device", kind]
+    argv += ["--threads", str(threads), "--log-file", str(log_file)]
+    options = {
+        "--checkpoint-dir": checkpoint_dir,
+        "--init-model": init_model,
+        "--half": half,
+        "--poses": poses,
+        "--pixel-size": pixel_size,
+        "--image-root": image_root,
+    }
+    argv += [str(x) for flag, value in options.items() if value is not None for x in (flag, value)]
+    root = str(Path(z3lib.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    env["OMP_NUM_THREADS"] = str(max(1, threads // processes))
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", dir=out_dir, prefix=".settings-") as handle:
+        yaml.safe_dump(settings, handle)
+        handle.flush()
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+        command = [*launcher, "-m", "z3lib.stages.train", "--config", handle.name, *argv]
+        logger.info("torchrun: %d training processes on the %s", processes, "GPUs" if kind == "cuda" else "CPU")
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        result = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if result.returncode != 0:
+        logger.error("torchrun output:\n%s", result.stdout[-5000:])
+        raise RuntimeError(f"distributed training failed (exit status {result.returncode}); see {log_file}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line (one process, or one rank of a torchrun launch)
+# ----------------------------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m z3lib.stages.train",
+        description="Train Zernike3Deep on preprocessed particles (alone, or as one rank under torchrun).",
+    )
+    parser.add_argument("--particles", required=True, help="the preprocess stage's particles.star")
+    parser.add_argument("--points", required=True, help="its points.npz (or atoms.npz)")
+    parser.add_argument("--out", required=True, help="folder of model.pt, history.tsv and points.npz")
+    parser.add_argument("--config", help="a z3 config (YAML): its zernike and train sections and seed")
+    parser.add_argument("--checkpoint-dir", help="resumable checkpoints (default OUT/checkpoint)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda", help="cuda when usable (default)")
+    parser.add_argument("--threads", type=int, help="CPU cores of the job on each machine (default: all)")
+    parser.add_argument("--init-model", help="a model.pt to fine-tune (round k >= 2)")
+    parser.add_argument("--half", type=int, choices=[1, 2], help="train on this gold-standard half set only")
+    parser.add_argument("--poses", help="a STAR with the particles' latest poses and CTF")
+    parser.add_argument("--pixel-size", type=float, help="the pixel size override of the original particles (Å)")
+    parser.add_argument("--image-root", help="the image root override of the original particles")
+    parser.add_argument("--log-file", help="append the log here (default: standard error)")
+    return parser
+
+
+def network_config_from_file(path: str | Path | None) -> NetworkConfig:
+    """Return the :class:`NetworkConfig` of a z3 config file's ``zernike`` and ``train`` sections and ``seed``.
+
+    Keys a section leaves out take the defaults; ``None`` gives the defaults.
+    """
+    import yaml
+
+    values: dict[str, Any] = {}
+    if path is not None:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: expected a mapping of config keys (zernike, train, seed)")
+    return NetworkConfig.from_config(values.get("zernike") or {}, values.get("train") or {}, seed=values.get("seed", 0))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run :func:`train` from the command line; under ``torchrun``, join its process group first."""
+    args = _parser().parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    fmt = f"%(asctime)s %(levelname)s rank {rank} %(name)s: %(message)s"
+    # the other ranks log warnings only: rank 0 reports progress for all
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(filename=args.log_file, level=level, format=fmt)
+    log = logging.getLogger("z3.train")
+    want_gpu = args.device == "cuda"
+    if distributed.launched_by_torchrun():
+        _, device = distributed.init_from_environment(want_gpu, args.threads, log)
+    else:
+        from z3lib.devices import select_device
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        device = select_device(want_gpu, log)
+    try:
+        written = train(
+            args.particles,
+            args.points,
+            args.out,
+            network_config_from_file(args.config),
+            checkpoint_dir=args.checkpoint_dir,
+            device=device,
+            init_model=args.init_model,
+            half=args.half,
+            poses=args.poses,
+            pixel_size=args.pixel_size,
+            image_root=args.image_root,
+            log=log,
+        )
+        if rank == 0:
+            log.info("wrote %s", ", ".join(sorted(str(p) for p in written.values())))
+    finally:
+        distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main()
