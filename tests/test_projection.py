@@ -131,6 +131,23 @@ def test_gradients_match_finite_differences() -> None:
     assert torch.autograd.gradcheck(f, (coeffs, angles, shifts, amps), eps=1e-6, atol=1e-5)
 
 
+def test_splat_gradients_match_finite_differences_at_the_border() -> None:
+    """The splat's hand-written gradient (positions, per-image amplitudes), with points inside,
+    straddling the border and outside the image (float64 gradcheck)."""
+    rng = np.random.default_rng(7)
+    box = 10
+    pos = torch.tensor(rng.uniform(-2.6, box + 1.6, size=(2, 60, 2)), requires_grad=True)
+    amps = torch.tensor(rng.uniform(0.5, 1.5, size=(2, 60)), requires_grad=True)
+    weights = torch.tensor(rng.normal(size=(2, box, box)))
+    outside = ((pos < -1) | (pos >= box)).any(-1)
+    assert outside.any() and (~outside).any()
+
+    def f(p: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        return (splat_bilinear(p, a, box) * weights).sum()
+
+    assert torch.autograd.gradcheck(f, (pos, amps), eps=1e-6, atol=1e-6)
+
+
 def test_rigid_projection_matches_line_integral() -> None:
     """Splat projection of a smooth map ≈ the line integral through it (trilinear gather)."""
     box = 32

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from z3lib.conventions import box_center, euler_to_matrix
-from z3lib.zernike import deformation_field
+from z3lib.zernike import split_axes
 
 __all__ = [
     "backproject_points",
@@ -38,8 +38,8 @@ def bilinear_weights(positions: torch.Tensor, box: int) -> tuple[torch.Tensor, t
 
     Indices address a batch of images padded by one pixel on every side, ``(B, box+2, box+2)``
     flattened, so that every neighbour of a point within one pixel of the image has a valid
-    slot; cropping the border afterwards drops what fell outside. Points further out get
-    weight 0.
+    slot; cropping the border afterwards drops what fell outside. Points further out (or NaN)
+    get weight 0.
 
     Parameters
     ----------
@@ -50,30 +50,99 @@ def bilinear_weights(positions: torch.Tensor, box: int) -> tuple[torch.Tensor, t
 
     Returns
     -------
-    ``index`` ``(B, N, 4)`` int64 into the flattened padded batch and ``weight`` ``(B, N, 4)``.
+    ``index`` ``(4, B, N)`` int64 into the flattened padded batch and ``weight`` ``(4, B, N)``,
+    the neighbours in the order (u0, v0), (u0+1, v0), (u0, v0+1), (u0+1, v0+1).
+    """
+    base, weights, _ = _bilinear_parts(positions, box)
+    index = torch.stack([base + k for k in _neighbour_offsets(box)])
+    return index, torch.stack(weights)
+
+
+def _neighbour_offsets(box: int) -> tuple[int, int, int, int]:
+    """Flat offsets of the four bilinear neighbours from (u0, v0) in a padded ``box + 2`` image."""
+    width = box + 2
+    return (0, 1, width, width + 1)
+
+
+def _bilinear_parts(
+    positions: torch.Tensor, box: int
+) -> tuple[torch.Tensor, list[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Flat index of each point's (u0, v0) neighbour, the four weights, and the 1-D factors.
+
+    Returns ``base`` ``(B, N)`` int64 (the neighbours are ``base + _neighbour_offsets``), the
+    weights ``(B, N)`` in the order of :func:`bilinear_weights`, and ``(1 − f_u, f_u, 1 − f_v, f_v)``
+    with the u-factors zero outside the image, so that every weight is. Whole ``(B, N)`` tensors
+    only (no stacking along a short last axis, which is slow on the CPU).
     """
     width = box + 2
     u, v = positions[..., 0], positions[..., 1]
-    u0 = torch.floor(u)
-    v0 = torch.floor(v)
-    inside = (u0 >= -1) & (u0 <= box - 1) & (v0 >= -1) & (v0 <= box - 1)  # False for NaN too
-    u0 = torch.where(inside, u0, torch.zeros_like(u0))
-    v0 = torch.where(inside, v0, torch.zeros_like(v0))
-    fu = torch.where(inside, u - u0, torch.zeros_like(u))
-    fv = torch.where(inside, v - v0, torch.zeros_like(v))
-    valid = inside.to(positions.dtype)
-    fu = fu * valid
-    gu = valid - fu
-    base = (v0.long() + 1) * width + (u0.long() + 1)
+    u0, v0 = torch.floor(u), torch.floor(v)
+    inside_b = (u0 >= -1) & (u0 <= box - 1) & (v0 >= -1) & (v0 <= box - 1)  # False for NaN too
+    inside = inside_b.to(positions.dtype)
+    u0 = torch.where(inside_b, u0, 0.0)
+    v0 = torch.where(inside_b, v0, 0.0)
+    fu = torch.where(inside_b, u - u0, 0.0)
+    fv = torch.where(inside_b, v - v0, 0.0)
+    gu, gv = inside - fu, 1 - fv
+    # offset inside one padded image, exact in floating point (width² < 2²⁴), converted once
+    base = ((v0 + 1) * width + (u0 + 1)).to(torch.int64)
     base = base + torch.arange(positions.shape[0], device=positions.device).view(-1, 1) * (width * width)
-    offsets = torch.tensor([0, 1, width, width + 1], device=positions.device)
-    index = base.unsqueeze(-1) + offsets
-    weight = torch.stack([gu * (1 - fv), fu * (1 - fv), gu * fv, fu * fv], dim=-1)
-    return index, weight
+    return base, [gv * gu, gv * fu, fv * gu, fv * fu], (gu, fu, gv, fv)
+
+
+class _Splat(torch.autograd.Function):
+    """Bilinear splat with its gradient written out (one gather of the incoming gradient).
+
+    Autograd through :func:`bilinear_weights` would record a dozen whole-batch operations per
+    call; here the backward pass is the adjoint (a gather) and the derivative of the weights in
+    closed form: ``∂/∂u = a Σ_j wv_j (g_{j,1} − g_{j,0})``, ``∂/∂v = a Σ_i wu_i (g_{1,i} − g_{0,i})``
+    for a point of amplitude ``a`` inside the image (0 outside: the u-factors ``wu`` vanish
+    there, and so does ``∂/∂u`` through its factor ``wu_0 + wu_1``), ``g_{j,i}`` the gradient at
+    its neighbour (u0 + i, v0 + j); ``∂/∂a = Σ w g``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, positions: torch.Tensor, values: torch.Tensor, box: int) -> torch.Tensor:
+        b = positions.shape[0]
+        width = box + 2
+        base, weights, factors = _bilinear_parts(positions, box)
+        vals = values.to(positions.dtype)
+        vals2 = vals.unsqueeze(0) if vals.dim() == 1 else vals
+        flat = positions.new_zeros(b * width * width)
+        index = base.reshape(-1)
+        for offset, weight in zip(_neighbour_offsets(box), weights, strict=True):
+            # the neighbour base + offset of flat is neighbour base of the view flat[offset:]
+            flat[offset:].index_add_(0, index, (weight * vals2).reshape(-1))
+        ctx.save_for_backward(base, *factors, vals2)
+        ctx.box = box
+        ctx.values_shape = values.shape
+        ctx.values_dtype = values.dtype
+        return flat.view(b, width, width)[:, 1:-1, 1:-1]
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        base, gu, fu, gv, fv, vals2 = ctx.saved_tensors
+        padded = torch.nn.functional.pad(grad, (1, 1, 1, 1)).reshape(-1)
+        index = base.reshape(-1)
+        g00, g10, g01, g11 = (padded[k:].index_select(0, index).view_as(base) for k in _neighbour_offsets(ctx.box))
+        grad_positions = grad_values = None
+        if ctx.needs_input_grad[0]:
+            b, n = base.shape
+            # laid out as (B, 2, N), each coordinate contiguous, seen as (B, N, 2)
+            grad_positions = base.new_empty((b, 2, n), dtype=vals2.dtype).transpose(1, 2)
+            torch.mul(gv * (g10 - g00) + fv * (g11 - g01), (gu + fu) * vals2, out=grad_positions[..., 0])
+            torch.mul(gu * (g01 - g00) + fu * (g11 - g10), vals2, out=grad_positions[..., 1])
+        if ctx.needs_input_grad[1]:
+            grad_values = gv * (gu * g00 + fu * g10) + fv * (gu * g01 + fu * g11)
+            grad_values = grad_values.sum(0) if len(ctx.values_shape) == 1 else grad_values
+            grad_values = grad_values.to(ctx.values_dtype)
+        return grad_positions, grad_values, None
 
 
 def splat_bilinear(positions: torch.Tensor, values: torch.Tensor, box: int) -> torch.Tensor:
     """Scatter point values into images with bilinear weights.
+
+    Differentiable in the positions and the values (:class:`_Splat`).
 
     Parameters
     ----------
@@ -88,15 +157,8 @@ def splat_bilinear(positions: torch.Tensor, values: torch.Tensor, box: int) -> t
     -------
     ``(B, box, box)`` images ``[row, column]``, dtype and device of ``positions``.
     """
-    b = positions.shape[0]
-    width = box + 2
-    index, weight = bilinear_weights(positions, box)
-    vals = values.to(positions.dtype)
-    if vals.dim() == 1:
-        vals = vals.unsqueeze(0)
-    source = (weight * vals.unsqueeze(-1)).reshape(-1)
-    flat = positions.new_zeros(b * width * width).index_add(0, index.reshape(-1), source)
-    return flat.view(b, width, width)[:, 1:-1, 1:-1]
+    out: torch.Tensor = _Splat.apply(positions, values, box)
+    return out
 
 
 def gather_bilinear(images: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -116,7 +178,7 @@ def gather_bilinear(images: torch.Tensor, positions: torch.Tensor) -> torch.Tens
     box = images.shape[-1]
     index, weight = bilinear_weights(positions, box)
     flat = torch.nn.functional.pad(images, (1, 1, 1, 1)).reshape(-1)
-    return (flat[index] * weight).sum(-1)
+    return (flat[index] * weight).sum(0)
 
 
 def image_positions(
@@ -149,14 +211,21 @@ def image_positions(
     ``(B, N, 2)`` (column, row) positions in pixel-index units.
     """
     dtype = rotations.dtype
-    pts = points.to(dtype)
+    b, n = rotations.shape[0], points.shape[0]
+    # the image plane's two rows of A, (2B, 3): q_xy = A_xy (x + Z c) = A_xy x + Z (A_xy c), so
+    # the basis meets the rotated coefficients (B, 2, K) in one (N, K)·(K, 2B) product, 2/3 of
+    # the work of deforming in 3-D first
+    rows = rotations[:, :2, :].to(dtype)
+    xy_t = rows.reshape(2 * b, 3) @ points.to(dtype).T  # (2B, N)
     if coefficients is not None:
         if basis is None:
             raise ValueError("coefficients were given without the basis values at the points")
-        pushed = pts.unsqueeze(0) + deformation_field(basis.to(dtype), coefficients.to(dtype))
-    else:
-        pushed = pts.unsqueeze(0).expand(rotations.shape[0], -1, -1)
-    xy = torch.einsum("bij,bnj->bni", rotations[:, :2, :], pushed)
+        rotated = rows @ split_axes(coefficients.to(dtype))  # (B, 2, K)
+        if rotated.shape[-1] != basis.shape[-1]:
+            raise ValueError(f"coefficients have K={rotated.shape[-1]} per axis but the basis has K={basis.shape[-1]}")
+        xy_t = xy_t + rotated.reshape(2 * b, -1) @ basis.to(dtype).T
+    # (B, N, 2) seen in the (B, 2, N) layout: each particle's u and v are contiguous rows
+    xy = xy_t.reshape(b, 2, n).transpose(1, 2)
     center = float(box_center(box))
     if shifts is not None:
         xy = xy - shifts.to(dtype).unsqueeze(1)
