@@ -157,7 +157,7 @@ def splat_bilinear(positions: torch.Tensor, values: torch.Tensor, box: int) -> t
     -------
     ``(B, box, box)`` images ``[row, column]``, dtype and device of ``positions``.
     """
-    out: torch.Tensor = _Splat.apply(positions, values, box)
+    out: torch.Tensor = _Splat.apply(positions, values, box)  # type: ignore[no-untyped-call]
     return out
 
 

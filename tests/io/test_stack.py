@@ -206,3 +206,47 @@ def test_write_stack_is_an_image_stack(tmp_path: Path) -> None:
         assert mrc.is_image_stack()
         assert float(mrc.voxel_size.x) == pytest.approx(2.5)
         np.testing.assert_array_equal(mrc.data, stack)
+
+
+def _rss_file_kb() -> int:
+    """Resident file-backed memory of this process (kB, Linux /proc)."""
+    status = Path("/proc/self/status").read_text()
+    return int(status.split("RssFile:")[1].split()[0])
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_stacks_larger_than_a_chunk_do_not_fill_the_resident_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writing and reading a 48 MB stack in 4 MB chunks: what mrcfile reads back is what was
+    written, the header statistics are numpy's over all of it, and the stack's pages do not stay
+    in this process's resident set (the reader drops them every RELEASE_BYTES, 4 MB here)."""
+    import z3lib.io.stack as stack_module
+
+    n, box, chunk = 750, 128, 64
+    path = tmp_path / "big.mrcs"
+    rng = np.random.default_rng(0)
+    sums = []
+    before = _rss_file_kb()
+    with io.open_stack_writer(path, n, box, 1.25) as writer:
+        for lo in range(0, n, chunk):
+            block = rng.normal(loc=lo / n, size=(min(chunk, n - lo), box, box)).astype(np.float32)
+            writer[lo : lo + len(block)] = block
+            sums.append((lo, block[0, :3, :3].copy()))
+    assert _rss_file_kb() - before < 8_000  # positioned writes: no mapped pages of the 48 MB
+    with mrcfile.open(path, permissive=False) as mrc:
+        data = np.asarray(mrc.data)
+        assert mrc.is_image_stack() and mrc.voxel_size.x == pytest.approx(1.25)
+        assert mrc.header.dmin == pytest.approx(data.min()) and mrc.header.dmax == pytest.approx(data.max())
+        assert mrc.header.dmean == pytest.approx(data.mean(), abs=1e-6)
+        assert mrc.header.rms == pytest.approx(data.std(), rel=1e-6)
+    for lo, corner in sums:
+        np.testing.assert_array_equal(data[lo, :3, :3], corner)
+    del data
+    monkeypatch.setattr(stack_module, "RELEASE_BYTES", 4 << 20)
+    stack = io.ImageStack([path] * n, np.arange(n))
+    before = _rss_file_kb()
+    for lo in range(0, n, chunk):
+        stack[np.arange(lo, min(n, lo + chunk))]
+    assert _rss_file_kb() - before < 12_000  # 48 MB read, at most ~4 MB of it mapped at once
+    stack.close()

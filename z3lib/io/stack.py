@@ -27,6 +27,22 @@ from z3lib.io._common import ParticleSet, PathLike, Z3InputError, atomic_path
 from z3lib.io.mrc import _voxel_tuple
 
 _MAX_PARENT_LEVELS = 4
+#: Bytes read through one stack's memory map after which its pages leave this process's
+#: mappings (``madvise(MADV_DONTNEED)``): they stay in the page cache for the next read, but a
+#: stack larger than memory never fills the process's resident set.
+RELEASE_BYTES = 256 << 20
+
+
+def _release_pages(data: Any) -> None:
+    """Drop the pages of a read-only memory-mapped array from this process's mappings (where supported)."""
+    import mmap
+
+    handle = getattr(data, "_mmap", None)
+    if handle is None and getattr(data, "base", None) is not None:
+        handle = getattr(data.base, "_mmap", None)
+    if handle is not None and hasattr(mmap, "MADV_DONTNEED"):
+        with contextlib.suppress(OSError, ValueError):
+            handle.madvise(mmap.MADV_DONTNEED)
 
 
 # ==============================================================================================
@@ -177,6 +193,7 @@ class ImageStack:
         self._box = expected_box
         self._cache_size = max(1, int(cache_size))
         self._handles: OrderedDict[int, Any] = OrderedDict()
+        self._mapped_bytes: dict[int, int] = {}  # read through each open map since its last release
 
     # -- basic protocol --------------------------------------------------------------------
     def __len__(self) -> int:
@@ -185,6 +202,7 @@ class ImageStack:
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_handles"] = OrderedDict()
+        state["_mapped_bytes"] = {}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -355,6 +373,10 @@ class ImageStack:
             sort_idx = np.argsort(idx, kind="stable")
             block = np.asarray(stack[idx[sort_idx]], dtype=np.float32)
             out[positions[sort_idx]] = block
+            self._mapped_bytes[fid] = self._mapped_bytes.get(fid, 0) + block.nbytes
+            if self._mapped_bytes[fid] >= RELEASE_BYTES:
+                _release_pages(data)
+                self._mapped_bytes[fid] = 0
         finite = np.isfinite(out).reshape(len(rows), -1).all(axis=1)
         if not finite.all():
             r = int(rows[np.flatnonzero(~finite)[0]])
@@ -449,23 +471,70 @@ def write_stack(path: PathLike, stack: npt.ArrayLike, pixel_size: float) -> None
         mrc.voxel_size = voxel
 
 
-@contextlib.contextmanager
-def open_stack_writer(path: PathLike, n: int, box: int, pixel_size: float) -> Iterator[npt.NDArray[np.float32]]:
-    """Create an ``(n, box, box)`` float32 MRCS stack and yield its memory-mapped data.
+class StackWriter:
+    """Chunk-by-chunk writer of an ``(n, box, box)`` float32 MRCS stack (see :func:`open_stack_writer`).
 
-    The caller fills the array chunk by chunk (memory stays bounded: nothing is held in RAM
-    beyond the chunk being written). The file appears at ``path`` only when the block exits
-    without an error (atomic rename); a failure leaves no partial stack behind.
+    ``writer[lo:hi] = images`` writes images ``lo … hi − 1`` with positioned writes, never
+    through a memory map, so the process's resident memory holds one chunk whatever the stack's
+    size; the header's minimum, maximum, mean and standard deviation accumulate as chunks come.
+    """
+
+    def __init__(self, path: Path, n: int, box: int, offset: int) -> None:
+        self.path, self.n, self.box, self.offset = path, n, box, offset
+        self._fd = os.open(path, os.O_WRONLY)
+        self._written = 0
+        self._min, self._max, self._sum, self._sumsq = np.inf, -np.inf, 0.0, 0.0
+
+    def __setitem__(self, key: slice, images: npt.ArrayLike) -> None:
+        """Write ``images`` ``(hi − lo, box, box)`` as stack entries ``key`` = ``lo:hi`` (step 1)."""
+        lo, hi, step = key.indices(self.n) if isinstance(key, slice) else (None, None, None)
+        if lo is None or step != 1:
+            raise TypeError("a stack writer takes contiguous slices: writer[lo:hi] = images")
+        arr = np.ascontiguousarray(np.broadcast_to(images, (hi - lo, self.box, self.box)), dtype="<f4")
+        os.pwrite(self._fd, arr.tobytes(), self.offset + lo * self.box * self.box * 4)
+        if arr.size:
+            self._min, self._max = min(self._min, float(arr.min())), max(self._max, float(arr.max()))
+            self._sum += float(arr.sum(dtype=np.float64))
+            self._sumsq += float(np.square(arr, dtype=np.float64).sum())
+            self._written += arr.size
+
+    def close(self) -> dict[str, float]:
+        """Close the file; return the header statistics of what was written."""
+        os.close(self._fd)
+        n = max(self._written, 1)
+        mean = self._sum / n
+        return {
+            "dmin": self._min if self._written else 0.0,
+            "dmax": self._max if self._written else 0.0,
+            "dmean": mean,
+            "rms": float(np.sqrt(max(self._sumsq / n - mean * mean, 0.0))),
+        }
+
+
+@contextlib.contextmanager
+def open_stack_writer(path: PathLike, n: int, box: int, pixel_size: float) -> Iterator[StackWriter]:
+    """Create an ``(n, box, box)`` float32 MRCS stack and yield a :class:`StackWriter` for it.
+
+    The caller fills it chunk by chunk (``writer[lo:hi] = images``): nothing is held in memory
+    beyond the chunk being written, not even through a memory map. The file appears at ``path``
+    only when the block exits without an error (atomic rename); a failure leaves no partial
+    stack behind.
     """
     if n < 1 or box < 1:
         raise Z3InputError(f"open_stack_writer({path}): need n >= 1 images of box >= 1, got {n}, {box}")
     with atomic_path(path) as tmp:
-        mrc = mrcfile.new_mmap(tmp, shape=(int(n), int(box), int(box)), mrc_mode=2, overwrite=True)
-        try:
+        # the header (image stack, pixel size) and a file of the full size, data unwritten
+        with mrcfile.new_mmap(tmp, shape=(int(n), int(box), int(box)), mrc_mode=2, overwrite=True) as mrc:
             mrc.set_image_stack()
             mrc.voxel_size = _voxel_tuple(pixel_size)
-            yield mrc.data
-            mrc.update_header_stats()
-            mrc.flush()
+            offset = 1024 + int(mrc.header.nsymbt)
+        writer = StackWriter(tmp, int(n), int(box), offset)
+        try:
+            yield writer
         finally:
-            mrc.close()
+            stats = writer.close()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with mrcfile.mmap(tmp, mode="r+") as mrc:  # maps the data, reads none of it
+                for name, value in stats.items():
+                    setattr(mrc.header, name, value)
