@@ -245,14 +245,6 @@ def compute_ctf(
     return evaluate_ctf(sx, sy, params)
 
 
-def _pad_center(images: torch.Tensor, size: int) -> tuple[torch.Tensor, int]:
-    n = images.shape[-1]
-    start = (size - n) // 2
-    out = images.new_zeros(images.shape[:-2] + (size, size))
-    out[..., start : start + n, start : start + n] = images
-    return out, start
-
-
 def filter_images(images: torch.Tensor, transfer: torch.Tensor, *, pad: int = 1) -> torch.Tensor:
     """Multiply the images' spectra by a real filter given on the (padded) rfft grid.
 
@@ -274,10 +266,12 @@ def filter_images(images: torch.Tensor, transfer: torch.Tensor, *, pad: int = 1)
 
     n = images.shape[-1]
     size = round(pad * n)
-    padded, start = _pad_center(images, size) if size != n else (images, 0)
-    spectrum = torch.fft.rfft2(padded)
+    # zero-padded by the transform itself, the image in the padded grid's corner: a circular
+    # convolution commutes with the shift, so cropping the corner back equals padding around
+    # the centre and cropping the centre (no padded copy of the batch is made)
+    spectrum = torch.fft.rfft2(images, s=(size, size))
     out: torch.Tensor = torch.fft.irfft2(spectrum * transfer, s=(size, size))
-    return out[..., start : start + n, start : start + n]
+    return out[..., :n, :n]
 
 
 def apply_ctf(

@@ -161,6 +161,7 @@ class PhysicalDecoder(nn.Module):
         self.register_buffer("smooth_form", smooth.to(torch.float32))
         self.register_buffer("cross_form", cross.to(torch.float32) if self.strain else torch.zeros(0), persistent=False)
         self.register_buffer("blur", torch.tensor(float(blur_px), dtype=torch.float32))
+        self.blurred = float(blur_px) > 0  # on the host: whether transfer() includes the blur
         pair_index = (
             torch.zeros((0, 2), dtype=torch.long) if pairs is None else torch.as_tensor(pairs).long().reshape(-1, 2)
         )

@@ -335,7 +335,13 @@ class Zernike3Deep(nn.Module):
         coefficients ``(B, 3K)`` px, δ-angles ``(B, 3)`` deg, δ-shifts ``(B, 2)`` px (zeros unless
         pose refinement is on).
         """
-        signs = self.flip_signs(ctf, phase_flipped=phase_flipped, device=images.device, dtype=images.dtype)
+        pad = self.decoder.ctf_pad
+        if transfer is not None and self.config.encoder_phase_flip and not phase_flipped and not self.decoder.blurred:
+            # the batch's CTFs on the padded grid hold the unpadded grid's at every pad-th
+            # frequency (k / (pad·N) = j / N for k = pad·j): the same values, no second evaluation
+            signs: torch.Tensor | None = torch.sign(transfer[:, ::pad, ::pad])
+        else:
+            signs = self.flip_signs(ctf, phase_flipped=phase_flipped, device=images.device, dtype=images.dtype)
         x = self.encoder_input(images, signs)
         if self.config.encoder_reference:
             if rotations is None or shifts is None:

@@ -270,7 +270,9 @@ def torchrun_training(
     logger = log or logging.getLogger(__name__)
     kind = torch.device(device).type
     if kind == "cuda" and torch.cuda.device_count() < processes:
-        raise ValueError(
+        from z3lib.io import Z3InputError
+
+        raise Z3InputError(
             f"train.processes is {processes} but this job sees {torch.cuda.device_count()} GPU(s): "
             "lower train.processes, or give the rule as many GPUs (resources gpu)"
         )

@@ -1,0 +1,218 @@
+"""Data larger than memory: up to 100,000 box-128 particles streamed through the pipeline's stages.
+
+The stack (≈ 6.5 GB at 100,000) is written once, in chunks: a 2,000-particle simulation of the
+demo's AdK motion (z3's renderer, box 128, 1.1 Å/px, SNR 0.1, its consensus map and mask made
+from the noisy particles) repeated with fresh Gaussian noise on every copy; poses and CTFs go
+with the images. For each size (the first ``n`` rows) every stage runs in a process of its own,
+as the workflow runs it, through the library's stage functions: preprocess (box 128 → 64),
+train (``--epochs``), predict, refine (one chunk, ``--refine-steps``, a 9-point landscape grid,
+the network's principal directions) and ZART (``--zart-iterations``, field scale 1, numpy).
+Each prints one JSON line: wall time, particles/s and the peak resident memory of its process
+(``ru_maxrss`` of the child, MB). Training also reports the share of its epoch spent reading
+batches from the memory-mapped stack.
+
+Usage: python benchmarks/bench_scale.py [--sizes 10000 50000 100000] [--stages preprocess train
+       predict refine zart] [--epochs 1] [--refine-steps 10] [--zart-iterations 1] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from common import ROOT, WORK, emit
+
+SCALE = WORK / "scale"
+BASE_N, BOX, PIXEL = 2000, 128, 1.1
+STAGES = ["preprocess", "train", "predict", "refine", "zart"]
+
+
+def make_stack(n_max: int) -> Path:
+    """Write (once) the ``n_max``-particle stack and its STAR; return the folder."""
+    import starfile
+
+    from z3lib.io import open_stack_writer, read_particles
+    from z3lib.stages.simulate import simulate_dataset
+
+    folder = SCALE / f"stack_{n_max}"
+    star = folder / "particles.star"
+    if star.exists():
+        return folder
+    base = simulate_dataset(
+        folder / "base",
+        start_model=ROOT / "resources/demo/adk_closed.pdb",
+        end_model=ROOT / "resources/demo/adk_open.pdb",
+        n_particles=BASE_N,
+        box=BOX,
+        pixel_size=PIXEL,
+        resolution=4.0,
+        snr=0.1,
+        seed=7,
+    )
+    images = read_particles(base["particles"]).images()[np.arange(BASE_N)]
+    sigma = 0.5 * float(images.std())
+    rng = np.random.default_rng(11)
+    t0 = time.perf_counter()
+    with open_stack_writer(folder / "particles.mrcs", n_max, BOX, PIXEL) as writer:
+        for lo in range(0, n_max, BASE_N):
+            hi = min(n_max, lo + BASE_N)
+            noise = rng.normal(scale=sigma, size=(hi - lo, BOX, BOX)).astype(np.float32)
+            writer[lo:hi] = images[: hi - lo] + noise
+    print(f"wrote {n_max} particles in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    blocks = starfile.read(base["particles"], always_dict=True)
+    rows = blocks["particles"].iloc[np.arange(n_max) % BASE_N].reset_index(drop=True)
+    rows["rlnImageName"] = [f"{i + 1:06d}@particles.mrcs" for i in range(n_max)]
+    starfile.write({"optics": blocks["optics"], "particles": rows}, folder / "all.star")
+    os.replace(folder / "all.star", star)
+    return folder
+
+
+def subset_star(folder: Path, n: int) -> Path:
+    """The STAR of the first ``n`` particles."""
+    import starfile
+
+    path = folder / f"particles_{n}.star"
+    if not path.exists():
+        blocks = starfile.read(folder / "particles.star", always_dict=True)
+        starfile.write({"optics": blocks["optics"], "particles": blocks["particles"].iloc[:n]}, path)
+    return path
+
+
+def run_stage(stage: str, folder: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Run one stage in a child process; return its JSON line with the child's peak RSS."""
+    command = [sys.executable, __file__, "--child", stage, "--folder", str(folder), "--n", str(n)]
+    command += ["--epochs", str(args.epochs), "--refine-steps", str(args.refine_steps)]
+    command += ["--zart-iterations", str(args.zart_iterations)]
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(child.pid, 0)
+    output = child.stdout.read() if child.stdout else ""
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"stage {stage} at n={n} failed")
+    row: dict[str, Any] = json.loads(output.strip().splitlines()[-1])
+    row["peak_rss_mb"] = round(usage.ru_maxrss / 1024, 1)
+    return row
+
+
+def child(stage: str, folder: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
+    """One stage on the first ``n`` particles (inside the child process)."""
+    import torch
+
+    from z3lib.network import NetworkConfig
+    from z3lib.refine import RefineConfig
+    from z3lib.zart import ZartConfig
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    run = folder / f"run_{n}"
+    pre = run / "preprocess"
+    zernike = {"L1": 7, "L2": 7, "basis": "orthonormal"}
+    t0 = time.perf_counter()
+    extra: dict[str, Any] = {}
+    if stage == "preprocess":
+        from z3lib.stages.preprocess import preprocess
+
+        base = folder / "base"
+        preprocess(subset_star(folder, n), base / "reference.mrc", base / "mask.mrc", pre, box=64)
+    elif stage == "train":
+        import z3lib.training as training
+        from z3lib.stages.train import train
+
+        spent = [0.0]
+        read = training.ParticleBatchSource.batch
+
+        def timed(self: Any, index: np.ndarray, device: torch.device) -> Any:
+            start = time.perf_counter()
+            out = read(self, index, device)
+            spent[0] += time.perf_counter() - start
+            return out
+
+        training.ParticleBatchSource.batch = timed  # type: ignore[method-assign]
+        cfg = NetworkConfig(epochs=args.epochs)
+        paths = train(pre / "particles.star", pre / "points.npz", run / "train", cfg, checkpoint_dir=run / "ckpt")
+        import pandas as pd
+
+        history = pd.read_csv(paths["history"], sep="\t")
+        epoch_s = float(history["seconds"].sum())
+        extra = {"images_per_s": round(float(history["images_per_s"].median()), 1)}
+        extra["read_share_of_epoch"] = round(spent[0] / (epoch_s + 1e-9), 4)
+    elif stage == "predict":
+        from z3lib.stages.predict import predict
+
+        predict(run / "train/model.pt", pre / "particles.star", subset_star(folder, n), run / "predict")
+    elif stage == "refine":
+        from z3lib.stages.refine import gather_refined, refine_chunk
+
+        # the network's principal directions as the landscape (no population refit), few steps
+        cfg = RefineConfig(steps=args.refine_steps, grid_points=9, population_rounds=0)
+        chunk = refine_chunk(
+            pre / "particles.star",
+            run / "train/points.npz",
+            run / "predict/coefficients.npy",
+            run / "refine/chunk.npz",
+            chunk=0,
+            n_chunks=1,
+            zernike=zernike,
+            config=cfg,
+            progress_path=run / "refine/chunk.progress",
+        )
+        gather_refined([chunk], subset_star(folder, n), run / "refine", zernike=zernike)
+    elif stage == "zart":
+        from z3lib.stages.zart import zart
+
+        cfg = ZartConfig(iterations=args.zart_iterations, field_scale=1.0)  # no scale search
+        zart(
+            pre / "particles.star",
+            pre / "points.npz",  # the reference's voxels, as the workflow's round 1
+            run / "refine/coefficients.npy",
+            run / "zart",
+            zernike=zernike,
+            config=cfg,
+            backend="numpy",
+        )
+    wall = time.perf_counter() - t0
+    return {"stage": stage, "particles": n, "wall_s": round(wall, 1), "particles_per_s": round(n / wall, 1), **extra}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10000, 50000, 100000])
+    parser.add_argument("--stages", nargs="+", default=STAGES, choices=STAGES)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--refine-steps", type=int, default=10)
+    parser.add_argument("--zart-iterations", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--child", choices=STAGES, help=argparse.SUPPRESS)
+    parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.folder, args.n, args)))
+        return
+    folder = make_stack(max(args.sizes))
+    stack_gb = (folder / "particles.mrcs").stat().st_size / 1e9
+    for n in sorted(args.sizes):
+        for stage in args.stages:
+            row = run_stage(stage, folder, n, args)
+            row.update(
+                benchmark="scale",
+                box=BOX,
+                processing_box=64,
+                degrees="7,7,orthonormal",
+                stack_gb=round(stack_gb * n / max(args.sizes), 2),
+                epochs=args.epochs,
+                refine_steps=args.refine_steps,
+                zart_iterations=args.zart_iterations,
+                device_name=f"{platform.machine()} x{os.cpu_count()} cores",
+            )
+            emit(row, args.out)
+
+
+if __name__ == "__main__":
+    main()
