@@ -8,7 +8,7 @@ as the workflow runs it, through the library's stage functions: preprocess (box 
 train (``--epochs``), predict, refine (one chunk, ``--refine-steps``, a 9-point landscape grid,
 the network's principal directions) and ZART (``--zart-iterations``, field scale 1, numpy).
 Each prints one JSON line: wall time, particles/s and the peak resident memory of its process
-(``ru_maxrss`` of the child, MB). Training also reports the share of its epoch spent reading
+(``VmHWM``, MB). Training also reports the share of its epoch spent reading
 batches from the memory-mapped stack.
 
 Usage: python benchmarks/bench_scale.py [--sizes 10000 50000 100000] [--stages preprocess train
@@ -91,14 +91,20 @@ def run_stage(stage: str, folder: Path, n: int, args: argparse.Namespace) -> dic
     command = [sys.executable, __file__, "--child", stage, "--folder", str(folder), "--n", str(n)]
     command += ["--epochs", str(args.epochs), "--refine-steps", str(args.refine_steps)]
     command += ["--zart-iterations", str(args.zart_iterations)]
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(child.pid, 0)
-    output = child.stdout.read() if child.stdout else ""
-    if os.waitstatus_to_exitcode(status) != 0:
+    result = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
+    if result.returncode != 0:
         raise RuntimeError(f"stage {stage} at n={n} failed")
-    row: dict[str, Any] = json.loads(output.strip().splitlines()[-1])
-    row["peak_rss_mb"] = round(usage.ru_maxrss / 1024, 1)
+    row: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
     return row
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM, MB): its own address space since exec.
+
+    (``ru_maxrss`` of a child would also count the pages it shared with its parent before exec.)
+    """
+    status = Path("/proc/self/status").read_text()
+    return round(int(status.split("VmHWM:")[1].split()[0]) / 1024, 1)
 
 
 def child(stage: str, folder: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -177,7 +183,8 @@ def child(stage: str, folder: Path, n: int, args: argparse.Namespace) -> dict[st
             backend="numpy",
         )
     wall = time.perf_counter() - t0
-    return {"stage": stage, "particles": n, "wall_s": round(wall, 1), "particles_per_s": round(n / wall, 1), **extra}
+    row = {"stage": stage, "particles": n, "wall_s": round(wall, 1), "particles_per_s": round(n / wall, 1)}
+    return {**row, **extra, "peak_rss_mb": peak_rss_mb()}
 
 
 def main() -> None:
