@@ -103,8 +103,13 @@ def peak_rss_mb() -> float:
 
     (``ru_maxrss`` of a child would also count the pages it shared with its parent before exec.)
     """
+    return _status_mb("VmHWM")
+
+
+def _status_mb(field: str) -> float:
+    """A memory field of /proc/self/status, MB."""
     status = Path("/proc/self/status").read_text()
-    return round(int(status.split("VmHWM:")[1].split()[0]) / 1024, 1)
+    return round(int(status.split(f"{field}:")[1].split()[0]) / 1024, 1)
 
 
 def child(stage: str, folder: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -184,7 +189,9 @@ def child(stage: str, folder: Path, n: int, args: argparse.Namespace) -> dict[st
         )
     wall = time.perf_counter() - t0
     row = {"stage": stage, "particles": n, "wall_s": round(wall, 1), "particles_per_s": round(n / wall, 1)}
-    return {**row, **extra, "peak_rss_mb": peak_rss_mb()}
+    # at the end: how much of the resident memory is anonymous (arrays) and how much file pages
+    ends = {"rss_anon_end_mb": _status_mb("RssAnon"), "rss_file_end_mb": _status_mb("RssFile")}
+    return {**row, **extra, "peak_rss_mb": peak_rss_mb(), **ends}
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ The library behind the z3 Snakemake workflow; ``__version__`` and the per-rule o
 live here.
 """
 
-__version__ = "0.1.8"
+__version__ = "0.1.9"
 
 #: The library version at which each pipeline rule's numerical output last changed. Snakemake
 #: cannot see library code, so every rule carries its entry in its params: a library change that
@@ -13,12 +13,12 @@ __version__ = "0.1.8"
 #: Partial state of a killed job (training checkpoints, refinement progress) is keyed by
 #: ``__version__`` itself, so none of it outlives any library change.
 OUTPUT_VERSIONS: dict[str, str] = {
-    "simulate": "0.1.5",
+    "simulate": "0.1.9",  # the splat, positions and CTF filter reordered for speed (same numbers to rounding)
     "preprocess": "0.1.5",
-    "train": "0.1.5",
-    "predict": "0.1.5",
-    "refine_landscape": "0.1.5",
-    "refine_chunk": "0.1.5",
+    "train": "0.1.9",
+    "predict": "0.1.9",
+    "refine_landscape": "0.1.9",
+    "refine_chunk": "0.1.9",
     "refine": "0.1.5",
     "zart": "0.1.8",  # the basis at the points pulled back through the frame field (0.1.7: the medoid frame)
     "round_reference": "0.1.5",

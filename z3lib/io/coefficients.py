@@ -89,7 +89,7 @@ def format_coefficient_column(coefficients: npt.ArrayLike, *, digits: int | None
     if digits is None:
         digits = 9 if arr.dtype == np.float32 else 17
     fmt = ",".join([f"%.{digits}g"] * arr.shape[1])
-    return [fmt % tuple(row) for row in arr.astype(np.float64).tolist()]
+    return [fmt % tuple(row.tolist()) for row in arr.astype(np.float64, copy=False)]  # row by row: no n×3K list
 
 
 def parse_coefficient_column(values: Iterable[Any], *, n_expected: int | None = None) -> npt.NDArray[np.float64]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -106,14 +106,54 @@ def write_star(
     ``# version`` line precedes the ``optics`` and ``particles`` blocks, as RELION ≥ 3.1 writes.
     :func:`write_particles_star` writes its text through this function too.
     """
-    text = starfile.writer.StarWriter(dict(blocks), float_format=_format_float).to_string()
-    if relion_version:
-        text = re.sub(r"^(data_(optics|particles))$", f"# version {relion_version}\n\n\\1", text, flags=re.MULTILINE)
-    text = text.replace(
-        "# Created by the starfile Python package", "# Written by z3lib with the starfile Python package", 1
-    )
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
+    writer = starfile.writer.StarWriter(dict(blocks), float_format=_format_float)
+    with atomic_path(path) as tmp, open(tmp, "w") as handle:
+        for line in _star_lines(writer, relion_version):
+            handle.write(line + "\n")
+
+
+#: Rows of a loop block formatted at once (the file is written as it is formatted, so a
+#: 100,000-particle STAR never exists as one string in memory).
+_STAR_CHUNK_ROWS = 4096
+
+
+def _star_lines(writer: Any, relion_version: str | None) -> Iterator[str]:
+    """Yield the lines of the STAR file of ``writer`` (a ``starfile`` StarWriter), loops in chunks of rows.
+
+    The lines are starfile's own (its header, blocks and row formatting), with z3lib named in the
+    first line and, with ``relion_version``, a ``# version`` line before the optics and particle
+    blocks.
+    """
+    from starfile.writer import loop_block, package_info, simple_block
+
+    yield package_info().replace("# Created by the starfile", "# Written by z3lib with the starfile", 1)
+    yield ""
+    yield ""
+    options = {"quote_character": writer.quote_character, "quote_all_strings": writer.quote_all_strings}
+    for name, block in writer.data_blocks.items():
+        if relion_version and name in ("optics", "particles"):
+            yield f"# version {relion_version}"
+            yield ""
+        if isinstance(block, dict):
+            yield from simple_block(block_name=name, data=block, **options)
+            continue
+        head = 3 + len(block.columns)  # data_, blank, loop_, one line per column
+        for start in range(0, max(len(block), 1), _STAR_CHUNK_ROWS):
+            chunk = block.iloc[start : start + _STAR_CHUNK_ROWS]
+            lines = list(
+                loop_block(
+                    block_name=name,
+                    df=chunk,
+                    float_format=writer.float_format,
+                    separator=writer.sep,
+                    na_rep=writer.na_rep,
+                    **options,
+                )
+            )
+            yield from lines[:head] if start == 0 else ()
+            yield from lines[head:-2]
+        yield ""
+        yield ""
 
 
 #: canonical column → RELION column that carries it per particle (writable back).
