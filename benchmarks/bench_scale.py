@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -146,6 +147,7 @@ def child(stage: str, folder: Path, n: int, args: argparse.Namespace) -> dict[st
 
         training.ParticleBatchSource.batch = timed  # type: ignore[method-assign]
         cfg = NetworkConfig(epochs=args.epochs)
+        shutil.rmtree(run / "ckpt", ignore_errors=True)  # a measurement: never resume
         paths = train(pre / "particles.star", pre / "points.npz", run / "train", cfg, checkpoint_dir=run / "ckpt")
         import pandas as pd
 

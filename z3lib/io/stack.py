@@ -29,8 +29,9 @@ from z3lib.io.mrc import _voxel_tuple
 _MAX_PARENT_LEVELS = 4
 #: Bytes read through one stack's memory map after which its pages leave this process's
 #: mappings (``madvise(MADV_DONTNEED)``): they stay in the page cache for the next read, but a
-#: stack larger than memory never fills the process's resident set.
-RELEASE_BYTES = 256 << 20
+#: stack larger than memory never fills the process's resident set. Random reads map about 4×
+#: what they read (the kernel maps the pages around each fault), so about 256 MB stay resident.
+RELEASE_BYTES = 64 << 20
 
 
 def _release_pages(data: Any) -> None:
