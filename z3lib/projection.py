@@ -213,7 +213,7 @@ def image_positions(
     dtype = rotations.dtype
     b, n = rotations.shape[0], points.shape[0]
     # the image plane's two rows of A, (2B, 3): q_xy = A_xy (x + Z c) = A_xy x + Z (A_xy c), so
-    # the basis meets the rotated coefficients (B, 2, K) in one (N, K)·(K, 2B) product, 2/3 of
+    # the rotated coefficients (B, 2, K) meet the basis in one (2B, K)·(K, N) product, 2/3 of
     # the work of deforming in 3-D first
     rows = rotations[:, :2, :].to(dtype)
     xy_t = rows.reshape(2 * b, 3) @ points.to(dtype).T  # (2B, N)
