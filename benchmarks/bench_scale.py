@@ -149,9 +149,9 @@ def child(stage: str, folder: Path, n: int, args: argparse.Namespace) -> dict[st
         cfg = NetworkConfig(epochs=args.epochs)
         shutil.rmtree(run / "ckpt", ignore_errors=True)  # a measurement: never resume
         paths = train(pre / "particles.star", pre / "points.npz", run / "train", cfg, checkpoint_dir=run / "ckpt")
-        import pandas as pd
+        from z3lib.io import read_table
 
-        history = pd.read_csv(paths["history"], sep="\t")
+        history = read_table(paths["history"])
         epoch_s = float(history["seconds"].sum())
         extra = {"images_per_s": round(float(history["images_per_s"].median()), 1)}
         extra["read_share_of_epoch"] = round(spent[0] / (epoch_s + 1e-9), 4)

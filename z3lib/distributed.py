@@ -119,8 +119,8 @@ def shard(index: np.ndarray, ctx: Context) -> np.ndarray:
     return part if len(part) else index[:1]
 
 
-def shard_weight(index: np.ndarray, part: np.ndarray, ctx: Context) -> float:
-    """Return the factor on this rank's mean loss over ``part`` so that averaged gradients equal the full batch's.
+def shard_weight(index: np.ndarray, ctx: Context) -> float:
+    """Return the factor on this rank's mean loss that makes the averaged gradients the whole batch's.
 
     DistributedDataParallel averages the ranks' gradients; the global batch's mean loss is
     ``Σ_r (n_r / B) · mean_r``, so rank ``r`` scales its mean by ``world · n_r / B`` (1 in a

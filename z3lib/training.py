@@ -558,7 +558,7 @@ def _train_epoch(
     for i in range(n_batches):
         sel = order[i * config.batch_size : (i + 1) * config.batch_size]
         mine = distributed.shard(sel, ctx)
-        weight = distributed.shard_weight(sel, mine, ctx)
+        weight = distributed.shard_weight(sel, ctx)
         b = source.batch(mine, device)
         loss, parts = step(b)
         optimiser.zero_grad(set_to_none=True)
