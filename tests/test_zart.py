@@ -708,6 +708,38 @@ def test_medoid_frame_lies_on_a_curved_landscape_where_the_mean_does_not() -> No
         centre_fields(shifted, halves, "median")
 
 
+def test_medoid_frame_from_a_sample_and_field_rows_read_from_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Above MEDOID_SAMPLE rows the median is solved on evenly spaced rows: the frame still lies on
+    the curved path's middle. FieldRows gives s · (M c − f_h) for the rows asked, read from the
+    .npy file a batch at a time (checked against numpy's own np.load and the formula)."""
+    from z3lib import field_scale
+    from z3lib.io import CoefficientFile
+    from z3lib.zart import FieldRows
+
+    rng = np.random.default_rng(19)
+    t = rng.uniform(-1, 1, 3000)
+    curved = np.zeros((3000, 6))
+    curved[:, 0], curved[:, 1] = t, t**2
+    monkeypatch.setattr(field_scale, "MEDOID_SAMPLE", 300)
+    monkeypatch.setattr(field_scale, "FRAME_BLOCK", 128)
+    frame = field_scale.medoid_field(curved)
+    assert abs(frame[0]) < 0.1 and abs(frame[1] - frame[0] ** 2) < 0.005, frame
+    np.save(tmp_path / "c.npy", curved)
+    halves = (np.arange(0, 2000, 2), np.arange(1, 2000, 2))  # rows 2000… are in no half set
+    frames = field_scale.frame_fields(FieldRows(CoefficientFile(tmp_path / "c.npy")), halves, "mean")
+    for rows, f in zip(halves, frames, strict=True):
+        np.testing.assert_allclose(f, curved[rows].mean(0), rtol=1e-12, atol=1e-15)
+    fields = FieldRows(CoefficientFile(tmp_path / "c.npy"), lambda c: 0.5 * c, halves=halves, frames=frames)
+    rows = np.array([3, 4, 2500, 1999])
+    expected = 0.5 * np.load(tmp_path / "c.npy")[rows] - np.array([frames[1], frames[0], np.zeros(6), frames[1]])
+    np.testing.assert_allclose(fields[rows], expected, rtol=1e-12, atol=1e-15)
+    small = fields.scaled(0.25, np.float32)[rows]
+    assert small.dtype == np.float32 and fields[rows].dtype == np.float64
+    np.testing.assert_allclose(small, 0.25 * expected, rtol=1e-6, atol=1e-7)
+
+
 def test_pull_back_inverts_the_frame_field_and_composes_two_fields() -> None:
     """A smooth field d_c: the pulled-back points x satisfy x + d_c(x) = y; and the displacement
     the corrected map uses there, d_i(x) − d_c(x), takes the frame's points y exactly to where

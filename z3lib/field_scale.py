@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from z3lib.zart import ZartConfig, heldout_correlation, masked_fsc, reconstruct_zart, values_to_volume
+from z3lib.zart import FieldRows, ZartConfig, heldout_correlation, masked_fsc, reconstruct_zart, values_to_volume
 
 FIELD_SCALES = (0.0, 0.25, 0.5, 0.75, 1.0)  # the candidates of field_scale "auto"
 SCALE_PARTICLES = 1000  # particles per half set that choose the field scale (fewer: all)
@@ -46,36 +46,63 @@ def geometric_median(points: np.ndarray, *, iterations: int = 200, tol: float = 
     return m
 
 
-def medoid_field(coefficients: np.ndarray, *, fraction: float = MEDOID_FRACTION) -> np.ndarray:
-    """Return the mean ``(3K,)`` of the coefficient vectors ``(n, 3K)`` nearest to their geometric median.
+MEDOID_SAMPLE = 20_000  # most rows of a half set whose geometric median is solved for (evenly spaced)
+FRAME_BLOCK = 4096  # rows read at once when a frame is measured over a half set
+
+
+def medoid_field(coefficients: Any, *, fraction: float = MEDOID_FRACTION, rows: np.ndarray | None = None) -> np.ndarray:
+    """Return the mean ``(3K,)`` of the coefficient vectors nearest to their geometric median.
 
     Nearest in the Euclidean sense (for the orthonormal basis, the RMS field difference over the
     ball); at least one and ``fraction`` of them: a conformation that particles take, at the centre
     of the landscape. On a landscape that is a straight, symmetric segment it is the mean; on a
     curved one (a path through an intermediate) the mean lies off the path, where no particle is,
     and a map in that frame is an average of conformations instead of one.
+
+    ``coefficients`` is ``(n, 3K)`` (an array, or :class:`~z3lib.zart.FieldRows` read from disk) and
+    ``rows`` the vectors to use (default all). The median is solved on at most
+    :data:`MEDOID_SAMPLE` evenly spaced rows (all of them below that); the distances and the mean
+    go over every row, :data:`FRAME_BLOCK` at a time.
     """
-    c = np.asarray(coefficients, dtype=np.float64)
-    centre = geometric_median(c)
-    k = min(len(c), max(1, round(fraction * len(c))))
-    nearest = np.argsort(np.linalg.norm(c - centre, axis=1), kind="stable")[:k]
-    frame: np.ndarray = c[nearest].mean(0)
-    return frame
+    rows = np.arange(len(coefficients)) if rows is None else np.asarray(rows, dtype=np.int64)
+    sample = rows if len(rows) <= MEDOID_SAMPLE else rows[np.linspace(0, len(rows) - 1, MEDOID_SAMPLE).astype(np.int64)]
+    centre = geometric_median(np.asarray(coefficients[sample], dtype=np.float64))
+    distance = np.concatenate(
+        [
+            np.linalg.norm(np.asarray(coefficients[rows[lo : lo + FRAME_BLOCK]], np.float64) - centre, axis=1)
+            for lo in range(0, len(rows), FRAME_BLOCK)
+        ]
+    )
+    k = min(len(rows), max(1, round(fraction * len(rows))))
+    nearest = rows[np.argsort(distance, kind="stable")[:k]]
+    return _block_mean(coefficients, nearest)
 
 
-def frame_fields(coefficients: np.ndarray, halves: Sequence[np.ndarray], frame: str = "medoid") -> list[np.ndarray]:
+def _block_mean(coefficients: Any, rows: np.ndarray) -> np.ndarray:
+    """Return the mean ``(3K,)`` of ``coefficients[rows]``, read :data:`FRAME_BLOCK` rows at a time."""
+    total = np.zeros(coefficients.shape[1])
+    for lo in range(0, len(rows), FRAME_BLOCK):
+        total += np.asarray(coefficients[rows[lo : lo + FRAME_BLOCK]], np.float64).sum(0)
+    mean: np.ndarray = total / max(len(rows), 1)
+    return mean
+
+
+def frame_fields(coefficients: Any, halves: Sequence[np.ndarray], frame: str = "medoid") -> list[np.ndarray]:
     """Return each gold-standard half set's frame field ``(3K,)`` (zeros for an empty half).
 
     Each half on its own, so no information crosses them: ``"medoid"`` (:func:`medoid_field`, the
     frame of a conformation at the landscape's centre) or ``"mean"`` (the population's average
-    field).
+    field). ``coefficients``: ``(n, 3K)``, an array or :class:`~z3lib.zart.FieldRows`.
     """
     if frame not in ("medoid", "mean"):
         raise ValueError(f"zart.frame must be 'medoid' or 'mean', got {frame!r}")
-    c = np.asarray(coefficients, dtype=np.float64)
     return [
-        (medoid_field(c[rows]) if frame == "medoid" else c[rows].mean(0)) if len(rows) else np.zeros(c.shape[1])
-        for rows in halves
+        (
+            (medoid_field(coefficients, rows=rows) if frame == "medoid" else _block_mean(coefficients, rows))
+            if len(rows)
+            else np.zeros(coefficients.shape[1])
+        )
+        for rows in (np.asarray(r, dtype=np.int64) for r in halves)
     ]
 
 
@@ -83,7 +110,8 @@ def centre_fields(coefficients: np.ndarray, halves: Sequence[np.ndarray], frame:
     """Subtract from ``(n, 3K)`` coefficients their half set's frame field (:func:`frame_fields`).
 
     The corrected map is then the map of that conformation; its points are the reference's pulled
-    back through the frame field (:func:`pull_back`).
+    back through the frame field (:func:`pull_back`). (:class:`~z3lib.zart.FieldRows` does the
+    same a batch at a time.)
     """
     out = np.array(coefficients, dtype=np.float64, copy=True)
     for rows, field in zip(halves, frame_fields(out, halves, frame), strict=True):
@@ -126,7 +154,7 @@ def pull_back(points: np.ndarray, spec: Any, coefficients: np.ndarray, *, iterat
 
 
 def _score_scale(
-    coeffs: np.ndarray | None,
+    coeffs: np.ndarray | FieldRows | None,
     backend: Any,
     half_points: Sequence[np.ndarray],
     half_basis: Sequence[np.ndarray],
@@ -177,7 +205,7 @@ def choose_field_scale(
     backend: Any,
     half_points: Sequence[np.ndarray],
     half_basis: Sequence[np.ndarray],
-    fields: np.ndarray,
+    fields: np.ndarray | FieldRows,
     images: Any,
     table: Any,
     halves: Sequence[np.ndarray],
@@ -221,7 +249,12 @@ def choose_field_scale(
     records = []
     for scale in FIELD_SCALES:
         args = (backend, half_points, half_basis, images, table, subsets, box, pixel_size, quick)
-        scaled = (scale * fields).astype(np.float32) if scale > 0 else None
+        scaled: np.ndarray | FieldRows | None = None
+        if scale > 0:
+            if isinstance(fields, FieldRows):
+                scaled = fields.scaled(scale, np.float32)
+            else:
+                scaled = (scale * np.asarray(fields)).astype(np.float32)
         records.append({"scale": scale, **_score_scale(scaled, *args, fsc_mask, step)})
         scores = (scale, records[-1]["score"], records[-1]["fsc_area"], records[-1]["resolution_0143"])
         logger.info(

@@ -595,19 +595,23 @@ def predict_coefficients(
     device: str | torch.device = "cpu",
     batch_size: int = PREDICT_BATCH_SIZE,
     log: logging.Logger | None = None,
+    coefficients_out: Any = None,
 ) -> dict[str, np.ndarray]:
     """Encode every particle, in order.
 
     Returns
     -------
     ``coefficients`` ``(n, 3K)`` px of the processing box, ``delta_angles`` ``(n, 3)`` deg and
-    ``delta_shifts`` ``(n, 2)`` px of the processing box.
+    ``delta_shifts`` ``(n, 2)`` px of the processing box. With ``coefficients_out`` (anything
+    that takes ``out[rows] = (B, 3K)``, such as a
+    :class:`~z3lib.io.coefficients.CoefficientWriter`) each batch's coefficients go there as
+    they are made, and the result holds no ``coefficients``.
     """
     logger = log or logging.getLogger(__name__)
     dev = torch.device(device)
     model = model.to(dev).eval()
     n = len(source)
-    out_c = np.empty((n, 3 * model.n_terms), dtype=np.float64)
+    out_c = np.empty((n, 3 * model.n_terms), dtype=np.float64) if coefficients_out is None else coefficients_out
     out_a = np.empty((n, 3))
     out_s = np.empty((n, 2))
     t0 = time.perf_counter()
@@ -626,4 +630,5 @@ def predict_coefficients(
                     "predicted %d/%d particles (%.0f/s, ETA %.0f s)", idx[-1] + 1, n, rate, (n - idx[-1] - 1) / rate
                 )
                 last = now
-    return {"coefficients": out_c, "delta_angles": out_a, "delta_shifts": out_s}
+    result = {"delta_angles": out_a, "delta_shifts": out_s}
+    return result if coefficients_out is not None else {"coefficients": out_c, **result}

@@ -19,10 +19,11 @@ optional positivity constraint. The unknowns are the values of the voxels inside
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -315,6 +316,53 @@ class ZartConfig:
         return float(self.sigmas[min(iteration, len(self.sigmas) - 1)])
 
 
+class FieldRows:
+    """Particles' fields ``s · (M c_i − f_h(i))`` ``(n, 3K)`` px, made a batch of rows at a time.
+
+    ``c_i`` are read from ``source`` (an array, or a :class:`~z3lib.io.coefficients.CoefficientFile`
+    read from disk), ``M`` is ``convert`` (e.g. px of the original box → px of the processing box),
+    ``f_h`` the frame field ``(3K,)`` of particle ``i``'s half set (rows in no half keep theirs)
+    and ``s`` the field scale. ZART and the field-scale search take rows with ``rows[index]``
+    (float32 when ``dtype`` says so); the whole ``(n, 3K)`` array never exists, so the memory a
+    reconstruction needs does not grow with the number of particles.
+    """
+
+    def __init__(
+        self,
+        source: Any,
+        convert: Any = None,
+        *,
+        halves: Sequence[np.ndarray] = (),
+        frames: Sequence[np.ndarray] = (),
+        scale: float = 1.0,
+        dtype: Any = np.float64,
+    ) -> None:
+        self.source, self.convert, self.scale, self.dtype = source, convert, float(scale), np.dtype(dtype)
+        n, width = int(source.shape[0]), int(source.shape[1])
+        self.shape = (n, width)
+        self._half = np.full(n, -1, dtype=np.int64)
+        for h, rows in enumerate(halves):
+            self._half[np.asarray(rows, dtype=np.int64)] = h
+        self._frames = np.vstack([np.asarray(f, np.float64) for f in frames] + [np.zeros(width)])  # row −1: none
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: Any) -> np.ndarray:
+        index = np.arange(self.shape[0])[rows] if isinstance(rows, slice) else np.asarray(rows, dtype=np.int64)
+        c = np.asarray(self.source[index], dtype=np.float64)
+        if self.convert is not None:
+            c = self.convert(c)
+        out: np.ndarray = ((c - self._frames[self._half[index]]) * self.scale).astype(self.dtype, copy=False)
+        return out
+
+    def scaled(self, scale: float, dtype: Any = None) -> FieldRows:
+        """Return the same fields times ``scale`` (and cast to ``dtype``)."""
+        other = copy.copy(self)
+        other.scale, other.dtype = self.scale * float(scale), np.dtype(dtype or self.dtype)
+        return other
+
+
 def _filter(backend: Any, images: Any, transfer: Any, pad: int) -> Any:
     """Multiply the spectra of ``(B, N, N)`` images, zero-padded to ``pad·N``, by ``transfer``."""
     xp = backend.xp
@@ -412,7 +460,7 @@ def reconstruct_zart(
     backend: Any,
     points: np.ndarray,
     basis: np.ndarray | None,
-    coefficients: np.ndarray | None,
+    coefficients: np.ndarray | FieldRows | None,
     images: Any,
     table: Any,
     index: np.ndarray,
@@ -475,7 +523,7 @@ def reconstruct_zart(
             imgs = backend.asarray(images[sel])
             rot = euler_to_matrix(angles[sel, 0], angles[sel, 1], angles[sel, 2]).astype(np.float32)
             rot_d, sh_d = backend.asarray(rot), backend.asarray(shifts_all[sel])
-            c = None if z_dev is None else np.asarray(coefficients)[sel].reshape(len(sel), 3, k)
+            c = None if z_dev is None or coefficients is None else coefficients[sel].reshape(len(sel), 3, k)
             ctf_sel = {name: col[sel] for name, col in ctf_cols.items()}
             values = _zart_step(
                 backend, values, pts, z_dev, c, imgs, rot_d, sh_d, ctf_sel, flipped[sel], blur, box, pixel_size, config
@@ -586,7 +634,7 @@ def heldout_correlation(
     values: np.ndarray,
     points: np.ndarray,
     basis: np.ndarray | None,
-    coefficients: np.ndarray | None,
+    coefficients: np.ndarray | FieldRows | None,
     images: Any,
     table: Any,
     index: np.ndarray,
@@ -634,7 +682,7 @@ def heldout_correlation(
         rot = backend.asarray(euler_to_matrix(angles[sel, 0], angles[sel, 1], angles[sel, 2]).astype(np.float32))
         fields = None
         if z_dev is not None and coefficients is not None:
-            c = backend.asarray(np.asarray(coefficients)[sel].reshape(len(sel), 3, -1))
+            c = backend.asarray(coefficients[sel].reshape(len(sel), 3, -1))
             fields = backend.fields(z_dev, c)
         ctf = ctf_grid(xp, size, pixel_size, {name: col[sel] for name, col in ctf_cols.items()}, dtype=xp.float32)
         if flipped[sel].any():

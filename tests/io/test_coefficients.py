@@ -72,3 +72,32 @@ def test_zernike_file_round_trip(tmp_path: Path, caplog: pytest.LogCaptureFixtur
     (tmp_path / "wrong.txt").write_text("3 2 32\n1 2 3\n")
     with pytest.raises(io.Z3InputError, match="line 2 has 3 numbers"):
         io.read_zernike_file(tmp_path / "wrong.txt")
+
+
+def test_coefficient_writer_rows_in_any_order_and_partial_reads(tmp_path: Path) -> None:
+    """Rows written a block at a time, in any order (a slice, scattered rows, consecutive rows),
+    read back by numpy's own np.load; a failed write leaves no file; row reads take only those rows."""
+    c = np.random.default_rng(8).normal(size=(50, 39))
+    path = tmp_path / "c.npy"
+    with io.open_coefficient_writer(path, 50, 39) as writer:
+        writer[40:50] = c[40:50]
+        scattered = np.array([0, 7, 3, 39, 21])
+        writer[scattered] = c[scattered]
+        rest = np.setdiff1d(np.arange(40), scattered)
+        for lo in range(0, len(rest), 6):
+            writer[rest[lo : lo + 6]] = c[rest[lo : lo + 6]]
+        with pytest.raises(ValueError, match="values for"):
+            writer[0:3] = c[:2]
+    np.testing.assert_array_equal(np.load(path), c)
+    assert io.coefficient_file_shape(path) == (50, 39)
+    np.testing.assert_array_equal(io.read_coefficients(path, slice(10, 20)), c[10:20])
+    np.testing.assert_array_equal(io.read_coefficients(path, [49, 0, 5]), c[[49, 0, 5]])
+    lazy = io.CoefficientFile(path)
+    assert lazy.shape == (50, 39) and len(lazy) == 50
+    np.testing.assert_array_equal(lazy[45:], c[45:])
+    with pytest.raises(io.Z3InputError, match="rows out of range"):
+        io.read_coefficients(path, [50])
+    with pytest.raises(RuntimeError, match="stop"), io.open_coefficient_writer(tmp_path / "d.npy", 5, 39) as w:
+        w[0:5] = c[:5]
+        raise RuntimeError("stop")
+    assert sorted(os.listdir(tmp_path)) == ["c.npy"]

@@ -9,9 +9,12 @@ that ``Rmax`` refers to (:mod:`z3lib.zernike`, which re-exports the column and t
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
+import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -47,13 +50,26 @@ def write_coefficients(path: PathLike, coefficients: npt.ArrayLike) -> None:
         np.save(fh, arr, allow_pickle=False)
 
 
-def read_coefficients(path: PathLike) -> npt.NDArray[np.floating[Any]]:
-    """Load an ``(n, 3K)`` coefficient array from ``.npy`` (never unpickling)."""
+def read_coefficients(path: PathLike, rows: slice | npt.ArrayLike | None = None) -> npt.NDArray[np.floating[Any]]:
+    """Load an ``(n, 3K)`` coefficient array from ``.npy`` (never unpickling).
+
+    ``rows`` (a slice or row indices) reads only those rows, ``(len(rows), 3K)``: the file is
+    mapped, the rows copied out and the mapping dropped, so a process holds only what it asked for.
+    """
     p = Path(path)
     _check_readable_file(p, "coefficient file")
     _refuse_pickle(p)
     try:
-        arr = np.load(p, allow_pickle=False)
+        if rows is None:
+            arr = np.load(p, allow_pickle=False)
+        else:
+            mapped = np.load(p, mmap_mode="r", allow_pickle=False)
+            if mapped.ndim != 2:
+                raise ValueError(f"shape {mapped.shape}")
+            arr = np.array(mapped[rows if isinstance(rows, slice) else np.asarray(rows, dtype=np.int64)])
+            del mapped
+    except IndexError as exc:
+        raise Z3InputError(f"{p}: rows out of range ({exc})") from exc
     except ValueError as exc:
         raise Z3InputError(f"{p}: could not load the coefficients ({exc}); {_PICKLE_MESSAGE}") from exc
     except Exception as exc:
@@ -64,6 +80,97 @@ def read_coefficients(path: PathLike) -> npt.NDArray[np.floating[Any]]:
             f"{getattr(arr, 'shape', None)} {getattr(arr, 'dtype', type(arr))}"
         )
     return arr if arr.dtype.kind == "f" else arr.astype(np.float64)
+
+
+def coefficient_file_shape(path: PathLike) -> tuple[int, int]:
+    """Return the ``(n, 3K)`` shape of a ``.npy`` coefficient file from its header (no data read)."""
+    p = Path(path)
+    _check_readable_file(p, "coefficient file")
+    _refuse_pickle(p)
+    with open(p, "rb") as fh:
+        try:
+            major, _ = np.lib.format.read_magic(fh)
+            read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(fh)
+        except ValueError as exc:
+            raise Z3InputError(f"{p}: not a .npy coefficient file ({exc})") from exc
+    if len(shape) != 2 or np.dtype(dtype).kind not in "fiu":
+        raise Z3InputError(f"{p}: expected a 2-D (particles × 3K) numeric array, got {shape} {dtype}")
+    return int(shape[0]), int(shape[1])
+
+
+class CoefficientFile:
+    """An ``(n, 3K)`` ``.npy`` coefficient file read a block of rows at a time.
+
+    Slicing (``file[lo:hi]``, or row indices) returns the rows (float32 or float64, as stored) read by
+    :func:`read_coefficients`; nothing stays mapped between reads. It stands where an array of
+    coefficients would be written as a STAR column (:func:`z3lib.io.write_particles_star` formats
+    it one block of rows at a time).
+    """
+
+    def __init__(self, path: PathLike) -> None:
+        self.path = Path(path)
+        self.shape = coefficient_file_shape(self.path)
+        self.ndim = 2
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: slice | npt.ArrayLike) -> npt.NDArray[np.floating[Any]]:
+        return read_coefficients(self.path, rows)
+
+
+class CoefficientWriter:
+    """Rows of an ``(n, 3K)`` float64 ``.npy`` written as they come (positioned writes, no mapping).
+
+    Made by :func:`open_coefficient_writer`; ``writer[rows] = values`` with ``rows`` a slice
+    or row indices.
+    """
+
+    def __init__(self, fd: int, n: int, width: int, offset: int) -> None:
+        self._fd, self.shape, self._offset = fd, (n, width), offset
+        self._row_bytes = width * 8
+
+    def __setitem__(self, rows: slice | npt.ArrayLike, values: npt.ArrayLike) -> None:
+        n, width = self.shape
+        arr = np.ascontiguousarray(values, dtype="<f8")
+        if isinstance(rows, slice):
+            lo, hi, step = rows.indices(n)
+            if step != 1:
+                raise ValueError("CoefficientWriter: slices must be contiguous")
+            if arr.shape != (hi - lo, width):
+                raise ValueError(f"CoefficientWriter: {arr.shape} values for rows {lo}:{hi} of width {width}")
+            os.pwrite(self._fd, arr.tobytes(), self._offset + lo * self._row_bytes)
+            return
+        index = np.asarray(rows, dtype=np.int64).ravel()
+        if arr.shape != (len(index), width) or (len(index) and (index.min() < 0 or index.max() >= n)):
+            raise ValueError(f"CoefficientWriter: {arr.shape} values for {len(index)} rows of ({n}, {width})")
+        if len(index) and np.all(np.diff(index) == 1):  # consecutive rows: one write
+            self[int(index[0]) : int(index[-1]) + 1] = arr
+            return
+        for i, row in zip(index.tolist(), arr, strict=True):
+            os.pwrite(self._fd, row.tobytes(), self._offset + i * self._row_bytes)
+
+
+@contextlib.contextmanager
+def open_coefficient_writer(path: PathLike, n: int, width: int) -> Iterator[CoefficientWriter]:
+    """Write an ``(n, width)`` float64 coefficient ``.npy`` row block by row block, atomically.
+
+    The file appears at ``path`` only when the body ends without error, like
+    :func:`write_coefficients`; rows never written read as zeros.
+    """
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "<f8", "fortran_order": False, "shape": (int(n), int(width))}
+    )
+    with atomic_path(path) as tmp:
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, header.getvalue())
+            os.ftruncate(fd, len(header.getvalue()) + int(n) * int(width) * 8)
+            yield CoefficientWriter(fd, int(n), int(width), len(header.getvalue()))
+        finally:
+            os.close(fd)
 
 
 def format_coefficient_column(coefficients: npt.ArrayLike, *, digits: int | None = None) -> list[str]:

@@ -99,8 +99,13 @@ def write_star(
     blocks: Mapping[str, pd.DataFrame | Mapping[str, Any]],
     *,
     relion_version: str | None = _DEFAULT_RELION_VERSION,
+    wide: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> None:
     """Write STAR blocks (``name → DataFrame`` loops or ``name → dict`` single values), atomically.
+
+    ``wide[block][column]``: an ``(n, 3K)`` coefficient source (an array, or a
+    :class:`~z3lib.io.coefficients.CoefficientFile`) formatted into that block's column (which
+    must exist; its values are ignored) a few hundred rows at a time as the file is written.
 
     Floats are written in their shortest exact form. With ``relion_version``, a
     ``# version`` line precedes the ``optics`` and ``particles`` blocks, as RELION ≥ 3.1 writes.
@@ -108,21 +113,25 @@ def write_star(
     """
     writer = starfile.writer.StarWriter(dict(blocks), float_format=_format_float)
     with atomic_path(path) as tmp, open(tmp, "w") as handle:
-        for line in _star_lines(writer, relion_version):
+        for line in _star_lines(writer, relion_version, wide or {}):
             handle.write(line + "\n")
 
 
 #: Rows of a loop block formatted at once (the file is written as it is formatted, so a
 #: 100,000-particle STAR never exists as one string in memory).
 _STAR_CHUNK_ROWS = 4096
+#: The same for a block with coefficient columns (3K numbers of up to 24 characters per row).
+_WIDE_CHUNK_ROWS = 128
 
 
-def _star_lines(writer: Any, relion_version: str | None) -> Iterator[str]:
+def _star_lines(writer: Any, relion_version: str | None, wide: Mapping[str, Mapping[str, Any]]) -> Iterator[str]:
     """Yield the lines of the STAR file of ``writer`` (a ``starfile`` StarWriter), loops in chunks of rows.
 
     The lines are starfile's own (its header, blocks and row formatting), with z3lib named in the
     first line and, with ``relion_version``, a ``# version`` line before the optics and particle
-    blocks.
+    blocks. ``wide[block][column]`` (a 2-D array, or anything sliced by rows into one, such as
+    :class:`~z3lib.io.coefficients.CoefficientFile`) fills that column chunk by chunk with
+    :func:`format_coefficient_column` strings.
     """
     from starfile.writer import loop_block, package_info, simple_block
 
@@ -138,8 +147,14 @@ def _star_lines(writer: Any, relion_version: str | None) -> Iterator[str]:
             yield from simple_block(block_name=name, data=block, **options)
             continue
         head = 3 + len(block.columns)  # data_, blank, loop_, one line per column
-        for start in range(0, max(len(block), 1), _STAR_CHUNK_ROWS):
-            chunk = block.iloc[start : start + _STAR_CHUNK_ROWS]
+        lazy = wide.get(name, {})
+        step = _WIDE_CHUNK_ROWS if lazy else _STAR_CHUNK_ROWS
+        for start in range(0, max(len(block), 1), step):
+            chunk = block.iloc[start : start + step]
+            if lazy:
+                chunk = chunk.copy()
+                for column, source in lazy.items():
+                    chunk[column] = format_coefficient_column(source[start : start + len(chunk)]) if len(chunk) else []
             lines = list(
                 loop_block(
                     block_name=name,
@@ -212,10 +227,13 @@ def _apply_table(particles: ParticleSet, rows: npt.NDArray[np.int64], out: pd.Da
                 out[conventions.SHIFT_COLUMNS_PIXELS[axis]] = shift
 
 
+def _is_wide(values: Any) -> bool:
+    """Whether ``values`` is an ``(n, 3K)`` coefficient source (formatted as the file is written)."""
+    return getattr(values, "ndim", 1) == 2 and not isinstance(values, pd.DataFrame)
+
+
 def _column_values(name: str, values: Any, n: int) -> Any:
     arr = values.to_numpy() if isinstance(values, (pd.Series, pd.Index)) else values
-    if isinstance(arr, np.ndarray) and arr.ndim == 2:
-        arr = format_coefficient_column(arr)
     length = len(arr) if hasattr(arr, "__len__") and not isinstance(arr, str) else None
     if length is None:
         return [arr] * n
@@ -245,8 +263,10 @@ def write_particles_star(
         gives the RELION-style ``raw`` block and the optics block built at read time.
     columns
         Columns to add (appended, in the given order) or overwrite (in place) in the particle
-        block: a mapping name → values (one per output row; a 2-D ``(n, 3K)`` array is formatted
-        with :func:`format_coefficient_column`), or a DataFrame (matched by position).
+        block: a mapping name → values (one per output row; a 2-D ``(n, 3K)`` array, or a
+        :class:`~z3lib.io.coefficients.CoefficientFile`, is formatted with
+        :func:`format_coefficient_column` a few hundred rows at a time as the file is written), or
+        a DataFrame (matched by position).
     zernike
         When given, a ``data_zernike3d`` block (single-value, non-loop): a
         :class:`~z3lib.zernike.ZernikeSpec`, or a mapping with the keys ``L1``, ``L2``, ``Rmax``
@@ -282,6 +302,7 @@ def write_particles_star(
     if table is not None:
         _apply_table(particles, rows, out, table)
     n = len(out)
+    wide: dict[str, Any] = {}
     if columns is not None:
         items = (
             [(str(c), columns[c].to_numpy()) for c in columns.columns]
@@ -289,7 +310,15 @@ def write_particles_star(
             else [(str(k), v) for k, v in columns.items()]
         )
         for name, values in items:
-            out[name] = _column_values(name, values, n)
+            if _is_wide(values):
+                if len(values) != n:
+                    raise Z3InputError(
+                        f"write_particles_star: column {name!r} has {len(values)} rows for {n} particles"
+                    )
+                wide[name] = values
+                out[name] = None  # its place among the columns; formatted as the file is written
+            else:
+                out[name] = _column_values(name, values, n)
 
     blocks: dict[str, Any] = {}
     optics_out = optics if optics is not None else particles.optics
@@ -301,4 +330,5 @@ def write_particles_star(
     if zernike is not None:
         blocks[ZERNIKE_BLOCK] = _validate_zernike(zernike)
     version = (particles.relion_version or _DEFAULT_RELION_VERSION) if optics_out is not None else None
-    write_star(path, blocks, relion_version=version)
+    block = "particles" if optics_out is not None else particles.block
+    write_star(path, blocks, relion_version=version, wide={block: wide})

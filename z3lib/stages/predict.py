@@ -69,7 +69,7 @@ def predict(
     log
         Logger for progress; default this module's.
     """
-    from z3lib.io import apply_poses, read_particles, write_coefficients, write_particles_star
+    from z3lib.io import CoefficientFile, apply_poses, open_coefficient_writer, read_particles, write_particles_star
 
     logger = log or logging.getLogger(__name__)
     out = Path(out_dir)
@@ -93,30 +93,49 @@ def predict(
     n = len(source)
     models = _load_models(model_paths, parts, particles, device)
     model, meta = models[0][0], models[0][1]
-    t0 = time.perf_counter()
-    pred: dict[str, np.ndarray] = {}
-    for net, _, rows in models:
-        part = predict_coefficients(
-            net, source if len(models) == 1 else source.take(rows), device=device, batch_size=batch_size, log=logger
-        )
-        for key, values in part.items():
-            pred.setdefault(key, np.zeros((n,) + values.shape[1:], dtype=values.dtype))[rows] = values
-    elapsed = time.perf_counter() - t0
-    rate = len(source) / max(elapsed, 1e-9)
-    logger.info("encoded %d particles in %.1f s (%.0f images/s)", len(source), elapsed, rate)
     cfg = model.config
     spec = cfg.zernike_spec(int(meta["box"]))
     spec_orig = spec.rescaled(int(meta["original_box"]))
-    coefficients = spec.convert(pred["coefficients"], spec_orig)
-    columns: dict[str, Any] = {"zernikeCoefficients": coefficients}
+    paths = {"particles": out / "particles.star", "coefficients": out / "coefficients.npy"}
+    t0 = time.perf_counter()
+    pred: dict[str, np.ndarray] = {}
+    # the coefficients go to the file as they are made (px of the original box), never all in memory
+    with open_coefficient_writer(paths["coefficients"], n, spec_orig.n_coefficients) as writer:
+        for net, _, rows in models:
+            part = predict_coefficients(
+                net,
+                source if len(models) == 1 else source.take(rows),
+                device=device,
+                batch_size=batch_size,
+                log=logger,
+                coefficients_out=_Converted(writer, rows, lambda c: spec.convert(c, spec_orig)),
+            )
+            for key, values in part.items():
+                pred.setdefault(key, np.zeros((n,) + values.shape[1:], dtype=values.dtype))[rows] = values
+    elapsed = time.perf_counter() - t0
+    rate = len(source) / max(elapsed, 1e-9)
+    logger.info("encoded %d particles in %.1f s (%.0f images/s)", len(source), elapsed, rate)
+    columns: dict[str, Any] = {"zernikeCoefficients": CoefficientFile(paths["coefficients"])}
     if cfg.refine_pose:
         table = (original.table if table is None else table).copy()
         columns.update(_apply_pose_corrections(table, pred, float(meta["pixel_size"]), original.pixel_size))
-    paths = {"particles": out / "particles.star", "coefficients": out / "coefficients.npy"}
-    write_coefficients(paths["coefficients"], coefficients)
     write_particles_star(paths["particles"], original, columns=columns, zernike=spec_orig, table=table)
     source.images.close()
     return paths
+
+
+class _Converted:
+    """A model's batches of coefficients, converted on their way into the file.
+
+    ``out[index] = values``: ``values`` (the model's own particle numbers ``index``, px of the
+    processing box) converted by ``convert`` go to ``writer``'s rows ``rows[index]``.
+    """
+
+    def __init__(self, writer: Any, rows: np.ndarray, convert: Any) -> None:
+        self.writer, self.rows, self.convert = writer, rows, convert
+
+    def __setitem__(self, index: np.ndarray, values: np.ndarray) -> None:
+        self.writer[self.rows[index]] = self.convert(values)
 
 
 def _load_models(

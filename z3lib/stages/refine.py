@@ -393,26 +393,42 @@ def gather_refined(
     kept), the ``data_zernike3d`` block (``zernike``: the config's section, ``L1``, ``L2`` and
     ``basis``, on the original box), and refined angles, shifts and defocus.
     """
-    from z3lib.io import read_npz, read_particles, write_coefficients, write_particles_star
+    from z3lib.io import CoefficientFile, open_coefficient_writer, read_npz, read_particles, write_particles_star
 
     logger = log or logging.getLogger(__name__)
     original = read_particles(original_particles, pixel_size=pixel_size, image_root=image_root)
-    chunks = [read_npz(p) for p in chunk_paths]
-    index = np.concatenate([c["index"] for c in chunks])
     n = len(original)
-    if len(index) != n or not np.array_equal(np.sort(index), np.arange(n)):
-        raise ValueError(
-            f"the chunks cover {len(index)} rows ({len(np.unique(index))} distinct) but "
-            f"{original_particles} has {n} particles: a chunk is missing or repeated"
-        )
+    out = Path(out_dir)
+    paths = {"particles": out / "particles.star", "coefficients": out / "coefficients.npy"}
+    if not chunk_paths:
+        raise ValueError("gather_refined needs at least one refined chunk")
+    with np.load(chunk_paths[0], allow_pickle=False) as first:
+        spec = zk.ZernikeSpec.from_config(zernike, int(first["original_box"]))
+        apix_proc = float(first["pixel_size"])
+    small: dict[str, list[np.ndarray]] = {}
+    # one chunk in memory at a time: its coefficients go straight to the file, the rest is small
+    with open_coefficient_writer(paths["coefficients"], n, spec.n_coefficients) as writer:
+        for path in chunk_paths:
+            chunk = read_npz(path)
+            spec.check(chunk["coefficients"], f"the refined chunk {path}")
+            index = chunk["index"]
+            if len(index) and (index.min() < 0 or index.max() >= n):
+                raise ValueError(f"{path} holds rows up to {index.max()} but {original_particles} has {n} particles")
+            writer[index] = chunk.pop("coefficients")
+            for key, values in chunk.items():
+                if values.ndim and len(values) == len(index):
+                    small.setdefault(key, []).append(values)
+        index = np.concatenate(small["index"])
+        if len(index) != n or not np.array_equal(np.sort(index), np.arange(n)):
+            raise ValueError(
+                f"the chunks cover {len(index)} rows ({len(np.unique(index))} distinct) but "
+                f"{original_particles} has {n} particles: a chunk is missing or repeated"
+            )
     order = np.argsort(index)
 
     def stacked(key: str) -> np.ndarray:
-        return np.concatenate([c[key] for c in chunks])[order]
+        return np.concatenate(small[key])[order]
 
-    orig_box = int(chunks[0]["original_box"])
-    apix_proc = float(chunks[0]["pixel_size"])
-    coefficients = stacked("coefficients")
     table = original.table.copy()
     angles = stacked("angles")
     for j, name in enumerate(("rot", "tilt", "psi")):
@@ -421,24 +437,19 @@ def gather_refined(
     shifts_px_orig = shift_angstrom_to_pixels(shifts_angstrom, original.pixel_size)
     table["shift_x"], table["shift_y"] = shifts_px_orig[:, 0], shifts_px_orig[:, 1]
     for name in ("defocus_u", "defocus_v"):  # Å; chunks of z3lib <= 0.1.3 hold the offset only
-        table[name] = stacked(name) if name in chunks[0] else table[name].to_numpy() + stacked("defocus_offset")
+        table[name] = stacked(name) if name in small else table[name].to_numpy() + stacked("defocus_offset")
     flagged = stacked("flagged").astype(bool)
     columns = {
-        "zernikeCoefficients": coefficients,
+        "zernikeCoefficients": CoefficientFile(paths["coefficients"]),
         "zernikeCost": stacked("cost"),
         "zernikeCostPrior": stacked("cost_prior"),
         "zernikeRefineFlag": flagged.astype(np.int64),
     }
-    spec = zk.ZernikeSpec.from_config(zernike, orig_box)
-    spec.check(coefficients, f"the refined chunks {chunk_paths[0]}…")
-    out = Path(out_dir)
-    paths = {"particles": out / "particles.star", "coefficients": out / "coefficients.npy"}
-    write_coefficients(paths["coefficients"], coefficients)
     write_particles_star(paths["particles"], original, columns=columns, zernike=spec, table=table)
     logger.info(
         "gathered %d particles from %d chunks: %d flagged (prior kept), mean cost %.4f → %.4f",
         n,
-        len(chunks),
+        len(chunk_paths),
         int(flagged.sum()),
         float(stacked("cost_prior").mean()),
         float(stacked("cost").mean()),

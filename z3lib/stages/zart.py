@@ -13,9 +13,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from z3lib.field_scale import centre_fields, choose_field_scale, frame_fields, pull_back
+from z3lib.field_scale import choose_field_scale, frame_fields, pull_back
 from z3lib.io import ImageStack, Particles
 from z3lib.zart import (
+    FieldRows,
     ZartConfig,
     get_backend,
     half_sets,
@@ -125,7 +126,7 @@ def zart(
 
 def _scaled_fields(
     be: Any,
-    coeffs: np.ndarray | None,
+    coeffs: FieldRows | None,
     half_pts: list[np.ndarray],
     half_z: list[np.ndarray | None],
     stack: Any,
@@ -137,7 +138,7 @@ def _scaled_fields(
     fsc_mask: np.ndarray,
     step: int,
     logger: logging.Logger,
-) -> tuple[np.ndarray | None, pd.DataFrame | None]:
+) -> tuple[FieldRows | None, pd.DataFrame | None]:
     """Return the fields centred on ``config.frame`` and scaled by ``config.field_scale``, and the scale table.
 
     ``"auto"`` cross-validates the scale (:func:`z3lib.field_scale.choose_field_scale`); a number must be
@@ -145,7 +146,6 @@ def _scaled_fields(
     """
     if coeffs is None:
         return None, None
-    coeffs = centre_fields(coeffs, halves, config.frame)
     scale_table = None
     if config.field_scale == "auto":
         zs = [z for z in half_z if z is not None]
@@ -159,7 +159,7 @@ def _scaled_fields(
     if scale_table is None:
         scale_table = pd.DataFrame({"scale": [scale]})
     scale_table["chosen"] = scale_table["scale"] == scale
-    return (coeffs * scale if scale > 0 else None), scale_table
+    return (coeffs.scaled(scale) if scale > 0 else None), scale_table
 
 
 def _write_tables(
@@ -222,31 +222,34 @@ def _fields(
     box: int,
     halves: tuple[np.ndarray, np.ndarray],
     frame: str,
-) -> tuple[np.ndarray | None, list[np.ndarray | None]]:
+) -> tuple[FieldRows | None, list[np.ndarray | None]]:
     """Read the fields and evaluate each half's basis on the processing box.
 
     The fields ``(n, 3K)`` come back in px of the processing box ``box`` (``spec`` is their basis
-    on the original box), each half's basis values ``(N_h, K)`` at its points pulled back through
-    its frame field (:func:`z3lib.field_scale.pull_back`); None (and no basis) without
-    ``coefficients``.
+    on the original box), centred on their half set's frame field (``frame``,
+    :func:`z3lib.field_scale.frame_fields`) and read from the file a batch at a time
+    (:class:`~z3lib.zart.FieldRows`); each half's basis values ``(N_h, K)`` at its points pulled
+    back through its frame field (:func:`z3lib.field_scale.pull_back`). None (and no basis)
+    without ``coefficients``.
     """
-    from z3lib.io import read_coefficients
+    from z3lib.io import CoefficientFile
 
     half_z: list[np.ndarray | None] = [None, None]
     if coefficients is None:
         return None, half_z
-    original = read_coefficients(coefficients)
-    spec.check(original, str(coefficients))
+    source = CoefficientFile(coefficients)
+    spec.check(source, str(coefficients))
     processing = spec.rescaled(box)
-    coeffs = spec.convert(original, processing)
-    if coeffs.shape[0] != len(parts):
-        raise ValueError(f"{coefficients} has {coeffs.shape[0]} rows but {particles} has {len(parts)} particles")
-    frames = frame_fields(coeffs, halves, frame)
+    if source.shape[0] != len(parts):
+        raise ValueError(f"{coefficients} has {source.shape[0]} rows but {particles} has {len(parts)} particles")
+    # read a batch of rows at a time, converted to px of the processing box: never all in memory
+    fields = FieldRows(source, lambda c: spec.convert(c, processing))
+    frames = frame_fields(fields, halves, frame)
     half_z = [
         processing.evaluate(pull_back(p, processing, c)).astype(np.float32)
         for p, c in zip(half_pts, frames, strict=True)
     ]
-    return coeffs, half_z
+    return FieldRows(fields.source, fields.convert, halves=halves, frames=frames), half_z
 
 
 def _half_maps(
@@ -254,7 +257,7 @@ def _half_maps(
     name: str,
     half_pts: list[np.ndarray],
     half_z: list[np.ndarray | None],
-    coefficients: np.ndarray | None,
+    coefficients: FieldRows | None,
     stack: ImageStack,
     parts: Particles,
     halves: tuple[np.ndarray, np.ndarray],
