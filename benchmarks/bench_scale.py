@@ -5,14 +5,16 @@ demo's AdK motion (z3's renderer, box 128, 1.1 Å/px, SNR 0.1, its consensus map
 from the noisy particles) repeated with fresh Gaussian noise on every copy; poses and CTFs go
 with the images. For each size (the first ``n`` rows) every stage runs in a process of its own,
 as the workflow runs it, through the library's stage functions: preprocess (box 128 → 64),
-train (``--epochs``), predict, refine (one chunk, ``--refine-steps``, a 9-point landscape grid,
-the network's principal directions) and ZART (``--zart-iterations``, field scale 1, numpy).
+train (``--epochs``), predict, refine (``--refine-steps``, a 9-point landscape grid, the network's
+principal directions; scattered as the workflow scatters it, one process per chunk of at most
+``--refine-chunk`` particles, then the gather) and ZART (``--zart-iterations``, field scale 1, numpy).
 Each prints one JSON line: wall time, particles/s and the peak resident memory of its process
 (``VmHWM``, MB). Training also reports the share of its epoch spent reading
 batches from the memory-mapped stack.
 
 Usage: python benchmarks/bench_scale.py [--sizes 10000 50000 100000] [--stages preprocess train
-       predict refine zart] [--epochs 1] [--refine-steps 10] [--zart-iterations 1] [--out FILE]
+       predict refine zart] [--epochs 1] [--refine-steps 10] [--refine-chunk 10000] [--zart-iterations 1]
+       [--stack 100000] [--out FILE]
 """
 
 from __future__ import annotations
@@ -88,10 +90,39 @@ def subset_star(folder: Path, n: int) -> Path:
 
 
 def run_stage(stage: str, folder: Path, n: int, args: argparse.Namespace) -> dict[str, Any]:
-    """Run one stage in a child process; return its JSON line with the child's peak RSS."""
+    """Run one stage in a child process; return its JSON line with the child's peak RSS.
+
+    Refinement runs as the workflow scatters it: one process per chunk of at most
+    ``--refine-chunk`` particles, then the gather in a process of its own; its line gives the
+    largest peak of the chunk processes, the gather's peak, and the wall time of all of them.
+    """
+    if stage != "refine":
+        return _child_row(stage, folder, n, args)
+    n_chunks = max(1, -(-n // args.refine_chunk))
+    chunks = [
+        _child_row("refine_chunk", folder, n, args, ["--chunk", str(c), "--n-chunks", str(n_chunks)])
+        for c in range(n_chunks)
+    ]
+    gather = _child_row("gather", folder, n, args, ["--n-chunks", str(n_chunks)])
+    wall = sum(c["wall_s"] for c in chunks) + gather["wall_s"]
+    return {
+        "stage": "refine",
+        "particles": n,
+        "wall_s": round(wall, 1),
+        "particles_per_s": round(n / wall, 1),
+        "chunks": n_chunks,
+        "peak_rss_mb": max(c["peak_rss_mb"] for c in chunks),
+        "gather_peak_rss_mb": gather["peak_rss_mb"],
+        "gather_wall_s": gather["wall_s"],
+    }
+
+
+def _child_row(
+    stage: str, folder: Path, n: int, args: argparse.Namespace, extra: list[str] | None = None
+) -> dict[str, Any]:
     command = [sys.executable, __file__, "--child", stage, "--folder", str(folder), "--n", str(n)]
     command += ["--epochs", str(args.epochs), "--refine-steps", str(args.refine_steps)]
-    command += ["--zart-iterations", str(args.zart_iterations)]
+    command += ["--zart-iterations", str(args.zart_iterations)] + (extra or [])
     result = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"stage {stage} at n={n} failed")
@@ -159,23 +190,28 @@ def child(stage: str, folder: Path, n: int, args: argparse.Namespace) -> dict[st
         from z3lib.stages.predict import predict
 
         predict(run / "train/model.pt", pre / "particles.star", subset_star(folder, n), run / "predict")
-    elif stage == "refine":
-        from z3lib.stages.refine import gather_refined, refine_chunk
+    elif stage == "refine_chunk":
+        from z3lib.stages.refine import refine_chunk
 
         # the network's principal directions as the landscape (no population refit), few steps
         cfg = RefineConfig(steps=args.refine_steps, grid_points=9, population_rounds=0)
-        chunk = refine_chunk(
+        (run / f"refine/chunk_{args.chunk}.progress").unlink(missing_ok=True)  # a measurement: never resume
+        refine_chunk(
             pre / "particles.star",
             run / "train/points.npz",
             run / "predict/coefficients.npy",
-            run / "refine/chunk.npz",
-            chunk=0,
-            n_chunks=1,
+            run / f"refine/chunk_{args.chunk}.npz",
+            chunk=args.chunk,
+            n_chunks=args.n_chunks,
             zernike=zernike,
             config=cfg,
-            progress_path=run / "refine/chunk.progress",
+            progress_path=run / f"refine/chunk_{args.chunk}.progress",
         )
-        gather_refined([chunk], subset_star(folder, n), run / "refine", zernike=zernike)
+    elif stage == "gather":
+        from z3lib.stages.refine import gather_refined
+
+        chunks = [run / f"refine/chunk_{c}.npz" for c in range(args.n_chunks)]
+        gather_refined(chunks, subset_star(folder, n), run / "refine", zernike=zernike)
     elif stage == "zart":
         from z3lib.stages.zart import zart
 
@@ -204,14 +240,22 @@ def main() -> None:
     parser.add_argument("--refine-steps", type=int, default=10)
     parser.add_argument("--zart-iterations", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--child", choices=STAGES, help=argparse.SUPPRESS)
+    parser.add_argument("--stack", type=int, default=100000, help="particles in the stack (sizes take its first rows)")
+    parser.add_argument("--refine-chunk", type=int, default=10000, help="particles per refinement chunk process")
+    parser.add_argument("--child", choices=STAGES + ["refine_chunk", "gather"], help=argparse.SUPPRESS)
+    parser.add_argument("--chunk", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--n-chunks", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.folder, args.n, args)))
         return
-    folder = make_stack(max(args.sizes))
+    import z3lib
+
+    if max(args.sizes) > args.stack:
+        parser.error(f"--sizes go up to {max(args.sizes)} but the stack holds --stack {args.stack}")
+    folder = make_stack(args.stack)
     stack_gb = (folder / "particles.mrcs").stat().st_size / 1e9
     for n in sorted(args.sizes):
         for stage in args.stages:
@@ -221,9 +265,11 @@ def main() -> None:
                 box=BOX,
                 processing_box=64,
                 degrees="7,7,orthonormal",
-                stack_gb=round(stack_gb * n / max(args.sizes), 2),
+                stack_gb=round(stack_gb * n / args.stack, 2),
                 epochs=args.epochs,
                 refine_steps=args.refine_steps,
+                refine_chunk=args.refine_chunk,
+                z3lib=z3lib.__version__,
                 zart_iterations=args.zart_iterations,
                 device_name=f"{platform.machine()} x{os.cpu_count()} cores",
             )
