@@ -214,6 +214,39 @@ def test_landscape_directions() -> None:
     np.testing.assert_allclose(land.mean, c.mean(0))
 
 
+def test_landscape_and_precision_from_rows_read_off_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two motions plus noise, 3,000 predictions read from a .npy a block at a time: the landscape
+    (from the scatter matrix) matches numpy's SVD of the whole centred array (directions up to the
+    fixed sign, score scale, range) and the precision matches the inverse of np.cov."""
+    import z3lib.io.coefficients as coefficients_io
+    from z3lib.io import CoefficientFile, FieldRows
+    from z3lib.refine import population_precision
+
+    monkeypatch.setattr(coefficients_io, "ROW_BLOCK", 256)
+    rng = np.random.default_rng(21)
+    u, v = rng.normal(size=39), rng.normal(size=39)
+    c = np.outer(rng.uniform(-2, 2, 3000), u) + np.outer(rng.normal(0, 0.5, 3000), v)
+    c += 0.01 * rng.normal(size=c.shape) + 1.5
+    np.save(tmp_path / "c.npy", c)
+    land = landscape_from_predictions(FieldRows(CoefficientFile(tmp_path / "c.npy")), variance=0.999)
+    _, sv, vt = np.linalg.svd(c - c.mean(0), full_matrices=False)
+    assert land.directions.shape == (2, 39)
+    signs = np.sign(np.sum(land.directions * vt[:2], axis=1))
+    np.testing.assert_allclose(land.directions, vt[:2] * signs[:, None], atol=1e-8)
+    for d in land.directions:
+        assert d[np.abs(d).argmax()] > 0
+    scores = (c - c.mean(0)) @ land.directions.T
+    np.testing.assert_allclose(land.mean, c.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(land.scale, scores.std(0) + 1e-12, rtol=1e-9)
+    np.testing.assert_allclose(land.low, scores.min(0), rtol=1e-9)
+    np.testing.assert_allclose(land.high, scores.max(0), rtol=1e-9)
+    cov = np.cov(c, rowvar=False)
+    cov += 1e-3 * np.trace(cov) / 39 * np.eye(39)
+    np.testing.assert_allclose(
+        population_precision(FieldRows(CoefficientFile(tmp_path / "c.npy"))), np.linalg.inv(cov), rtol=1e-6
+    )
+
+
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("refine")

@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from z3lib.zart import FieldRows, ZartConfig, heldout_correlation, masked_fsc, reconstruct_zart, values_to_volume
+from z3lib.io.coefficients import FieldRows
+from z3lib.zart import ZartConfig, heldout_correlation, masked_fsc, reconstruct_zart, values_to_volume
 
 FIELD_SCALES = (0.0, 0.25, 0.5, 0.75, 1.0)  # the candidates of field_scale "auto"
 SCALE_PARTICLES = 1000  # particles per half set that choose the field scale (fewer: all)
@@ -59,7 +60,7 @@ def medoid_field(coefficients: Any, *, fraction: float = MEDOID_FRACTION, rows: 
     curved one (a path through an intermediate) the mean lies off the path, where no particle is,
     and a map in that frame is an average of conformations instead of one.
 
-    ``coefficients`` is ``(n, 3K)`` (an array, or :class:`~z3lib.zart.FieldRows` read from disk) and
+    ``coefficients`` is ``(n, 3K)`` (an array, or :class:`~z3lib.io.coefficients.FieldRows` read from disk) and
     ``rows`` the vectors to use (default all). The median is solved on at most
     :data:`MEDOID_SAMPLE` evenly spaced rows (all of them below that); the distances and the mean
     go over every row, :data:`FRAME_BLOCK` at a time.
@@ -92,7 +93,7 @@ def frame_fields(coefficients: Any, halves: Sequence[np.ndarray], frame: str = "
 
     Each half on its own, so no information crosses them: ``"medoid"`` (:func:`medoid_field`, the
     frame of a conformation at the landscape's centre) or ``"mean"`` (the population's average
-    field). ``coefficients``: ``(n, 3K)``, an array or :class:`~z3lib.zart.FieldRows`.
+    field). ``coefficients``: ``(n, 3K)``, an array or :class:`~z3lib.io.coefficients.FieldRows`.
     """
     if frame not in ("medoid", "mean"):
         raise ValueError(f"zart.frame must be 'medoid' or 'mean', got {frame!r}")
@@ -110,7 +111,7 @@ def centre_fields(coefficients: np.ndarray, halves: Sequence[np.ndarray], frame:
     """Subtract from ``(n, 3K)`` coefficients their half set's frame field (:func:`frame_fields`).
 
     The corrected map is then the map of that conformation; its points are the reference's pulled
-    back through the frame field (:func:`pull_back`). (:class:`~z3lib.zart.FieldRows` does the
+    back through the frame field (:func:`pull_back`). (:class:`~z3lib.io.coefficients.FieldRows` does the
     same a batch at a time.)
     """
     out = np.array(coefficients, dtype=np.float64, copy=True)

@@ -37,7 +37,7 @@ prediction, or the population fit) keeps it and is flagged.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
@@ -144,34 +144,72 @@ class Landscape:
         return out
 
 
-def landscape_from_predictions(
-    coefficients: np.ndarray, *, variance: float = 0.95, max_dimensions: int = 4
-) -> Landscape:
-    """Mean and main principal directions of the predicted coefficients ``(n, 3K)``."""
-    c = np.asarray(coefficients, dtype=np.float64)
-    mean = c.mean(0)
-    if len(c) < 3:
+def _row_blocks(coefficients: Any) -> Iterator[np.ndarray]:
+    """Yield the rows of ``(n, 3K)`` coefficients (an array or a :class:`~z3lib.io.FieldRows`) in blocks, float64."""
+    from z3lib.io.coefficients import ROW_BLOCK
+
+    for lo in range(0, len(coefficients), ROW_BLOCK):
+        yield np.asarray(coefficients[lo : lo + ROW_BLOCK], dtype=np.float64)
+
+
+def _moments(coefficients: Any) -> tuple[int, np.ndarray, np.ndarray]:
+    """Return ``n``, the mean ``(3K,)`` and the scatter matrix ``Σ (c − mean)ᵀ(c − mean)`` ``(3K, 3K)``.
+
+    Two passes over the rows, a block at a time (the rows may be read from disk).
+    """
+    n, width = len(coefficients), int(coefficients.shape[1])
+    mean = np.zeros(width)
+    for block in _row_blocks(coefficients):
+        mean += block.sum(0)
+    mean /= max(n, 1)
+    scatter = np.zeros((width, width))
+    for block in _row_blocks(coefficients):
+        centred = block - mean
+        scatter += centred.T @ centred
+    return n, mean, scatter
+
+
+def landscape_from_predictions(coefficients: Any, *, variance: float = 0.95, max_dimensions: int = 4) -> Landscape:
+    """Mean and main principal directions of the predicted coefficients ``(n, 3K)``.
+
+    ``coefficients``: an array, or a :class:`~z3lib.io.FieldRows` read from disk a block at a time
+    (the principal directions come from the ``3K × 3K`` scatter matrix, so the rows are never all
+    in memory). Each direction's sign is fixed: its largest component is positive.
+    """
+    n, mean, scatter = _moments(coefficients)
+    if n < 3:
         raise ValueError("the landscape needs the predictions of at least 3 particles; use mode 'free'")
-    _, sv, vt = np.linalg.svd(c - mean, full_matrices=False)
-    frac = np.cumsum(sv**2) / max(float((sv**2).sum()), 1e-30)
-    k = min(int(max_dimensions), int(np.searchsorted(frac, variance)) + 1, len(sv))
-    dirs = vt[:k]
-    scores = (c - mean) @ dirs.T
-    return Landscape(mean=mean, directions=dirs, scale=scores.std(0) + 1e-12, low=scores.min(0), high=scores.max(0))
+    eigenvalues, vectors = np.linalg.eigh(scatter)
+    order = np.argsort(eigenvalues)[::-1][: min(n, len(eigenvalues))]
+    power = np.maximum(eigenvalues[order], 0.0)
+    frac = np.cumsum(power) / max(float(power.sum()), 1e-30)
+    k = min(int(max_dimensions), int(np.searchsorted(frac, variance)) + 1, len(power))
+    dirs = vectors[:, order[:k]].T
+    dirs *= np.where(dirs[np.arange(k), np.abs(dirs).argmax(1)] < 0, -1.0, 1.0)[:, None]
+    total, squares = np.zeros(k), np.zeros(k)
+    low, high = np.full(k, np.inf), np.full(k, -np.inf)
+    for block in _row_blocks(coefficients):
+        scores = (block - mean) @ dirs.T
+        total += scores.sum(0)
+        squares += (scores**2).sum(0)
+        low, high = np.minimum(low, scores.min(0)), np.maximum(high, scores.max(0))
+    std = np.sqrt(np.maximum(squares / n - (total / n) ** 2, 0.0))
+    return Landscape(mean=mean, directions=dirs, scale=std + 1e-12, low=low, high=high)
 
 
-def population_precision(coefficients: np.ndarray, *, floor: float = 1e-3) -> np.ndarray:
+def population_precision(coefficients: Any, *, floor: float = 1e-3) -> np.ndarray:
     """Inverse covariance ``(3K, 3K)`` of coefficient vectors ``(n, 3K)`` over the population.
 
     The covariance is regularised by ``floor`` × its mean variance on the diagonal, so that
-    directions the population never explores stay finite but expensive.
+    directions the population never explores stay finite but expensive. ``coefficients``: an
+    array or a :class:`~z3lib.io.FieldRows` (read a block at a time).
     """
-    c = np.asarray(coefficients, dtype=np.float64)
-    if len(c) < 2:
-        return np.eye(c.shape[1])
-    cov = np.cov(c, rowvar=False)
-    scale = max(float(np.trace(cov)) / c.shape[1], 1e-12)
-    cov += floor * scale * np.eye(c.shape[1])
+    if len(coefficients) < 2:
+        return np.eye(int(coefficients.shape[1]))
+    n, _, scatter = _moments(coefficients)
+    cov = scatter / (n - 1)
+    scale = max(float(np.trace(cov)) / cov.shape[0], 1e-12)
+    cov += floor * scale * np.eye(cov.shape[0])
     inv: np.ndarray = np.linalg.inv(cov)
     return inv
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from z3lib.decoder import PhysicalDecoder
+from z3lib.io.coefficients import FieldRows
 from z3lib.refine import (
     Landscape,
     RefineConfig,
@@ -49,7 +50,7 @@ def images_digest(source: ParticleBatchSource, index: np.ndarray, batch_size: in
 def progress_fingerprint(
     decoder: PhysicalDecoder,
     source: ParticleBatchSource,
-    prior: np.ndarray,
+    prior: np.ndarray | FieldRows,
     index: np.ndarray,
     config: RefineConfig,
     *,
@@ -82,7 +83,7 @@ def progress_fingerprint(
         "zernike": decoder.spec.to_block(),
         "device": torch.device(device).type,
         "index": array_digest(idx),
-        "prior": array_digest(np.asarray(prior)),
+        "prior": array_digest(prior),
         "decoder": {
             "state": state_digest(decoder.state_dict()),
             "box": decoder.box,
@@ -105,7 +106,11 @@ def progress_fingerprint(
 
 
 def _search_space(
-    prior: np.ndarray, config: RefineConfig, landscape: Landscape | None, device: torch.device, log: logging.Logger
+    prior: np.ndarray | FieldRows,
+    config: RefineConfig,
+    landscape: Landscape | None,
+    device: torch.device,
+    log: logging.Logger,
 ) -> tuple[Landscape | None, torch.Tensor | None]:
     """Return the landscape or the free mode's population precision, whichever the mode uses.
 
@@ -129,7 +134,7 @@ def _search_space(
 def refine_particles(
     decoder: PhysicalDecoder,
     source: ParticleBatchSource,
-    prior: np.ndarray,
+    prior: np.ndarray | FieldRows,
     config: RefineConfig,
     *,
     index: np.ndarray | None = None,

@@ -176,14 +176,25 @@ class _LossStep(torch.nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Digests (checkpoint and partial-result fingerprints)
 # ----------------------------------------------------------------------------------------------
-def array_digest(*arrays: np.ndarray | torch.Tensor) -> str:
-    """SHA-256 (hex) of the bytes, dtypes and shapes of arrays or tensors (checkpoint fingerprints)."""
+def array_digest(*arrays: Any) -> str:
+    """SHA-256 (hex) of the bytes, dtypes and shapes of arrays or tensors (checkpoint fingerprints).
+
+    A :class:`~z3lib.io.FieldRows` (rows read from disk) is hashed a block of rows at a time and
+    gives the digest of the array it stands for.
+    """
+    from z3lib.io.coefficients import FieldRows
+
     h = hashlib.sha256()
     for a in arrays:
+        if isinstance(a, FieldRows):
+            h.update(f"{a.dtype.str}{a.shape}".encode())
+            for block in a.blocks():
+                h.update(np.ascontiguousarray(block).reshape(-1).view(np.uint8).data)
+            continue
         arr = a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
         arr = np.ascontiguousarray(arr)
         h.update(f"{arr.dtype.str}{arr.shape}".encode())
-        h.update(arr.tobytes())
+        h.update(arr.reshape(-1).view(np.uint8).data)  # the bytes, without a copy
     return h.hexdigest()
 
 

@@ -19,11 +19,10 @@ optional positivity constraint. The unknowns are the values of the voxels inside
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -34,6 +33,7 @@ import pandas as pd
 from z3lib.conventions import box_center
 from z3lib.ctf import ctf_grid
 from z3lib.devices import choose_zart_backend, cupy_device_name
+from z3lib.io.coefficients import FieldRows
 from z3lib.settings import from_section
 
 # ----------------------------------------------------------------------------------------------
@@ -314,53 +314,6 @@ class ZartConfig:
         if not self.sigmas:
             return 0.0
         return float(self.sigmas[min(iteration, len(self.sigmas) - 1)])
-
-
-class FieldRows:
-    """Particles' fields ``s · (M c_i − f_h(i))`` ``(n, 3K)`` px, made a batch of rows at a time.
-
-    ``c_i`` are read from ``source`` (an array, or a :class:`~z3lib.io.coefficients.CoefficientFile`
-    read from disk), ``M`` is ``convert`` (e.g. px of the original box → px of the processing box),
-    ``f_h`` the frame field ``(3K,)`` of particle ``i``'s half set (rows in no half keep theirs)
-    and ``s`` the field scale. ZART and the field-scale search take rows with ``rows[index]``
-    (float32 when ``dtype`` says so); the whole ``(n, 3K)`` array never exists, so the memory a
-    reconstruction needs does not grow with the number of particles.
-    """
-
-    def __init__(
-        self,
-        source: Any,
-        convert: Any = None,
-        *,
-        halves: Sequence[np.ndarray] = (),
-        frames: Sequence[np.ndarray] = (),
-        scale: float = 1.0,
-        dtype: Any = np.float64,
-    ) -> None:
-        self.source, self.convert, self.scale, self.dtype = source, convert, float(scale), np.dtype(dtype)
-        n, width = int(source.shape[0]), int(source.shape[1])
-        self.shape = (n, width)
-        self._half = np.full(n, -1, dtype=np.int64)
-        for h, rows in enumerate(halves):
-            self._half[np.asarray(rows, dtype=np.int64)] = h
-        self._frames = np.vstack([np.asarray(f, np.float64) for f in frames] + [np.zeros(width)])  # row −1: none
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, rows: Any) -> np.ndarray:
-        index = np.arange(self.shape[0])[rows] if isinstance(rows, slice) else np.asarray(rows, dtype=np.int64)
-        c = np.asarray(self.source[index], dtype=np.float64)
-        if self.convert is not None:
-            c = self.convert(c)
-        out: np.ndarray = ((c - self._frames[self._half[index]]) * self.scale).astype(self.dtype, copy=False)
-        return out
-
-    def scaled(self, scale: float, dtype: Any = None) -> FieldRows:
-        """Return the same fields times ``scale`` (and cast to ``dtype``)."""
-        other = copy.copy(self)
-        other.scale, other.dtype = self.scale * float(scale), np.dtype(dtype or self.dtype)
-        return other
 
 
 def _filter(backend: Any, images: Any, transfer: Any, pad: int) -> Any:

@@ -10,11 +10,12 @@ that ``Rmax`` refers to (:mod:`z3lib.zernike`, which re-exports the column and t
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import math
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,8 @@ from z3lib.io._common import (
 from z3lib.zernike import ZernikeSpec
 
 ZERNIKE_COLUMN = "zernikeCoefficients"
+#: Rows of coefficients read at once when a whole file is streamed (:meth:`FieldRows.blocks`).
+ROW_BLOCK = 4096
 #: Name of the single-row STAR block describing the Zernike3D basis of ``ZERNIKE_COLUMN``.
 ZERNIKE_BLOCK = "zernike3d"
 
@@ -150,6 +153,59 @@ class CoefficientWriter:
             return
         for i, row in zip(index.tolist(), arr, strict=True):
             os.pwrite(self._fd, row.tobytes(), self._offset + i * self._row_bytes)
+
+
+class FieldRows:
+    """Particles' fields ``s · (M c_i − f_h(i))`` ``(n, 3K)`` px, made a batch of rows at a time.
+
+    ``c_i`` are read from ``source`` (an array, or a :class:`~z3lib.io.coefficients.CoefficientFile`
+    read from disk), ``M`` is ``convert`` (e.g. px of the original box → px of the processing box),
+    ``f_h`` the frame field ``(3K,)`` of particle ``i``'s half set (rows in no half keep theirs)
+    and ``s`` the field scale. ZART and the field-scale search take rows with ``rows[index]``
+    (float32 when ``dtype`` says so); the whole ``(n, 3K)`` array never exists, so the memory a
+    reconstruction needs does not grow with the number of particles. ``blocks()`` yields the
+    rows in order, :data:`ROW_BLOCK` at a time.
+    """
+
+    def __init__(
+        self,
+        source: Any,
+        convert: Any = None,
+        *,
+        halves: Sequence[np.ndarray] = (),
+        frames: Sequence[np.ndarray] = (),
+        scale: float = 1.0,
+        dtype: Any = np.float64,
+    ) -> None:
+        self.source, self.convert, self.scale, self.dtype = source, convert, float(scale), np.dtype(dtype)
+        n, width = int(source.shape[0]), int(source.shape[1])
+        self.shape = (n, width)
+        self._half = np.full(n, -1, dtype=np.int64)
+        for h, rows in enumerate(halves):
+            self._half[np.asarray(rows, dtype=np.int64)] = h
+        self._frames = np.vstack([np.asarray(f, np.float64) for f in frames] + [np.zeros(width)])  # row −1: none
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: Any) -> np.ndarray:
+        index = np.arange(self.shape[0])[rows] if isinstance(rows, slice) else np.asarray(rows, dtype=np.int64)
+        c = np.asarray(self.source[index], dtype=np.float64)
+        if self.convert is not None:
+            c = self.convert(c)
+        out: np.ndarray = ((c - self._frames[self._half[index]]) * self.scale).astype(self.dtype, copy=False)
+        return out
+
+    def scaled(self, scale: float, dtype: Any = None) -> FieldRows:
+        """Return the same fields times ``scale`` (and cast to ``dtype``)."""
+        other = copy.copy(self)
+        other.scale, other.dtype = self.scale * float(scale), np.dtype(dtype or self.dtype)
+        return other
+
+    def blocks(self) -> Iterator[np.ndarray]:
+        """Yield every row in order, :data:`ROW_BLOCK` rows at a time."""
+        for lo in range(0, self.shape[0], ROW_BLOCK):
+            yield self[lo : lo + ROW_BLOCK]
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ import torch
 from z3lib import zernike as zk
 from z3lib.conventions import shift_angstrom_to_pixels, shift_pixels_to_angstrom
 from z3lib.decoder import PhysicalDecoder, Roughness
-from z3lib.io import Particles
+from z3lib.io import FieldRows, Particles
 from z3lib.network import CloudExtras, NetworkConfig
 from z3lib.refine import Landscape, RefineConfig, make_decoder
 from z3lib.refine_run import chunk_rows, refine_particles
@@ -88,7 +88,7 @@ def refine_landscape(
     return outs
 
 
-def _fitted_landscapes(paths: Sequence[str | Path], prior: np.ndarray) -> tuple[np.ndarray, list[Landscape]]:
+def _fitted_landscapes(paths: Sequence[str | Path], prior: FieldRows) -> tuple[np.ndarray, list[Landscape]]:
     """Read the population fits of :func:`refine_landscape`.
 
     Returns the coefficients ``(n, 3K)`` (px of the processing box; ``prior``'s rows replaced by
@@ -97,7 +97,7 @@ def _fitted_landscapes(paths: Sequence[str | Path], prior: np.ndarray) -> tuple[
     from z3lib.io import Z3InputError, read_npz
     from z3lib.population import read_population
 
-    out = np.array(prior, copy=True)
+    out = prior[np.arange(len(prior))]
     lands = []
     covered = np.zeros(len(prior), dtype=np.int64)
     for path in paths:
@@ -179,7 +179,7 @@ def refine_chunk(
         empty: the landscape of the predictions.
     """
     logger = log or logging.getLogger(__name__)
-    parts, clouds, prior, spec = _refine_inputs(
+    parts, clouds, predicted, spec = _refine_inputs(
         particles,
         points,
         prior_coefficients,
@@ -190,9 +190,10 @@ def refine_chunk(
         image_root=image_root,
         log=logger,
     )
+    prior: np.ndarray | FieldRows = predicted
     fitted: list[Landscape] | None = None
     if landscapes and config.mode == "landscape":
-        prior, fitted = _fitted_landscapes(landscapes, prior)
+        prior, fitted = _fitted_landscapes(landscapes, predicted)
         logger.info("starting from the population's landscape (%s)", ", ".join(str(p) for p in landscapes))
     rows = chunk_rows(len(parts), chunk, n_chunks)
     first, last = (int(rows[0]), int(rows[-1])) if len(rows) else (0, -1)
@@ -259,13 +260,14 @@ def _refine_inputs(
     pixel_size: float | None,
     image_root: str | Path | None,
     log: logging.Logger,
-) -> tuple[Particles, list[dict[str, Any]], np.ndarray, zk.ZernikeSpec]:
+) -> tuple[Particles, list[dict[str, Any]], FieldRows, zk.ZernikeSpec]:
     """Read the particles (at their latest ``poses``), the point cloud(s), the predicted coefficients.
 
     The coefficients come back ``(n, 3K)`` in px of the processing box, checked against the particles
-    and the basis, with the basis on the processing box.
+    and the basis, as a :class:`~z3lib.io.FieldRows` that reads the rows asked for from the file;
+    the basis on the processing box.
     """
-    from z3lib.io import apply_poses, read_coefficients, read_npz, read_particles
+    from z3lib.io import CoefficientFile, apply_poses, read_npz, read_particles
 
     parts = read_particles(particles)
     if poses is not None:
@@ -280,7 +282,7 @@ def _refine_inputs(
     box, orig_box = int(clouds[0]["box"]), int(clouds[0]["original_box"])
     if any(int(c["box"]) != box or int(c["original_box"]) != orig_box for c in clouds):
         raise ValueError(f"the point clouds {point_paths} were made for different boxes")
-    prior_orig = read_coefficients(prior_coefficients)
+    prior_orig = CoefficientFile(prior_coefficients)
     spec_orig = zk.ZernikeSpec.from_config(zernike, orig_box)
     k3 = spec_orig.n_coefficients
     if prior_orig.shape != (len(parts), k3):
@@ -289,7 +291,8 @@ def _refine_inputs(
             f"({len(parts)}, {k3}) for {len(parts)} particles at (L1, L2) = {spec_orig.degrees}"
         )
     spec = spec_orig.rescaled(box)
-    return parts, clouds, spec_orig.convert(prior_orig, spec), spec
+    # read from the file a block of rows at a time, in px of the processing box
+    return parts, clouds, FieldRows(prior_orig, lambda c: spec_orig.convert(c, spec)), spec
 
 
 def _image_identity(parts: Particles) -> Callable[[np.ndarray], str]:
@@ -306,7 +309,7 @@ def _image_identity(parts: Particles) -> Callable[[np.ndarray], str]:
 def _refine_rows(
     source: ParticleBatchSource,
     clouds: list[dict[str, Any]],
-    prior: np.ndarray,
+    prior: np.ndarray | FieldRows,
     rows: np.ndarray,
     image_id: Callable[[np.ndarray], str],
     progress_path: str | Path | None,
@@ -359,7 +362,7 @@ def _refine_rows(
         res = refine_particles(
             decoder,
             source.take(group_rows) if h else source,
-            prior[group_rows],
+            prior[group_rows] if h else prior,
             config,
             index=local,
             device=device,

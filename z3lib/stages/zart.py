@@ -15,8 +15,8 @@ import pandas as pd
 
 from z3lib.field_scale import choose_field_scale, frame_fields, pull_back
 from z3lib.io import ImageStack, Particles
+from z3lib.io.coefficients import FieldRows
 from z3lib.zart import (
-    FieldRows,
     ZartConfig,
     get_backend,
     half_sets,
@@ -228,7 +228,7 @@ def _fields(
     The fields ``(n, 3K)`` come back in px of the processing box ``box`` (``spec`` is their basis
     on the original box), centred on their half set's frame field (``frame``,
     :func:`z3lib.field_scale.frame_fields`) and read from the file a batch at a time
-    (:class:`~z3lib.zart.FieldRows`); each half's basis values ``(N_h, K)`` at its points pulled
+    (:class:`~z3lib.io.coefficients.FieldRows`); each half's basis values ``(N_h, K)`` at its points pulled
     back through its frame field (:func:`z3lib.field_scale.pull_back`). None (and no basis)
     without ``coefficients``.
     """
