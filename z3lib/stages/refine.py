@@ -88,7 +88,9 @@ def refine_landscape(
     return outs
 
 
-def _fitted_landscapes(paths: Sequence[str | Path], prior: FieldRows) -> tuple[np.ndarray, list[Landscape]]:
+def _fitted_landscapes(
+    paths: Sequence[str | Path], prior: FieldRows, log: logging.Logger
+) -> tuple[np.ndarray, list[Landscape]]:
     """Read the population fits of :func:`refine_landscape`.
 
     Returns the coefficients ``(n, 3K)`` (px of the processing box; ``prior``'s rows replaced by
@@ -97,6 +99,7 @@ def _fitted_landscapes(paths: Sequence[str | Path], prior: FieldRows) -> tuple[n
     from z3lib.io import Z3InputError, read_npz
     from z3lib.population import read_population
 
+    log.info("starting from the population's landscape (%s)", ", ".join(str(p) for p in paths))
     out = prior[np.arange(len(prior))]
     lands = []
     covered = np.zeros(len(prior), dtype=np.int64)
@@ -193,8 +196,7 @@ def refine_chunk(
     prior: np.ndarray | FieldRows = predicted
     fitted: list[Landscape] | None = None
     if landscapes and config.mode == "landscape":
-        prior, fitted = _fitted_landscapes(landscapes, predicted)
-        logger.info("starting from the population's landscape (%s)", ", ".join(str(p) for p in landscapes))
+        prior, fitted = _fitted_landscapes(landscapes, predicted, logger)
     rows = chunk_rows(len(parts), chunk, n_chunks)
     first, last = (int(rows[0]), int(rows[-1])) if len(rows) else (0, -1)
     logger.info("refining chunk %d/%d: particles %d…%d of %d", chunk + 1, n_chunks, first, last, len(parts))
