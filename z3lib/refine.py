@@ -145,11 +145,11 @@ class Landscape:
 
 
 def _row_blocks(coefficients: Any) -> Iterator[np.ndarray]:
-    """Yield the rows of ``(n, 3K)`` coefficients (an array or a :class:`~z3lib.io.FieldRows`) in blocks, float64."""
-    from z3lib.io.coefficients import ROW_BLOCK
+    """Yield the rows of ``(n, 3K)`` coefficients in float64 blocks (:func:`z3lib.io.coefficients.row_blocks`)."""
+    from z3lib.io.coefficients import row_blocks
 
-    for lo in range(0, len(coefficients), ROW_BLOCK):
-        yield np.asarray(coefficients[lo : lo + ROW_BLOCK], dtype=np.float64)
+    for block in row_blocks(coefficients):
+        yield block.astype(np.float64, copy=False)
 
 
 def _moments(coefficients: Any) -> tuple[int, np.ndarray, np.ndarray]:

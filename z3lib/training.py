@@ -182,19 +182,18 @@ def array_digest(*arrays: Any) -> str:
     A :class:`~z3lib.io.FieldRows` (rows read from disk) is hashed a block of rows at a time and
     gives the digest of the array it stands for.
     """
-    from z3lib.io.coefficients import FieldRows
+    from z3lib.io.coefficients import FieldRows, row_blocks
 
     h = hashlib.sha256()
     for a in arrays:
-        if isinstance(a, FieldRows):
-            h.update(f"{a.dtype.str}{a.shape}".encode())
-            for block in a.blocks():
-                h.update(np.ascontiguousarray(block).reshape(-1).view(np.uint8).data)
-            continue
-        arr = a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
-        arr = np.ascontiguousarray(arr)
-        h.update(f"{arr.dtype.str}{arr.shape}".encode())
-        h.update(arr.reshape(-1).view(np.uint8).data)  # the bytes, without a copy
+        if isinstance(a, FieldRows):  # the bytes of the array it stands for, a block at a time
+            dtype, shape, blocks = a.dtype, a.shape, row_blocks(a)
+        else:
+            arr = np.ascontiguousarray(a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a))
+            dtype, shape, blocks = arr.dtype, arr.shape, iter([arr])
+        h.update(f"{dtype.str}{shape}".encode())
+        for block in blocks:
+            h.update(np.ascontiguousarray(block).reshape(-1).view(np.uint8).data)  # no bytes copy
     return h.hexdigest()
 
 

@@ -163,8 +163,8 @@ class FieldRows:
     ``f_h`` the frame field ``(3K,)`` of particle ``i``'s half set (rows in no half keep theirs)
     and ``s`` the field scale. ZART and the field-scale search take rows with ``rows[index]``
     (float32 when ``dtype`` says so); the whole ``(n, 3K)`` array never exists, so the memory a
-    reconstruction needs does not grow with the number of particles. ``blocks()`` yields the
-    rows in order, :data:`ROW_BLOCK` at a time.
+    reconstruction needs does not grow with the number of particles (:func:`row_blocks` streams
+    all of them).
     """
 
     def __init__(
@@ -189,7 +189,7 @@ class FieldRows:
         return self.shape[0]
 
     def __getitem__(self, rows: Any) -> np.ndarray:
-        index = np.arange(self.shape[0])[rows] if isinstance(rows, slice) else np.asarray(rows, dtype=np.int64)
+        index = np.arange(*rows.indices(self.shape[0])) if isinstance(rows, slice) else np.asarray(rows, dtype=np.int64)
         c = np.asarray(self.source[index], dtype=np.float64)
         if self.convert is not None:
             c = self.convert(c)
@@ -202,10 +202,15 @@ class FieldRows:
         other.scale, other.dtype = self.scale * float(scale), np.dtype(dtype or self.dtype)
         return other
 
-    def blocks(self) -> Iterator[np.ndarray]:
-        """Yield every row in order, :data:`ROW_BLOCK` rows at a time."""
-        for lo in range(0, self.shape[0], ROW_BLOCK):
-            yield self[lo : lo + ROW_BLOCK]
+
+def row_blocks(coefficients: Any) -> Iterator[np.ndarray]:
+    """Yield every row of ``(n, 3K)`` coefficients in order, :data:`ROW_BLOCK` rows at a time.
+
+    ``coefficients``: an array, a :class:`CoefficientFile` or a :class:`FieldRows` (each block read
+    from disk as it is needed).
+    """
+    for lo in range(0, len(coefficients), ROW_BLOCK):
+        yield np.asarray(coefficients[lo : lo + ROW_BLOCK])
 
 
 @contextlib.contextmanager

@@ -154,7 +154,7 @@ def _star_lines(writer: Any, relion_version: str | None, wide: Mapping[str, Mapp
             if lazy:
                 chunk = chunk.copy()
                 for column, source in lazy.items():
-                    chunk[column] = format_coefficient_column(source[start : start + len(chunk)]) if len(chunk) else []
+                    chunk[column] = format_coefficient_column(source[start : start + len(chunk)])
             lines = list(
                 loop_block(
                     block_name=name,
