@@ -36,10 +36,11 @@ __all__ = [
 def bilinear_weights(positions: torch.Tensor, box: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat indices and weights of the four bilinear neighbours of each position.
 
-    Indices address a batch of images padded by one pixel on every side, ``(B, box+2, box+2)``
-    flattened, so that every neighbour of a point within one pixel of the image has a valid
-    slot; cropping the border afterwards drops what fell outside. Points further out (or NaN)
-    get weight 0.
+    Indices address a batch of images padded by :data:`_MARGIN` pixels on every side,
+    ``(B, box + 2·margin, box + 2·margin)`` flattened. Positions are first clamped into that
+    border (NaN to its corner), so every neighbour of every point has a valid slot; neighbours
+    outside the image fall in the border, which reads as zero and is cropped after splatting,
+    so points outside the image contribute nothing.
 
     Parameters
     ----------
@@ -53,41 +54,44 @@ def bilinear_weights(positions: torch.Tensor, box: int) -> tuple[torch.Tensor, t
     ``index`` ``(4, B, N)`` int64 into the flattened padded batch and ``weight`` ``(4, B, N)``,
     the neighbours in the order (u0, v0), (u0+1, v0), (u0, v0+1), (u0+1, v0+1).
     """
-    base, weights, _ = _bilinear_parts(positions, box)
-    index = torch.stack([base + k for k in _neighbour_offsets(box)])
-    return index, torch.stack(weights)
+    base, (gu, fu, gv, fv) = _bilinear_parts(positions, box)
+    index = torch.stack([base.long() + k for k in _neighbour_offsets(box)])
+    return index, torch.stack([gv * gu, gv * fu, fv * gu, fv * fu])
+
+
+# border (px) around the image in which the neighbours of points outside it land
+_MARGIN = 2
 
 
 def _neighbour_offsets(box: int) -> tuple[int, int, int, int]:
-    """Flat offsets of the four bilinear neighbours from (u0, v0) in a padded ``box + 2`` image."""
-    width = box + 2
+    """Flat offsets of the four bilinear neighbours from (u0, v0) in a padded image."""
+    width = box + 2 * _MARGIN
     return (0, 1, width, width + 1)
 
 
 def _bilinear_parts(
     positions: torch.Tensor, box: int
-) -> tuple[torch.Tensor, list[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Flat index of each point's (u0, v0) neighbour, the four weights, and the 1-D factors.
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Flat index of each point's (u0, v0) neighbour and the 1-D bilinear factors.
 
-    Returns ``base`` ``(B, N)`` int64 (the neighbours are ``base + _neighbour_offsets``), the
-    weights ``(B, N)`` in the order of :func:`bilinear_weights`, and ``(1 − f_u, f_u, 1 − f_v, f_v)``
-    with the u-factors zero outside the image, so that every weight is. Whole ``(B, N)`` tensors
-    only (no stacking along a short last axis, which is slow on the CPU).
+    Returns ``base`` ``(B, N)`` int32 into the flattened batch padded by :data:`_MARGIN` (the
+    neighbours are ``base + _neighbour_offsets``) and ``(1 − f_u, f_u, 1 − f_v, f_v)``. Each
+    coordinate is clamped to ``[−margin, box + margin − 1.5]`` first (NaN to ``−margin``): a
+    point outside the image keeps all four neighbours in the border, where nothing is read or
+    kept, and a point inside is untouched; no masks. Whole ``(B, N)`` tensors only (no stacking
+    along a short last axis, which is slow on the CPU).
     """
-    width = box + 2
-    u, v = positions[..., 0], positions[..., 1]
+    width = box + 2 * _MARGIN
+    lo, hi = -float(_MARGIN), box + _MARGIN - 1.5
+    u = torch.nan_to_num(positions[..., 0], nan=lo).clamp_(lo, hi)
+    v = torch.nan_to_num(positions[..., 1], nan=lo).clamp_(lo, hi)
     u0, v0 = torch.floor(u), torch.floor(v)
-    inside_b = (u0 >= -1) & (u0 <= box - 1) & (v0 >= -1) & (v0 <= box - 1)  # False for NaN too
-    inside = inside_b.to(positions.dtype)
-    u0 = torch.where(inside_b, u0, 0.0)
-    v0 = torch.where(inside_b, v0, 0.0)
-    fu = torch.where(inside_b, u - u0, 0.0)
-    fv = torch.where(inside_b, v - v0, 0.0)
-    gu, gv = inside - fu, 1 - fv
+    fu, fv = u - u0, v - v0
     # offset inside one padded image, exact in floating point (width² < 2²⁴), converted once
-    base = ((v0 + 1) * width + (u0 + 1)).to(torch.int64)
-    base = base + torch.arange(positions.shape[0], device=positions.device).view(-1, 1) * (width * width)
-    return base, [gv * gu, gv * fu, fv * gu, fv * fu], (gu, fu, gv, fv)
+    base = torch.addcmul(u0, v0, u0.new_tensor(float(width))).to(torch.int32)
+    first = torch.arange(positions.shape[0], device=positions.device, dtype=torch.int32) * (width * width)
+    base += (first + (_MARGIN * width + _MARGIN)).view(-1, 1)
+    return base, (1 - fu, fu, 1 - fv, fv)
 
 
 class _Splat(torch.autograd.Function):
@@ -96,44 +100,50 @@ class _Splat(torch.autograd.Function):
     Autograd through :func:`bilinear_weights` would record a dozen whole-batch operations per
     call; here the backward pass is the adjoint (a gather) and the derivative of the weights in
     closed form: ``∂/∂u = a Σ_j wv_j (g_{j,1} − g_{j,0})``, ``∂/∂v = a Σ_i wu_i (g_{1,i} − g_{0,i})``
-    for a point of amplitude ``a`` inside the image (0 outside: the u-factors ``wu`` vanish
-    there, and so does ``∂/∂u`` through its factor ``wu_0 + wu_1``), ``g_{j,i}`` the gradient at
-    its neighbour (u0 + i, v0 + j); ``∂/∂a = Σ w g``.
+    for a point of amplitude ``a``, ``g_{j,i}`` the gradient at its neighbour (u0 + i, v0 + j),
+    zero in the border (so a point outside the image, clamped there, gets none); ``∂/∂a = Σ w g``.
     """
 
     @staticmethod
     def forward(ctx: Any, positions: torch.Tensor, values: torch.Tensor, box: int) -> torch.Tensor:
         b = positions.shape[0]
-        width = box + 2
-        base, weights, factors = _bilinear_parts(positions, box)
+        width = box + 2 * _MARGIN
+        base, factors = _bilinear_parts(positions, box)
+        gu, fu, gv, fv = factors
         vals = values.to(positions.dtype)
         vals2 = vals.unsqueeze(0) if vals.dim() == 1 else vals
         flat = positions.new_zeros(b * width * width)
         index = base.reshape(-1)
-        for offset, weight in zip(_neighbour_offsets(box), weights, strict=True):
+        low, high = gv * vals2, fv * vals2  # the row factors times the amplitude
+        for offset, row, column in zip(_neighbour_offsets(box), (low, low, high, high), (gu, fu, gu, fu), strict=True):
             # the neighbour base + offset of flat is neighbour base of the view flat[offset:]
-            flat[offset:].index_add_(0, index, (weight * vals2).reshape(-1))
+            flat[offset:].index_add_(0, index, (row * column).reshape(-1))
         ctx.save_for_backward(base, *factors, vals2)
         ctx.box = box
         ctx.values_shape = values.shape
         ctx.values_dtype = values.dtype
-        return flat.view(b, width, width)[:, 1:-1, 1:-1]
+        m = _MARGIN
+        return flat.view(b, width, width)[:, m:-m, m:-m]
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         base, gu, fu, gv, fv, vals2 = ctx.saved_tensors
-        padded = torch.nn.functional.pad(grad, (1, 1, 1, 1)).reshape(-1)
+        m = _MARGIN
+        padded = torch.nn.functional.pad(grad, (m, m, m, m)).reshape(-1)
         index = base.reshape(-1)
         g00, g10, g01, g11 = (padded[k:].index_select(0, index).view_as(base) for k in _neighbour_offsets(ctx.box))
         grad_positions = grad_values = None
+        # the gradient interpolated along u on the point's two rows: ∂/∂v = a (r1 − r0)
+        r0 = torch.addcmul(gu * g00, fu, g10)
+        r1 = torch.addcmul(gu * g01, fu, g11)
         if ctx.needs_input_grad[0]:
             b, n = base.shape
             # laid out as (B, 2, N), each coordinate contiguous, seen as (B, N, 2)
-            grad_positions = base.new_empty((b, 2, n), dtype=vals2.dtype).transpose(1, 2)
-            torch.mul(gv * (g10 - g00) + fv * (g11 - g01), (gu + fu) * vals2, out=grad_positions[..., 0])
-            torch.mul(gu * (g01 - g00) + fu * (g11 - g10), vals2, out=grad_positions[..., 1])
+            grad_positions = vals2.new_empty((b, 2, n)).transpose(1, 2)
+            torch.mul(torch.addcmul(gv * (g10 - g00), fv, g11 - g01), vals2, out=grad_positions[..., 0])
+            torch.mul(r1 - r0, vals2, out=grad_positions[..., 1])
         if ctx.needs_input_grad[1]:
-            grad_values = gv * (gu * g00 + fu * g10) + fv * (gu * g01 + fu * g11)
+            grad_values = torch.addcmul(gv * r0, fv, r1)
             grad_values = grad_values.sum(0) if len(ctx.values_shape) == 1 else grad_values
             grad_values = grad_values.to(ctx.values_dtype)
         return grad_positions, grad_values, None
@@ -177,7 +187,8 @@ def gather_bilinear(images: torch.Tensor, positions: torch.Tensor) -> torch.Tens
     """
     box = images.shape[-1]
     index, weight = bilinear_weights(positions, box)
-    flat = torch.nn.functional.pad(images, (1, 1, 1, 1)).reshape(-1)
+    m = _MARGIN
+    flat = torch.nn.functional.pad(images, (m, m, m, m)).reshape(-1)
     return (flat[index] * weight).sum(0)
 
 
@@ -216,20 +227,20 @@ def image_positions(
     # the rotated coefficients (B, 2, K) meet the basis in one (2B, K)·(K, N) product, 2/3 of
     # the work of deforming in 3-D first
     rows = rotations[:, :2, :].to(dtype)
-    xy_t = rows.reshape(2 * b, 3) @ points.to(dtype).T  # (2B, N)
+    # the centre minus the shift starts each of the 2B rows, and each product accumulates onto it
+    start = torch.full((b, 2), float(box_center(box)), dtype=dtype, device=rotations.device)
+    if shifts is not None:
+        start = start - shifts.to(dtype)
+    xy_t = torch.addmm(start.reshape(2 * b, 1), rows.reshape(2 * b, 3), points.to(dtype).T)  # (2B, N)
     if coefficients is not None:
         if basis is None:
             raise ValueError("coefficients were given without the basis values at the points")
         rotated = rows @ split_axes(coefficients.to(dtype))  # (B, 2, K)
         if rotated.shape[-1] != basis.shape[-1]:
             raise ValueError(f"coefficients have K={rotated.shape[-1]} per axis but the basis has K={basis.shape[-1]}")
-        xy_t = xy_t + rotated.reshape(2 * b, -1) @ basis.to(dtype).T
+        xy_t = torch.addmm(xy_t, rotated.reshape(2 * b, -1), basis.to(dtype).T)
     # (B, N, 2) seen in the (B, 2, N) layout: each particle's u and v are contiguous rows
-    xy = xy_t.reshape(b, 2, n).transpose(1, 2)
-    center = float(box_center(box))
-    if shifts is not None:
-        xy = xy - shifts.to(dtype).unsqueeze(1)
-    return xy + center
+    return xy_t.reshape(b, 2, n).transpose(1, 2)
 
 
 def project_points(
