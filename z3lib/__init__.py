@@ -4,7 +4,7 @@ The library behind the z3 Snakemake workflow; ``__version__`` and the per-rule o
 live here.
 """
 
-__version__ = "0.1.10"
+__version__ = "0.1.11"
 
 #: The library version at which each pipeline rule's numerical output last changed. Snakemake
 #: cannot see library code, so every rule carries its entry in its params: a library change that
@@ -15,8 +15,8 @@ __version__ = "0.1.10"
 OUTPUT_VERSIONS: dict[str, str] = {
     "simulate": "0.1.9",  # the splat, positions and CTF filter reordered for speed (same numbers to rounding)
     "preprocess": "0.1.5",
-    "train": "0.1.9",
-    "predict": "0.1.9",
+    "train": "0.1.11",  # the encoder's reference channel projected on its own coarse grid
+    "predict": "0.1.11",
     "refine_landscape": "0.1.10",  # landscape and population prior from the scatter matrix (signs fixed)
     "refine_chunk": "0.1.10",
     "refine": "0.1.5",

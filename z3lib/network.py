@@ -31,12 +31,12 @@ from torch import nn
 
 from z3lib import zernike as zk
 from z3lib.ctf import CtfParams, compute_ctf
-from z3lib.decoder import Loss, PhysicalDecoder, Roughness, circle_mask
+from z3lib.decoder import CoarseReference, Loss, PhysicalDecoder, Roughness, circle_mask
 from z3lib.settings import check_choices, from_section
 
 Encoder = Literal["conv", "mlp"]
 #: The ``format`` of a ``model.pt`` written by :func:`save_model`.
-MODEL_FORMAT = "z3-zernike3deep-1"
+MODEL_FORMAT = "z3-zernike3deep-2"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -263,6 +263,10 @@ class Zernike3Deep(nn.Module):
             **(extras or CloudExtras()).decoder_arguments(),
         )
         self.register_buffer("image_mask", circle_mask(box, config.mask_radius))
+        self.reference: CoarseReference | None = None
+        if config.encoder_reference:
+            self.reference = CoarseReference(self.decoder, self.encoder_box)
+            self.register_buffer("encoder_mask", circle_mask(self.encoder_box, config.mask_radius), persistent=False)
 
     def flip_signs(
         self,
@@ -288,17 +292,22 @@ class Zernike3Deep(nn.Module):
         The masked image is phase-flipped by ``signs`` (see :meth:`flip_signs`; None = as is),
         low-passed by Fourier cropping to ``encoder_box`` px and scaled to unit variance.
 
-        ``(B, N, N)`` → ``(B, n, n)``.
+        ``(B, N, N)`` → ``(B, n, n)``. Images already at ``n`` px (the reference channel,
+        :class:`~z3lib.decoder.CoarseReference`) are masked by the image circle at that size and
+        flipped by the same signs at their frequencies.
         """
-        x = images * self.image_mask
-        if signs is None and self.encoder_box == self.box:
-            return x
-        spec = torch.fft.rfft2(x)
-        if signs is not None:
-            spec = spec * signs.to(x.dtype)
         n = self.encoder_box
-        if n != self.box:
-            half = n // 2
+        coarse = n != self.box and images.shape[-1] == n
+        x = images * (self.encoder_mask if coarse else self.image_mask)
+        if signs is None and (coarse or n == self.box):
+            return x if n == self.box else x / x.std(dim=(1, 2), keepdim=True).clamp_min(1e-6)
+        spec = torch.fft.rfft2(x)
+        half = n // 2
+        if signs is not None:
+            if coarse:  # the fine grid's lowest frequencies are the coarse grid's
+                signs = torch.cat([signs[:, :half, : half + 1], signs[:, self.box - (n - half) :, : half + 1]], dim=1)
+            spec = spec * signs.to(x.dtype)
+        if n != self.box and not coarse:
             spec = torch.cat([spec[:, :half, : half + 1], spec[:, self.box - (n - half) :, : half + 1]], dim=1)
         out: torch.Tensor = torch.fft.irfft2(spec, s=(n, n))
         return out / out.std(dim=(1, 2), keepdim=True).clamp_min(1e-6)
@@ -336,6 +345,8 @@ class Zernike3Deep(nn.Module):
         pose refinement is on).
         """
         pad = self.decoder.ctf_pad
+        if transfer is None and ctf is not None and self.reference is not None:
+            transfer = self.decoder.transfer(ctf, phase_flipped=phase_flipped, dtype=images.dtype, device=images.device)
         if transfer is not None and self.config.encoder_phase_flip and not phase_flipped and not self.decoder.blurred:
             # the batch's CTFs on the padded grid hold the unpadded grid's at every pad-th
             # frequency (k / (pad·N) = j / N for k = pad·j): the same values, no second evaluation
@@ -343,12 +354,15 @@ class Zernike3Deep(nn.Module):
         else:
             signs = self.flip_signs(ctf, phase_flipped=phase_flipped, device=images.device, dtype=images.dtype)
         x = self.encoder_input(images, signs)
-        if self.config.encoder_reference:
+        if self.reference is not None:
             if rotations is None or shifts is None:
                 raise ValueError("this model's encoder needs the particles' rotations and shifts")
             with torch.no_grad():
-                ref = self.decoder(None, rotations, shifts, ctf, phase_flipped=phase_flipped, transfer=transfer)
-            x = torch.stack([x, self.encoder_input(ref, signs)], dim=1)
+                # filtered as the particle was (by its CTF; no CTF: the atoms' blur, if any), then
+                # seen as the particle is: masked, flipped
+                filt = self.decoder.blur_transfer(images.dtype, images.device) if transfer is None else transfer
+                ref = self.reference(self.decoder.values(), rotations, shifts, filt)
+            x = torch.stack([x, self.encoder_input(ref.to(x.dtype), signs)], dim=1)
         extra = None
         if self.config.encoder_pose:
             if rotations is None:
@@ -449,6 +463,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Ze
 def _read_model_file(path: str | Path) -> dict[str, Any]:
     """Read the payload of a ``model.pt`` (``weights_only=True``: no code is unpickled)."""
     payload: dict[str, Any] = torch.load(Path(path), map_location="cpu", weights_only=True)
+    if payload.get("format") == "z3-zernike3deep-1":
+        raise ValueError(
+            f"{path} was trained by z3lib < 0.1.11, whose encoder saw the reference projected at the"
+            " full box; this version's encoder sees it projected on its own grid. Train again"
+            " (delete the file, or the run's train/ folder, and rerun)"
+        )
     if payload.get("format") != MODEL_FORMAT:
         raise ValueError(f"{path} is not a z3 Zernike3Deep model file")
     return payload

@@ -24,6 +24,8 @@ from z3lib.zernike import split_axes
 
 __all__ = [
     "backproject_points",
+    "bin_amplitudes",
+    "bin_points",
     "bilinear_weights",
     "gather_bilinear",
     "image_positions",
@@ -298,6 +300,49 @@ def backproject_points(
     box = images.shape[-1]
     pos = image_positions(points, rotations, shifts, box, basis=basis, coefficients=coefficients)
     return gather_bilinear(images.to(pos.dtype), pos)
+
+
+def bin_points(points: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Resample a point cloud on a coarser voxel grid by trilinear binning.
+
+    Each point, scaled by ``scale`` (``< 1``: coarser), shares its amplitude among the eight
+    corners of its voxel of the integer grid with trilinear weights; the corners that receive
+    anything are the coarse cloud. The binning is linear in the amplitudes, so it is returned
+    as a map (apply it with :func:`bin_amplitudes`), which stays right when the amplitudes are
+    learned.
+
+    Parameters
+    ----------
+    points
+        ``(N, 3)`` px relative to the box centre.
+    scale
+        coarse px per fine px (``encoder box / box``).
+
+    Returns
+    -------
+    ``coarse`` ``(M, 3)`` px of the coarse box relative to its centre (integers), and the map:
+    ``source`` ``(E,)`` point index, ``target`` ``(E,)`` coarse index, ``weight`` ``(E,)``.
+    """
+    q = points.detach().to(torch.float64) * float(scale)
+    floor = torch.floor(q)
+    frac = q - floor
+    corners = torch.tensor([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)], dtype=torch.float64)
+    factors = torch.where(corners.bool()[None], frac[:, None, :], 1 - frac[:, None, :])  # (N, 8, 3)
+    weight = factors.prod(-1).reshape(-1)
+    where = (floor[:, None, :] + corners[None]).reshape(-1, 3)
+    source = torch.arange(len(q)).repeat_interleave(8)
+    keep = weight > 1e-12
+    coarse, target = torch.unique(where[keep], dim=0, return_inverse=True)
+    dtype = points.dtype if points.is_floating_point() else torch.float32
+    return coarse.to(dtype), source[keep], target, weight[keep].to(dtype)
+
+
+def bin_amplitudes(
+    amplitudes: torch.Tensor, source: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, m: int
+) -> torch.Tensor:
+    """Amplitudes ``(N,)`` of a cloud → ``(M,)`` of its coarse cloud by the map of :func:`bin_points`."""
+    out = amplitudes.new_zeros(m)
+    return out.index_add_(0, target, amplitudes[source] * weight.to(amplitudes.dtype))
 
 
 def project_volume(
