@@ -224,6 +224,7 @@ class Zernike3Deep(nn.Module):
     """Encoder → 3K Zernike3D coefficients (+ optional pose corrections) → physical decoder."""
 
     image_mask: torch.Tensor
+    encoder_mask: torch.Tensor  # the image circle at the encoder's size (with the reference channel)
 
     def __init__(
         self,

@@ -13,6 +13,7 @@ table (:data:`TABLE_COLUMNS`, :func:`_make_table`) and :class:`ParticleSet`, the
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import uuid
@@ -72,6 +73,36 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+def release_memory() -> None:
+    """Hand freed heap memory back to the operating system.
+
+    Parsing a large table frees most of what it allocated, but the allocators keep those pages:
+    pyarrow's memory pool (the STAR reader's CSV parser) and glibc's heap (``malloc_trim``). On
+    a 100,000-particle STAR that is about 70 MB of the 128 MB the read leaves resident. A no-op
+    where neither applies.
+    """
+    import sys
+
+    arrow = sys.modules.get("pyarrow")
+    if arrow is not None:
+        with contextlib.suppress(Exception):
+            arrow.default_memory_pool().release_unused()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    """Return the C library's ``malloc_trim`` (glibc), or None (another C library)."""
+    import ctypes
+    import ctypes.util
+
+    with contextlib.suppress(OSError, AttributeError, TypeError):
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    return None
 
 
 def copy_file(source: PathLike, destination: PathLike) -> Path:

@@ -30,6 +30,7 @@ from z3lib.io._common import (
     _missing_pixel_size_error,
     _refuse_pickle,
     logger,
+    release_memory,
 )
 from z3lib.io.cryosparc import _read_cs
 from z3lib.io.relion import _read_relion_version, _read_star_raw
@@ -280,7 +281,7 @@ def read_particles(
     root = Path(image_root) if image_root is not None else None
     if p.suffix.lower() == ".cs" or (p.suffix.lower() != ".star" and _is_npy(p)):
         cs = _read_cs(p, pixel_size=pixel_size, image_root=root)
-        return Particles(
+        out = Particles(
             table=cs.table,
             raw=cs.raw,
             optics=cs.optics,
@@ -290,7 +291,11 @@ def read_particles(
             block="particles",
             image_search=cs.image_search,
         )
-    return _read_star_particles(p, pixel_size=pixel_size, image_root=root)
+    else:
+        out = _read_star_particles(p, pixel_size=pixel_size, image_root=root)
+    # the parse's scratch (2–3× the tables) would otherwise stay resident for the process's life
+    release_memory()
+    return out
 
 
 def _is_npy(path: Path) -> bool:

@@ -83,15 +83,19 @@ def predict(
             f"{particles} has {len(parts)} particles but {original_particles} has {len(original)}; "
             "they must be the same particles in the same order"
         )
-    table = None
     if poses is not None:
         latest = read_particles(poses, pixel_size=pixel_size, image_root=image_root)
         parts = apply_poses(parts, latest)
-        table = apply_poses(original, latest).table  # written back into the output STAR
+        apply_poses(original, latest)  # the same particles: checked now, not after the encoding
         logger.info("poses and CTF of the %d particles from %s", len(parts), poses)
+        del latest
+    # the tables (about 1 KB a particle each) are not held while encoding: the batches need only
+    # the source's arrays, and the output STAR reads the user's file again at the end
+    del original
     source = ParticleBatchSource.from_particles(parts)
     n = len(source)
     models = _load_models(model_paths, parts, particles, device)
+    del parts
     model, meta = models[0][0], models[0][1]
     cfg = model.config
     spec = cfg.zernike_spec(int(meta["box"]))
@@ -116,6 +120,10 @@ def predict(
     rate = len(source) / max(elapsed, 1e-9)
     logger.info("encoded %d particles in %.1f s (%.0f images/s)", len(source), elapsed, rate)
     columns: dict[str, Any] = {"zernikeCoefficients": CoefficientFile(paths["coefficients"])}
+    original = read_particles(original_particles, pixel_size=pixel_size, image_root=image_root)
+    table = None
+    if poses is not None:  # written back into the output STAR
+        table = apply_poses(original, read_particles(poses, pixel_size=pixel_size, image_root=image_root)).table
     if cfg.refine_pose:
         table = (original.table if table is None else table).copy()
         columns.update(_apply_pose_corrections(table, pred, float(meta["pixel_size"]), original.pixel_size))
