@@ -76,22 +76,9 @@ def predict(
     model_paths = [model_path] if isinstance(model_path, (str, Path)) else list(model_path)
     if not model_paths:
         raise ValueError("predict needs at least one model")
-    parts = read_particles(particles)
-    original = read_particles(original_particles, pixel_size=pixel_size, image_root=image_root)
-    if len(parts) != len(original):
-        raise ValueError(
-            f"{particles} has {len(parts)} particles but {original_particles} has {len(original)}; "
-            "they must be the same particles in the same order"
-        )
-    if poses is not None:
-        latest = read_particles(poses, pixel_size=pixel_size, image_root=image_root)
-        parts = apply_poses(parts, latest)
-        apply_poses(original, latest)  # the same particles: checked now, not after the encoding
-        logger.info("poses and CTF of the %d particles from %s", len(parts), poses)
-        del latest
-    # the tables (about 1 KB a particle each) are not held while encoding: the batches need only
-    # the source's arrays, and the output STAR reads the user's file again at the end
-    del original
+    # no particle table is held while encoding: the batches need only the source's arrays, and
+    # the output STAR reads the user's file again at the end
+    parts = _checked_particles(particles, original_particles, poses, pixel_size, image_root, logger)
     source = ParticleBatchSource.from_particles(parts)
     n = len(source)
     models = _load_models(model_paths, parts, particles, device)
@@ -119,6 +106,7 @@ def predict(
     elapsed = time.perf_counter() - t0
     rate = len(source) / max(elapsed, 1e-9)
     logger.info("encoded %d particles in %.1f s (%.0f images/s)", len(source), elapsed, rate)
+    source.images.close()
     columns: dict[str, Any] = {"zernikeCoefficients": CoefficientFile(paths["coefficients"])}
     original = read_particles(original_particles, pixel_size=pixel_size, image_root=image_root)
     table = None
@@ -128,8 +116,37 @@ def predict(
         table = (original.table if table is None else table).copy()
         columns.update(_apply_pose_corrections(table, pred, float(meta["pixel_size"]), original.pixel_size))
     write_particles_star(paths["particles"], original, columns=columns, zernike=spec_orig, table=table)
-    source.images.close()
     return paths
+
+
+def _checked_particles(
+    particles: str | Path,
+    original_particles: str | Path,
+    poses: str | Path | None,
+    pixel_size: float | None,
+    image_root: str | Path | None,
+    logger: logging.Logger,
+) -> Particles:
+    """Return the processing-box particles (at the latest ``poses``), checked against the user's STAR.
+
+    The user's STAR (and ``poses``) must hold the same particles in the same order; they are
+    read, checked and let go.
+    """
+    from z3lib.io import apply_poses, read_particles
+
+    parts = read_particles(particles)
+    original = read_particles(original_particles, pixel_size=pixel_size, image_root=image_root)
+    if len(parts) != len(original):
+        raise ValueError(
+            f"{particles} has {len(parts)} particles but {original_particles} has {len(original)}; "
+            "they must be the same particles in the same order"
+        )
+    if poses is not None:
+        latest = read_particles(poses, pixel_size=pixel_size, image_root=image_root)
+        parts = apply_poses(parts, latest)
+        apply_poses(original, latest)  # the same particles: checked now, not after the encoding
+        logger.info("poses and CTF of the %d particles from %s", len(parts), poses)
+    return parts
 
 
 class _Converted:
