@@ -96,6 +96,8 @@ def train(
         particles, points, config, half=half, poses=poses, pixel_size=pixel_size, image_root=image_root, log=logger
     )
     box, n_all = int(cloud["box"]), len(parts)
+    digests = _data_digests(source, parts, rows, n_all)
+    del parts  # no particle table is held while training: the batches read the source's arrays
     init_weights = None
     if init_model is not None:
         init_weights = load_weights(init_model)
@@ -115,7 +117,7 @@ def train(
         device=device,
         log=logger,
         init_weights=init_weights,
-        data_digests=_data_digests(source, parts, rows, n_all),
+        data_digests=digests,
         extras=CloudExtras.from_cloud(cloud),  # an atomic model's cloud: its Gaussians and pairs
     )
     meta = _model_meta(cloud, len(source), n_all, half, rows)
