@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from z3lib.conventions import shift_angstrom_to_pixels, shift_pixels_to_angstrom
-from z3lib.io import Particles
+from z3lib.io import Particles, release_memory
 from z3lib.network import Zernike3Deep, load_model
 from z3lib.training import PREDICT_BATCH_SIZE, ParticleBatchSource, predict_coefficients
 
@@ -83,6 +83,7 @@ def predict(
     n = len(source)
     models = _load_models(model_paths, parts, particles, device)
     del parts
+    release_memory()
     model, meta = models[0][0], models[0][1]
     cfg = model.config
     spec = cfg.zernike_spec(int(meta["box"]))

@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 
 from z3lib import distributed
-from z3lib.io import Particles
+from z3lib.io import Particles, release_memory
 from z3lib.network import CloudExtras, NetworkConfig, Zernike3Deep, load_weights, save_model
 from z3lib.training import ParticleBatchSource, array_digest, stack_identity, train_model
 
@@ -98,6 +98,7 @@ def train(
     box, n_all = int(cloud["box"]), len(parts)
     digests = _data_digests(source, parts, rows, n_all)
     del parts  # no particle table is held while training: the batches read the source's arrays
+    release_memory()
     init_weights = None
     if init_model is not None:
         init_weights = load_weights(init_model)
