@@ -76,8 +76,9 @@ def _bilinear_parts(
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Flat index of each point's (u0, v0) neighbour and the 1-D bilinear factors.
 
-    Returns ``base`` ``(B, N)`` int32 into the flattened batch padded by :data:`_MARGIN` (the
-    neighbours are ``base + _neighbour_offsets``) and ``(1 − f_u, f_u, 1 − f_v, f_v)``. Each
+    Returns ``base`` ``(B, N)`` int32 (int64 past 2³¹ pixels) into the flattened batch padded
+    by :data:`_MARGIN` (the neighbours are ``base + _neighbour_offsets``) and
+    ``(1 − f_u, f_u, 1 − f_v, f_v)``. Each
     coordinate is clamped to ``[−margin, box + margin − 1.5]`` first (NaN to ``−margin``): a
     point outside the image keeps all four neighbours in the border, where nothing is read or
     kept, and a point inside is untouched; no masks. Whole ``(B, N)`` tensors only (no stacking
@@ -90,8 +91,9 @@ def _bilinear_parts(
     u0, v0 = torch.floor(u), torch.floor(v)
     fu, fv = u - u0, v - v0
     # offset inside one padded image, exact in floating point (width² < 2²⁴), converted once
-    base = torch.addcmul(u0, v0, u0.new_tensor(float(width))).to(torch.int32)
-    first = torch.arange(positions.shape[0], device=positions.device, dtype=torch.int32) * (width * width)
+    index = torch.int32 if positions.shape[0] * width * width < 2**31 else torch.int64
+    base = torch.addcmul(u0, v0, u0.new_tensor(float(width))).to(index)
+    first = torch.arange(positions.shape[0], device=positions.device, dtype=index) * (width * width)
     base += (first + (_MARGIN * width + _MARGIN)).view(-1, 1)
     return base, (1 - fu, fu, 1 - fv, fv)
 
@@ -326,11 +328,13 @@ def bin_points(points: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.
     q = points.detach().to(torch.float64) * float(scale)
     floor = torch.floor(q)
     frac = q - floor
-    corners = torch.tensor([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)], dtype=torch.float64)
+    corners = torch.tensor(
+        [[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)], dtype=torch.float64, device=q.device
+    )
     factors = torch.where(corners.bool()[None], frac[:, None, :], 1 - frac[:, None, :])  # (N, 8, 3)
     weight = factors.prod(-1).reshape(-1)
     where = (floor[:, None, :] + corners[None]).reshape(-1, 3)
-    source = torch.arange(len(q)).repeat_interleave(8)
+    source = torch.arange(len(q), device=q.device).repeat_interleave(8)
     keep = weight > 1e-12
     coarse, target = torch.unique(where[keep], dim=0, return_inverse=True)
     dtype = points.dtype if points.is_floating_point() else torch.float32
