@@ -167,6 +167,12 @@ class MlpEncoder(nn.Module):
         return out
 
 
+def _lowest_frequencies(spectrum: torch.Tensor, n: int) -> torch.Tensor:
+    """``(B, N, N // 2 + 1)`` rfft grid → its ``(B, n, n // 2 + 1)`` lowest frequencies (Fourier crop)."""
+    half, box = n // 2, spectrum.shape[1]
+    return torch.cat([spectrum[:, :half, : half + 1], spectrum[:, box - (n - half) :, : half + 1]], dim=1)
+
+
 # ----------------------------------------------------------------------------------------------
 # The model
 # ----------------------------------------------------------------------------------------------
@@ -303,13 +309,11 @@ class Zernike3Deep(nn.Module):
         if signs is None and (coarse or n == self.box):
             return x if n == self.box else x / x.std(dim=(1, 2), keepdim=True).clamp_min(1e-6)
         spec = torch.fft.rfft2(x)
-        half = n // 2
         if signs is not None:
-            if coarse:  # the fine grid's lowest frequencies are the coarse grid's
-                signs = torch.cat([signs[:, :half, : half + 1], signs[:, self.box - (n - half) :, : half + 1]], dim=1)
-            spec = spec * signs.to(x.dtype)
+            # the fine grid's lowest frequencies are the coarse grid's
+            spec = spec * (_lowest_frequencies(signs, n) if coarse else signs).to(x.dtype)
         if n != self.box and not coarse:
-            spec = torch.cat([spec[:, :half, : half + 1], spec[:, self.box - (n - half) :, : half + 1]], dim=1)
+            spec = _lowest_frequencies(spec, n)
         out: torch.Tensor = torch.fft.irfft2(spec, s=(n, n))
         return out / out.std(dim=(1, 2), keepdim=True).clamp_min(1e-6)
 
