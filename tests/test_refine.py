@@ -214,6 +214,23 @@ def test_landscape_directions() -> None:
     np.testing.assert_allclose(land.mean, c.mean(0))
 
 
+def test_landscape_keeps_a_minor_second_direction_when_asked() -> None:
+    """A motion that turns: one direction carries 97 % of the variance, a second the rest. The
+    variance rule alone keeps one; ``min_dimensions=2`` keeps the second too (orthogonal to the
+    first, within the span of the two motions); ``max_dimensions`` still caps the count."""
+    rng = np.random.default_rng(5)
+    u, v = rng.normal(size=39), rng.normal(size=39)
+    v -= (v @ u) / (u @ u) * u
+    u, v = u / np.linalg.norm(u), v / np.linalg.norm(v)
+    c = np.outer(rng.uniform(-3, 3, 800), u) + np.outer(rng.uniform(-0.5, 0.5, 800), v)
+    c += 1e-3 * rng.normal(size=c.shape)
+    assert len(landscape_from_predictions(c, variance=0.95).directions) == 1
+    land = landscape_from_predictions(c, variance=0.95, min_dimensions=2)
+    assert land.directions.shape == (2, 39)
+    assert abs(land.directions[0] @ u) > 0.999 and abs(land.directions[1] @ v) > 0.999
+    assert len(landscape_from_predictions(c, variance=0.95, min_dimensions=4, max_dimensions=3).directions) == 3
+
+
 def test_landscape_and_precision_from_rows_read_off_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two motions plus noise, 3,000 predictions read from a .npy a block at a time: the landscape
     (from the scatter matrix) matches numpy's SVD of the whole centred array (directions up to the

@@ -342,7 +342,12 @@ def fit_population(
     """
     logger = log or logging.getLogger(__name__)
     dev = torch.device(device)
-    land0 = landscape_from_predictions(prior, variance=config.subspace_variance, max_dimensions=config.max_dimensions)
+    land0 = landscape_from_predictions(
+        prior,
+        variance=config.subspace_variance,
+        max_dimensions=config.max_dimensions,
+        min_dimensions=config.min_dimensions,
+    )
     k = len(land0.directions)
     logger.info("population landscape: %d particles, %d direction(s) from the network's predictions", len(source), k)
     z = land0.scores(np.asarray(prior, dtype=np.float64)) / land0.scale  # the network's own scores, a start only

@@ -62,6 +62,7 @@ class RefineConfig:
     mode: Literal["landscape", "free"] = "landscape"
     subspace_variance: float = 0.95  # landscape: keep principal directions up to this explained variance
     max_dimensions: int = 4  # landscape: at most this many directions
+    min_dimensions: int = 1  # landscape: at least this many (a curved path needs two)
     grid_points: int = 41  # landscape: global search points per direction
     grid_extent: float = 1.5  # landscape: grid spans the population's score range × this
     steps: int = 40
@@ -169,8 +170,13 @@ def _moments(coefficients: Any) -> tuple[int, np.ndarray, np.ndarray]:
     return n, mean, scatter
 
 
-def landscape_from_predictions(coefficients: Any, *, variance: float = 0.95, max_dimensions: int = 4) -> Landscape:
+def landscape_from_predictions(
+    coefficients: Any, *, variance: float = 0.95, max_dimensions: int = 4, min_dimensions: int = 1
+) -> Landscape:
     """Mean and main principal directions of the predicted coefficients ``(n, 3K)``.
+
+    The directions explaining ``variance`` of the predictions' variance, at least
+    ``min_dimensions`` and at most ``max_dimensions`` (and never more than there are particles).
 
     ``coefficients``: an array, or a :class:`~z3lib.io.FieldRows` read from disk a block at a time
     (the principal directions come from the ``3K × 3K`` scatter matrix, so the rows are never all
@@ -183,7 +189,7 @@ def landscape_from_predictions(coefficients: Any, *, variance: float = 0.95, max
     order = np.argsort(eigenvalues)[::-1][: min(n, len(eigenvalues))]
     power = np.maximum(eigenvalues[order], 0.0)
     frac = np.cumsum(power) / max(float(power.sum()), 1e-30)
-    k = min(int(max_dimensions), int(np.searchsorted(frac, variance)) + 1, len(power))
+    k = min(int(max_dimensions), max(int(min_dimensions), int(np.searchsorted(frac, variance)) + 1), len(power))
     dirs = vectors[:, order[:k]].T
     dirs *= np.where(dirs[np.arange(k), np.abs(dirs).argmax(1)] < 0, -1.0, 1.0)[:, None]
     total, squares = np.zeros(k), np.zeros(k)

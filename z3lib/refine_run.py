@@ -122,7 +122,10 @@ def _search_space(
             log.info("landscape: %d direction(s) fitted to the population", len(landscape.directions))
             return landscape, None
         landscape = landscape_from_predictions(
-            prior, variance=config.subspace_variance, max_dimensions=config.max_dimensions
+            prior,
+            variance=config.subspace_variance,
+            max_dimensions=config.max_dimensions,
+            min_dimensions=config.min_dimensions,
         )
         log.info("landscape: %d direction(s) of the predictions' principal components", len(landscape.directions))
         return landscape, None
