@@ -251,3 +251,47 @@ def test_annealed_direction_fit_settles_nearer_the_true_field() -> None:
         error[anneal] = _field_rms(dec, fit_population(dec, source, prediction, cfg).coefficients, true)
     assert error[True] < 0.92 * error[False], error  # measured 0.177 against 0.204
     assert error[True] < 0.55 * _field_rms(dec, 0 * true, true), error  # zero field 0.367
+
+
+def test_direction_refit_never_raises_the_population_objective() -> None:
+    """Noise-free images of one motion, the fit started at the exact truth (the mean field zero,
+    the true direction, every particle's true score): the image loss there is 0, the global
+    minimum, so any step can only raise it. Adam's first steps move every coefficient by about
+    its learning rate whatever the gradient, so the refit comes back worse, and it must be
+    refused: the truth is kept bit for bit. Started off the truth, the refit is kept and lowers
+    the loss (the guard does not simply freeze the fit)."""
+    from z3lib.decoder import circle_mask, image_loss
+    from z3lib.population import fit_directions
+
+    data = _noisy_motion(64, 11, noise=0.0)
+    dec, source, true = data["decoder"], data["source"], data["true"]
+    assert isinstance(dec, PhysicalDecoder) and isinstance(source, ParticleBatchSource)
+    assert isinstance(true, np.ndarray)
+    direction = true[np.argmax(np.abs(true[:, 0]))]
+    scores = (true @ direction / (direction @ direction))[:, None]
+    cfg = RefineConfig(
+        population_epochs=2, population_learning_rate=0.1, population_batch_size=16, population_smooth_weight=0.0
+    )
+    mask = circle_mask(BOX, cfg.mask_radius)
+
+    def loss(mean: torch.Tensor, dirs: torch.Tensor) -> float:
+        b = source.batch(np.arange(len(source)), torch.device("cpu"))
+        coeffs = mean[None] + torch.as_tensor(scores, dtype=torch.float32) @ dirs
+        with torch.no_grad():
+            pred = dec(coeffs, euler_to_matrix(b.angles[:, 0], b.angles[:, 1], b.angles[:, 2]), b.shifts, b.ctf)
+        return float(image_loss(pred, b.images, mask, "corr").mean())
+
+    mean = torch.zeros(direction.shape, dtype=torch.float32)
+    dirs = torch.tensor(direction[None], dtype=torch.float32)
+    start = loss(mean, dirs)
+    assert start < 1e-4  # the exact model: the images are its projections
+    kept = fit_directions(dec, source, mean, dirs, scores, cfg, device=torch.device("cpu"))
+    assert torch.equal(mean, torch.zeros_like(mean)) and torch.equal(dirs, torch.tensor(direction[None]).float())
+    assert kept == pytest.approx(start, abs=1e-6)
+
+    rng = np.random.default_rng(2)
+    off = torch.tensor(direction[None] + 0.4 * rng.normal(size=direction.shape), dtype=torch.float32)
+    dirs = off.clone()
+    before = loss(mean, dirs)
+    after = fit_directions(dec, source, mean, dirs, scores, cfg, device=torch.device("cpu"))
+    assert not torch.equal(dirs, off) and after < 0.5 * before, (before, after)

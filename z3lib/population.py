@@ -13,7 +13,8 @@ the directions are refitted against *all* images at once, alternating two steps:
 
    (mini-batch Adam over the particles, its step optionally annealed to zero over each round
    so that the directions settle instead of following the last mini-batches; ``D`` is
-   ``(k, 3K)``, one row per direction);
+   ``(k, 3K)``, one row per direction). A refit that leaves the objective over all particles
+   higher than before is refused, so the alternation never goes uphill;
 2. **scores**: every particle is scored on a grid along each direction (coordinate-wise, as the
    landscape refinement does; the first round starts from the network's predicted scores), and
    its score is the **posterior mean** over that grid: the image
@@ -169,9 +170,17 @@ def fit_directions(
     """Step 1: refit the shared ``mean`` and ``directions`` to all particles' images at fixed scores.
 
     ``mean`` ``(3K,)`` and ``directions`` ``(k, 3K)`` (px) are updated in place, at fixed
-    ``scores`` ``(n, k)``; returns the last epoch's mean image loss.
+    ``scores`` ``(n, k)``. The alternation must never raise its objective (mean image loss +
+    ``population_smooth_weight`` × mean roughness, over all particles): Adam's first steps are
+    about ``population_learning_rate`` on every coefficient whatever the gradient, and where the
+    images hardly constrain a direction (a rigid set, noise-free images) they leave motion the
+    images never asked for. So the objective is measured over all particles before and after,
+    and the refit is kept only if it lowered it. Returns the mean image loss at the kept
+    ``mean`` and ``directions``.
     """
     logger = log or logging.getLogger(__name__)
+    before = _mean_losses(decoder, source, mean, directions, scores, config, device=device)
+    start = (mean.detach().clone(), directions.detach().clone())
     mean.requires_grad_(True)
     directions.requires_grad_(True)
     opt = torch.optim.Adam([mean, directions], lr=config.population_learning_rate)
@@ -181,7 +190,6 @@ def fit_directions(
     n = len(source)
     steps = config.population_epochs * -(-n // config.population_batch_size)
     step = 0
-    last = float("nan")
     for epoch in range(config.population_epochs):
         t0 = time.perf_counter()
         order = rng.permutation(n)
@@ -212,7 +220,19 @@ def fit_directions(
         )
     mean.requires_grad_(False)
     directions.requires_grad_(False)
-    return last
+    after = _mean_losses(decoder, source, mean, directions, scores, config, device=device)
+    weight = config.population_smooth_weight
+    if after[0] + weight * after[1] <= before[0] + weight * before[1]:
+        return after[0]
+    with torch.no_grad():
+        mean.copy_(start[0])
+        directions.copy_(start[1])
+    logger.info(
+        "  directions: kept the previous ones (objective %.6f before, %.6f after the refit)",
+        before[0] + weight * before[1],
+        after[0] + weight * after[1],
+    )
+    return before[0]
 
 
 def score_particles(
@@ -279,11 +299,11 @@ def score_particles(
             z[:, j] = grid[np.argmin(costs, axis=1)]
         rate = n * (j + 1) / max(time.perf_counter() - t0, 1e-9)
         logger.info("  scored %d particles along %d/%d directions (%.1f particles·directions/s)", n, j + 1, k, rate)
-    loss = _mean_image_loss(decoder, source, mean, directions, z, config, device=device)
+    loss = _mean_losses(decoder, source, mean, directions, z, config, device=device)[0]
     return z, loss
 
 
-def _mean_image_loss(
+def _mean_losses(
     decoder: PhysicalDecoder,
     source: ParticleBatchSource,
     mean: torch.Tensor,
@@ -292,17 +312,20 @@ def _mean_image_loss(
     config: RefineConfig,
     *,
     device: torch.device,
-) -> float:
+) -> tuple[float, float]:
+    """Mean image loss and mean field roughness of all particles at ``mean + scores · directions``."""
     mask = circle_mask(decoder.box, config.mask_radius, device=device)
-    total = 0.0
+    image, rough = 0.0, 0.0
     with torch.no_grad():
         for lo in range(0, len(source), config.batch_size):
             rows = np.arange(lo, min(len(source), lo + config.batch_size))
             b = source.batch(rows, device)
             coeffs = mean[None] + torch.as_tensor(scores[rows], dtype=mean.dtype, device=device) @ directions
             pred = decoder(coeffs, _rotations(b.angles), b.shifts, b.ctf, phase_flipped=source.phase_flipped)
-            total += float(image_loss(pred, b.images, mask, config.loss).sum())
-    return total / max(len(source), 1)
+            image += float(image_loss(pred, b.images, mask, config.loss).sum())
+            rough += float(decoder.field_roughness(coeffs).sum())
+    n = max(len(source), 1)
+    return image / n, rough / n
 
 
 def fit_population(
