@@ -20,6 +20,7 @@ from z3lib.conventions import shift_angstrom_to_pixels, shift_pixels_to_angstrom
 from z3lib.io import Particles, release_memory
 from z3lib.network import Zernike3Deep, load_model
 from z3lib.training import PREDICT_BATCH_SIZE, ParticleBatchSource, predict_coefficients
+from z3lib.zernike import ZernikeSpec
 
 
 def predict(
@@ -69,7 +70,7 @@ def predict(
     log
         Logger for progress; default this module's.
     """
-    from z3lib.io import CoefficientFile, apply_poses, open_coefficient_writer, read_particles, write_particles_star
+    from z3lib.io import CoefficientFile, apply_poses, read_particles, write_particles_star
 
     logger = log or logging.getLogger(__name__)
     out = Path(out_dir)
@@ -80,19 +81,54 @@ def predict(
     # the output STAR reads the user's file again at the end
     parts = _checked_particles(particles, original_particles, poses, pixel_size, image_root, logger)
     source = ParticleBatchSource.from_particles(parts)
-    n = len(source)
-    models = _load_models(model_paths, parts, particles, device)
-    del parts
+    n, box = len(source), parts.box
+    del parts  # the table's pages go back before the models are loaded on top of them
     release_memory()
+    models = _load_models(model_paths, n, box, particles, device)
     model, meta = models[0][0], models[0][1]
     cfg = model.config
     spec = cfg.zernike_spec(int(meta["box"]))
     spec_orig = spec.rescaled(int(meta["original_box"]))
     paths = {"particles": out / "particles.star", "coefficients": out / "coefficients.npy"}
+    pred = _encode(models, source, paths["coefficients"], spec, spec_orig, device, batch_size, logger)
+    source.images.close()
+    refine_pose = cfg.refine_pose
+    del models, model, source
+    release_memory()  # the networks' and the batches' memory, before the user's STAR is read again
+    columns: dict[str, Any] = {"zernikeCoefficients": CoefficientFile(paths["coefficients"])}
+    original = read_particles(original_particles, pixel_size=pixel_size, image_root=image_root)
+    table = None
+    if poses is not None:  # written back into the output STAR
+        table = apply_poses(original, read_particles(poses, pixel_size=pixel_size, image_root=image_root)).table
+    if refine_pose:
+        table = (original.table if table is None else table).copy()
+        columns.update(_apply_pose_corrections(table, pred, float(meta["pixel_size"]), original.pixel_size))
+    write_particles_star(paths["particles"], original, columns=columns, zernike=spec_orig, table=table)
+    return paths
+
+
+def _encode(
+    models: list[tuple[Zernike3Deep, dict[str, Any], np.ndarray]],
+    source: ParticleBatchSource,
+    path: Path,
+    spec: ZernikeSpec,
+    spec_orig: ZernikeSpec,
+    device: str | torch.device,
+    batch_size: int,
+    logger: logging.Logger,
+) -> dict[str, np.ndarray]:
+    """Encode every particle of ``source``, each by its model; write the coefficients to ``path``.
+
+    The coefficients go to the file as they are made (px of the original box ``spec_orig``, from
+    the processing box ``spec``), never all in memory; returns the other per-particle outputs
+    (the pose corrections), ``(n, …)`` in the particles' order.
+    """
+    from z3lib.io import open_coefficient_writer
+
+    n = len(source)
     t0 = time.perf_counter()
     pred: dict[str, np.ndarray] = {}
-    # the coefficients go to the file as they are made (px of the original box), never all in memory
-    with open_coefficient_writer(paths["coefficients"], n, spec_orig.n_coefficients) as writer:
+    with open_coefficient_writer(path, n, spec_orig.n_coefficients) as writer:
         for net, _, rows in models:
             part = predict_coefficients(
                 net,
@@ -105,19 +141,8 @@ def predict(
             for key, values in part.items():
                 pred.setdefault(key, np.zeros((n,) + values.shape[1:], dtype=values.dtype))[rows] = values
     elapsed = time.perf_counter() - t0
-    rate = len(source) / max(elapsed, 1e-9)
-    logger.info("encoded %d particles in %.1f s (%.0f images/s)", len(source), elapsed, rate)
-    source.images.close()
-    columns: dict[str, Any] = {"zernikeCoefficients": CoefficientFile(paths["coefficients"])}
-    original = read_particles(original_particles, pixel_size=pixel_size, image_root=image_root)
-    table = None
-    if poses is not None:  # written back into the output STAR
-        table = apply_poses(original, read_particles(poses, pixel_size=pixel_size, image_root=image_root)).table
-    if cfg.refine_pose:
-        table = (original.table if table is None else table).copy()
-        columns.update(_apply_pose_corrections(table, pred, float(meta["pixel_size"]), original.pixel_size))
-    write_particles_star(paths["particles"], original, columns=columns, zernike=spec_orig, table=table)
-    return paths
+    logger.info("encoded %d particles in %.1f s (%.0f images/s)", n, elapsed, n / max(elapsed, 1e-9))
+    return pred
 
 
 def _checked_particles(
@@ -165,20 +190,19 @@ class _Converted:
 
 
 def _load_models(
-    model_paths: list[str | Path], parts: Particles, particles: str | Path, device: str | torch.device
+    model_paths: list[str | Path], n: int, box: int, particles: str | Path, device: str | torch.device
 ) -> list[tuple[Zernike3Deep, dict[str, Any], np.ndarray]]:
     """Load each model with its metadata and the particle rows it encodes.
 
-    All rows for one model; its ``meta["rows"]`` for one per half set, which must cover every
-    particle once.
+    ``n`` particles of ``box`` px (those of ``particles``). All rows for one model; its
+    ``meta["rows"]`` for one per half set, which must cover every particle once.
     """
-    n = len(parts)
     models = []
     covered = np.zeros(n, dtype=np.int64)
     for path in model_paths:
         net, meta = load_model(path, device)
-        if parts.box != int(meta["box"]):
-            raise ValueError(f"{particles} holds {parts.box} px images but {path} was trained at box {meta['box']}")
+        if box != int(meta["box"]):
+            raise ValueError(f"{particles} holds {box} px images but {path} was trained at box {meta['box']}")
         rows = np.arange(n) if len(model_paths) == 1 else np.asarray(meta.get("rows", np.arange(0)), np.int64)
         if len(model_paths) > 1 and int(meta.get("n_total", -1)) != n:
             raise ValueError(
