@@ -7,7 +7,9 @@ with the images. For each size (the first ``n`` rows) every stage runs in a proc
 as the workflow runs it, through the library's stage functions: preprocess (box 128 → 64),
 train (``--epochs``), predict, refine (``--refine-steps``, a 9-point landscape grid, the network's
 principal directions; scattered as the workflow scatters it, one process per chunk of at most
-``--refine-chunk`` particles, then the gather) and ZART (``--zart-iterations``, field scale 1, numpy).
+``--refine-chunk`` particles, then the gather; ``--refine-chunks-run K`` runs only the first K
+chunk processes and no gather) and ZART (``--zart-iterations``, field scale 1, numpy; the refined
+fields, or the predicted ones where no refinement was gathered: the cost is the same).
 Each prints one JSON line: wall time, particles/s and the peak resident memory of its process
 (``VmHWM``, MB). Training also reports the share of its epoch spent reading
 batches from the memory-mapped stack.
@@ -223,10 +225,13 @@ def child(stage: str, folder: Path, n: int, args: argparse.Namespace) -> dict[st
         from z3lib.stages.zart import zart
 
         cfg = ZartConfig(iterations=args.zart_iterations, field_scale=1.0)  # no scale search
+        # the refined fields, or the predicted ones where refinement was not gathered (the same cost)
+        fields = "refine" if (run / "refine/coefficients.npy").exists() else "predict"
+        extra = {"fields": fields}
         zart(
             pre / "particles.star",
             pre / "points.npz",  # the reference's voxels, as the workflow's round 1
-            run / "refine/coefficients.npy",
+            run / f"{fields}/coefficients.npy",
             run / "zart",
             zernike=zernike,
             config=cfg,
