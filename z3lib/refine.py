@@ -62,7 +62,7 @@ class RefineConfig:
     mode: Literal["landscape", "free"] = "landscape"
     subspace_variance: float = 0.95  # landscape: keep principal directions up to this explained variance
     max_dimensions: int = 4  # landscape: at most this many directions
-    min_dimensions: int = 1  # landscape: at least this many (a curved path needs two)
+    min_dimensions: int = 2  # landscape: at least this many (a motion that turns needs two)
     grid_points: int = 41  # landscape: global search points per direction
     grid_extent: float = 1.5  # landscape: grid spans the population's score range × this
     steps: int = 40
@@ -86,7 +86,7 @@ class RefineConfig:
     population_rounds: int = 2
     population_epochs: int = 3  # that fit: passes over all particles per round
     population_learning_rate: float = 0.02  # that fit: Adam step (px)
-    population_anneal: bool = False  # that fit: Adam's step decays to 0 over each round (cosine)
+    population_anneal: bool = True  # that fit: Adam's step decays to 0 over each round (cosine)
     population_batch_size: int = 64  # that fit: particles per step
     population_grid_points: int = 21  # that fit's scoring: grid points per direction
     population_smooth_weight: float = 0.01  # that fit: weight of the fields' mean roughness
