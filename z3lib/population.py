@@ -11,7 +11,7 @@ the directions are refitted against *all* images at once, alternating two steps:
 
        min_{μ, D}  Σ_i loss(image_i, CTF_i ∗ P(μ + z_i · D, pose_i)) + w · Σ_i roughness(μ + z_i · D)
 
-   (mini-batch Adam over the particles, its step optionally annealed to zero over each round
+   (mini-batch Adam over the particles, its step annealed to zero over each round by default
    so that the directions settle instead of following the last mini-batches; ``D`` is
    ``(k, 3K)``, one row per direction). A refit that leaves the objective over all particles
    higher than before is refused, so the alternation never goes uphill;
