@@ -20,7 +20,7 @@ OUTPUT_VERSIONS: dict[str, str] = {
     "refine_landscape": "0.1.12",  # a direction refit that raises the objective is refused
     "refine_chunk": "0.1.10",
     "refine": "0.1.5",
-    "zart": "0.1.8",  # the basis at the points pulled back through the frame field (0.1.7: the medoid frame)
+    "zart": "0.1.12",  # the medoid frame's median from 4,096 rows per half (was 20,000; same below 8,192 particles)
     "round_reference": "0.1.5",
     "publish": "0.1.5",
     "report": "0.1.8",  # landscape.html and a cryoSPARC .cs per cluster
