@@ -101,3 +101,30 @@ def test_coefficient_writer_rows_in_any_order_and_partial_reads(tmp_path: Path) 
         w[0:5] = c[:5]
         raise RuntimeError("stop")
     assert sorted(os.listdir(tmp_path)) == ["c.npy"]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_row_reads_match_numpy_indexing_for_any_rows(tmp_path: Path, dtype: type) -> None:
+    """Row reads (positioned reads of each run of consecutive rows, nothing mapped) give what
+    numpy's own indexing of the whole array gives: scattered, unsorted, repeated and negative
+    rows, runs, strided and empty slices, in the stored precision."""
+    c = np.random.default_rng(3).normal(size=(300, 21)).astype(dtype)
+    path = tmp_path / "c.npy"
+    np.save(path, c)
+    rng = np.random.default_rng(4)
+    cases: list[object] = [
+        rng.permutation(300)[:77],
+        [5, 5, 6, 7, 299, 0, 1, 2, 6],
+        [-1, -300, 10],
+        np.arange(40, 90),
+        slice(None, None, 7),
+        slice(250, None),
+        slice(10, 10),
+        np.array([], dtype=np.int64),
+    ]
+    for rows in cases:
+        got = io.read_coefficients(path, rows)  # type: ignore[arg-type]
+        assert got.dtype == dtype
+        np.testing.assert_array_equal(got, c[rows])  # type: ignore[index]
+    with pytest.raises(io.Z3InputError, match="rows out of range"):
+        io.read_coefficients(path, [-301])

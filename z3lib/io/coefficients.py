@@ -56,21 +56,15 @@ def write_coefficients(path: PathLike, coefficients: npt.ArrayLike) -> None:
 def read_coefficients(path: PathLike, rows: slice | npt.ArrayLike | None = None) -> npt.NDArray[np.floating[Any]]:
     """Load an ``(n, 3K)`` coefficient array from ``.npy`` (never unpickling).
 
-    ``rows`` (a slice or row indices) reads only those rows, ``(len(rows), 3K)``: the file is
-    mapped, the rows copied out and the mapping dropped, so a process holds only what it asked for.
+    ``rows`` (a slice or row indices) reads only those rows, ``(len(rows), 3K)``, with positioned
+    reads of each run of consecutive rows: nothing is mapped, so a process holds only what it asked
+    for (a mapping would fault in the pages around every scattered row, up to the whole file).
     """
     p = Path(path)
     _check_readable_file(p, "coefficient file")
     _refuse_pickle(p)
     try:
-        if rows is None:
-            arr = np.load(p, allow_pickle=False)
-        else:
-            mapped = np.load(p, mmap_mode="r", allow_pickle=False)
-            if mapped.ndim != 2:
-                raise ValueError(f"shape {mapped.shape}")
-            arr = np.array(mapped[rows if isinstance(rows, slice) else np.asarray(rows, dtype=np.int64)])
-            del mapped
+        arr = np.load(p, allow_pickle=False) if rows is None else _read_rows(p, rows)
     except IndexError as exc:
         raise Z3InputError(f"{p}: rows out of range ({exc})") from exc
     except ValueError as exc:
@@ -83,6 +77,35 @@ def read_coefficients(path: PathLike, rows: slice | npt.ArrayLike | None = None)
             f"{getattr(arr, 'shape', None)} {getattr(arr, 'dtype', type(arr))}"
         )
     return arr if arr.dtype.kind == "f" else arr.astype(np.float64)
+
+
+def _read_rows(path: Path, rows: slice | npt.ArrayLike) -> npt.NDArray[Any]:
+    """Rows ``rows`` of a C-ordered 2-D ``.npy`` (numpy's indexing: negatives count from the end)."""
+    with open(path, "rb") as fh:
+        major, _ = np.lib.format.read_magic(fh)
+        read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(fh)
+        offset = fh.tell()
+        if len(shape) != 2:
+            raise ValueError(f"shape {shape}")
+        n, width = int(shape[0]), int(shape[1])
+        index = np.arange(n)[rows] if isinstance(rows, slice) else np.asarray(rows, dtype=np.int64).ravel()
+        if len(index) and (index.min() < -n or index.max() >= n):
+            raise IndexError(f"index {int(index.max() if index.max() >= n else index.min())} for {n} rows")
+        index = np.where(index < 0, index + n, index)
+        if fortran:  # not what z3 writes: the plain way
+            return np.array(np.load(path, mmap_mode="r", allow_pickle=False)[index])
+        dtype, row_bytes = np.dtype(dtype), width * np.dtype(dtype).itemsize
+        out = np.empty((len(index), width), dtype=dtype)
+        if not len(index):
+            return out
+        order = np.argsort(index, kind="stable")
+        ordered = index[order]
+        starts = np.flatnonzero(np.diff(ordered, prepend=-2) != 1)  # each run of consecutive rows
+        for a, b in zip(starts, np.append(starts[1:], len(ordered)), strict=True):
+            data = os.pread(fh.fileno(), int(b - a) * row_bytes, offset + int(ordered[a]) * row_bytes)
+            out[order[a:b]] = np.frombuffer(data, dtype=dtype).reshape(int(b - a), width)
+    return out
 
 
 def coefficient_file_shape(path: PathLike) -> tuple[int, int]:
