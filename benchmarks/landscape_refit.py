@@ -44,26 +44,27 @@ from typing import Any
 
 import numpy as np
 from common import emit
+from yardstick import field_errors
 
 from z3lib import zernike as zk
 
 
 def _truth_fields(
-    data: Path, zernike: dict[str, Any], box: int, pixel_size: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The basis at the reference atoms ``(N, K)``, true displacements ``(S, N, 3)`` px, states, weights."""
-    truth = dict(np.load(data / "truth" / "truth.npz"))
+    truth: dict[str, np.ndarray], zernike: dict[str, Any], box: int, pixel_size: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The basis at the reference atoms ``(N, K)``, true displacements ``(S, N, 3)`` px, state weights ``(S,)``."""
     coords, ref, state = truth["coords"], int(truth["reference"]), truth["state"]
     z = zk.evaluate_basis(coords[ref] / pixel_size, zernike["L1"], zernike["L2"], box / 2, zernike["basis"])
     weights = np.bincount(state, minlength=len(coords)).astype(np.float64)
-    return z, (coords - coords[ref]) / pixel_size, state, weights
+    return z, (coords - coords[ref]) / pixel_size, weights
 
 
 def landscape_errors(
     landscape: dict[str, np.ndarray], data: Path, zernike: dict[str, Any], box: int, pixel_size: float
 ) -> dict[str, Any]:
     """The figures of the module docstring for one fitted landscape (``refine_landscape``'s ``.npz``)."""
-    z, true, state, weights = _truth_fields(data, zernike, box, pixel_size)
+    truth = dict(np.load(data / "truth" / "truth.npz"))
+    z, true, weights = _truth_fields(truth, zernike, box, pixel_size)
     n_atoms, k_terms = z.shape
 
     def field(c: np.ndarray) -> np.ndarray:
@@ -81,15 +82,16 @@ def landscape_errors(
     def rms(per_state: np.ndarray) -> float:
         return round(float(np.sqrt((weights * per_state).sum() / total) * pixel_size), 4)
 
-    c = landscape["coefficients"]
-    fit = sum(((field(c[i]) - true[state[i]]) ** 2).sum() for i in range(len(c)))
+    fit = field_errors(
+        landscape["coefficients"], truth, (zernike["L1"], zernike["L2"]), zernike["basis"], box, pixel_size
+    )
     centred = (true - (weights[:, None, None] * true).sum(0) / weights.sum()).reshape(len(true), -1)
     _, sv, vt = np.linalg.svd(centred * np.sqrt(weights)[:, None], full_matrices=False)
     q, _ = np.linalg.qr(span)
     power = sv**2
     return {
         "directions": len(dirs),
-        "fit_rms_A": round(float(np.sqrt(fit / (len(c) * n_atoms)) * pixel_size), 4),
+        "fit_rms_A": fit["rms_A"],
         "span_best_rms_A": rms(best),
         "mean_only_rms_A": rms(only),
         "truth_pc_in_span": [round(float(np.linalg.norm(q.T @ vt[j])), 3) for j in range(min(3, len(vt)))],

@@ -79,12 +79,18 @@ def read_coefficients(path: PathLike, rows: slice | npt.ArrayLike | None = None)
     return arr if arr.dtype.kind == "f" else arr.astype(np.float64)
 
 
+def _npy_header(fh: Any) -> tuple[tuple[int, ...], bool, np.dtype[Any]]:
+    """Shape, Fortran order and dtype from an open ``.npy`` file's header; ``fh`` is left at the data."""
+    major, _ = np.lib.format.read_magic(fh)
+    read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read(fh)
+    return tuple(shape), bool(fortran), np.dtype(dtype)
+
+
 def _read_rows(path: Path, rows: slice | npt.ArrayLike) -> npt.NDArray[Any]:
     """Rows ``rows`` of a C-ordered 2-D ``.npy`` (numpy's indexing: negatives count from the end)."""
     with open(path, "rb") as fh:
-        major, _ = np.lib.format.read_magic(fh)
-        read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read(fh)
+        shape, fortran, dtype = _npy_header(fh)
         offset = fh.tell()
         if len(shape) != 2:
             raise ValueError(f"shape {shape}")
@@ -95,7 +101,7 @@ def _read_rows(path: Path, rows: slice | npt.ArrayLike) -> npt.NDArray[Any]:
         index = np.where(index < 0, index + n, index)
         if fortran:  # not what z3 writes: the plain way
             return np.array(np.load(path, mmap_mode="r", allow_pickle=False)[index])
-        dtype, row_bytes = np.dtype(dtype), width * np.dtype(dtype).itemsize
+        row_bytes = width * dtype.itemsize
         out = np.empty((len(index), width), dtype=dtype)
         if not len(index):
             return out
@@ -115,9 +121,7 @@ def coefficient_file_shape(path: PathLike) -> tuple[int, int]:
     _refuse_pickle(p)
     with open(p, "rb") as fh:
         try:
-            major, _ = np.lib.format.read_magic(fh)
-            read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-            shape, _, dtype = read(fh)
+            shape, _, dtype = _npy_header(fh)
         except ValueError as exc:
             raise Z3InputError(f"{p}: not a .npy coefficient file ({exc})") from exc
     if len(shape) != 2 or np.dtype(dtype).kind not in "fiu":

@@ -85,22 +85,20 @@ def predict(
     del parts  # the table's pages go back before the models are loaded on top of them
     release_memory()
     models = _load_models(model_paths, n, box, particles, device)
-    model, meta = models[0][0], models[0][1]
-    cfg = model.config
+    cfg, meta = models[0][0].config, models[0][1]
     spec = cfg.zernike_spec(int(meta["box"]))
     spec_orig = spec.rescaled(int(meta["original_box"]))
     paths = {"particles": out / "particles.star", "coefficients": out / "coefficients.npy"}
     pred = _encode(models, source, paths["coefficients"], spec, spec_orig, device, batch_size, logger)
     source.images.close()
-    refine_pose = cfg.refine_pose
-    del models, model, source
+    del models, source
     release_memory()  # the networks' and the batches' memory, before the user's STAR is read again
     columns: dict[str, Any] = {"zernikeCoefficients": CoefficientFile(paths["coefficients"])}
     original = read_particles(original_particles, pixel_size=pixel_size, image_root=image_root)
     table = None
     if poses is not None:  # written back into the output STAR
         table = apply_poses(original, read_particles(poses, pixel_size=pixel_size, image_root=image_root)).table
-    if refine_pose:
+    if cfg.refine_pose:
         table = (original.table if table is None else table).copy()
         columns.update(_apply_pose_corrections(table, pred, float(meta["pixel_size"]), original.pixel_size))
     write_particles_star(paths["particles"], original, columns=columns, zernike=spec_orig, table=table)

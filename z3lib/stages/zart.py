@@ -88,7 +88,7 @@ def zart(
     spec = ZernikeSpec.from_config(zernike, orig)
     h1, h2 = half_sets(parts.table["random_subset"].to_numpy(), config.seed)
     coeffs, half_z = _fields(coefficients, parts, particles, half_pts, spec, box, (h1, h2), config.frame)
-    release_memory()  # the frames' scratch, read a block of rows at a time, goes back before the maps
+    release_memory()  # the parse's and the frames' scratch go back before the maps
     voxels = " / ".join(str(len(c["points"])) for c in clouds)
     what = (len(parts), len(h1), len(h2), box, voxels, config.iterations, config.batch_size)
     logger.info("ZART: %d particles (halves %d + %d), box %d, %s mask voxels, %d iterations, batch %d", *what)
@@ -202,7 +202,6 @@ def _zart_inputs(
         log.info("poses and CTF of the %d particles from %s", len(parts), poses)
     # ZART writes no STAR: the particle block as read (every column, text included) is not kept
     parts = dataclasses.replace(parts, raw=parts.raw.iloc[:0])
-    release_memory()
     point_paths = [points] if isinstance(points, (str, Path)) else list(points)
     if len(point_paths) not in (1, 2):
         raise ValueError(f"ZART needs one point cloud, or one per half set; got {point_paths}")
