@@ -8,6 +8,8 @@ as the workflow calls it), and measures against the simulation's truth:
 * ``fit_rms_A``: RMS error (Å, heavy atoms, all particles) of the fitted coefficients'
   fields at the reference state's atoms against the true displacements (the number the yardstick
   reports after the chunks, which move it little);
+* ``fit_frame_free_rms_A``: the same less its mean over the particles (the part no change of
+  reference frame removes; the consensus map is a blur of the ensemble, not the truth's state);
 * ``span_best_rms_A``: the same with every state given its best coefficients inside the fitted
   landscape (mean + span of its directions, least squares against the truth): what the landscape
   could reach with perfect scores, so the error of the directions alone;
@@ -92,6 +94,7 @@ def landscape_errors(
     return {
         "directions": len(dirs),
         "fit_rms_A": fit["rms_A"],
+        "fit_frame_free_rms_A": fit["frame_free_rms_A"],
         "span_best_rms_A": rms(best),
         "mean_only_rms_A": rms(only),
         "truth_pc_in_span": [round(float(np.linalg.norm(q.T @ vt[j])), 3) for j in range(min(3, len(vt)))],

@@ -96,15 +96,26 @@ def field_errors(
     true_px = (coords - coords[ref]) / pixel_size  # (S, N, 3)
     z = zk.evaluate_basis(ref_px, *degrees, box / 2, basis) if coefficients is not None else None
 
+    total = np.zeros(true_px.shape[1:])
+
     def error(sl: slice) -> np.ndarray:
         if residual is not None:
-            return residual[state[sl]]
-        if coefficients is not None and z is not None:
+            out = residual[state[sl]]
+        elif coefficients is not None and z is not None:
             pred = np.einsum("nk,bak->bna", z, coefficients[sl].reshape(len(state[sl]), 3, -1))
-            return pred - true_px[state[sl]]
-        return -true_px[state[sl]]
+            out = pred - true_px[state[sl]]
+        else:
+            out = -true_px[state[sl]]
+        total[:] += out.sum(axis=0)
+        return np.asarray(out)
 
-    return beam_split_rms(error, truth, pixel_size, chunk)
+    row = beam_split_rms(error, truth, pixel_size, chunk)
+    # the part no change of reference frame can remove: the error less its mean over the particles
+    # (the consensus map's conformation is a blur of the ensemble, not the truth's reference state)
+    offset_ms = float(((total / len(state)) ** 2).sum(axis=-1).mean() * pixel_size**2)
+    row["frame_offset_rms_A"] = round(float(np.sqrt(offset_ms)), 4)
+    row["frame_free_rms_A"] = round(float(np.sqrt(max(row["rms_A"] ** 2 - offset_ms, 0.0))), 4)
+    return row
 
 
 def beam_split_rms(
