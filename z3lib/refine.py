@@ -83,7 +83,7 @@ class RefineConfig:
     free_prior_weight: float = 0.01  # that stage: weight of mean |Δd|² (px²) away from the landscape result
     free_smooth_weight: float = 0.01  # that stage: weight of the mean roughness of the change
     # landscape: alternations of direction fit (all particles) and scoring; 0 = the network's
-    population_rounds: int = 2
+    population_rounds: int = 4  # 4 since z3lib 0.1.13 (was 2): every scenario of the yardstick gains
     population_epochs: int = 3  # that fit: passes over all particles per round
     population_learning_rate: float = 0.02  # that fit: Adam step (px)
     population_anneal: bool = True  # that fit: Adam's step decays to 0 over each round (cosine)
