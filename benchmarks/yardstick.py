@@ -79,7 +79,8 @@ def field_errors(
     chunk: int = 500,
 ) -> dict[str, float]:
     """RMS (Å) of field − true displacement over heavy atoms of all particles, total, in-plane and
-    along the beam.
+    along the beam; ``frame_offset_rms_A``, the RMS over the atoms of the error's mean over the
+    particles (what a change of reference frame would remove), and ``frame_free_rms_A``, the rest.
 
     Parameters
     ----------
