@@ -4,9 +4,9 @@
 (``z3lib.population``: the direction refit at fixed scores, and the scoring along fixed
 directions) with the truth, one at a time, on a finished run's particles and network reference:
 
-* the **truth landscape**: the true displacements spread smoothly from the reference atoms over
-  the run's points (Gaussian weights, σ 1.5 px, 16 nearest atoms, as the yardstick's "true
-  fields"), fitted per state in the run's basis; its mean and first ``k`` principal directions,
+* the **truth landscape**: the true displacements spread smoothly over the run's points and
+  fitted per state in the run's basis (``yardstick.smooth_true_fits``, the yardstick's "true
+  fields"); its mean and first ``k`` principal directions,
   with every particle's true scores on them (``truth_landscape``: its error, the floor of this
   experiment);
 * ``objective``: the population fit's objective (mean image loss + smoothness) of the truth
@@ -47,10 +47,16 @@ import numpy as np
 import torch
 from common import emit
 from landscape_refit import landscape_errors
-from yardstick import field_errors
+from yardstick import field_errors, smooth_true_fits
 
-from z3lib import zernike as zk
-from z3lib.population import _mean_losses, _orthonormal_fit, _rotations, fit_directions, score_particles
+from z3lib.population import (
+    _mean_losses,
+    _orthonormal_fit,
+    _rotations,
+    fit_directions,
+    posterior_mean_scores,
+    score_particles,
+)
 
 log = logging.getLogger("landscape_diagnosis")
 CPU = torch.device("cpu")
@@ -60,26 +66,8 @@ def truth_landscape(
     points: np.ndarray, truth: dict[str, np.ndarray], zernike: dict[str, Any], box: int, apix: float, k: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Mean ``(3K,)``, directions ``(k, 3K)`` (scaled to unit-variance scores) and scores ``(n, k)``."""
-    from scipy.spatial import cKDTree
-
-    coords, ref, state = truth["coords"], int(truth["reference"]), truth["state"]
-    dist, idx = cKDTree(coords[ref] / apix).query(points, k=16)
-    w = np.exp(-0.5 * (dist / 1.5) ** 2) + 1e-12
-    w /= w.sum(1, keepdims=True)
-    fits = np.stack(
-        [
-            zk.fit_coefficients(
-                points,
-                np.einsum("nk,nka->na", w, ((c - coords[ref]) / apix)[idx]),
-                zernike["L1"],
-                zernike["L2"],
-                box / 2,
-                zernike["basis"],
-            )
-            for c in coords
-        ]
-    )
-    per_particle = fits[state]
+    fits = smooth_true_fits(points, truth, (zernike["L1"], zernike["L2"]), zernike["basis"], box, apix)
+    per_particle = fits[truth["state"]]
     mean = per_particle.mean(0)
     _, _, vt = np.linalg.svd(per_particle - mean, full_matrices=False)
     scores = (per_particle - mean) @ vt[:k].T
@@ -111,17 +99,8 @@ def joint_scores(
                 pred = decoder(m[None] + trial @ d, rot, b.shifts, b.ctf, transfer=transfer)
                 costs[rows, g] = image_loss(pred, b.images, mask, "corr").numpy()
             log.info("joint grid: %d/%d particles", rows[-1] + 1, len(source))
-    corr = np.clip(1.0 - costs, 0.0, 1.0 - 1e-9)
-    nll = 0.5 * float(mask.sum()) * np.log1p(-(corr**2))
-    like = np.exp(-(nll - nll.min(1, keepdims=True)))
-    prior = np.full(len(grid), 1.0 / len(grid))
-    for _ in range(50):
-        post = like * prior
-        post /= post.sum(1, keepdims=True)
-        prior = post.mean(0) + 1e-12
-        prior /= prior.sum()
-    out: np.ndarray = post @ grid
-    return out
+    # the posterior over the grid points does not depend on their scores: one per coordinate
+    return np.stack([posterior_mean_scores(costs, grid[:, j], float(mask.sum()))[0] for j in range(2)], axis=1)
 
 
 def main() -> None:

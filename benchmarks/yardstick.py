@@ -354,6 +354,28 @@ def oracle_map(data: Path, workdir: Path, run: str, reference: Path, mask: Path,
     return vol
 
 
+def smooth_true_fits(
+    points: np.ndarray, truth: dict[str, np.ndarray], degrees: tuple[int, int], basis: str, box: int, apix: float
+) -> np.ndarray:
+    """``(S, 3K)`` px: per state, the least-squares fit over ``points`` (px) of the true
+    displacement spread smoothly from the reference atoms (Gaussian weights, σ 1.5 px, 16 nearest
+    atoms): the true fields in a basis, defined over the whole mask rather than only at the atoms."""
+    from scipy.spatial import cKDTree
+
+    coords, ref = truth["coords"], int(truth["reference"])
+    dist, idx = cKDTree(coords[ref] / apix).query(points, k=16)
+    w = np.exp(-0.5 * (dist / 1.5) ** 2) + 1e-12
+    w /= w.sum(1, keepdims=True)
+    return np.stack(
+        [
+            zk.fit_coefficients(
+                points, np.einsum("nk,nka->na", w, ((c - coords[ref]) / apix)[idx]), *degrees, box / 2, basis
+            )
+            for c in coords
+        ]
+    )
+
+
 def true_field_map(
     data: Path,
     workdir: Path,
@@ -368,7 +390,6 @@ def true_field_map(
     pipeline's mask points of the true displacement spread smoothly from the atoms (Gaussian
     weights, σ 1.5 px, 16 nearest atoms). What a perfect field estimate of this degree gives:
     the ceiling of the corrected map for the basis (the oracle is the ceiling of any method)."""
-    from scipy.spatial import cKDTree
 
     from z3lib.io import read_npz
 
@@ -391,19 +412,7 @@ def true_field_map(
         return np.load(cached)
     cloud = read_npz(pts_path)
     pts, box, apix = np.asarray(cloud["points"], np.float64), int(cloud["box"]), float(cloud["pixel_size"])
-    coords, ref = truth["coords"], int(truth["reference"])
-    ref_px = coords[ref] / apix
-    dist, idx = cKDTree(ref_px).query(pts, k=16)
-    w = np.exp(-0.5 * (dist / 1.5) ** 2) + 1e-12
-    w /= w.sum(1, keepdims=True)
-    fits = np.stack(
-        [
-            zk.fit_coefficients(
-                pts, np.einsum("nk,nka->na", w, ((coords[k] - coords[ref]) / apix)[idx]), *degrees, box / 2, basis
-            )
-            for k in range(len(coords))
-        ]
-    )
+    fits = smooth_true_fits(pts, truth, degrees, basis, box, apix)
     z = zk.evaluate_basis(pts, *degrees, box / 2, basis).astype(np.float32)
     vol = half_average_zart(
         res / "preprocess" / "particles.star",
