@@ -264,6 +264,28 @@ class PhysicalDecoder(nn.Module):
         blur = self.blur_transfer(dtype, dev)
         return out if blur is None else out * blur
 
+    def deformed_points(self, coefficients: torch.Tensor) -> torch.Tensor:
+        """Move the point cloud by each field: ``(M, 3K)`` px → ``(M, N, 3)`` px.
+
+        Fields shared by many particles (a grid of landscape scores) are applied once here and
+        projected per particle with :meth:`project_points`, instead of once per particle.
+        """
+        c = zk.split_axes(coefficients.to(self.basis.dtype))  # (M, 3, K)
+        return self.points.unsqueeze(0) + torch.einsum("nk,mak->mna", self.basis, c)
+
+    def project_points(
+        self, points: torch.Tensor, rotations: torch.Tensor, shifts: torch.Tensor, transfer: torch.Tensor
+    ) -> torch.Tensor:
+        """Project one (deformed) cloud ``(N, 3)`` px at a batch's poses → ``(B, box, box)`` images.
+
+        ``rotations`` ``(B, 3, 3)``, ``shifts`` ``(B, 2)`` px, ``transfer`` the batch's
+        :meth:`transfer`; ``forward(c, ...)`` equals ``project_points(deformed_points(c[None])[0],
+        ...)`` for every particle of the batch.
+        """
+        pos = image_positions(points, rotations, shifts, self.box)
+        proj = splat_bilinear(pos, self.values(), self.box)
+        return filter_images(proj, transfer.to(proj.dtype), pad=self.ctf_pad)
+
     def forward(
         self,
         coefficients: torch.Tensor | None,

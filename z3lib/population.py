@@ -16,12 +16,15 @@ the directions are refitted against *all* images at once, alternating two steps:
    ``(k, 3K)``, one row per direction). A refit that leaves the objective over all particles
    higher than before is refused, so the alternation never goes uphill;
 2. **scores**: every particle is scored on a grid along each direction (coordinate-wise, as the
-   landscape refinement does; the first round starts from the network's predicted scores), and
-   its score is the **posterior mean** over that grid: the image
+   landscape refinement does; the first round starts from the network's predicted scores) or,
+   in the later rounds with ``population_joint_cells`` set, on a joint grid over all directions
+   at once kept where the previous round's scores lie (:func:`joint_grid`), and its score is
+   the **posterior mean** over that grid: the image
    likelihood with Gaussian noise of unknown level, scale and offset, profiled, is
    ``−log L = (N/2) · log(1 − corr²)`` (``N`` pixels inside the mask, ``corr`` the correlation of
    the image with the projection), and the prior over the grid is the population's own score
-   histogram, estimated by EM (a discrete, non-parametric prior). The posterior mean is the
+   histogram, estimated by EM (a discrete, non-parametric prior; on the joint grid the joint
+   histogram, which follows a motion that turns). The posterior mean is the
    least-squares estimate of each particle's coordinate; the grid's best point (maximum
    likelihood) scatters wider at low SNR.
 
@@ -33,6 +36,7 @@ alternation from the network's landscape as the start.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -48,6 +52,8 @@ from z3lib.refine import Landscape, RefineConfig, landscape_from_predictions
 from z3lib.training import ParticleBatchSource
 
 POSTERIOR_EM_ITERATIONS = 50  # EM steps of the grid prior (converges in a few tens)
+JOINT_DILATION = 1  # the joint grid keeps this many cells around every occupied one
+JOINT_MIN_POINTS = 7  # the joint grid is never coarser than this many points per direction
 
 
 @dataclass(frozen=True)
@@ -122,7 +128,7 @@ def posterior_mean_scores(
     costs
         ``(n, G)`` 1 − correlation of each image with the projection at each grid point.
     grid
-        ``(G,)`` the grid's scores.
+        ``(G,)`` the grid's scores, or ``(G, k)`` for a grid over ``k`` directions at once.
     n_pixels
         pixels of the mask the correlation is taken over (the likelihood's sample size).
     iterations
@@ -130,8 +136,10 @@ def posterior_mean_scores(
 
     Returns
     -------
-    ``(n,)`` posterior means and ``(n,)`` posterior standard deviations, under the prior over the
-    grid that maximises the marginal likelihood of all particles (EM).
+    ``(n,)`` (or ``(n, k)``) posterior means and standard deviations, under the prior over the
+    grid points that maximises the marginal likelihood of all particles (EM). On a joint grid
+    that prior is the population's joint histogram: where the particles lie along a curved path
+    it lies on that path too, which scores along one direction at a time cannot express.
     """
     corr = np.clip(1.0 - np.asarray(costs, dtype=np.float64), 0.0, 1.0 - 1e-9)
     nll = 0.5 * float(n_pixels) * np.log1p(-(corr**2))
@@ -144,8 +152,11 @@ def posterior_mean_scores(
         post /= post.sum(axis=1, keepdims=True)
         prior = post.mean(axis=0) + 1e-12
         prior /= prior.sum()
-    mean = post @ grid
-    sd = np.sqrt(np.maximum((post * (grid[None, :] - mean[:, None]) ** 2).sum(axis=1), 0.0))
+    values = np.asarray(grid, dtype=np.float64)
+    mean = post @ values
+    spread = values[None] - mean[:, None]  # (n, G) or (n, G, k)
+    weights = post if values.ndim == 1 else post[:, :, None]
+    sd = np.sqrt(np.maximum((weights * spread**2).sum(axis=1), 0.0))
     return mean, sd
 
 
@@ -303,6 +314,91 @@ def score_particles(
     return z, loss
 
 
+def joint_grid(scores: np.ndarray, points: int, extent: float, max_cells: int) -> np.ndarray | None:
+    """Return the points ``(M, k)`` of a joint scoring grid over all ``k`` directions, or None.
+
+    A regular grid with ``points`` per direction over the range of ``scores`` ``(n, k)`` ×
+    ``extent`` (as the coordinate-wise grid), kept only where the population is: the cells the
+    scores fall in and their neighbours (:data:`JOINT_DILATION` cells on every side). Where that
+    is more than ``max_cells`` points, the grid is made coarser (two points fewer per direction
+    at a time, down to :data:`JOINT_MIN_POINTS`); None when even that is too many.
+    """
+    z = np.asarray(scores, dtype=np.float64)
+    k = z.shape[1]
+    low, high = z.min(axis=0), z.max(axis=0)
+    half = 0.5 * (high - low) * extent
+    start = 0.5 * (low + high) - half
+    reach = range(-JOINT_DILATION, JOINT_DILATION + 1)
+    offsets = np.array(list(itertools.product(reach, repeat=k)), dtype=np.int64)  # (3^k, k)
+    for g in range(int(points), JOINT_MIN_POINTS - 1, -2):
+        step = np.maximum(2.0 * half / (g - 1), 1e-12)
+        occupied = np.unique(np.clip(np.rint((z - start) / step), 0, g - 1).astype(np.int64), axis=0)
+        cells = (occupied[:, None, :] + offsets[None]).reshape(-1, k)
+        cells = np.unique(cells[((cells >= 0) & (cells < g)).all(axis=1)], axis=0)
+        if len(cells) <= max_cells:
+            return np.asarray(start + cells * step)
+    return None
+
+
+def score_particles_joint(
+    decoder: PhysicalDecoder,
+    source: ParticleBatchSource,
+    mean: torch.Tensor,
+    directions: torch.Tensor,
+    grid: np.ndarray,
+    config: RefineConfig,
+    *,
+    device: torch.device,
+    log: logging.Logger | None = None,
+) -> tuple[np.ndarray, float]:
+    """Step 2 over all directions at once: every particle's scores on the joint ``grid`` ``(M, k)``.
+
+    Each grid point's field moves the cloud once per batch (:meth:`PhysicalDecoder.deformed_points`)
+    and is projected at every particle's pose; the scores ``(n, k)`` are the posterior means
+    over the grid points (the prior: the population's joint histogram, by EM), or the best
+    point with ``posterior_mean`` off. Returns them and the mean image loss at them.
+    """
+    logger = log or logging.getLogger(__name__)
+    mask = circle_mask(decoder.box, config.mask_radius, device=device)
+    n = len(source)
+    cells = torch.as_tensor(grid, dtype=mean.dtype, device=device)
+    costs = np.empty((n, len(grid)))
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        fields = mean[None] + cells @ directions  # (M, 3K)
+        for lo in range(0, n, config.batch_size):
+            rows = np.arange(lo, min(n, lo + config.batch_size))
+            b = source.batch(rows, device)
+            rot = _rotations(b.angles)
+            transfer = decoder.transfer(
+                b.ctf, phase_flipped=source.phase_flipped, device=device, dtype=decoder.amplitudes.dtype
+            )
+            for m in range(len(grid)):
+                cloud = decoder.deformed_points(fields[m : m + 1])[0]
+                pred = decoder.project_points(cloud, rot, b.shifts, transfer)
+                costs[rows, m] = image_loss(pred, b.images, mask, "corr").cpu().numpy()
+            rate = (int(rows[-1]) + 1) / max(time.perf_counter() - t0, 1e-9)
+            logger.info(
+                "  joint scoring: %d/%d particles on %d grid points (%.1f/s, ETA %.0f s)",
+                int(rows[-1]) + 1,
+                n,
+                len(grid),
+                rate,
+                (n - int(rows[-1]) - 1) / max(rate, 1e-9),
+            )
+    if config.posterior_mean:
+        z, sd = posterior_mean_scores(costs, grid, float(mask.sum()))
+        logger.info(
+            "  joint scores: posterior sd %s of a spread %s",
+            np.array2string(sd.mean(axis=0), precision=3),
+            np.array2string(z.std(axis=0), precision=3),
+        )
+    else:
+        z = np.asarray(grid)[np.argmin(costs, axis=1)].astype(np.float64)
+    loss = _mean_losses(decoder, source, mean, directions, z, config, device=device)[0]
+    return z, loss
+
+
 def _mean_losses(
     decoder: PhysicalDecoder,
     source: ParticleBatchSource,
@@ -381,8 +477,7 @@ def fit_population(
         t_round = time.perf_counter()
         logger.info("round %d/%d: directions from all particles at fixed scores", r + 1, config.population_rounds)
         fit_loss = fit_directions(decoder, source, mean, dirs, z, config, device=dev, seed=seed + r, log=logger)
-        logger.info("round %d/%d: every particle's scores along the new directions", r + 1, config.population_rounds)
-        z, score_loss = score_particles(decoder, source, mean, dirs, z, config, device=dev, log=logger)
+        z, score_loss = _score_round(decoder, source, mean, dirs, z, config, r, device=dev, log=logger)
         history.append(
             {
                 "round": r + 1,
@@ -400,6 +495,33 @@ def fit_population(
             time.perf_counter() - t_round,
         )
     return _orthonormal_fit(mean.cpu().numpy().astype(np.float64), dirs.cpu().numpy().astype(np.float64), z, history)
+
+
+def _score_round(
+    decoder: PhysicalDecoder,
+    source: ParticleBatchSource,
+    mean: torch.Tensor,
+    directions: torch.Tensor,
+    scores: np.ndarray,
+    config: RefineConfig,
+    r: int,
+    *,
+    device: torch.device,
+    log: logging.Logger,
+) -> tuple[np.ndarray, float]:
+    """Round ``r``'s scoring: coordinate-wise in the first round, jointly after it where the grid fits."""
+    rounds = config.population_rounds
+    grid = None
+    if r > 0 and config.population_joint_cells > 0:
+        grid = joint_grid(scores, config.population_grid_points, config.grid_extent, config.population_joint_cells)
+        if grid is None:
+            cap = config.population_joint_cells
+            log.info("round %d/%d: the population fills more than %d joint grid cells", r + 1, rounds, cap)
+    if grid is None:
+        log.info("round %d/%d: every particle's scores along each new direction in turn", r + 1, rounds)
+        return score_particles(decoder, source, mean, directions, scores, config, device=device, log=log)
+    log.info("round %d/%d: every particle's scores on a joint grid of %d points", r + 1, rounds, len(grid))
+    return score_particles_joint(decoder, source, mean, directions, grid, config, device=device, log=log)
 
 
 def _orthonormal_fit(
