@@ -372,21 +372,24 @@ def test_joint_grid_keeps_the_cells_the_population_occupies() -> None:
 
 
 def test_deformed_cloud_projection_equals_the_decoder() -> None:
-    """A field applied to the cloud once and projected at many poses (the joint scoring's path)
-    gives the images the decoder gives for the same field at each pose."""
+    """A field shared by a batch applied to the cloud once and projected at every pose, each
+    particle's own field added as image-plane offsets (the scoring's path), gives the images the
+    decoder gives for the sum of the two fields at each pose."""
     dec = _phantom_decoder()
     rng = np.random.default_rng(3)
     k3 = 3 * zk.count_terms(*DEGREES)
     field = torch.tensor(rng.normal(scale=0.8, size=k3), dtype=torch.float32)
     n = 6
+    own = torch.tensor(rng.normal(scale=0.5, size=(n, k3)), dtype=torch.float32)
     angles = torch.tensor(rng.uniform(-180, 180, size=(n, 3)), dtype=torch.float32)
     rot = euler_to_matrix(angles[:, 0], angles[:, 1], angles[:, 2]).float()
     shifts = torch.tensor(rng.normal(size=(n, 2)), dtype=torch.float32)
     ctf = CtfParams.create(np.full(n, 15000.0), np.full(n, 14000.0), 20.0)
     with torch.no_grad():
-        want = dec(field.expand(n, -1), rot, shifts, ctf)
+        want = dec(field[None] + own, rot, shifts, ctf)
         transfer = dec.transfer(ctf)
-        got = dec.project_points(dec.deformed_points(field[None])[0], rot, shifts, transfer)
+        cloud = dec.deformed_points(field[None])[0]
+        got = dec.project_points(cloud, rot, shifts, transfer, offsets=dec.field_offsets(own, rot))
     np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-4 * float(want.abs().max()))
 
 
@@ -413,6 +416,6 @@ def test_joint_scoring_follows_a_curved_motion_better_than_one_direction_at_a_ti
     single, _ = score_particles(dec, source, mean, d, start, cfg, device=cpu)
     grid = joint_grid(start, 15, cfg.grid_extent, 400)
     assert grid is not None
-    joint, _ = score_particles_joint(dec, source, mean, d, grid, cfg, device=cpu)
+    joint, _ = score_particles_joint(dec, source, mean, d, start, [0, 1], grid, cfg, device=cpu)
     error = {name: _field_rms(dec, z @ dirs, true) for name, z in (("joint", joint), ("single", single))}
     assert error["joint"] < 0.9 * error["single"], error  # measured 0.117 against 0.143

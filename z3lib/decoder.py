@@ -273,16 +273,36 @@ class PhysicalDecoder(nn.Module):
         c = zk.split_axes(coefficients.to(self.basis.dtype))  # (M, 3, K)
         return self.points.unsqueeze(0) + torch.einsum("nk,mak->mna", self.basis, c)
 
+    def field_offsets(self, coefficients: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+        """Each particle's field as it moves the points in its image: ``(B, 3K)`` px, ``(B, 3, 3)`` → ``(B, N, 2)`` px.
+
+        The image-plane rows of each rotation applied to the field at every point (shifts and
+        the cloud itself excluded); :meth:`project_points` adds them to a shared cloud's positions.
+        """
+        rotated: torch.Tensor = rotations[:, :2, :].to(self.basis.dtype) @ zk.split_axes(
+            coefficients.to(self.basis.dtype)
+        )
+        return (rotated @ self.basis.T).transpose(1, 2)
+
     def project_points(
-        self, points: torch.Tensor, rotations: torch.Tensor, shifts: torch.Tensor, transfer: torch.Tensor
+        self,
+        points: torch.Tensor,
+        rotations: torch.Tensor,
+        shifts: torch.Tensor,
+        transfer: torch.Tensor,
+        *,
+        offsets: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Project one (deformed) cloud ``(N, 3)`` px at a batch's poses → ``(B, box, box)`` images.
 
         ``rotations`` ``(B, 3, 3)``, ``shifts`` ``(B, 2)`` px, ``transfer`` the batch's
-        :meth:`transfer`; ``forward(c, ...)`` equals ``project_points(deformed_points(c[None])[0],
-        ...)`` for every particle of the batch.
+        :meth:`transfer`, ``offsets`` ``(B, N, 2)`` px (:meth:`field_offsets`) or None.
+        ``forward(c + c_i, ...)`` equals ``project_points(deformed_points(c[None])[0], ...,
+        offsets=field_offsets(c_i, ...))`` for every particle ``i`` of the batch.
         """
         pos = image_positions(points, rotations, shifts, self.box)
+        if offsets is not None:
+            pos = pos + offsets.to(pos.dtype)
         proj = splat_bilinear(pos, self.values(), self.box)
         return filter_images(proj, transfer.to(proj.dtype), pad=self.ctf_pad)
 

@@ -246,6 +246,97 @@ def fit_directions(
     return before[0]
 
 
+def _block_costs(
+    decoder: PhysicalDecoder,
+    source: ParticleBatchSource,
+    mean: torch.Tensor,
+    directions: torch.Tensor,
+    scores: np.ndarray,
+    block: list[int],
+    grid: np.ndarray,
+    config: RefineConfig,
+    *,
+    device: torch.device,
+    log: logging.Logger,
+) -> np.ndarray:
+    """``(n, M)`` 1 − correlation of every image at its ``scores`` with the ``block`` columns set to each grid row.
+
+    ``grid`` is ``(M, len(block))``. The grid points' shared part of the field moves the cloud
+    once per batch (:meth:`PhysicalDecoder.deformed_points`); each particle's own part (its
+    scores along the other directions) is one image-plane offset per batch
+    (:meth:`PhysicalDecoder.field_offsets`), so each grid point costs a projection only.
+    """
+    n, k = scores.shape
+    others = [j for j in range(k) if j not in block]
+    mask = circle_mask(decoder.box, config.mask_radius, device=device)
+    costs = np.empty((n, len(grid)))
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        cells = torch.as_tensor(grid, dtype=mean.dtype, device=device)
+        fields = mean[None] + cells @ directions[block]  # (M, 3K)
+        z_others = torch.as_tensor(scores[:, others], dtype=mean.dtype, device=device)
+        for lo in range(0, n, config.batch_size):
+            rows = np.arange(lo, min(n, lo + config.batch_size))
+            b = source.batch(rows, device)
+            rot = _rotations(b.angles)
+            transfer = decoder.transfer(
+                b.ctf, phase_flipped=source.phase_flipped, device=device, dtype=decoder.amplitudes.dtype
+            )
+            offsets = decoder.field_offsets(z_others[rows] @ directions[others], rot) if others else None
+            for m in range(len(grid)):
+                cloud = decoder.deformed_points(fields[m : m + 1])[0]
+                pred = decoder.project_points(cloud, rot, b.shifts, transfer, offsets=offsets)
+                costs[rows, m] = image_loss(pred, b.images, mask, "corr").cpu().numpy()
+            if (lo // config.batch_size) % 4 == 3 or rows[-1] == n - 1:
+                done = int(rows[-1]) + 1
+                rate = done / max(time.perf_counter() - t0, 1e-9)
+                log.info(
+                    "  scoring direction(s) %s: %d/%d particles on %d grid points (%.1f/s, ETA %.0f s)",
+                    ",".join(str(j + 1) for j in block),
+                    done,
+                    n,
+                    len(grid),
+                    rate,
+                    (n - done) / max(rate, 1e-9),
+                )
+    return costs
+
+
+def _score_block(
+    decoder: PhysicalDecoder,
+    source: ParticleBatchSource,
+    mean: torch.Tensor,
+    directions: torch.Tensor,
+    scores: np.ndarray,
+    block: list[int],
+    grid: np.ndarray,
+    config: RefineConfig,
+    *,
+    device: torch.device,
+    log: logging.Logger,
+) -> np.ndarray:
+    """Return ``scores`` with the ``block`` columns re-estimated on ``grid`` ``(M, len(block))``.
+
+    Posterior means over the grid points (the prior: the population's histogram over them, by
+    EM), or the best point with ``posterior_mean`` off.
+    """
+    costs = _block_costs(decoder, source, mean, directions, scores, block, grid, config, device=device, log=log)
+    z = np.array(scores, dtype=np.float64)
+    if config.posterior_mean:
+        n_pixels = float(circle_mask(decoder.box, config.mask_radius).sum())
+        z[:, block], sd = posterior_mean_scores(costs, grid, n_pixels)
+        log.info(
+            "  scores along direction(s) %s: posterior sd %s of a spread %s (%d grid points)",
+            ",".join(str(j + 1) for j in block),
+            np.array2string(sd.mean(axis=0), precision=3),
+            np.array2string(z[:, block].std(axis=0), precision=3),
+            len(grid),
+        )
+    else:
+        z[:, block] = np.asarray(grid)[np.argmin(costs, axis=1)]
+    return z
+
+
 def score_particles(
     decoder: PhysicalDecoder,
     source: ParticleBatchSource,
@@ -256,60 +347,47 @@ def score_particles(
     *,
     device: torch.device,
     log: logging.Logger | None = None,
+    columns: list[int] | None = None,
 ) -> tuple[np.ndarray, float]:
-    """Step 2: score every particle along ``directions``.
+    """Step 2: score every particle along ``directions``, one direction at a time.
 
-    Every particle's scores ``(n, k)`` on a coordinate-wise grid over the population's range ×
-    ``grid_extent`` (from ``scores``), as posterior means (or the grid's best points with
-    ``posterior_mean`` off); returns them and the mean image loss at them.
+    Every particle's scores ``(n, k)`` on a grid of ``population_grid_points`` along each
+    direction of ``columns`` (default all) in turn, over the population's range × ``grid_extent``
+    (from ``scores``), the others held at their current values; returns them and the mean
+    image loss at them.
     """
     logger = log or logging.getLogger(__name__)
     z = np.array(scores, dtype=np.float64)
-    mask = circle_mask(decoder.box, config.mask_radius, device=device)
-    n_pixels = float(mask.sum())
-    n, k = z.shape
-    t0 = time.perf_counter()
-    for j in range(k):
+    for j in range(z.shape[1]) if columns is None else columns:
         mid = 0.5 * (z[:, j].min() + z[:, j].max())
         half = 0.5 * (z[:, j].max() - z[:, j].min()) * config.grid_extent
-        grid = np.linspace(mid - half, mid + half, config.population_grid_points)
-        costs = np.empty((n, len(grid)))
-        with torch.no_grad():
-            for lo in range(0, n, config.batch_size):
-                rows = np.arange(lo, min(n, lo + config.batch_size))
-                b = source.batch(rows, device)
-                rot = _rotations(b.angles)
-                transfer = decoder.transfer(
-                    b.ctf, phase_flipped=source.phase_flipped, device=device, dtype=decoder.amplitudes.dtype
-                )
-                trial = torch.as_tensor(z[rows], dtype=mean.dtype, device=device)
-                for g, value in enumerate(grid):
-                    trial[:, j] = float(value)
-                    pred = decoder(mean[None] + trial @ directions, rot, b.shifts, b.ctf, transfer=transfer)
-                    costs[rows, g] = image_loss(pred, b.images, mask, "corr").cpu().numpy()
-                if (lo // config.batch_size) % 10 == 9:
-                    done = j * n + int(rows[-1]) + 1
-                    rate = done / max(time.perf_counter() - t0, 1e-9)
-                    logger.info(
-                        "  scoring: %d/%d particle·directions (%.1f/s, ETA %.0f s)",
-                        done,
-                        n * k,
-                        rate,
-                        (n * k - done) / max(rate, 1e-9),
-                    )
-        if config.posterior_mean:
-            z[:, j], sd = posterior_mean_scores(costs, grid, n_pixels)
-            logger.info(
-                "  scores along direction %d: posterior sd %.3f of a spread %.3f (grid %d points)",
-                j + 1,
-                float(sd.mean()),
-                float(z[:, j].std()),
-                len(grid),
-            )
-        else:
-            z[:, j] = grid[np.argmin(costs, axis=1)]
-        rate = n * (j + 1) / max(time.perf_counter() - t0, 1e-9)
-        logger.info("  scored %d particles along %d/%d directions (%.1f particles·directions/s)", n, j + 1, k, rate)
+        grid = np.linspace(mid - half, mid + half, config.population_grid_points)[:, None]
+        z = _score_block(decoder, source, mean, directions, z, [j], grid, config, device=device, log=logger)
+    loss = _mean_losses(decoder, source, mean, directions, z, config, device=device)[0]
+    return z, loss
+
+
+def score_particles_joint(
+    decoder: PhysicalDecoder,
+    source: ParticleBatchSource,
+    mean: torch.Tensor,
+    directions: torch.Tensor,
+    scores: np.ndarray,
+    block: list[int],
+    grid: np.ndarray,
+    config: RefineConfig,
+    *,
+    device: torch.device,
+    log: logging.Logger | None = None,
+) -> tuple[np.ndarray, float]:
+    """Step 2 over several directions at once: the ``block`` columns on the joint ``grid`` ``(M, len(block))``.
+
+    The posterior's prior is the population's joint histogram over the grid points, which
+    follows a motion that turns; the other directions keep their ``scores``. Returns the scores
+    ``(n, k)`` and the mean image loss at them.
+    """
+    logger = log or logging.getLogger(__name__)
+    z = _score_block(decoder, source, mean, directions, scores, block, grid, config, device=device, log=logger)
     loss = _mean_losses(decoder, source, mean, directions, z, config, device=device)[0]
     return z, loss
 
@@ -338,65 +416,6 @@ def joint_grid(scores: np.ndarray, points: int, extent: float, max_cells: int) -
         if len(cells) <= max_cells:
             return np.asarray(start + cells * step)
     return None
-
-
-def score_particles_joint(
-    decoder: PhysicalDecoder,
-    source: ParticleBatchSource,
-    mean: torch.Tensor,
-    directions: torch.Tensor,
-    grid: np.ndarray,
-    config: RefineConfig,
-    *,
-    device: torch.device,
-    log: logging.Logger | None = None,
-) -> tuple[np.ndarray, float]:
-    """Step 2 over all directions at once: every particle's scores on the joint ``grid`` ``(M, k)``.
-
-    Each grid point's field moves the cloud once per batch (:meth:`PhysicalDecoder.deformed_points`)
-    and is projected at every particle's pose; the scores ``(n, k)`` are the posterior means
-    over the grid points (the prior: the population's joint histogram, by EM), or the best
-    point with ``posterior_mean`` off. Returns them and the mean image loss at them.
-    """
-    logger = log or logging.getLogger(__name__)
-    mask = circle_mask(decoder.box, config.mask_radius, device=device)
-    n = len(source)
-    cells = torch.as_tensor(grid, dtype=mean.dtype, device=device)
-    costs = np.empty((n, len(grid)))
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        fields = mean[None] + cells @ directions  # (M, 3K)
-        for lo in range(0, n, config.batch_size):
-            rows = np.arange(lo, min(n, lo + config.batch_size))
-            b = source.batch(rows, device)
-            rot = _rotations(b.angles)
-            transfer = decoder.transfer(
-                b.ctf, phase_flipped=source.phase_flipped, device=device, dtype=decoder.amplitudes.dtype
-            )
-            for m in range(len(grid)):
-                cloud = decoder.deformed_points(fields[m : m + 1])[0]
-                pred = decoder.project_points(cloud, rot, b.shifts, transfer)
-                costs[rows, m] = image_loss(pred, b.images, mask, "corr").cpu().numpy()
-            rate = (int(rows[-1]) + 1) / max(time.perf_counter() - t0, 1e-9)
-            logger.info(
-                "  joint scoring: %d/%d particles on %d grid points (%.1f/s, ETA %.0f s)",
-                int(rows[-1]) + 1,
-                n,
-                len(grid),
-                rate,
-                (n - int(rows[-1]) - 1) / max(rate, 1e-9),
-            )
-    if config.posterior_mean:
-        z, sd = posterior_mean_scores(costs, grid, float(mask.sum()))
-        logger.info(
-            "  joint scores: posterior sd %s of a spread %s",
-            np.array2string(sd.mean(axis=0), precision=3),
-            np.array2string(z.std(axis=0), precision=3),
-        )
-    else:
-        z = np.asarray(grid)[np.argmin(costs, axis=1)].astype(np.float64)
-    loss = _mean_losses(decoder, source, mean, directions, z, config, device=device)[0]
-    return z, loss
 
 
 def _mean_losses(
@@ -509,19 +528,38 @@ def _score_round(
     device: torch.device,
     log: logging.Logger,
 ) -> tuple[np.ndarray, float]:
-    """Round ``r``'s scoring: coordinate-wise in the first round, jointly after it where the grid fits."""
-    rounds = config.population_rounds
-    grid = None
-    if r > 0 and config.population_joint_cells > 0:
-        grid = joint_grid(scores, config.population_grid_points, config.grid_extent, config.population_joint_cells)
-        if grid is None:
-            cap = config.population_joint_cells
-            log.info("round %d/%d: the population fills more than %d joint grid cells", r + 1, rounds, cap)
-    if grid is None:
-        log.info("round %d/%d: every particle's scores along each new direction in turn", r + 1, rounds)
-        return score_particles(decoder, source, mean, directions, scores, config, device=device, log=log)
-    log.info("round %d/%d: every particle's scores on a joint grid of %d points", r + 1, rounds, len(grid))
-    return score_particles_joint(decoder, source, mean, directions, grid, config, device=device, log=log)
+    """Score round ``r``: one direction at a time in the first round, jointly after it.
+
+    After the first round, the largest block of leading directions (by the spread of their
+    fields) whose joint grid fits ``population_joint_cells`` is scored jointly, then the others
+    one at a time.
+    """
+    rounds, k = config.population_rounds, scores.shape[1]
+    if r > 0 and config.population_joint_cells > 0 and k > 1:
+        spread = scores.std(axis=0) * directions.norm(dim=1).cpu().numpy()
+        order = [int(j) for j in np.argsort(-spread)]
+        for size in range(k, 1, -1):
+            block = sorted(order[:size])
+            grid = joint_grid(
+                scores[:, block], config.population_grid_points, config.grid_extent, config.population_joint_cells
+            )
+            if grid is None:
+                continue
+            log.info(
+                "round %d/%d: scores along direction(s) %s on a joint grid of %d points",
+                r + 1,
+                rounds,
+                ",".join(str(j + 1) for j in block),
+                len(grid),
+            )
+            z = _score_block(decoder, source, mean, directions, scores, block, grid, config, device=device, log=log)
+            rest = [j for j in order if j not in block]
+            return score_particles(decoder, source, mean, directions, z, config, device=device, log=log, columns=rest)
+        log.info(
+            "round %d/%d: no two directions fit a joint grid of %d points", r + 1, rounds, config.population_joint_cells
+        )
+    log.info("round %d/%d: every particle's scores along each new direction in turn", r + 1, rounds)
+    return score_particles(decoder, source, mean, directions, scores, config, device=device, log=log)
 
 
 def _orthonormal_fit(
