@@ -54,6 +54,7 @@ from z3lib.training import ParticleBatchSource
 POSTERIOR_EM_ITERATIONS = 50  # EM steps of the grid prior (converges in a few tens)
 JOINT_DILATION = 1  # the joint grid keeps this many cells around every occupied one
 JOINT_MIN_POINTS = 7  # the joint grid is never coarser than this many points per direction
+JOINT_MIN_SHARE = 0.1  # a direction joins the joint grid when its fields spread ≥ this × the largest
 
 
 @dataclass(frozen=True)
@@ -531,14 +532,16 @@ def _score_round(
     """Score round ``r``: one direction at a time in the first round, jointly after it.
 
     After the first round, the largest block of leading directions (by the spread of their
-    fields) whose joint grid fits ``population_joint_cells`` is scored jointly, then the others
-    one at a time.
+    fields; those below :data:`JOINT_MIN_SHARE` of the largest carry no motion worth a grid
+    dimension) whose joint grid fits ``population_joint_cells`` is scored jointly, then the
+    others one at a time.
     """
     rounds, k = config.population_rounds, scores.shape[1]
     if r > 0 and config.population_joint_cells > 0 and k > 1:
         spread = scores.std(axis=0) * directions.norm(dim=1).cpu().numpy()
         order = [int(j) for j in np.argsort(-spread)]
-        for size in range(k, 1, -1):
+        moving = int((spread >= JOINT_MIN_SHARE * spread.max()).sum())  # directions that carry motion
+        for size in range(moving, 1, -1):
             block = sorted(order[:size])
             grid = joint_grid(
                 scores[:, block], config.population_grid_points, config.grid_extent, config.population_joint_cells
@@ -556,7 +559,11 @@ def _score_round(
             rest = [j for j in order if j not in block]
             return score_particles(decoder, source, mean, directions, z, config, device=device, log=log, columns=rest)
         log.info(
-            "round %d/%d: no two directions fit a joint grid of %d points", r + 1, rounds, config.population_joint_cells
+            "round %d/%d: %d direction(s) carry motion, no two of them fit a joint grid of %d points",
+            r + 1,
+            rounds,
+            moving,
+            config.population_joint_cells,
         )
     log.info("round %d/%d: every particle's scores along each new direction in turn", r + 1, rounds)
     return score_particles(decoder, source, mean, directions, scores, config, device=device, log=log)
