@@ -4,7 +4,7 @@ The library behind the z3 Snakemake workflow; ``__version__`` and the per-rule o
 live here.
 """
 
-__version__ = "0.1.13"
+__version__ = "0.1.14"
 
 #: The library version at which each pipeline rule's numerical output last changed. Snakemake
 #: cannot see library code, so every rule carries its entry in its params: a library change that
@@ -17,7 +17,7 @@ OUTPUT_VERSIONS: dict[str, str] = {
     "preprocess": "0.1.5",
     "train": "0.1.11",  # the encoder's reference channel projected on its own coarse grid
     "predict": "0.1.11",
-    "refine_landscape": "0.1.13",  # 4 population rounds by default (was 2)
+    "refine_landscape": "0.1.14",  # joint scoring after the first population round (was one direction at a time)
     "refine_chunk": "0.1.10",
     "refine": "0.1.5",
     "zart": "0.1.12",  # the medoid frame's median from 4,096 rows per half (was 20,000; same below 8,192 particles)

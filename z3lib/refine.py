@@ -89,7 +89,7 @@ class RefineConfig:
     population_anneal: bool = True  # that fit: Adam's step decays to 0 over each round (cosine)
     population_batch_size: int = 64  # that fit: particles per step
     population_grid_points: int = 21  # that fit's scoring: grid points per direction
-    population_joint_cells: int = 0  # rounds after the first: joint grid of at most this many points (0: off)
+    population_joint_cells: int = 200  # rounds after the first: joint grid of ≤ this many points (0: off; 0.1.14)
     population_smooth_weight: float = 0.01  # that fit: weight of the fields' mean roughness
     posterior_mean: bool = True  # scores: posterior mean over the grid (False: the grid's best point)
     patience: int = 8
