@@ -419,3 +419,23 @@ def test_joint_scoring_follows_a_curved_motion_better_than_one_direction_at_a_ti
     joint, _ = score_particles_joint(dec, source, mean, d, start, [0, 1], grid, cfg, device=cpu)
     error = {name: _field_rms(dec, z @ dirs, true) for name, z in (("joint", joint), ("single", single))}
     assert error["joint"] < 0.9 * error["single"], error  # measured 0.117 against 0.143
+
+
+def test_joint_block_takes_the_directions_that_move() -> None:
+    """Four directions, two of which carry the motion (a curve) and two almost nothing (their
+    fields spread under a tenth of the largest): the joint grid is over the two that move; with
+    one moving direction, or a cap no two-direction grid fits, there is no joint block."""
+    from z3lib.population import joint_block
+
+    rng = np.random.default_rng(0)
+    t = rng.uniform(-1, 1, 500)
+    scores = np.column_stack([0.02 * rng.normal(size=500), t, 0.01 * rng.normal(size=500), t**2])
+    lengths = np.array([1.0, 2.0, 1.5, 3.0])
+    chosen = joint_block(scores, lengths, 21, 1.5, 200)
+    assert chosen is not None
+    block, grid = chosen
+    assert block == [1, 3] and grid.shape[1] == 2 and len(grid) <= 200
+    alone = scores.copy()
+    alone[:, 3] = 0.001 * rng.normal(size=500)
+    assert joint_block(alone, lengths, 21, 1.5, 200) is None
+    assert joint_block(scores, lengths, 21, 1.5, 20) is None

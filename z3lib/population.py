@@ -517,6 +517,28 @@ def fit_population(
     return _orthonormal_fit(mean.cpu().numpy().astype(np.float64), dirs.cpu().numpy().astype(np.float64), z, history)
 
 
+def joint_block(
+    scores: np.ndarray, lengths: np.ndarray, points: int, extent: float, max_cells: int
+) -> tuple[list[int], np.ndarray] | None:
+    """Choose the directions to score jointly and their grid, or None.
+
+    ``scores`` ``(n, k)`` along directions of lengths ``lengths`` ``(k,)`` (px): a direction's
+    motion is its scores' spread × its length; those below :data:`JOINT_MIN_SHARE` of the
+    largest carry no motion worth a grid dimension. Of the others, the largest block of leading
+    ones whose :func:`joint_grid` fits ``max_cells`` points; None when no two do. Returns the
+    block's columns (ascending) and the grid ``(M, len(block))``.
+    """
+    spread = np.asarray(scores).std(axis=0) * np.asarray(lengths)
+    order = [int(j) for j in np.argsort(-spread)]
+    moving = int((spread >= JOINT_MIN_SHARE * spread.max()).sum()) if spread.max() > 0 else 0
+    for size in range(moving, 1, -1):
+        block = sorted(order[:size])
+        grid = joint_grid(np.asarray(scores)[:, block], points, extent, max_cells)
+        if grid is not None:
+            return block, grid
+    return None
+
+
 def _score_round(
     decoder: PhysicalDecoder,
     source: ParticleBatchSource,
@@ -531,23 +553,16 @@ def _score_round(
 ) -> tuple[np.ndarray, float]:
     """Score round ``r``: one direction at a time in the first round, jointly after it.
 
-    After the first round, the largest block of leading directions (by the spread of their
-    fields; those below :data:`JOINT_MIN_SHARE` of the largest carry no motion worth a grid
-    dimension) whose joint grid fits ``population_joint_cells`` is scored jointly, then the
-    others one at a time.
+    After the first round, the block of :func:`joint_block` is scored jointly, then the other
+    directions one at a time (all one at a time where no block fits).
     """
-    rounds, k = config.population_rounds, scores.shape[1]
-    if r > 0 and config.population_joint_cells > 0 and k > 1:
-        spread = scores.std(axis=0) * directions.norm(dim=1).cpu().numpy()
-        order = [int(j) for j in np.argsort(-spread)]
-        moving = int((spread >= JOINT_MIN_SHARE * spread.max()).sum())  # directions that carry motion
-        for size in range(moving, 1, -1):
-            block = sorted(order[:size])
-            grid = joint_grid(
-                scores[:, block], config.population_grid_points, config.grid_extent, config.population_joint_cells
-            )
-            if grid is None:
-                continue
+    rounds = config.population_rounds
+    if r > 0 and config.population_joint_cells > 0 and scores.shape[1] > 1:
+        lengths = directions.norm(dim=1).cpu().numpy()
+        cap = config.population_joint_cells
+        chosen = joint_block(scores, lengths, config.population_grid_points, config.grid_extent, cap)
+        if chosen is not None:
+            block, grid = chosen
             log.info(
                 "round %d/%d: scores along direction(s) %s on a joint grid of %d points",
                 r + 1,
@@ -556,15 +571,9 @@ def _score_round(
                 len(grid),
             )
             z = _score_block(decoder, source, mean, directions, scores, block, grid, config, device=device, log=log)
-            rest = [j for j in order if j not in block]
+            rest = [j for j in range(scores.shape[1]) if j not in block]
             return score_particles(decoder, source, mean, directions, z, config, device=device, log=log, columns=rest)
-        log.info(
-            "round %d/%d: %d direction(s) carry motion, no two of them fit a joint grid of %d points",
-            r + 1,
-            rounds,
-            moving,
-            config.population_joint_cells,
-        )
+        log.info("round %d/%d: fewer than two moving directions fit a joint grid of %d points", r + 1, rounds, cap)
     log.info("round %d/%d: every particle's scores along each new direction in turn", r + 1, rounds)
     return score_particles(decoder, source, mean, directions, scores, config, device=device, log=log)
 
