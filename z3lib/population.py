@@ -17,8 +17,9 @@ the directions are refitted against *all* images at once, alternating two steps:
    higher than before is refused, so the alternation never goes uphill;
 2. **scores**: every particle is scored on a grid along each direction (coordinate-wise, as the
    landscape refinement does; the first round starts from the network's predicted scores) or,
-   in the later rounds with ``population_joint_cells`` set, on a joint grid over all directions
-   at once kept where the previous round's scores lie (:func:`joint_grid`), and its score is
+   in the later rounds with ``population_joint_cells`` set, on one joint grid over the
+   directions that carry motion (:func:`joint_block`), kept where the previous round's scores
+   lie (:func:`joint_grid`), and its score is
    the **posterior mean** over that grid: the image
    likelihood with Gaussian noise of unknown level, scale and offset, profiled, is
    ``−log L = (N/2) · log(1 − corr²)`` (``N`` pixels inside the mask, ``corr`` the correlation of
