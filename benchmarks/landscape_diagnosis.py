@@ -52,10 +52,9 @@ from yardstick import field_errors, smooth_true_fits
 from z3lib.population import (
     _mean_losses,
     _orthonormal_fit,
-    _rotations,
     fit_directions,
-    posterior_mean_scores,
     score_particles,
+    score_particles_joint,
 )
 
 log = logging.getLogger("landscape_diagnosis")
@@ -79,28 +78,11 @@ def joint_scores(
     decoder: Any, source: Any, mean: np.ndarray, dirs: np.ndarray, start: np.ndarray, config: Any
 ) -> np.ndarray:
     """Posterior-mean scores ``(n, 2)`` on a joint 15 × 15 grid over 1.2 × the range of ``start``."""
-    from z3lib.decoder import circle_mask, image_loss
-
     axes = [np.linspace(1.2 * start[:, j].min(), 1.2 * start[:, j].max(), 15) for j in range(2)]
     grid = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 2)
-    mask = circle_mask(decoder.box, config.mask_radius, device=CPU)
     m, d = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(dirs, dtype=torch.float32)
-    costs = np.empty((len(source), len(grid)))
-    with torch.no_grad():
-        for lo in range(0, len(source), config.batch_size):
-            rows = np.arange(lo, min(len(source), lo + config.batch_size))
-            b = source.batch(rows, CPU)
-            rot = _rotations(b.angles)
-            transfer = decoder.transfer(
-                b.ctf, phase_flipped=source.phase_flipped, device=CPU, dtype=decoder.amplitudes.dtype
-            )
-            for g, value in enumerate(grid):
-                trial = torch.as_tensor(np.tile(value, (len(rows), 1)), dtype=torch.float32)
-                pred = decoder(m[None] + trial @ d, rot, b.shifts, b.ctf, transfer=transfer)
-                costs[rows, g] = image_loss(pred, b.images, mask, "corr").numpy()
-            log.info("joint grid: %d/%d particles", rows[-1] + 1, len(source))
-    # the posterior over the grid points does not depend on their scores: one per coordinate
-    return np.stack([posterior_mean_scores(costs, grid[:, j], float(mask.sum()))[0] for j in range(2)], axis=1)
+    z, _ = score_particles_joint(decoder, source, m, d, start, [0, 1], grid, config, device=CPU, log=log)
+    return z
 
 
 def main() -> None:
